@@ -1,0 +1,1 @@
+"""Developer-side helpers shared by tests, benchmarks and the demo (not shipped)."""

@@ -1,0 +1,1 @@
+"""FastCDC (content-defined) and fixed-grid chunkers for Stellarium."""

@@ -1,0 +1,130 @@
+"""One host: its config, its plugin registry, and the plugins the config selects.
+
+CLIs and runtimes go through a :class:`Host` rather than wiring plugins by hand,
+so "which hasher, which chunker, which tiers" is decided in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from stellarium_core import config as config_mod
+from stellarium_core.errors import ConfigError, PluginError
+from stellarium_core.hookspecs import Chunker, Hasher, TierBackend, TierContext
+from stellarium_core.plugins import Registry
+
+
+class Host:
+    """Lazily builds what a command needs from the host config."""
+
+    def __init__(self, cfg: config_mod.HostConfig, registry: Registry | None = None) -> None:
+        self.config = cfg
+        self.registry = registry or Registry()
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None) -> "Host":
+        """Load the host config (``--config``, ``$STELLAR_CONFIG`` or default)."""
+        return cls(config_mod.load(path))
+
+    def _placed(self, section: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        """Run a plugin factory, placing its ConfigErrors at ``section`` in our file."""
+        src = str(self.config.source) if self.config.source else None
+        try:
+            return fn(*args, **kw)
+        except ConfigError as exc:
+            key = f"{section}.{exc.key}" if exc.key else section
+            raise ConfigError(exc.reason, file=src, key=key) from None
+        except PluginError as exc:
+            where = ": ".join(p for p in (src, section) if p)
+            raise PluginError(f"{where}: {exc}") from None
+
+    @cached_property
+    def hasher(self) -> Hasher:
+        c = self.config.hasher
+        return self._placed("hasher", self.registry.create, "hasher", c.name, c.params)
+
+    @cached_property
+    def chunker(self) -> Chunker:
+        c = self.config.chunker
+        return self._placed("chunker", self.registry.create, "chunker", c.name, c.params)
+
+    @cached_property
+    def tiers(self) -> dict[str, TierBackend]:
+        """Configured tier backends by level (hot, warm, cold)."""
+        ctx = TierContext(self.config.store_path)
+        return {
+            level: self._placed(f"tiers.{level}", self.registry.create, "tier",
+                                t.plugin, t.params, context=ctx)
+            for level, t in self.config.tiers.items()
+        }
+
+    @property
+    def store_path(self) -> Path:
+        return self.config.store_path
+
+    def effective(self) -> dict[str, Any]:
+        """The config with plugin parameter defaults filled in by the plugins."""
+        out = self.config.to_dict()
+        out["hasher"]["params"] = self.hasher.params
+        out["chunker"]["params"] = self.chunker.params
+        return out
+
+
+#: Top-level directories of a store; each subsystem owns one.
+STORE_DIRS = ("nebula", "volumes", "images", "kernels", "tiers")
+STORE_META = "stellarium.json"
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_store_path(cfg: config_mod.HostConfig) -> None:
+    """Fail with a ConfigError if the store path cannot be created or written."""
+    path, src = cfg.store_path, str(cfg.source) if cfg.source else None
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} exists and is not a directory", file=src, key="store.path")
+    anchor = _nearest_existing(path)
+    if not anchor.is_dir():
+        raise ConfigError(f"{anchor} is not a directory, so {path} cannot be created",
+                          file=src, key="store.path")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{anchor} is not writable, so {path} cannot be created",
+                          file=src, key="store.path")
+    try:
+        # os.access ignores read-only mounts for root in some setups; statvfs does not.
+        if os.statvfs(anchor).f_flag & os.ST_RDONLY:
+            raise ConfigError(f"{anchor} is on a read-only filesystem", file=src,
+                              key="store.path")
+    except OSError as exc:
+        raise ConfigError(f"cannot inspect {anchor}: {exc}", file=src, key="store.path") from None
+
+
+def init_store(host: Host) -> Path:
+    """Validate everything, then create the store layout; idempotent."""
+    import json
+
+    host.effective()  # loads the selected plugins and validates their params
+    check_store_path(host.config)
+    root = host.store_path
+    meta_path = root / STORE_META
+    meta = {"format": 1, "hasher": host.config.hasher.name}
+    if meta_path.exists():
+        have = json.loads(meta_path.read_text())
+        if have.get("hasher") != meta["hasher"]:
+            src = str(host.config.source) if host.config.source else None
+            raise ConfigError(
+                f"store {root} was created with hasher {have.get('hasher')!r}; "
+                f"chunk identities cannot change", file=src, key="hasher.name")
+    for d in STORE_DIRS:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    if not meta_path.exists():
+        tmp = meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, meta_path)
+    return root
