@@ -1,0 +1,59 @@
+"""The sector view of a volume, as the virtio-stellar block device uses it.
+
+Everything is addressed in 512-byte sectors, like virtio-blk requests. Reads can
+hand out memoryviews straight over NEBULA's pack mappings (``read_views``), so a
+device can copy once, from the shared chunk into guest memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from stellarium_core.volumes.volume import Volume, VolumeError
+
+SECTOR = 512
+
+
+class BlockDevice:
+    """Sector-addressed read, write, flush, discard and write-zeroes over a :class:`Volume`."""
+
+    def __init__(self, volume: Volume) -> None:
+        if volume.size % SECTOR:
+            raise VolumeError(f"volume {volume.name} is {volume.size} bytes, "
+                              f"not a whole number of {SECTOR}-byte sectors")
+        self.volume = volume
+
+    @property
+    def sectors(self) -> int:
+        return self.volume.size // SECTOR
+
+    @property
+    def readonly(self) -> bool:
+        return self.volume.readonly
+
+    def read(self, sector: int, count: int) -> bytes:
+        return self.volume.read(sector * SECTOR, count * SECTOR)
+
+    def readinto(self, sector: int, buf: memoryview | bytearray) -> int:
+        """Fill ``buf`` (a whole number of sectors) starting at ``sector``."""
+        if len(buf) % SECTOR:
+            raise VolumeError(f"read buffer of {len(buf)} bytes is not whole sectors")
+        return self.volume.readinto(sector * SECTOR, buf)
+
+    def read_views(self, sector: int, count: int) -> Iterator[memoryview]:
+        """Zero-copy views covering the sectors (over the chunk mmap where possible)."""
+        return self.volume.views(sector * SECTOR, count * SECTOR)
+
+    def write(self, sector: int, data: bytes | bytearray | memoryview) -> int:
+        if len(data) % SECTOR:
+            raise VolumeError(f"write of {len(data)} bytes is not whole sectors")
+        return self.volume.write(sector * SECTOR, data)
+
+    def flush(self) -> None:
+        self.volume.flush()
+
+    def discard(self, sector: int, count: int) -> None:
+        self.volume.discard(sector * SECTOR, count * SECTOR)
+
+    def write_zeroes(self, sector: int, count: int) -> None:
+        self.volume.write_zeroes(sector * SECTOR, count * SECTOR)

@@ -1,0 +1,470 @@
+"""Volumes: a writable DeltaVol over an optional read-only ShareVol base.
+
+A volume is a TinyVol manifest under ``<store>/volumes/<name>.tinyvol``; its
+data lives in NEBULA. A ShareVol is a flat, read-only manifest stored under
+``<store>/volumes/bases/<digest>.tinyvol`` and named by the digest of its bytes,
+so any number of volumes share it by putting that digest in their header.
+
+Reference counting: every manifest (volume or base) holds one NEBULA reference
+per chunk it lists. Clone and snapshot add a reference per listed chunk (never
+copy data); delete releases them. A base file is dropped, and its references
+released, when the last volume naming it goes away. References are always added
+before the manifest that needs them is written and released only after the
+manifest that stopped needing them is on disk, so a crash can leak a reference
+(reclaimable) but never free a chunk that is still listed.
+
+Writes go through a bounded write-back cache of whole grid slots; ``flush``
+stores them and persists the manifest atomically (tmp + fsync + rename).
+Chunks are content addressed, so a write never changes a shared chunk: it
+stores a new one and repoints this volume's slot (copy-on-write).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from stellarium_core.errors import StellarError, UsageError
+from stellarium_core.hookspecs import Hasher
+from stellarium_core.volumes import tinyvol
+from stellarium_core.volumes.tinyvol import NO_BASE, REF_ZERO, ChunkRef, ManifestError, TinyVol
+
+SUFFIX = ".tinyvol"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_ZEROS = bytes(1 << 16)
+_ZERO_VIEW = memoryview(_ZEROS)
+
+
+class VolumeError(StellarError):
+    """A volume operation was refused or failed; nothing was changed."""
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name) or name.endswith(SUFFIX):
+        raise UsageError(f"bad volume name {name!r}: use letters, digits, '.', '_', '-' "
+                         "(max 128, not starting with '.' or '-')")
+    return name
+
+
+def _is_zero(buf: bytes | bytearray | memoryview) -> bool:
+    n = len(buf)
+    return buf == _ZEROS[:n] if n <= len(_ZEROS) else not any(buf)
+
+
+def write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Write ``data`` to ``path`` durably via tmp + rename (or link when ``exclusive``)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        if exclusive:
+            os.link(tmp, path)  # fails if ``path`` exists: no silent overwrite
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except FileExistsError:
+        os.unlink(tmp)
+        raise VolumeError(f"{path.name} already exists") from None
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@dataclass(frozen=True)
+class ShareVol:
+    """A read-only, flat base manifest shared by many volumes, named by its digest."""
+
+    digest: bytes
+    manifest: TinyVol
+
+    def ref(self, idx: int) -> ChunkRef | None:
+        return self.manifest.refs.get(idx)
+
+
+class Volume:
+    """A DeltaVol: byte-addressed reads and copy-on-write writes over an optional base.
+
+    Obtain one from :meth:`VolumeStore.open` or :meth:`VolumeStore.create`; use it
+    as a context manager (or call :meth:`close`) so unflushed writes are kept.
+    """
+
+    def __init__(self, catalog: VolumeStore, name: str, manifest: TinyVol,
+                 base: ShareVol | None, *, readonly: bool, cache_slots: int = 256) -> None:
+        self._cat = catalog
+        self._store = catalog.store
+        self.name = name
+        self.manifest = manifest
+        self.base = base
+        self.readonly = readonly or manifest.readonly
+        self._dirty: dict[int, bytearray | bytes] = {}
+        self._release: list[bytes] = []
+        self._changed = False
+        self._cache_slots = cache_slots
+        self._closed = False
+
+    # -- geometry -----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.manifest.size
+
+    @property
+    def chunk_size(self) -> int:
+        return self.manifest.chunk_size
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if self._closed:
+            raise VolumeError(f"volume {self.name} is closed")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise VolumeError(f"range {offset}+{length} is outside volume {self.name} "
+                              f"of {self.size} bytes")
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise VolumeError(f"volume {self.name} is read-only (a snapshot or ShareVol)")
+
+    def _spans(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """(slot, start in slot, count, position in the caller's buffer) per slot touched."""
+        shift, cs = self.manifest.shift, self.chunk_size
+        pos = 0
+        while pos < length:
+            off = offset + pos
+            idx, start = off >> shift, off & (cs - 1)
+            n = min(cs - start, length - pos)
+            yield idx, start, n, pos
+            pos += n
+
+    # -- reads --------------------------------------------------------------------
+
+    def _current(self, idx: int) -> ChunkRef | None:
+        """The effective ChunkRef of a flushed slot (None = zeros)."""
+        ref = self.manifest.refs.get(idx)
+        if ref is None and self.base is not None:
+            ref = self.base.ref(idx)
+        return None if ref is None or ref.zero else ref
+
+    def slot_view(self, idx: int) -> memoryview:
+        """The slot's bytes, zero-copy from NEBULA when the chunk is stored uncompressed."""
+        buf = self._dirty.get(idx)
+        if buf is not None:
+            return memoryview(buf)
+        ref = self._current(idx)
+        n = self.manifest.slot_len(idx)
+        if ref is None:
+            return _ZERO_VIEW[:n]
+        view = self._store.view(ref.digest)
+        return view if len(view) == n else memoryview(bytes(view[:n]).ljust(n, b"\0"))
+
+    def views(self, offset: int, length: int) -> Iterator[memoryview]:
+        """The range as consecutive memoryviews, for scatter-gather without copying."""
+        self._check_range(offset, length)
+        for idx, start, n, _ in self._spans(offset, length):
+            yield self.slot_view(idx)[start:start + n]
+
+    def readinto(self, offset: int, buf: memoryview | bytearray) -> int:
+        """Fill ``buf`` from ``offset``; one copy from the chunk mapping into ``buf``."""
+        out = memoryview(buf).cast("B")
+        self._check_range(offset, len(out))
+        for idx, start, n, pos in self._spans(offset, len(out)):
+            out[pos:pos + n] = self.slot_view(idx)[start:start + n]
+        return len(out)
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        self.readinto(offset, out)
+        return bytes(out)
+
+    # -- writes -------------------------------------------------------------------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write ``data`` at ``offset`` (any alignment); visible to reads at once."""
+        src = memoryview(data).cast("B")
+        self._check_range(offset, len(src))
+        self._check_writable()
+        for idx, start, n, pos in self._spans(offset, len(src)):
+            if start == 0 and n == self.manifest.slot_len(idx):
+                self._dirty[idx] = bytes(src[pos:pos + n])
+                continue
+            buf = self._dirty.get(idx)
+            if not isinstance(buf, bytearray):
+                buf = bytearray(self.slot_view(idx))
+                self._dirty[idx] = buf
+            buf[start:start + n] = src[pos:pos + n]
+        self._changed = True
+        if len(self._dirty) > self._cache_slots:
+            self._spill()
+        return len(src)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make the range read as zeros; whole slots become holes (no chunk stored)."""
+        self._check_range(offset, length)
+        self._check_writable()
+        for idx, start, n, _ in self._spans(offset, length):
+            if n == self.manifest.slot_len(idx):
+                self._dirty.pop(idx, None)
+                self._set_slot(idx, None)
+            else:
+                self.write((idx << self.manifest.shift) + start, _ZERO_VIEW[:n])
+        self._changed = True
+
+    discard = write_zeroes
+
+    def _set_slot(self, idx: int, digest: bytes | None) -> None:
+        """Point slot ``idx`` at ``digest`` (already referenced once for us) or at zeros."""
+        old = self.manifest.refs.get(idx)
+        base = self.base.ref(idx) if self.base is not None else None
+        if digest is None:
+            new = ChunkRef(NO_BASE, self.manifest.slot_len(idx), REF_ZERO) if base else None
+        elif base is not None and base.digest == digest:
+            self._release.append(digest)  # same as the base: no delta entry needed
+            new = None
+        else:
+            new = ChunkRef(digest, self.manifest.slot_len(idx))
+        if new is None:
+            self.manifest.refs.pop(idx, None)
+        else:
+            self.manifest.refs[idx] = new
+        if old is not None and not old.zero:
+            self._release.append(old.digest)
+
+    def _spill(self) -> None:
+        """Store every dirty slot in NEBULA; the manifest is not yet persisted."""
+        for idx in sorted(self._dirty):
+            buf = self._dirty[idx]
+            self._set_slot(idx, None if _is_zero(buf) else self._store.put(buf))
+        self._dirty.clear()
+
+    def flush(self) -> None:
+        """Make every write so far durable: chunks first, then the manifest, then releases."""
+        if self._closed or self.readonly or not self._changed:
+            return
+        self._spill()
+        self._cat._write_manifest(self.name, self.manifest)
+        for digest in self._release:
+            self._store.release(digest)
+        self._release.clear()
+        self._changed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self.flush()
+            self._closed = True
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class VolumeStore:
+    """The named-volume catalog under ``<store>/volumes`` over one NEBULA ChunkStore."""
+
+    def __init__(self, root: Path, store: Any, hasher: Hasher) -> None:
+        self.root = Path(root)
+        self.bases = self.root / "bases"
+        self.store = store
+        self.hasher = hasher
+        self.bases.mkdir(parents=True, exist_ok=True)
+
+    # -- files --------------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        return self.root / (check_name(name) + SUFFIX)
+
+    def _read_manifest(self, name: str) -> TinyVol:
+        p = self.path(name)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            raise VolumeError(f"no volume named {name!r}") from None
+        try:
+            return tinyvol.decode(data)
+        except ManifestError as exc:
+            raise ManifestError(f"volume {name}: {exc}") from None
+
+    def _write_manifest(self, name: str, vol: TinyVol, *, new: bool = False) -> None:
+        write_atomic(self.path(name), tinyvol.encode(vol), exclusive=new)
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).exists()
+
+    def names(self) -> list[str]:
+        return sorted(p.name[:-len(SUFFIX)] for p in self.root.glob("*" + SUFFIX)
+                      if not p.name.startswith("."))
+
+    def load_base(self, digest: bytes) -> ShareVol:
+        """The ShareVol named ``digest``; checks the file against its name."""
+        p = self.bases / (digest.hex() + SUFFIX)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            raise VolumeError(f"base volume {digest.hex()} is missing from {self.bases}") from None
+        if self.hasher.digest(data) != digest:
+            raise ManifestError(f"base volume {digest.hex()} does not match its digest (corrupt)")
+        return ShareVol(digest, tinyvol.decode(data))
+
+    def _base_users(self, digest: bytes) -> int:
+        n = 0
+        for name in self.names():
+            with open(self.path(name), "rb") as fh:
+                if tinyvol.decode_header(fh.read(64)).base == digest:
+                    n += 1
+        return n
+
+    def _drop_base_if_unused(self, digest: bytes) -> None:
+        if digest == NO_BASE or self._base_users(digest):
+            return
+        p = self.bases / (digest.hex() + SUFFIX)
+        try:
+            base = self.load_base(digest)
+        except VolumeError:
+            return
+        p.unlink()
+        for ref in base.manifest.refs.values():
+            self.store.release(ref.digest)
+
+    # -- operations ---------------------------------------------------------------
+
+    def open(self, name: str, *, readonly: bool = False) -> Volume:
+        m = self._read_manifest(name)
+        base = self.load_base(m.base) if m.base != NO_BASE else None
+        if base is not None and (base.manifest.size != m.size or base.manifest.shift != m.shift):
+            raise ManifestError(f"volume {name}: base {m.base.hex()} has a different geometry")
+        return Volume(self, name, m, base, readonly=readonly)
+
+    def create(self, name: str, size: int, *, shift: int = tinyvol.DEFAULT_SHIFT) -> Volume:
+        """A new sparse volume of ``size`` bytes: a 64-byte manifest, no data."""
+        m = TinyVol(size=size, shift=shift)
+        self._write_manifest(name, m, new=True)
+        return Volume(self, name, m, None, readonly=False)
+
+    def import_raw(self, name: str, src: str | os.PathLike[str] | BinaryIO,
+                   *, shift: int = tinyvol.DEFAULT_SHIFT) -> Volume:
+        """A new volume holding a raw disk image; all-zero slots are not stored."""
+        fh = open(src, "rb") if isinstance(src, (str, os.PathLike)) else src
+        try:
+            size = os.fstat(fh.fileno()).st_size
+            check_name(name)
+            if self.exists(name):
+                raise VolumeError(f"volume {name!r} already exists")
+            m = TinyVol(size=size, shift=shift)
+            buf = bytearray(m.chunk_size)
+            try:
+                for idx in range(m.slots):
+                    n = fh.readinto(buf)
+                    want = m.slot_len(idx)
+                    if n != want:
+                        raise VolumeError(f"image shrank while importing ({n} of {want} bytes)")
+                    chunk = memoryview(buf)[:n]
+                    if not _is_zero(chunk):
+                        m.refs[idx] = ChunkRef(self.store.put(chunk), n)
+                self._write_manifest(name, m, new=True)
+            except BaseException:
+                for ref in m.refs.values():
+                    self.store.release(ref.digest)
+                raise
+        finally:
+            if fh is not src:
+                fh.close()
+        return Volume(self, name, m, None, readonly=False)
+
+    def export_raw(self, name: str, dest: str | os.PathLike[str]) -> int:
+        """Write the volume as a sparse raw image; returns the bytes of data written."""
+        vol = self.open(name, readonly=True)
+        written = 0
+        with open(dest, "wb") as fh:
+            for idx in range(vol.manifest.slots):
+                if vol._current(idx) is None:
+                    continue
+                fh.seek(idx << vol.manifest.shift)
+                fh.write(vol.slot_view(idx))
+                written += vol.manifest.slot_len(idx)
+            fh.truncate(vol.size)
+        return written
+
+    def _copy(self, src: str, dst: str, readonly: bool) -> None:
+        check_name(dst)
+        m = self._read_manifest(src)
+        if m.base != NO_BASE:
+            self.load_base(m.base)  # refuse to clone onto a missing base
+        if self.exists(dst):
+            raise VolumeError(f"volume {dst!r} already exists")
+        added = [r.digest for r in m.refs.values() if not r.zero]
+        for d in added:
+            self.store.ref(d)
+        m.readonly = readonly
+        try:
+            self._write_manifest(dst, m, new=True)
+        except BaseException:
+            for d in added:
+                self.store.release(d)
+            raise
+
+    def clone(self, src: str, dst: str) -> None:
+        """A writable copy of ``src``'s flushed state: a manifest copy, no data."""
+        self._copy(src, dst, readonly=False)
+
+    def snapshot(self, src: str, dst: str) -> None:
+        """A read-only copy of ``src``'s flushed state."""
+        self._copy(src, dst, readonly=True)
+
+    def commit(self, name: str) -> bytes:
+        """Fold the volume's delta into a new ShareVol base; the volume then layers on it.
+
+        Returns the new base digest. Other volumes on the old base are untouched.
+        """
+        vol = self.open(name)
+        vol._check_writable()
+        m = vol.manifest
+        old_base = m.base
+        flat = tinyvol.merged(vol.base.manifest.refs if vol.base else {}, m.refs)
+        data = tinyvol.encode(TinyVol(size=m.size, shift=m.shift, readonly=True, refs=flat))
+        digest = self.hasher.digest(data)
+        p = self.bases / (digest.hex() + SUFFIX)
+        if not p.exists():
+            for ref in flat.values():
+                self.store.ref(ref.digest)
+            try:
+                write_atomic(p, data)
+            except BaseException:
+                for ref in flat.values():
+                    self.store.release(ref.digest)
+                raise
+        self._write_manifest(name, TinyVol(size=m.size, shift=m.shift, base=digest))
+        for ref in m.refs.values():
+            if not ref.zero:
+                self.store.release(ref.digest)
+        if old_base != digest:
+            self._drop_base_if_unused(old_base)
+        return digest
+
+    def delete(self, name: str) -> None:
+        """Remove the volume and release its chunks (and its base when last user)."""
+        m = self._read_manifest(name)
+        self.path(name).unlink()
+        for ref in m.refs.values():
+            if not ref.zero:
+                self.store.release(ref.digest)
+        self._drop_base_if_unused(m.base)
+
+    def info(self, name: str) -> dict[str, Any]:
+        m = self._read_manifest(name)
+        stored = [r for r in m.refs.values() if not r.zero]
+        return {
+            "name": name, "size": m.size, "chunk_size": m.chunk_size,
+            "base": m.base.hex() if m.base != NO_BASE else None,
+            "readonly": m.readonly, "entries": len(m.refs),
+            "delta_bytes": sum(r.length for r in stored),
+            "manifest_bytes": self.path(name).stat().st_size,
+        }

@@ -1,0 +1,274 @@
+"""TinyVol format, DeltaVol/ShareVol operations, refcounts and the sector view."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from stellarium_core.errors import StellarError
+from stellarium_core.hashing import Blake3Hasher
+from stellarium_core.volumes import tinyvol
+from stellarium_core.volumes.blockdev import SECTOR, BlockDevice
+from stellarium_core.volumes.tinyvol import ChunkRef, ManifestError, TinyVol
+from stellarium_core.volumes.volume import VolumeError, VolumeStore
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+CS = 64 * KiB
+
+
+class _MemStore:
+    """Temporary in-memory stand-in for the NEBULA ChunkStore API."""
+
+    def __init__(self, hasher):
+        self.h, self.data, self.refs = hasher, {}, {}
+
+    def put(self, data):
+        d = self.h.digest(data)
+        self.data.setdefault(d, bytes(data))
+        self.refs[d] = self.refs.get(d, 0) + 1
+        return d
+
+    def get(self, d):
+        return self.data[d]
+
+    def view(self, d):
+        return memoryview(self.data[d])
+
+    def ref(self, d, n=1):
+        assert d in self.data
+        self.refs[d] += n
+
+    def release(self, d, n=1):
+        self.refs[d] -= n
+        assert self.refs[d] >= 0
+
+    def contains(self, d):
+        return d in self.data
+
+
+@pytest.fixture
+def hasher():
+    return Blake3Hasher({})
+
+
+@pytest.fixture
+def store(hasher, tmp_path):
+    return _MemStore(hasher)
+
+
+def live_refs(store) -> dict[bytes, int]:
+    return {d: n for d, n in store.refs.items() if n}
+
+
+@pytest.fixture
+def vols(tmp_path, store, hasher):
+    return VolumeStore(tmp_path / "volumes", store, hasher)
+
+
+def test_empty_10gib_volume_is_64_bytes(vols):
+    vols.create("empty", 10 * GiB).close()
+    assert vols.path("empty").stat().st_size == 64
+    m = tinyvol.decode(vols.path("empty").read_bytes())
+    assert (m.size, m.chunk_size, m.refs) == (10 * GiB, CS, {})
+
+
+def test_manifest_roundtrip_and_48_bytes_per_chunk():
+    m = TinyVol(size=10 * GiB + 123, base=bytes(range(32)))
+    m.refs[0] = ChunkRef(b"a" * 32, CS)
+    m.refs[163840] = ChunkRef(b"b" * 32, 123)  # the short last slot
+    m.refs[7] = ChunkRef(bytes(32), CS, tinyvol.REF_ZERO)
+    data = tinyvol.encode(m)
+    assert len(data) == 64 + 3 * 48
+    assert tinyvol.decode(data) == m
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "magic", "version", "extend"])
+def test_damaged_manifest_is_rejected(vols, damage):
+    with vols.create("v", 4 * CS) as v:
+        v.write(0, b"x" * 100)
+    p = vols.path("v")
+    good = p.read_bytes()
+    bad = bytearray(good)
+    if damage == "truncate":
+        bad = bad[:-5]
+    elif damage == "flip":
+        bad[70] ^= 1
+    elif damage == "magic":
+        bad[0] = ord("X")
+    elif damage == "version":
+        bad[8] = 9
+    else:
+        bad += b"\0" * 48
+    p.write_bytes(bytes(bad))
+    with pytest.raises(ManifestError):
+        vols.open("v")
+    assert p.read_bytes() == bytes(bad)  # nothing rewritten
+
+
+def test_unaligned_reads_and_writes_spanning_chunks(vols):
+    rnd = random.Random(1)
+    size = 10 * CS + 777
+    model = bytearray(size)
+    with vols.create("v", size) as v:
+        for _ in range(200):
+            off = rnd.randrange(size)
+            n = rnd.randrange(min(3 * CS, size - off) + 1)
+            blob = rnd.randbytes(n)
+            v.write(off, blob)
+            model[off:off + n] = blob
+            roff = rnd.randrange(size)
+            rn = rnd.randrange(size - roff + 1)
+            assert v.read(roff, rn) == model[roff:roff + rn]
+    with vols.open("v") as v:
+        assert v.read(0, size) == model
+
+
+def test_zero_chunks_are_not_stored(vols, store):
+    with vols.create("v", 8 * CS) as v:
+        v.write(CS, b"\1" * CS)
+        v.write(3 * CS, bytes(CS))
+        v.write(5 * CS + 10, b"\2")
+        v.write(5 * CS + 10, b"\0")  # back to zeros before flush
+    m = tinyvol.decode(vols.path("v").read_bytes())
+    assert sorted(m.refs) == [1]
+    assert len(live_refs(store)) == 1
+
+
+def test_out_of_range_and_readonly_refuse_and_change_nothing(vols):
+    with vols.create("v", 2 * CS) as v:
+        v.write(0, b"abc")
+    before = vols.path("v").read_bytes()
+    with vols.open("v") as v:
+        for off, n in ((2 * CS, 1), (2 * CS - 1, 2), (-1, 1)):
+            with pytest.raises(VolumeError, match="outside"):
+                v.write(off, b"z" * n)
+            with pytest.raises(VolumeError, match="outside"):
+                v.read(off, n)
+    vols.snapshot("v", "snap")
+    with vols.open("snap") as s:
+        with pytest.raises(VolumeError, match="read-only"):
+            s.write(0, b"zzz")
+        assert s.read(0, 3) == b"abc"
+    assert vols.path("v").read_bytes() == before
+
+
+def test_clone_is_cow_and_refcounts_balance(vols, store):
+    data = os.urandom(3 * CS)
+    with vols.create("a", 4 * CS) as a:
+        a.write(0, data)
+    vols.clone("a", "b")
+    assert set(live_refs(store).values()) == {2}
+    with vols.open("b") as b:
+        b.write(CS + 5, b"new")
+    with vols.open("a") as a:
+        assert a.read(0, 3 * CS) == data  # the shared chunk is unchanged
+    with vols.open("b") as b:
+        assert b.read(CS, 8) == data[CS:CS + 5] + b"new"
+    vols.delete("b")
+    vols.delete("a")
+    assert live_refs(store) == {}
+    assert vols.names() == []
+
+
+def test_commit_sharevol_base_and_deltas(vols, store):
+    img = bytearray(os.urandom(6 * CS))
+    img[2 * CS:3 * CS] = bytes(CS)
+    with vols.create("gold", 6 * CS) as g:
+        g.write(0, img)
+    base = vols.commit("gold")
+    assert vols.path("gold").stat().st_size == 64
+    assert (vols.bases / (base.hex() + ".tinyvol")).exists()
+    for i in range(3):
+        vols.clone("gold", f"c{i}")
+        assert vols.path(f"c{i}").stat().st_size == 64
+    with vols.open("c0") as c:
+        c.write(CS, b"\xff" * CS)          # replace one base chunk
+        c.write_zeroes(4 * CS, CS)         # mask a base chunk with ZERO
+        c.write(2 * CS + 1, b"q")          # write into a base hole
+    m = tinyvol.decode(vols.path("c0").read_bytes())
+    assert len(vols.path("c0").read_bytes()) == 64 + 3 * 48
+    assert m.refs[4].zero
+    with vols.open("c0") as c:
+        want = bytearray(img)
+        want[CS:2 * CS] = b"\xff" * CS
+        want[4 * CS:5 * CS] = bytes(CS)
+        want[2 * CS + 1] = ord("q")
+        assert c.read(0, 6 * CS) == want
+    with vols.open("c1") as c:
+        assert c.read(0, 6 * CS) == img
+    # writing the base's own bytes back leaves no delta entry
+    with vols.open("c1") as c:
+        c.write(0, img[:CS])
+    assert vols.path("c1").stat().st_size == 64
+    new = vols.commit("c0")
+    assert new != base
+    with vols.open("c0") as c:
+        assert c.read(0, 6 * CS) == want
+    for n in ("gold", "c0", "c1", "c2"):
+        vols.delete(n)
+    assert live_refs(store) == {}
+    assert list(vols.bases.iterdir()) == []
+
+
+def test_missing_base_is_a_clear_error(vols):
+    with vols.create("g", 2 * CS) as g:
+        g.write(0, b"x")
+    base = vols.commit("g")
+    (vols.bases / (base.hex() + ".tinyvol")).unlink()
+    before = vols.path("g").read_bytes()
+    with pytest.raises(VolumeError, match="missing"):
+        vols.open("g")
+    with pytest.raises(VolumeError, match="missing"):
+        vols.clone("g", "h")
+    assert not vols.exists("h")
+    assert vols.path("g").read_bytes() == before
+
+
+def test_import_export_raw_roundtrip(vols, tmp_path, store):
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as fh:
+        fh.truncate(5 * CS + 1000)
+        fh.seek(CS + 3)
+        fh.write(os.urandom(CS))
+        fh.seek(5 * CS + 999)
+        fh.write(b"E")
+    vols.import_raw("d", raw).close()
+    assert len(tinyvol.decode(vols.path("d").read_bytes()).refs) == 3
+    out = tmp_path / "out.raw"
+    vols.export_raw("d", out)
+    assert out.read_bytes() == raw.read_bytes()
+
+
+def test_existing_names_and_bad_names(vols):
+    vols.create("v", CS).close()
+    with pytest.raises(VolumeError, match="exists"):
+        vols.create("v", CS)
+    with pytest.raises(VolumeError, match="exists"):
+        vols.clone("v", "v")
+    with pytest.raises(StellarError, match="bad volume name"):
+        vols.create("../x", CS)
+    with pytest.raises(VolumeError, match="no volume"):
+        vols.open("nope")
+
+
+def test_blockdev_sectors(vols):
+    with vols.create("v", 4 * CS) as v:
+        dev = BlockDevice(v)
+        assert dev.sectors == 4 * CS // SECTOR
+        dev.write(127, b"\7" * 3 * SECTOR)  # spans the first chunk boundary
+        assert dev.read(127, 3) == b"\7" * 3 * SECTOR
+        buf = bytearray(2 * SECTOR)
+        dev.readinto(128, buf)
+        assert buf == b"\7" * 2 * SECTOR
+        assert b"".join(dev.read_views(126, 4)) == bytes(SECTOR) + b"\7" * 3 * SECTOR
+        dev.discard(128, 1)
+        dev.write_zeroes(0, CS // SECTOR)  # whole chunk becomes a hole
+        dev.flush()
+        assert dev.read(127, 3) == bytes(2 * SECTOR) + b"\7" * SECTOR
+        with pytest.raises(VolumeError, match="outside"):
+            dev.read(dev.sectors, 1)
+        with pytest.raises(VolumeError, match="whole sectors"):
+            dev.write(0, b"x")
