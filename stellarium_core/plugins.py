@@ -130,7 +130,9 @@ class Registry:
         if not any(impl.plugin is plugin for impl in impls):
             raise PluginError(f"{origin} breaks its contract: it implements no {hook_name} hook")
 
-    def create(self, kind: str, name: str, params: dict[str, Any] | None = None, **extra: Any) -> Any:
+    def create(
+        self, kind: str, name: str, params: dict[str, Any] | None = None, **extra: Any
+    ) -> Any:
         """Load plugin ``name`` and return the product its factory hook makes.
 
         ``ConfigError``s about parameters come back with the key prefixed by

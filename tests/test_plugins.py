@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from stellarium_core import plugins
+from stellarium_core import config, plugins
 from stellarium_core.errors import PluginError
 from stellarium_core.host import Host
-from stellarium_core import config
 from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
