@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stellarium_core import config as config_mod
 from stellarium_core.errors import ConfigError, PluginError
 from stellarium_core.hookspecs import Chunker, Hasher, TierBackend, TierContext
 from stellarium_core.plugins import Registry
+
+if TYPE_CHECKING:
+    from stellarium_core.nebula import ChunkStore
 
 
 class Host:
@@ -25,7 +28,7 @@ class Host:
         self.registry = registry or Registry()
 
     @classmethod
-    def from_config(cls, path: str | os.PathLike[str] | None = None) -> "Host":
+    def from_config(cls, path: str | os.PathLike[str] | None = None) -> Host:
         """Load the host config (``--config``, ``$STELLAR_CONFIG`` or default)."""
         return cls(config_mod.load(path))
 
@@ -60,6 +63,20 @@ class Host:
                                 t.plugin, t.params, context=ctx)
             for level, t in self.config.tiers.items()
         }
+
+    @cached_property
+    def store(self) -> ChunkStore:
+        """The NEBULA chunk store under ``<store_path>/nebula`` (made by ``init_store``)."""
+        from stellarium_core.nebula import ChunkStore
+
+        hook = self.registry.hook.stellarium_chunk_stored
+        on_stored = None
+        if hook.get_hookimpls():
+            def on_stored(digest: bytes, size: int, new: bool) -> None:
+                hook(digest=digest, size=size, new=new)
+        return ChunkStore.open(self.store_path / "nebula", self.hasher,
+                               compression=self.config.compression,
+                               verify_reads=self.config.verify_reads, on_stored=on_stored)
 
     @property
     def store_path(self) -> Path:
@@ -127,4 +144,8 @@ def init_store(host: Host) -> Path:
         tmp = meta_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, meta_path)
+    from stellarium_core.nebula import ChunkStore
+
+    ChunkStore.open(root / "nebula", host.hasher, compression=host.config.compression,
+                    create=True).close()
     return root

@@ -1,0 +1,12 @@
+"""NEBULA, the content-addressed chunk store at the bottom of Stellarium.
+
+Chunks are named by their BLAKE3-256 digest, stored once in append-only packs and
+reference counted. See :mod:`stellarium_core.nebula.store` for the on-disk layout.
+"""
+
+from stellarium_core.nebula.errors import ChunkError, CorruptChunkError, MissingChunkError
+from stellarium_core.nebula.store import Batch, ChunkStore
+from stellarium_core.nebula.table import Entry
+
+__all__ = ["Batch", "ChunkError", "ChunkStore", "CorruptChunkError", "Entry",
+           "MissingChunkError"]

@@ -1,0 +1,319 @@
+"""Garbage collection and consistency checking of a :class:`ChunkStore`.
+
+Both hold the store lock for their whole run, so writers in other processes wait
+rather than race a pack rewrite or an index compaction.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import ctypes.util
+import mmap
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import lz4.block
+
+from stellarium_core.nebula.store import (
+    DEL,
+    LOG_HEADER,
+    LOG_MAGIC,
+    LOG_SIZE,
+    PAGE,
+    PUT,
+    REF,
+    TRAILER_MAGIC,
+    TRAILER_SIZE,
+    _fsync_dir,
+    align,
+    log_record,
+    pack_name,
+    parse_trailer,
+)
+from stellarium_core.nebula.table import COMPRESSED, Entry
+
+if TYPE_CHECKING:
+    from stellarium_core.nebula.store import ChunkStore
+
+_I32 = (1 << 31) - 1
+_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_libc = _load_libc()
+
+
+def _drop_pack(s: ChunkStore, n: int) -> None:
+    mm = s._maps.pop(n, None)
+    if mm is not None:
+        try:
+            mm.close()
+        except BufferError:
+            pass
+    fd = s._pack_fds.pop(n, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _punch(s: ChunkStore, e: Entry) -> None:
+    """Free a dropped chunk's pages in place (hole punch); at least erase its trailer.
+
+    Without this, fsck would later find an intact trailer and report the released
+    chunk as an unindexed one.
+    """
+    try:
+        fd = s._pack_fd(e.pack)
+    except FileNotFoundError:
+        return
+    start, end = e.offset, align(e.offset + e.stored + TRAILER_SIZE)
+    if _libc is not None and _libc.fallocate(fd, _PUNCH, start, end - start) == 0:
+        return
+    os.pwrite(fd, bytes(TRAILER_SIZE), e.offset + e.stored)
+
+
+def _snapshot(s: ChunkStore) -> None:
+    """Rewrite the index log as one PUT per live chunk, atomically (tmp + rename)."""
+    tmp = s.root / "index.log.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(LOG_HEADER.pack(LOG_MAGIC, 32, 0))
+        out = []
+        for d, e in s._table.items():
+            out.append(log_record(PUT, d, e.pack, e.offset, e.stored, e.raw,
+                                  min(e.refs, _I32), e.flags))
+            for extra in range(e.refs - _I32, 0, -_I32):
+                out.append(log_record(REF, d, delta=min(extra, _I32)))
+            if len(out) >= 4096:
+                fh.write(b"".join(out))
+                out = []
+        fh.write(b"".join(out))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, s.log_path)
+    _fsync_dir(s.root)
+    s._catch_up()  # the inode changed: reload from the snapshot
+
+
+def collect(s: ChunkStore) -> dict[str, int]:
+    """Forget chunks with no references, rewrite packs that are >= 20% garbage."""
+    with s._lock():
+        t = s._table
+        dead = [(d, e) for d, e in t.items() if e.refs == 0]
+        if dead:
+            s._append_log([log_record(DEL, d) for d, _ in dead])
+            for _, e in dead:
+                _punch(s, e)
+        by_pack: dict[int, list[tuple[bytes, Entry]]] = defaultdict(list)
+        live: dict[int, int] = defaultdict(int)
+        for d, e in t.items():
+            by_pack[e.pack].append((d, e))
+            live[e.pack] += align(e.stored + TRAILER_SIZE)
+        packs = s.pack_numbers()
+        sizes = {n: s.pack_path(n).stat().st_size for n in packs}
+        victims = [n for n in packs if sizes[n] - live[n] >= max(PAGE, sizes[n] // 5)]
+        target = (packs[-1] + 1) if packs else 1
+        moved = 0
+        wrote_new = False
+        for n in victims:
+            chunks = sorted(by_pack.get(n, []), key=lambda de: de[1].offset)
+            if not chunks:
+                continue
+            mm = s._map(n, max(e.offset + e.stored for _, e in chunks))
+            view = memoryview(mm)
+            items = [(d, view[e.offset:e.offset + e.stored], e.raw, e.flags & COMPRESSED)
+                     for d, e in chunks]
+            places = s._write_chunks(items, first_pack=target)
+            target = places[-1][0]
+            wrote_new = True
+            s._append_log([log_record(PUT, d, p, o, e.stored, e.raw, 0, e.flags)
+                           for (d, e), (p, o) in zip(chunks, places, strict=True)])
+            moved += len(chunks)
+            del items, view
+        _snapshot(s)
+        removed = 0
+        reclaimed = 0
+        for n in victims:
+            # Pack numbers are never reused: keep the newest pack unless a newer one exists.
+            if n == packs[-1] and not wrote_new:
+                continue
+            _drop_pack(s, n)
+            os.unlink(s.pack_path(n))
+            removed += 1
+            reclaimed += sizes[n] - live[n]
+        if removed:
+            _fsync_dir(s.root / "packs")
+        return {"chunks_removed": len(dead), "chunks_moved": moved,
+                "packs_removed": removed, "bytes_reclaimed": reclaimed}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: ``error`` is damage; ``warning`` and ``note`` are harmless."""
+
+    severity: str
+    file: str
+    what: str
+    chunk: str | None = None
+    offset: int | None = None
+
+    def __str__(self) -> str:
+        where = self.file + (f" @{self.offset}" if self.offset is not None else "")
+        who = f" chunk {self.chunk}:" if self.chunk else ""
+        return f"{self.severity}: {where}:{who} {self.what}"
+
+
+@dataclass
+class FsckReport:
+    chunks: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    repaired: int = 0
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, object]:
+        return {"ok": self.ok, "chunks": self.chunks, "bytes": self.bytes,
+                "repaired": self.repaired,
+                "problems": [p.__dict__ for p in self.problems]}
+
+
+def fsck(s: ChunkStore, repair: bool = False) -> FsckReport:
+    """Re-hash every indexed chunk; cross-check index records, pack trailers and files."""
+    rep = FsckReport()
+    add = rep.problems.append
+    log = "index.log"
+    with s._lock(truncate=repair):
+        s._log_ino = -1          # replay from scratch to see every damaged record
+        s._catch_up()
+        for off, what in s.log_damage:
+            add(Problem("error", log, what + " (that index record is lost)", offset=off))
+        size = os.fstat(s._log_fd).st_size
+        if size > s._log_pos:
+            add(Problem("warning", log, f"{size - s._log_pos} bytes of torn records at the end "
+                        "(an interrupted append; ignored)", offset=s._log_pos))
+        if (size - LOG_HEADER.size) % LOG_SIZE and size == s._log_pos:
+            add(Problem("error", log, "length is not a whole number of records"))
+        entries = list(s._table.items())
+        regions: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        bad: set[bytes] = set()
+        packs = set(s.pack_numbers())
+        for d, e in entries:
+            rep.chunks += 1
+            pname = pack_name(e.pack)
+            regions[e.pack].append((e.offset, e.offset + e.stored + TRAILER_SIZE))
+            err = _check_chunk(s, d, e, packs)
+            if err:
+                bad.add(d)
+                add(Problem("error", f"packs/{pname}", err, d.hex(), e.offset))
+            else:
+                rep.bytes += e.raw
+        found = _scan_packs(s, packs, regions, rep)
+        repair_records = []
+        for d, (pack, off, stored, raw, flags) in found.items():
+            if d in bad:
+                if repair:
+                    repair_records.append(log_record(PUT, d, pack, off, stored, raw, 0, flags))
+                add(Problem("warning", f"packs/{pack_name(pack)}",
+                            "an intact copy of a damaged chunk is here"
+                            + ("; index now points to it" if repair else
+                               " (`stellar fsck --repair` re-points the index)"), d.hex(), off))
+            elif s._table.get(d) is None:
+                if repair:
+                    repair_records.append(log_record(PUT, d, pack, off, stored, raw, 1, flags))
+                add(Problem("warning", f"packs/{pack_name(pack)}",
+                            "unindexed chunk, left by an interrupted write or a lost index record"
+                            + ("; indexed again with 1 reference" if repair else
+                               " (`stellar fsck --repair` indexes it)"), d.hex(), off))
+        if repair_records:
+            s._append_log(repair_records)
+            rep.repaired = len(repair_records)
+    return rep
+
+
+def _check_chunk(s: ChunkStore, d: bytes, e: Entry, packs: set[int]) -> str | None:
+    """What is wrong with one indexed chunk, or None."""
+    if e.pack not in packs:
+        return f"its pack file {pack_name(e.pack)} is missing"
+    path = s.pack_path(e.pack)
+    end = e.offset + e.stored + TRAILER_SIZE
+    size = path.stat().st_size
+    if size < end:
+        return f"pack is truncated: {size} bytes, the chunk ends at {end}"
+    with open(path, "rb") as fh:
+        fh.seek(e.offset)
+        blob = fh.read(e.stored + TRAILER_SIZE)
+    t = parse_trailer(blob[e.stored:])
+    if t is None:
+        what = "trailer is damaged"
+    elif t != (d, e.stored, e.raw, e.flags & COMPRESSED):
+        what = "trailer does not match the index record"
+    else:
+        what = ""
+    data = blob[:e.stored]
+    if e.flags & COMPRESSED:
+        try:
+            data = lz4.block.decompress(data, uncompressed_size=e.raw)
+        except lz4.block.LZ4BlockError:
+            return "compressed bytes do not decompress (corrupt)" + (f"; {what}" if what else "")
+    if len(data) != e.raw or s.hasher.digest(data) != d:
+        return "content does not hash to its digest (corrupt bytes)" + (
+            f"; {what}" if what else "")
+    return what or None
+
+
+def _scan_packs(s: ChunkStore, packs: set[int], regions: dict[int, list[tuple[int, int]]],
+                rep: FsckReport) -> dict[bytes, tuple[int, int, int, int, int]]:
+    """Chunks with a valid trailer and content outside every indexed region."""
+    found: dict[bytes, tuple[int, int, int, int, int]] = {}
+    for n in sorted(packs):
+        path = s.pack_path(n)
+        with open(path, "rb") as fh:
+            length = os.fstat(fh.fileno()).st_size
+            if not length:
+                continue
+            data = mmap.mmap(fh.fileno(), length, access=mmap.ACCESS_READ)
+        spans = sorted(regions.get(n, []))
+        starts = [a for a, _ in spans]
+        indexed = sum(align(b) - a for a, b in spans)
+        pos = data.find(TRAILER_MAGIC)
+        while pos >= 0:
+            i = bisect.bisect_right(starts, pos) - 1
+            inside = i >= 0 and pos < spans[i][1]   # an indexed trailer, or chunk content
+            t = None if inside else parse_trailer(data[pos:pos + TRAILER_SIZE])
+            if t is not None:
+                d, stored, raw, flags = t
+                start = pos - stored
+                if start >= 0 and start % PAGE == 0:
+                    blob = data[start:pos]
+                    try:
+                        content = lz4.block.decompress(blob, uncompressed_size=raw) \
+                            if flags & COMPRESSED else blob
+                    except lz4.block.LZ4BlockError:
+                        content = b""
+                    if len(content) == raw and s.hasher.digest(content) == d:
+                        found.setdefault(d, (n, start, stored, raw, flags))
+            pos = data.find(TRAILER_MAGIC, pos + 1)
+        data.close()
+        orphan = length - indexed
+        if orphan > 0:
+            rep.problems.append(Problem(
+                "note", f"packs/{pack_name(n)}",
+                f"{orphan} bytes (padding excluded) hold no indexed chunk: freed chunks or "
+                "crash leftovers; harmless, `stellar gc` rewrites packs that are mostly so"))
+    return found

@@ -1,0 +1,772 @@
+"""NEBULA: the content-addressed chunk store.
+
+On disk, under ``root`` (``<store>/nebula``):
+
+- ``packs/pack-NNNNNN.dat``: append-only. Each chunk's bytes start at a 4 KiB-aligned
+  offset and are followed by a 56-byte trailer (magic, digest, lengths, flags, crc), so
+  a pack can be re-indexed from its own bytes if the index is lost.
+- ``index.log``: a 16-byte header and fixed 56-byte records (PUT location / REF delta /
+  DEL), each with a crc32. Replaying it gives the index; a torn tail record (crash while
+  appending) fails its crc and is ignored. ``gc`` rewrites it as a snapshot via rename.
+- ``lock``: ``flock``-ed around every change, so processes can share a store.
+
+Durability order for an insert: chunk bytes to the pack, fsync pack, append index
+records, fsync index, then return. A crash in between leaves unindexed pack bytes,
+which ``fsck`` reports as harmless leftovers and ``gc`` reclaims.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import mmap
+import os
+import re
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import lz4.block
+
+from stellarium_core.errors import UsageError
+from stellarium_core.hookspecs import Chunker, Hasher
+from stellarium_core.nebula.errors import ChunkError, CorruptChunkError, MissingChunkError
+from stellarium_core.nebula.table import COMPRESSED, MAX_LEN, PAGE, ChunkTable, Entry
+
+LOG_MAGIC = b"NEBLOG1\0"
+LOG_HEADER = struct.Struct("<8sII")          # magic, digest size, reserved
+LOG_REC = struct.Struct("<BBHIIIi32s")        # kind, flags, pack, page, stored, raw, delta, digest
+LOG_SIZE = LOG_REC.size + 4                   # + crc32
+PUT, REF, DEL = 1, 2, 3
+TRAILER_MAGIC = b"NEBCHNK\x01"
+TRAILER = struct.Struct("<8s32sIIB3x")        # magic, digest, stored, raw, flags
+TRAILER_SIZE = TRAILER.size + 4               # + crc32
+PACK_MAX = 1 << 30
+BATCH_BYTES = 64 << 20
+SMALL_FILE = 1 << 20
+META = "nebula.json"
+_PACK_RE = re.compile(r"pack-(\d{6})\.dat$")
+_ZEROS = bytes(PAGE)
+
+
+def align(n: int) -> int:
+    return (n + PAGE - 1) & ~(PAGE - 1)
+
+
+def pack_name(n: int) -> str:
+    return f"pack-{n:06d}.dat"
+
+
+def log_record(kind: int, digest: bytes, pack: int = 0, offset: int = 0, stored: int = 0,
+               raw: int = 0, delta: int = 0, flags: int = 0) -> bytes:
+    body = LOG_REC.pack(kind, flags, pack, offset // PAGE, stored, raw, delta, digest)
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+def trailer(digest: bytes, stored: int, raw: int, flags: int) -> bytes:
+    body = TRAILER.pack(TRAILER_MAGIC, digest, stored, raw, flags)
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+def parse_trailer(buf: bytes | memoryview) -> tuple[bytes, int, int, int] | None:
+    """(digest, stored, raw, flags) of a valid trailer, else None."""
+    if len(buf) < TRAILER_SIZE:
+        return None
+    body = bytes(buf[:TRAILER.size])
+    if zlib.crc32(body) != int.from_bytes(buf[TRAILER.size:TRAILER_SIZE], "little"):
+        return None
+    magic, digest, stored, raw, flags = TRAILER.unpack(body)
+    return (digest, stored, raw, flags) if magic == TRAILER_MAGIC else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Pending:
+    """A chunk hashed but not yet durable: its bytes (maybe compressed) and new refs."""
+
+    __slots__ = ("data", "raw", "flags", "refs")
+
+    def __init__(self, data: bytes | memoryview, raw: int, flags: int) -> None:
+        self.data, self.raw, self.flags, self.refs = data, raw, flags, 1
+
+
+class Batch:
+    """Chunks added here become durable together at :meth:`commit` (one fsync pair).
+
+    Digests returned before ``commit`` must not be handed out as stored. Used by
+    ``put_stream`` and by ingest of many small files, where per-file fsyncs would
+    dominate the time.
+    """
+
+    def __init__(self, store: ChunkStore, limit: int = BATCH_BYTES) -> None:
+        self._store = store
+        self._limit = limit
+        self._new: dict[bytes, _Pending] = {}
+        self._refs: dict[bytes, int] = {}
+        self._bytes = 0
+
+    def put(self, data: bytes | memoryview) -> bytes:
+        """Hash ``data`` and queue it (or a reference to it); returns its digest."""
+        s = self._store
+        n = len(data)
+        if n > MAX_LEN:
+            raise ChunkError(f"chunk of {n} bytes is larger than the store's limit {MAX_LEN}")
+        digest = s._digest(data)
+        p = self._new.get(digest)
+        if p is not None:
+            p.refs += 1
+        elif digest in self._refs:
+            self._refs[digest] += 1
+        elif s._known(digest):
+            self._refs[digest] = 1
+        else:
+            stored, flags = s._compress(data)
+            self._new[digest] = _Pending(stored, n, flags)
+            self._bytes += len(stored)
+            if self._bytes >= self._limit:
+                self.commit()
+        return digest
+
+    def put_stream(self, src: str | os.PathLike[str] | IO[bytes],
+                   chunker: Chunker) -> list[tuple[bytes, int]]:
+        """Chunk a file (path) or binary file object and queue every chunk."""
+        return [(self.put(c), len(c)) for c in _chunks(src, chunker)]
+
+    def commit(self) -> None:
+        """Make everything queued durable; afterwards the batch is empty and reusable."""
+        new, refs = self._new, self._refs
+        self._new, self._refs, self._bytes = {}, {}, 0
+        if new or refs:
+            self._store._commit(new, refs)
+
+    def abandon(self) -> None:
+        self._new, self._refs, self._bytes = {}, {}, 0
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abandon()
+
+
+def _chunks(src: str | os.PathLike[str] | IO[bytes], chunker: Chunker) -> Iterator[memoryview]:
+    """Chunks of a path (read or mmap'd whole) or of a file object read in windows."""
+    if isinstance(src, (str, os.PathLike)):
+        try:
+            fd = os.open(src, os.O_RDONLY)
+        except OSError as exc:
+            raise ChunkError(f"cannot read {src}: {exc.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return
+            if size <= SMALL_FILE:
+                buf: Any = memoryview(os.pread(fd, size, 0))
+            else:
+                buf = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
+        except OSError as exc:
+            raise ChunkError(f"cannot read {src}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        pos = 0
+        for n in chunker.cut(buf):
+            yield buf[pos:pos + n]
+            pos += n
+        return
+    window = max(8 << 20, 4 * chunker.max_size)
+    carry = b""
+    while True:
+        data = src.read(window)
+        eof = not data
+        buf = memoryview(carry + data if carry else data) if not eof else memoryview(carry)
+        if not len(buf):
+            return
+        pos = 0
+        for n in chunker.cut(buf):
+            # A cut is final once max_size bytes past the chunk start are in the buffer.
+            if not eof and pos + chunker.max_size > len(buf):
+                break
+            yield buf[pos:pos + n]
+            pos += n
+        if eof:
+            return
+        carry = bytes(buf[pos:])
+
+
+class ChunkStore:
+    """Chunks by digest: put (insert-or-reference), get/view, refs, gc, fsck, stats."""
+
+    def __init__(self, root: Path, hasher: Hasher, compression: str, verify_reads: bool,
+                 on_stored: Callable[[bytes, int, bool], None] | None,
+                 pack_max: int) -> None:
+        self.root = root
+        self.hasher = hasher
+        self.compression = compression
+        self.verify_reads = verify_reads
+        self.pack_max = pack_max
+        self._on_stored = on_stored
+        self._digest = hasher.digest
+        self._mu = threading.RLock()
+        self._table = ChunkTable()
+        self._maps: dict[int, mmap.mmap] = {}
+        self._pack_fds: dict[int, int] = {}
+        self._lock_fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._log_fd = -1
+        self._log_ino = -1
+        self._log_pos = 0
+        self.log_damage: list[tuple[int, str]] = []   # (byte offset, what) seen on replay
+        self._locked = 0
+        with self._mu:
+            self._catch_up()
+
+    # -- opening -------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str], hasher: Hasher, *, compression: str = "lz4",
+             verify_reads: bool = True, create: bool = False,
+             on_stored: Callable[[bytes, int, bool], None] | None = None,
+             pack_max: int = PACK_MAX) -> ChunkStore:
+        """Open the store at ``root``; ``create`` makes the layout if it is absent."""
+        root = Path(root)
+        if compression not in ("lz4", "none"):
+            raise UsageError(f"compression must be lz4 or none, got {compression!r}")
+        if hasher.digest_size != 32:
+            raise UsageError(f"the chunk store needs a 32-byte digest; hasher {hasher.name!r} "
+                             f"gives {hasher.digest_size} bytes")
+        meta_path = root / META
+        if not meta_path.exists():
+            if not create:
+                raise ChunkError(f"no chunk store at {root} (run `stellar host init`)")
+            cls._create(root, hasher)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ChunkError(f"{meta_path}: unreadable store metadata: {exc}") from None
+        if meta.get("hasher") != hasher.name:
+            raise UsageError(f"store {root} holds chunks hashed with {meta.get('hasher')!r}, "
+                             f"not {hasher.name!r}; chunk identities cannot change")
+        return cls(root, hasher, compression, verify_reads, on_stored, pack_max)
+
+    @staticmethod
+    def _create(root: Path, hasher: Hasher) -> None:
+        (root / "packs").mkdir(parents=True, exist_ok=True)
+        log = root / "index.log"
+        if not log.exists():
+            tmp = root / "index.log.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(LOG_HEADER.pack(LOG_MAGIC, 32, 0))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, log)
+        tmp = root / (META + ".tmp")
+        tmp.write_text(json.dumps({"format": 1, "hasher": hasher.name}) + "\n")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, root / META)
+        _fsync_dir(root / "packs")
+        _fsync_dir(root)
+
+    # -- the index log ---------------------------------------------------------------
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "index.log"
+
+    def _reopen_log(self) -> None:
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
+        try:
+            fd = os.open(self.log_path, os.O_RDWR)
+        except OSError as exc:
+            raise ChunkError(f"{self.log_path}: cannot open the index: {exc.strerror}") from None
+        head = os.pread(fd, LOG_HEADER.size, 0)
+        if len(head) < LOG_HEADER.size or LOG_HEADER.unpack(head)[0] != LOG_MAGIC:
+            os.close(fd)
+            raise ChunkError(f"{self.log_path}: not a chunk index (bad header)")
+        self._log_fd, self._log_ino = fd, os.fstat(fd).st_ino
+        self._log_pos = LOG_HEADER.size
+        self._table = ChunkTable()
+        self.log_damage = []
+
+    def _catch_up(self) -> None:
+        """Apply records other processes appended (or reload after a compaction)."""
+        try:
+            ino = os.stat(self.log_path).st_ino
+        except OSError as exc:
+            raise ChunkError(f"{self.log_path}: the index is gone: {exc.strerror}") from None
+        if ino != self._log_ino:
+            self._reopen_log()
+        size = os.fstat(self._log_fd).st_size
+        if size <= self._log_pos:
+            return
+        data = os.pread(self._log_fd, size - self._log_pos, self._log_pos)
+        self._log_pos += self._apply(data, self._log_pos)
+
+    def _apply(self, data: bytes, base: int) -> int:
+        """Apply whole valid records; returns bytes consumed (a bad tail is left alone).
+
+        A record that fails its crc but is followed by valid ones is damage, not a torn
+        write: it is skipped and noted in ``log_damage`` for fsck.
+        """
+        table = self._table
+        view = memoryview(data)
+        n = len(data) - len(data) % LOG_SIZE
+        good_end = 0
+        bad: list[int] = []
+        for o in range(0, n, LOG_SIZE):
+            body = view[o:o + LOG_REC.size]
+            if zlib.crc32(body) != int.from_bytes(view[o + LOG_REC.size:o + LOG_SIZE], "little"):
+                bad.append(o)
+                continue
+            for b in bad:
+                self.log_damage.append((base + b, "record fails its checksum; skipped"))
+            bad = []
+            kind, flags, pack, page, stored, raw, delta, digest = LOG_REC.unpack(body)
+            if kind == PUT:
+                e = table.get(digest)
+                refs = (e.refs if e else 0) + delta
+                table.set(digest, pack, page * PAGE, stored, raw, refs, flags)
+            elif kind == REF:
+                if digest in table:
+                    table.add_refs(digest, delta)
+                else:
+                    self.log_damage.append((base + o, f"reference to unknown chunk {digest.hex()}"))
+            elif kind == DEL:
+                table.delete(digest)
+            else:
+                self.log_damage.append((base + o, f"unknown record kind {kind}"))
+            good_end = o + LOG_SIZE
+        return good_end
+
+    def _append_log(self, records: list[bytes]) -> None:
+        """Append and fsync records (caller holds the lock); undone on failure."""
+        end = os.fstat(self._log_fd).st_size
+        buf = b"".join(records)
+        try:
+            written = os.pwrite(self._log_fd, buf, end)
+            if written != len(buf):
+                raise OSError(errno.ENOSPC, "short write to the index")
+            os.fdatasync(self._log_fd)
+        except OSError:
+            try:
+                os.ftruncate(self._log_fd, end)
+            except OSError:
+                pass
+            raise
+        self._log_pos = end + self._apply(buf, end)
+
+    # -- locking -------------------------------------------------------------------
+
+    def _lock(self, truncate: bool = True) -> _Locked:
+        return _Locked(self, truncate)
+
+    def _truncate_torn_tail(self) -> None:
+        """Under the lock nobody is mid-append, so bytes past the last valid record are torn."""
+        size = os.fstat(self._log_fd).st_size
+        if size > self._log_pos:
+            os.ftruncate(self._log_fd, self._log_pos)
+            os.fdatasync(self._log_fd)
+
+    # -- packs -----------------------------------------------------------------------
+
+    def pack_path(self, n: int) -> Path:
+        return self.root / "packs" / pack_name(n)
+
+    def pack_numbers(self) -> list[int]:
+        try:
+            names = os.listdir(self.root / "packs")
+        except OSError as exc:
+            raise ChunkError(f"{self.root / 'packs'}: {exc.strerror}") from None
+        return sorted(int(m.group(1)) for m in map(_PACK_RE.match, names) if m)
+
+    def _pack_fd(self, n: int, create: bool = False) -> int:
+        fd = self._pack_fds.get(n)
+        if fd is None:
+            path = self.pack_path(n)
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+            self._pack_fds[n] = fd
+            if create:
+                _fsync_dir(path.parent)
+        return fd
+
+    def _write_chunks(self, items: list[tuple[bytes, bytes | memoryview, int, int]],
+                      first_pack: int | None = None) -> list[tuple[int, int]]:
+        """Append chunks (digest, stored bytes, raw len, flags) to packs and fsync them.
+
+        Returns (pack, offset) per item. On failure every pack is cut back to its
+        old length, so nothing half-written stays behind.
+        """
+        packs = self.pack_numbers()
+        if first_pack is not None:
+            cur = first_pack
+        else:
+            cur = packs[-1] if packs else 1
+        fd = self._pack_fd(cur, create=True)
+        start = os.fstat(fd).st_size
+        if start >= self.pack_max and start:
+            cur += 1
+            fd, start = self._pack_fd(cur, create=True), 0
+        touched = {cur: (fd, start)}
+        out: list[tuple[int, int]] = []
+        iov: list[bytes | memoryview] = []
+        pos = align(start)
+        iov_start = start
+        if pos > start:
+            iov.append(_ZEROS[:pos - start])
+        try:
+            for digest, data, raw, flags in items:
+                stored = len(data)
+                if pos + stored > self.pack_max and pos > 0 and out:
+                    self._pwritev(fd, iov, iov_start)
+                    cur += 1
+                    fd = self._pack_fd(cur, create=True)
+                    touched[cur] = (fd, 0)
+                    iov, pos, iov_start = [], 0, 0
+                out.append((cur, pos))
+                iov.append(data)
+                iov.append(trailer(digest, stored, raw, flags))
+                end = pos + stored + TRAILER_SIZE
+                pad = align(end) - end
+                if pad:
+                    iov.append(_ZEROS[:pad])
+                pos = end + pad
+            self._pwritev(fd, iov, iov_start)
+            for f, _ in touched.values():
+                os.fdatasync(f)
+        except OSError:
+            for f, old in touched.values():
+                try:
+                    os.ftruncate(f, old)
+                except OSError:
+                    pass
+            raise
+        return out
+
+    @staticmethod
+    def _pwritev(fd: int, iov: list[bytes | memoryview], offset: int) -> None:
+        limit = min(os.sysconf("SC_IOV_MAX"), 1024)
+        for i in range(0, len(iov), limit):
+            part = iov[i:i + limit]
+            want = sum(len(b) for b in part)
+            done = os.pwritev(fd, part, offset)
+            while done < want:  # short write: finish it byte-exactly or fail
+                flat = b"".join(bytes(b) for b in part)[done:]
+                n = os.pwrite(fd, flat, offset + done)
+                if n == 0:
+                    raise OSError(errno.ENOSPC, "no space left on device")
+                done += n
+            offset += want
+
+    def _map(self, pack: int, end: int) -> mmap.mmap:
+        mm = self._maps.get(pack)
+        if mm is None or len(mm) < end:
+            try:
+                fd = os.open(self.pack_path(pack), os.O_RDONLY)
+            except FileNotFoundError:
+                raise FileNotFoundError(pack) from None
+            try:
+                size = os.fstat(fd).st_size
+                if size < end:
+                    raise CorruptChunkError(
+                        f"{self.pack_path(pack)} is truncated: {size} bytes, a chunk "
+                        f"needs bytes up to {end}")
+                mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+            self._maps[pack] = mm
+        return mm
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _known(self, digest: bytes) -> bool:
+        with self._mu:
+            return digest in self._table
+
+    def _compress(self, data: bytes | memoryview) -> tuple[bytes | memoryview, int]:
+        """lz4 a chunk only when that saves at least one page on disk."""
+        n = len(data)
+        if self.compression != "lz4" or n + TRAILER_SIZE <= PAGE:
+            return data, 0
+        if n > 3 * PAGE:
+            sample = lz4.block.compress(data[:2 * PAGE], store_size=False)
+            if len(sample) > 2 * PAGE - PAGE // 16:
+                return data, 0
+        packed = lz4.block.compress(data, store_size=False)
+        if align(len(packed) + TRAILER_SIZE) < align(n + TRAILER_SIZE):
+            return packed, COMPRESSED
+        return data, 0
+
+    def batch(self, limit: int = BATCH_BYTES) -> Batch:
+        """A :class:`Batch`: many puts, one durable commit (auto-commits every ``limit`` bytes)."""
+        return Batch(self, limit)
+
+    def _commit(self, new: dict[bytes, _Pending], refs: dict[bytes, int]) -> None:
+        with self._lock():
+            # Another process may have stored some of our "new" chunks meanwhile.
+            for digest in [d for d in new if d in self._table]:
+                refs[digest] = refs.get(digest, 0) + new.pop(digest).refs
+            for digest in refs:
+                if digest not in self._table:
+                    raise MissingChunkError(f"chunk {digest.hex()} vanished during the write "
+                                            "(a concurrent gc removed it)")
+            try:
+                items = [(d, p.data, p.raw, p.flags) for d, p in new.items()]
+                places = self._write_chunks(items) if items else []
+                records = [
+                    log_record(PUT, d, pack, off, len(data), raw, new[d].refs, flags)
+                    for (d, data, raw, flags), (pack, off) in zip(items, places, strict=True)]
+                records += [log_record(REF, d, delta=n) for d, n in refs.items()]
+                self._append_log(records)
+            except OSError as exc:
+                raise ChunkError(f"write to the chunk store {self.root} failed: "
+                                 f"{exc.strerror or exc}; nothing was added") from None
+        if self._on_stored is not None:
+            for d, p in new.items():
+                self._on_stored(d, p.raw, True)
+            for d in refs:
+                e = self._table.get(d)
+                self._on_stored(d, e.raw if e else 0, False)
+
+    # -- the public API ----------------------------------------------------------------
+
+    def put(self, data: bytes | memoryview) -> bytes:
+        """Store ``data`` if new, else add a reference; +1 ref either way. Durable on return."""
+        with self.batch() as b:
+            return b.put(data)
+
+    def put_stream(self, src: str | os.PathLike[str] | IO[bytes],
+                   chunker: Chunker) -> list[tuple[bytes, int]]:
+        """Chunk and store a file or stream; [(digest, length)] once all is durable."""
+        with self.batch() as b:
+            return b.put_stream(src, chunker)
+
+    def _entry(self, digest: bytes) -> Entry:
+        with self._mu:
+            e = self._table.get(digest)
+            if e is None:
+                self._catch_up()
+                e = self._table.get(digest)
+        if e is None:
+            raise MissingChunkError(f"chunk {digest.hex()} is not in the store")
+        return e
+
+    def contains(self, digest: bytes) -> bool:
+        try:
+            self._entry(digest)
+        except MissingChunkError:
+            return False
+        return True
+
+    __contains__ = contains
+
+    def size(self, digest: bytes) -> int:
+        """Uncompressed length of a stored chunk."""
+        return self._entry(digest).raw
+
+    def refs(self, digest: bytes) -> int:
+        return self._entry(digest).refs
+
+    def entry(self, digest: bytes) -> Entry:
+        """Where and how the chunk is stored (pack, offset, lengths, refs, flags)."""
+        return self._entry(digest)
+
+    def _stored_view(self, digest: bytes, e: Entry) -> memoryview:
+        for attempt in (0, 1):
+            try:
+                with self._mu:
+                    mm = self._map(e.pack, e.offset + e.stored)
+                return memoryview(mm)[e.offset:e.offset + e.stored]
+            except FileNotFoundError:
+                if attempt == 0:  # a gc may have moved it: re-read the index once
+                    with self._mu:
+                        self._catch_up()
+                    e = self._entry(digest)
+        raise CorruptChunkError(f"chunk {digest.hex()} is unreadable: "
+                                f"{self.pack_path(e.pack)} is missing")
+
+    def _check(self, digest: bytes, data: bytes | memoryview, e: Entry) -> None:
+        if self._digest(data) != digest:
+            raise CorruptChunkError(
+                f"chunk {digest.hex()} is corrupt: its bytes in {self.pack_path(e.pack)} at "
+                f"offset {e.offset} no longer hash to its digest")
+
+    def get(self, digest: bytes) -> bytes:
+        """The chunk's bytes, verified unless ``verify_reads`` is off."""
+        e = self._entry(digest)
+        raw = self._stored_view(digest, e)
+        if e.compressed:
+            try:
+                data = lz4.block.decompress(raw, uncompressed_size=e.raw)
+            except lz4.block.LZ4BlockError:
+                raise CorruptChunkError(
+                    f"chunk {digest.hex()} is corrupt: its lz4 bytes in "
+                    f"{self.pack_path(e.pack)} at offset {e.offset} do not decompress") from None
+            if len(data) != e.raw:
+                raise CorruptChunkError(f"chunk {digest.hex()} is corrupt: decompressed to "
+                                        f"{len(data)} bytes, expected {e.raw}")
+        else:
+            data = bytes(raw)
+        if self.verify_reads:
+            self._check(digest, data, e)
+        return data
+
+    def view(self, digest: bytes) -> memoryview:
+        """Zero-copy view over the pack's mmap for uncompressed chunks; else a copy's view."""
+        e = self._entry(digest)
+        if e.compressed:
+            return memoryview(self.get(digest))
+        mv = self._stored_view(digest, e)
+        if self.verify_reads:
+            self._check(digest, mv, e)
+        return mv
+
+    def _ref_delta(self, digest: bytes, n: int) -> None:
+        with self._lock():
+            e = self._table.get(digest)
+            if e is None:
+                raise MissingChunkError(f"chunk {digest.hex()} is not in the store")
+            if n < 0 and e.refs < -n:
+                raise ChunkError(f"chunk {digest.hex()} has {e.refs} references; "
+                                 f"cannot release {-n}")
+            try:
+                self._append_log([log_record(REF, digest, delta=n)])
+            except OSError as exc:
+                raise ChunkError(f"updating references in {self.root} failed: "
+                                 f"{exc.strerror}") from None
+
+    def ref(self, digest: bytes, n: int = 1) -> None:
+        """Add ``n`` references to a stored chunk."""
+        if n < 1:
+            raise UsageError(f"ref count must be positive, got {n}")
+        self._ref_delta(digest, n)
+
+    def release(self, digest: bytes, n: int = 1) -> None:
+        """Drop ``n`` references; at zero the chunk waits for :meth:`gc`."""
+        if n < 1:
+            raise UsageError(f"release count must be positive, got {n}")
+        self._ref_delta(digest, -n)
+
+    def __len__(self) -> int:
+        with self._mu:
+            self._catch_up()
+            return len(self._table)
+
+    def digests(self) -> list[bytes]:
+        with self._mu:
+            self._catch_up()
+            return [d for d, _ in self._table.items()]
+
+    def items(self) -> list[tuple[bytes, Entry]]:
+        with self._mu:
+            self._catch_up()
+            return list(self._table.items())
+
+    def stats(self) -> dict[str, Any]:
+        """Logical, unique and stored bytes, chunk count, dedup ratio, compression savings."""
+        logical = unique = stored = compressed = 0
+        count = 0
+        for _, e in self.items():
+            count += 1
+            logical += e.raw * e.refs
+            unique += e.raw
+            stored += e.stored
+            compressed += e.compressed
+        pack_bytes = 0
+        for n in self.pack_numbers():
+            try:
+                pack_bytes += self.pack_path(n).stat().st_size
+            except OSError:
+                pass
+        return {
+            "chunks": count,
+            "logical_bytes": logical,
+            "unique_bytes": unique,
+            "stored_bytes": stored,
+            "pack_bytes": pack_bytes,
+            "dedup_ratio": round(logical / unique, 4) if unique else 1.0,
+            "compressed_chunks": compressed,
+            "compression_saved_bytes": unique - stored,
+            "index_memory_bytes": self._table.nbytes(),
+        }
+
+    def gc(self) -> dict[str, int]:
+        """Drop unreferenced chunks, rewrite packs with garbage, compact the index."""
+        from stellarium_core.nebula.maintenance import collect
+        return collect(self)
+
+    def fsck(self, repair: bool = False) -> Any:
+        """Re-hash every chunk and cross-check index and packs (see ``maintenance.fsck``)."""
+        from stellarium_core.nebula.maintenance import fsck
+        return fsck(self, repair=repair)
+
+    def close(self) -> None:
+        with self._mu:
+            for mm in self._maps.values():
+                try:
+                    mm.close()
+                except BufferError:  # a caller still holds a view; let it live
+                    pass
+            self._maps.clear()
+            for fd in self._pack_fds.values():
+                os.close(fd)
+            self._pack_fds.clear()
+            if self._log_fd >= 0:
+                os.close(self._log_fd)
+                self._log_fd = -1
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+
+    def __enter__(self) -> ChunkStore:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+class _Locked:
+    """Thread mutex + exclusive ``flock`` on the store, with the index caught up."""
+
+    def __init__(self, store: ChunkStore, truncate: bool) -> None:
+        self.s = store
+        self.truncate = truncate
+
+    def __enter__(self) -> ChunkStore:
+        s = self.s
+        s._mu.acquire()
+        try:
+            if s._locked == 0:
+                fcntl.flock(s._lock_fd, fcntl.LOCK_EX)
+        except BaseException:
+            s._mu.release()
+            raise
+        s._locked += 1
+        try:
+            s._catch_up()
+            if self.truncate:
+                s._truncate_torn_tail()
+        except BaseException:
+            self.__exit__()
+            raise
+        return s
+
+    def __exit__(self, *_: Any) -> None:
+        s = self.s
+        s._locked -= 1
+        if s._locked == 0:
+            fcntl.flock(s._lock_fd, fcntl.LOCK_UN)
+        s._mu.release()

@@ -1,0 +1,182 @@
+"""The in-memory chunk index: one 48-byte record per chunk plus a 4-byte hash slot.
+
+A ``dict[bytes, tuple]`` costs about 200 bytes per chunk in CPython (key object,
+tuple, int objects, dict entry). Here records live packed in one ``bytearray``
+(digest + two 64-bit words) and an open-addressing ``array('I')`` of slots
+points into it, so 1M chunks cost about 56 MiB instead of 200 MiB.
+
+Record words: ``a = pack | page << 16 | stored << 40`` and
+``b = raw | refs << 24 | flags << 56``; lengths below 16 MiB, pages of 4 KiB.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from collections.abc import Iterator
+from typing import NamedTuple
+
+RECORD = 48
+PAGE = 4096
+_REC = struct.Struct("<32sQQ")
+_WORDS = struct.Struct("<QQ")
+_M24 = (1 << 24) - 1
+_M32 = (1 << 32) - 1
+
+#: Flag bits. COMPRESSED and the tier are persisted; DEAD exists only in memory.
+COMPRESSED = 0x01
+DEAD = 0x80
+TIER_SHIFT = 2
+MAX_LEN = _M24
+MAX_REFS = _M32
+
+
+class Entry(NamedTuple):
+    """Where a chunk lives: pack number, byte offset, stored and raw length, refs, flags."""
+
+    pack: int
+    offset: int
+    stored: int
+    raw: int
+    refs: int
+    flags: int
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self.flags & COMPRESSED)
+
+    @property
+    def tier(self) -> int:
+        return (self.flags >> TIER_SHIFT) & 0x3
+
+
+def _entry(a: int, b: int) -> Entry:
+    return Entry(a & 0xFFFF, ((a >> 16) & _M24) * PAGE, a >> 40, b & _M24,
+                 (b >> 24) & _M32, b >> 56)
+
+
+class ChunkTable:
+    """digest -> :class:`Entry`, compact; not thread-safe (the store serialises access)."""
+
+    def __init__(self) -> None:
+        self._recs = bytearray()
+        self._n = 0          # records, dead ones included
+        self._live = 0
+        self._mask = 1023
+        self._slots = array("I", bytes(4 * (self._mask + 1)))
+
+    def __len__(self) -> int:
+        return self._live
+
+    def nbytes(self) -> int:
+        """Bytes held by the two buffers (what a chunk costs in memory)."""
+        return len(self._recs) + len(self._slots) * self._slots.itemsize
+
+    def _find(self, digest: bytes) -> tuple[int, int]:
+        """(slot, record index) for ``digest``; record index -1 when absent."""
+        mask, slots, recs = self._mask, self._slots, self._recs
+        i = int.from_bytes(digest[:8], "little") & mask
+        while True:
+            r = slots[i]
+            if r == 0:
+                return i, -1
+            o = (r - 1) * RECORD
+            if recs[o:o + 32] == digest:
+                return i, r - 1
+            i = (i + 1) & mask
+
+    def _words(self, r: int) -> tuple[int, int]:
+        _, a, b = _REC.unpack_from(self._recs, r * RECORD)
+        return a, b
+
+    def get(self, digest: bytes) -> Entry | None:
+        r = self._find(digest)[1]
+        if r < 0:
+            return None
+        a, b = self._words(r)
+        if (b >> 56) & DEAD:
+            return None
+        return _entry(a, b)
+
+    def __contains__(self, digest: bytes) -> bool:
+        return self.get(digest) is not None
+
+    def set(self, digest: bytes, pack: int, offset: int, stored: int, raw: int,
+            refs: int, flags: int) -> None:
+        """Insert or overwrite ``digest`` (a dead record is revived in place)."""
+        if offset % PAGE or not (0 <= pack <= 0xFFFF and offset // PAGE <= _M24
+                                 and stored <= _M24 and raw <= _M24):
+            raise ValueError(f"location out of range: pack {pack} offset {offset} "
+                             f"stored {stored} raw {raw}")
+        a = pack | (offset // PAGE) << 16 | stored << 40
+        b = raw | min(max(refs, 0), _M32) << 24 | (flags & 0x7F) << 56
+        i, r = self._find(digest)
+        if r >= 0:
+            if self._words(r)[1] >> 56 & DEAD:
+                self._live += 1
+            _REC.pack_into(self._recs, r * RECORD, digest, a, b)
+            return
+        self._recs += _REC.pack(digest, a, b)
+        self._slots[i] = self._n + 1
+        self._n += 1
+        self._live += 1
+        if self._n * 3 > (self._mask + 1) * 2:
+            self._rehash((self._mask + 1) * 2)
+
+    def add_refs(self, digest: bytes, delta: int) -> int:
+        """Add ``delta`` (may be negative) to the live chunk's refs; returns the new count."""
+        r = self._find(digest)[1]
+        if r < 0:
+            raise KeyError(digest)
+        a, b = self._words(r)
+        if (b >> 56) & DEAD:
+            raise KeyError(digest)
+        refs = min(max(((b >> 24) & _M32) + delta, 0), _M32)
+        b = (b & ~(_M32 << 24)) | refs << 24
+        _WORDS.pack_into(self._recs, r * RECORD + 32, a, b)
+        return refs
+
+    def delete(self, digest: bytes) -> None:
+        """Mark a chunk dead; its record is dropped at the next :meth:`compact`."""
+        r = self._find(digest)[1]
+        if r < 0:
+            return
+        a, b = self._words(r)
+        if not (b >> 56) & DEAD:
+            self._live -= 1
+            _WORDS.pack_into(self._recs, r * RECORD + 32, a,
+                             (b & ~(_M32 << 24)) | DEAD << 56)
+
+    def items(self) -> Iterator[tuple[bytes, Entry]]:
+        """Live chunks in insertion order."""
+        recs = self._recs
+        for r in range(self._n):
+            d, a, b = _REC.unpack_from(recs, r * RECORD)
+            if not (b >> 56) & DEAD:
+                yield d, _entry(a, b)
+
+    def compact(self) -> None:
+        """Drop dead records and rebuild the slots."""
+        keep = bytearray()
+        recs = self._recs
+        for r in range(self._n):
+            o = r * RECORD
+            if not recs[o + 47] & DEAD:
+                keep += recs[o:o + RECORD]
+        self._recs, self._n = keep, len(keep) // RECORD
+        self._live = self._n
+        size = 1024
+        while self._n * 3 > size * 2:
+            size *= 2
+        self._rehash(size)
+
+    def _rehash(self, size: int) -> None:
+        self._mask = mask = size - 1
+        slots = self._slots = array("I", bytes(4 * size))
+        recs = self._recs
+        for r in range(self._n):
+            o = r * RECORD
+            i = int.from_bytes(recs[o:o + 8], "little") & mask
+            while slots[i]:
+                i = (i + 1) & mask
+            slots[i] = r + 1

@@ -1,0 +1,151 @@
+"""NEBULA chunk store: insert-or-reference, reads, refs, gc, stats, persistence."""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from stellarium_core.hashing import Blake3Hasher
+from stellarium_core.nebula import ChunkError, ChunkStore, CorruptChunkError, MissingChunkError
+from stellarium_core.nebula.store import PAGE
+from stellarium_core.nebula.table import ChunkTable
+
+HASHER = Blake3Hasher({})
+
+
+class Fixed:
+    """A tiny fixed-size chunker, so these tests do not depend on a plugin."""
+
+    name = "fixed-test"
+
+    def __init__(self, size: int) -> None:
+        self.max_size = size
+
+    params: dict = {}
+
+    def cut(self, data: memoryview):
+        for start in range(0, len(data), self.max_size):
+            yield min(self.max_size, len(data) - start)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with ChunkStore.open(tmp_path / "nebula", HASHER, create=True) as s:
+        yield s
+
+
+def test_put_dedups_and_counts_refs(store: ChunkStore) -> None:
+    d1 = store.put(b"alpha" * 1000)
+    d2 = store.put(memoryview(b"alpha" * 1000))
+    assert d1 == d2 == HASHER.digest(b"alpha" * 1000)
+    assert store.refs(d1) == 2 and len(store) == 1
+    assert store.get(d1) == b"alpha" * 1000 and store.size(d1) == 5000
+    e = store.entry(d1)
+    assert e.offset % PAGE == 0
+    assert len(store.pack_numbers()) == 1
+
+
+def test_compression_only_when_it_saves_a_page(store: ChunkStore) -> None:
+    rnd = random.Random(1).randbytes(64 * 1024)
+    text = b"the same words again " * 4000
+    dr, dt = store.put(rnd), store.put(text)
+    assert not store.entry(dr).compressed and store.entry(dr).stored == len(rnd)
+    assert store.entry(dt).compressed and store.entry(dt).stored < len(text) // 4
+    assert store.get(dt) == text and bytes(store.view(dt)) == text
+    st = store.stats()
+    assert st["compressed_chunks"] == 1
+    assert st["compression_saved_bytes"] == len(text) - store.entry(dt).stored
+
+
+def test_view_is_zero_copy_over_the_pack(store: ChunkStore) -> None:
+    data = random.Random(2).randbytes(20000)
+    d = store.put(data)
+    v = store.view(d)
+    assert isinstance(v.obj, mmap.mmap) and v == data
+
+
+def test_put_stream_path_and_fileobj_agree(store: ChunkStore, tmp_path: Path) -> None:
+    data = random.Random(3).randbytes(300_000) * 2  # second half dedups against the first
+    p = tmp_path / "in.bin"
+    p.write_bytes(data)
+    a = store.put_stream(p, Fixed(50_000))
+    b = store.put_stream(io.BytesIO(data), Fixed(50_000))
+    assert a == b and sum(n for _, n in a) == len(data)
+    assert b"".join(store.get(d) for d, _ in a) == data
+    assert len(store) == 6
+    assert store.stats()["dedup_ratio"] == pytest.approx(4.0)
+    assert store.put_stream(io.BytesIO(b""), Fixed(10)) == []
+
+
+def test_reopen_keeps_everything(tmp_path: Path) -> None:
+    blobs = [os.urandom(n) for n in (1, 4000, 5000, 70000)]
+    with ChunkStore.open(tmp_path / "n", HASHER, create=True) as s:
+        ds = [s.put(b) for b in blobs]
+        s.ref(ds[0], 3)
+    with ChunkStore.open(tmp_path / "n", HASHER) as s:
+        assert [s.get(d) for d in ds] == blobs
+        assert s.refs(ds[0]) == 4
+
+
+def test_missing_and_bad_arguments(store: ChunkStore, tmp_path: Path) -> None:
+    with pytest.raises(MissingChunkError, match="not in the store"):
+        store.get(b"\0" * 32)
+    assert not store.contains(b"\0" * 32)
+    d = store.put(b"x")
+    with pytest.raises(ChunkError, match="cannot release 2"):
+        store.release(d, 2)
+    with pytest.raises(ChunkError, match="no chunk store"):
+        ChunkStore.open(tmp_path / "absent", HASHER)
+
+
+def test_release_gc_reclaims_and_compacts(store: ChunkStore) -> None:
+    keep = [store.put(os.urandom(30000)) for _ in range(3)]
+    drop = [store.put(os.urandom(30000)) for _ in range(12)]
+    before = store.stats()["pack_bytes"]
+    for d in drop:
+        store.release(d)
+    out = store.gc()
+    assert out["chunks_removed"] == 12 and out["chunks_moved"] == 3
+    assert out["packs_removed"] == 1
+    assert not any(store.contains(d) for d in drop)
+    assert all(len(store.get(d)) == 30000 for d in keep)
+    assert store.stats()["pack_bytes"] < before // 3
+    assert store.fsck().ok
+    # the compacted index replays to the same state
+    with ChunkStore.open(store.root, HASHER) as again:
+        assert sorted(again.digests()) == sorted(keep)
+
+
+def test_corrupt_read_fails_unless_verification_off(tmp_path: Path) -> None:
+    with ChunkStore.open(tmp_path / "n", HASHER, create=True) as s:
+        d = s.put(os.urandom(10000))
+        e = s.entry(d)
+    path = tmp_path / "n" / "packs" / "pack-000001.dat"
+    with open(path, "r+b") as fh:
+        fh.seek(e.offset + 100)
+        fh.write(b"\xff\x00\xff")
+    with ChunkStore.open(tmp_path / "n", HASHER) as s:
+        with pytest.raises(CorruptChunkError, match=f"{d.hex()} is corrupt"):
+            s.get(d)
+    with ChunkStore.open(tmp_path / "n", HASHER, verify_reads=False) as s:
+        assert len(s.get(d)) == 10000
+
+
+def test_table_stays_compact() -> None:
+    t = ChunkTable()
+    rnd = random.Random(4)
+    keys = [rnd.randbytes(32) for _ in range(50_000)]
+    for i, k in enumerate(keys):
+        t.set(k, 1, i * PAGE, 100, 200, 1, 0)
+    assert t.get(keys[12345]).offset == 12345 * PAGE
+    t.add_refs(keys[7], 5)
+    t.delete(keys[8])
+    assert t.get(keys[7]).refs == 6 and t.get(keys[8]) is None and len(t) == 49_999
+    t.compact()
+    assert len(t) == 49_999 and t.get(keys[9]).raw == 200
+    assert t.nbytes() / len(t) < 64
