@@ -239,9 +239,10 @@ class Volume:
 
     def _spill(self) -> None:
         """Store every dirty slot in NEBULA; the manifest is not yet persisted."""
-        for idx in sorted(self._dirty):
-            buf = self._dirty[idx]
-            self._set_slot(idx, None if _is_zero(buf) else self._store.put(buf))
+        with self._store.batch() as batch:  # one durable commit for all slots
+            for idx in sorted(self._dirty):
+                buf = self._dirty[idx]
+                self._set_slot(idx, None if _is_zero(buf) else batch.put(buf))
         self._dirty.clear()
 
     def flush(self) -> None:
@@ -352,32 +353,35 @@ class VolumeStore:
     def import_raw(self, name: str, src: str | os.PathLike[str] | BinaryIO,
                    *, shift: int = tinyvol.DEFAULT_SHIFT) -> Volume:
         """A new volume holding a raw disk image; all-zero slots are not stored."""
+        check_name(name)
+        if self.exists(name):
+            raise VolumeError(f"volume {name!r} already exists")
         fh = open(src, "rb") if isinstance(src, (str, os.PathLike)) else src
+        err: BaseException | None = None
         try:
-            size = os.fstat(fh.fileno()).st_size
-            check_name(name)
-            if self.exists(name):
-                raise VolumeError(f"volume {name!r} already exists")
-            m = TinyVol(size=size, shift=shift)
-            buf = bytearray(m.chunk_size)
-            try:
+            m = TinyVol(size=os.fstat(fh.fileno()).st_size, shift=shift)
+            with self.store.batch() as batch:  # one durable commit per 64 MiB, not per chunk
                 for idx in range(m.slots):
-                    n = fh.readinto(buf)
                     want = m.slot_len(idx)
-                    if n != want:
-                        raise VolumeError(f"image shrank while importing ({n} of {want} bytes)")
-                    chunk = memoryview(buf)[:n]
-                    if not _is_zero(chunk):
-                        m.refs[idx] = ChunkRef(self.store.put(chunk), n)
-                self._write_manifest(name, m, new=True)
-            except BaseException:
-                for ref in m.refs.values():
-                    self.store.release(ref.digest)
-                raise
+                    data = fh.read(want)
+                    if len(data) != want:
+                        err = VolumeError(f"image shrank while importing "
+                                          f"(slot {idx}: {len(data)} of {want} bytes)")
+                        break
+                    if not _is_zero(data):
+                        m.refs[idx] = ChunkRef(batch.put(data), want)
         finally:
             if fh is not src:
                 fh.close()
-        return Volume(self, name, m, None, readonly=False)
+        if err is None:
+            try:
+                self._write_manifest(name, m, new=True)
+                return Volume(self, name, m, None, readonly=False)
+            except BaseException as exc:
+                err = exc
+        for ref in m.refs.values():
+            self.store.release(ref.digest)
+        raise err
 
     def export_raw(self, name: str, dest: str | os.PathLike[str]) -> int:
         """Write the volume as a sparse raw image; returns the bytes of data written."""

@@ -1,0 +1,140 @@
+"""Cosmic Packs: many small files in one 64 KiB chunk, each still addressable.
+
+NEBULA places every chunk at a 4 KiB-aligned offset, so a 100-byte file stored
+as its own chunk costs 4 KiB and an index row. A Cosmic Pack puts files under
+4 KiB side by side in one chunk with an inline index; a file is then named by
+(pack digest, slot) and is checked against its own hash when read.
+
+Layout (little-endian), at most 64 KiB::
+
+    header, 64 bytes
+      0  magic    8   b"COSMICPK"
+      8  version  u32 1
+     12  count    u32 number of index entries
+     16  crc32    u32 CRC-32 of the index and data (bytes 64..end)
+     20  reserved 44  zero
+    index, count x 48 bytes
+      0  hash     32  the file's own digest (the store's hasher)
+     32  offset   u32 from the pack start
+     36  length   u32
+     40  flags    u32 0 (reserved)
+     44  reserved u32 zero
+    data          the files' bytes, back to back
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from stellarium_core.hookspecs import Hasher
+from stellarium_core.volumes.tinyvol import ManifestError
+
+MAGIC = b"COSMICPK"
+VERSION = 1
+PACK_SIZE = 64 * 1024
+SMALL_FILE = 4096  # files strictly smaller than this are packed
+HEADER = struct.Struct("<8sIII44x")
+ENTRY = struct.Struct("<32sIIII")
+assert HEADER.size == 64 and ENTRY.size == 48
+
+
+class PackError(ManifestError):
+    """A Cosmic Pack is damaged, or a slot does not match its hash."""
+
+
+def encode(items: list[tuple[bytes, bytes]]) -> bytes:
+    """A pack of ``(digest, data)`` items in slot order."""
+    off = HEADER.size + ENTRY.size * len(items)
+    index, data = bytearray(), bytearray()
+    for digest, blob in items:
+        index += ENTRY.pack(digest, off + len(data), len(blob), 0, 0)
+        data += blob
+    body = bytes(index + data)
+    if HEADER.size + len(body) > PACK_SIZE:
+        raise ValueError(f"{len(items)} items do not fit one {PACK_SIZE}-byte pack")
+    return HEADER.pack(MAGIC, VERSION, len(items), zlib.crc32(body)) + body
+
+
+def index(pack: bytes | memoryview) -> list[tuple[bytes, int, int]]:
+    """The checked ``(digest, offset, length)`` rows of a pack."""
+    if len(pack) < HEADER.size:
+        raise PackError(f"Cosmic Pack is truncated ({len(pack)} bytes)")
+    magic, version, count, crc = HEADER.unpack_from(pack)
+    if magic != MAGIC or version != VERSION:
+        raise PackError("not a version-1 Cosmic Pack")
+    if HEADER.size + count * ENTRY.size > len(pack) or zlib.crc32(pack[HEADER.size:]) != crc:
+        raise PackError("Cosmic Pack checksum mismatch (corrupt or truncated)")
+    rows = []
+    for i in range(count):
+        digest, off, length, _flags, _ = ENTRY.unpack_from(pack, HEADER.size + i * ENTRY.size)
+        if off + length > len(pack):
+            raise PackError(f"Cosmic Pack slot {i} points past the pack end")
+        rows.append((digest, off, length))
+    return rows
+
+
+def read_slot(pack: bytes | memoryview, slot: int, hasher: Hasher,
+              expect: bytes | None = None) -> bytes:
+    """The bytes in ``slot``, verified against the slot's hash (and ``expect`` if given)."""
+    rows = index(pack)
+    if not 0 <= slot < len(rows):
+        raise PackError(f"Cosmic Pack has no slot {slot} ({len(rows)} slots)")
+    digest, off, length = rows[slot]
+    data = bytes(pack[off:off + length])
+    if hasher.digest(data) != digest or (expect is not None and expect != digest):
+        raise PackError(f"Cosmic Pack slot {slot} does not match its hash")
+    return data
+
+
+@dataclass
+class PackSlot:
+    """Where a small file went; ``pack`` is filled in when its pack is sealed."""
+
+    slot: int
+    pack: bytes = b""
+
+
+@dataclass
+class Packer:
+    """Fills packs in arrival order; identical files share one slot."""
+
+    store: Any
+    hasher: Hasher
+    packs: list[bytes] = field(default_factory=list)
+    _items: list[tuple[bytes, bytes]] = field(default_factory=list)
+    _open: list[PackSlot] = field(default_factory=list)
+    _seen: dict[bytes, PackSlot] = field(default_factory=dict)
+    _used: int = HEADER.size
+
+    def add(self, data: bytes) -> tuple[bytes, PackSlot]:
+        """Place ``data`` (< 4 KiB); returns its digest and its (pending) slot."""
+        digest = self.hasher.digest(data)
+        hit = self._seen.get(digest)
+        if hit is not None:
+            return digest, hit
+        need = ENTRY.size + len(data)
+        if self._used + need > PACK_SIZE:
+            self.seal()
+        ps = PackSlot(len(self._items))
+        self._items.append((digest, data))
+        self._open.append(ps)
+        self._seen[digest] = ps
+        self._used += need
+        return digest, ps
+
+    def seal(self) -> None:
+        """Store the open pack in NEBULA and name its slots."""
+        if not self._items:
+            return
+        digest = self.store.put(encode(self._items))
+        for ps in self._open:
+            ps.pack = digest
+        self.packs.append(digest)
+        self._items, self._open, self._used = [], [], HEADER.size
+
+
+def aligned(n: int, align: int = 4096) -> int:
+    return -(-n // align) * align
