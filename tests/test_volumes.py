@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 import pytest
 
 from stellarium_core.errors import StellarError
 from stellarium_core.hashing import Blake3Hasher
+from stellarium_core.nebula import ChunkStore
 from stellarium_core.volumes import tinyvol
 from stellarium_core.volumes.blockdev import SECTOR, BlockDevice
 from stellarium_core.volumes.tinyvol import ChunkRef, ManifestError, TinyVol
@@ -19,36 +19,6 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CS = 64 * KiB
 
 
-class _MemStore:
-    """Temporary in-memory stand-in for the NEBULA ChunkStore API."""
-
-    def __init__(self, hasher):
-        self.h, self.data, self.refs = hasher, {}, {}
-
-    def put(self, data):
-        d = self.h.digest(data)
-        self.data.setdefault(d, bytes(data))
-        self.refs[d] = self.refs.get(d, 0) + 1
-        return d
-
-    def get(self, d):
-        return self.data[d]
-
-    def view(self, d):
-        return memoryview(self.data[d])
-
-    def ref(self, d, n=1):
-        assert d in self.data
-        self.refs[d] += n
-
-    def release(self, d, n=1):
-        self.refs[d] -= n
-        assert self.refs[d] >= 0
-
-    def contains(self, d):
-        return d in self.data
-
-
 @pytest.fixture
 def hasher():
     return Blake3Hasher({})
@@ -56,11 +26,12 @@ def hasher():
 
 @pytest.fixture
 def store(hasher, tmp_path):
-    return _MemStore(hasher)
+    with ChunkStore.open(tmp_path / "nebula", hasher, create=True) as s:
+        yield s
 
 
 def live_refs(store) -> dict[bytes, int]:
-    return {d: n for d, n in store.refs.items() if n}
+    return {d: e.refs for d, e in store.items() if e.refs}
 
 
 @pytest.fixture
