@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import pluggy
 
+from stellarium_core.errors import StellarError
+
 PROJECT = "stellarium"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -80,12 +82,25 @@ class TierUsage:
     capacity_bytes: int | None
 
 
+class TierFull(StellarError):
+    """A tier backend has no room for a chunk; the router must evict or go lower."""
+
+
+class TierUnavailable(StellarError):
+    """A tier backend cannot be reached now (network, service down); retry later."""
+
+
 @runtime_checkable
 class TierBackend(Protocol):
     """One storage level (memory, NVMe, object store) keyed by chunk digest.
 
     ``put`` must be durable in this tier when it returns: PHOTON drops a chunk
-    from a higher tier only after a lower tier's ``put`` has returned.
+    from a higher tier only after a lower tier's ``put`` has returned. ``get``
+    returns None for an absent key and need not verify content: the router
+    checks the digest of whatever a tier below hot returns. A backend raises
+    :class:`TierFull` when it cannot take a chunk and :class:`TierUnavailable`
+    when its service is unreachable, so the router needs no backend's own
+    exception types. ``delete`` of an absent key is not an error.
     """
 
     name: str

@@ -1,0 +1,15 @@
+"""PHOTON: the tier router (hot memory, warm local disk, cold S3) above NEBULA."""
+
+from stellarium_core.photon.policy import Policy
+from stellarium_core.photon.router import (
+    LEVELS,
+    ChunkCorrupt,
+    ChunkNotFound,
+    PhotonRouter,
+    from_host,
+    meminfo,
+)
+from stellarium_core.photon.writeback import WriteBack
+
+__all__ = ["LEVELS", "ChunkCorrupt", "ChunkNotFound", "PhotonRouter", "Policy", "WriteBack",
+           "from_host", "meminfo"]

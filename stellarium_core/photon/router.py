@@ -1,0 +1,391 @@
+"""PHOTON: one chunk interface over hot (memory), warm (local disk) and cold (S3) tiers.
+
+Reads look in hot, then warm, then cold, and check the digest of whatever a
+tier below hot returns; a corrupt copy is skipped (and repaired from the good
+one found lower). Accesses feed a :class:`~stellarium_core.photon.policy.Policy`
+that decides promotion. Writes land durably in warm and reach cold through an
+asynchronous :class:`~stellarium_core.photon.writeback.WriteBack`, or go to cold
+synchronously when there is no warm tier. Hot and warm are trimmed to their
+capacities, and hot also while the host's MemAvailable is below a watermark.
+
+The one invariant: a chunk leaves a tier only once a lower tier holds it
+durably (``put`` returned there, or the object store says it has it).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from stellarium_core.errors import StellarError
+from stellarium_core.hookspecs import Hasher, TierBackend, TierFull, TierUnavailable, TierUsage
+from stellarium_core.photon.policy import Policy
+from stellarium_core.photon.stats import STATS_FILE, Stats
+from stellarium_core.photon.writeback import WriteBack
+
+LEVELS = ("hot", "warm", "cold")
+JOURNAL_FILE = "writeback.journal"
+MEMINFO = Path("/proc/meminfo")
+
+
+class ChunkNotFound(StellarError):
+    """No tier holds the chunk."""
+
+
+class ChunkCorrupt(StellarError):
+    """Every copy found failed its hash check."""
+
+
+def meminfo(path: Path = MEMINFO) -> dict[str, int]:
+    """The fields of a /proc/meminfo-format file, in bytes."""
+    out = {}
+    for line in path.read_text().splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[name] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+    return out
+
+
+class PhotonRouter:
+    """Places, finds, promotes and evicts chunks across the configured tier levels.
+
+    ``tiers`` maps levels (``hot``, ``warm``, ``cold``; any subset) to backends,
+    which the router then owns and closes. ``capacities`` caps hot and warm in
+    bytes (None: the backend's own capacity, else unbounded). ``min_available``
+    is the MemAvailable watermark (None: 5% of MemTotal, 0: off), checked every
+    ``pressure_every`` hot placements. ``state_dir`` holds the stats file and
+    the write-back journal (None: nothing persisted).
+    """
+
+    def __init__(self, tiers: Mapping[str, TierBackend], hasher: Hasher,
+                 policy: Policy | None = None, *,
+                 capacities: Mapping[str, int | None] | None = None,
+                 state_dir: Path | None = None, min_available: int | None = None,
+                 meminfo_path: Path = MEMINFO, pressure_every: int = 16,
+                 admit_writes: bool = False, queue_size: int = 1024,
+                 base_delay: float = 0.05, max_delay: float = 5.0,
+                 cold_attempts: int = 5) -> None:
+        unknown = set(tiers) - set(LEVELS)
+        if unknown or not tiers:
+            raise ValueError(f"tier levels must be a non-empty subset of {LEVELS}, "
+                             f"got {sorted(tiers)}")
+        self.levels = [lvl for lvl in LEVELS if lvl in tiers]
+        self.tiers = dict(tiers)
+        self.hasher = hasher
+        self.policy = policy or Policy()
+        caps = dict(capacities or {})
+        if "hot" in tiers and caps.get("hot") is None:
+            caps["hot"] = tiers["hot"].usage().capacity_bytes
+        self.capacities = {lvl: caps.get(lvl) for lvl in self.levels if lvl != "cold"}
+        self.admit_writes = admit_writes
+        self._meminfo_path = meminfo_path
+        if min_available is None and "hot" in tiers:
+            try:
+                min_available = meminfo(meminfo_path).get("MemTotal", 0) // 20
+            except OSError:
+                min_available = 0
+        self.min_available = min_available or 0
+        self._pressure_every = max(1, pressure_every)
+        self._placements = 0
+        self._base_delay, self._max_delay = base_delay, max_delay
+        self._cold_attempts = cold_attempts
+        self._in_cold: set[bytes] = set()
+        self._lock = threading.RLock()
+        self.state_dir = state_dir
+        self.stats = Stats(state_dir / STATS_FILE if state_dir else None)
+        self.writeback: WriteBack | None = None
+        if "cold" in tiers and "warm" in tiers:
+            self.writeback = WriteBack(
+                tiers["cold"], self._local_copy, on_done=self._cold_done,
+                journal=state_dir / JOURNAL_FILE if state_dir else None,
+                queue_size=queue_size, base_delay=base_delay, max_delay=max_delay)
+
+    # -- writing ------------------------------------------------------------------
+
+    def put(self, data: bytes | memoryview, *, pin: bool = False) -> bytes:
+        """Store ``data`` durably in the lowest-latency durable tier; return its digest.
+
+        With a warm tier the chunk is on local disk when this returns and on
+        its way to cold; without one it is in cold when this returns.
+        """
+        key = self.hasher.digest(data)
+        if "warm" in self.tiers:
+            warm = self.tiers["warm"]
+            if not warm.contains(key):
+                warm.put(key, data)
+                if self.writeback is not None and key not in self._in_cold:
+                    self.writeback.submit(key)
+            self._trim("warm")
+        elif "cold" in self.tiers:
+            self._cold_put(key, data)
+        if pin:
+            self.pin([key], _data=data)
+        elif "hot" in self.tiers and (self.admit_writes or len(self.levels) == 1):
+            self._place_hot(key, data, required=len(self.levels) == 1)
+        return key
+
+    def _cold_put(self, key: bytes, data: bytes | memoryview) -> None:
+        """Synchronous put to cold with backoff, for hosts without a warm tier."""
+        for attempt in range(self._cold_attempts):
+            try:
+                self.tiers["cold"].put(key, data)
+                self._in_cold.add(key)
+                return
+            except TierUnavailable:
+                self.stats.add("cold", "errors")
+                if attempt + 1 == self._cold_attempts:
+                    raise
+                time.sleep(min(self._max_delay, self._base_delay * 2 ** attempt))
+
+    # -- reading ------------------------------------------------------------------
+
+    def get(self, key: bytes) -> bytes:
+        """The chunk ``key``, from the fastest tier holding a good copy."""
+        corrupt: list[str] = []
+        unavailable: list[str] = []
+        for level in self.levels:
+            try:
+                data = self.tiers[level].get(key)
+            except TierUnavailable as exc:
+                self.stats.add(level, "errors")
+                unavailable.append(str(exc))
+                continue
+            if data is None:
+                self.stats.add(level, "misses")
+                continue
+            if level != "hot" and self.hasher.digest(data) != key:
+                self.stats.add(level, "corrupt")
+                corrupt.append(level)
+                continue
+            self.stats.add(level, "hits")
+            self._after_hit(key, data, level, corrupt)
+            return data
+        if corrupt:
+            raise ChunkCorrupt(f"chunk {key.hex()}: the copy in {', '.join(corrupt)} fails its "
+                               f"{self.hasher.name} check and no tier has a good one")
+        if unavailable:
+            raise TierUnavailable(f"chunk {key.hex()} not found; unreachable: "
+                                  + "; ".join(unavailable))
+        raise ChunkNotFound(f"chunk {key.hex()} is in no tier ({', '.join(self.levels)})")
+
+    def contains(self, key: bytes) -> bool:
+        """Whether some tier claims ``key`` (unverified; unreachable tiers count as no)."""
+        for level in self.levels:
+            try:
+                if self.tiers[level].contains(key):
+                    return True
+            except TierUnavailable:
+                continue
+        return False
+
+    def _after_hit(self, key: bytes, data: bytes, level: str, corrupt: list[str]) -> None:
+        score = self.policy.touch(key)
+        for bad in corrupt:  # every corrupt copy is above the good one: rewrite it
+            self.tiers[bad].delete(key)
+            if bad != "hot":
+                self.tiers[bad].put(key, data)
+        if level == "cold" and "warm" in self.tiers and score >= self.policy.promote_warm:
+            if not self.tiers["warm"].contains(key):
+                self.tiers["warm"].put(key, data)
+                self.stats.add("warm", "promoted")
+            self._in_cold.add(key)
+            self._trim("warm")
+        if level != "hot" and "hot" in self.tiers and (
+                self.policy.pinned(key) or score >= self.policy.promote_hot):
+            self._place_hot(key, data)
+
+    # -- placement and eviction ---------------------------------------------------
+
+    def pin(self, keys: Iterable[bytes], _data: bytes | memoryview | None = None) -> None:
+        """Keep ``keys`` (a boot-critical set) hot and out of every eviction.
+
+        Raises :class:`TierFull` if the hot tier cannot hold them all.
+        """
+        for key in keys:
+            self.policy.pin(key)
+            if "hot" not in self.tiers:
+                continue
+            data = _data if _data is not None else self.get(key)
+            self._place_hot(key, data, required=True)
+
+    def unpin(self, keys: Iterable[bytes]) -> None:
+        """Let ``keys`` be evicted again like any other chunk."""
+        for key in keys:
+            self.policy.unpin(key)
+
+    def _place_hot(self, key: bytes, data: bytes | memoryview, required: bool = False) -> bool:
+        hot = self.tiers["hot"]
+        with self._lock:
+            if hot.contains(key):
+                return True
+            cap = self.capacities.get("hot")
+            try:
+                if cap is not None and len(data) > cap:
+                    raise TierFull(f"a {len(data)}-byte chunk exceeds the hot capacity {cap}")
+                self._make_room("hot", len(data))
+                hot.put(key, data)
+            except TierFull as exc:
+                if required:
+                    raise TierFull(f"chunk {key.hex()} cannot be kept hot: {exc}") from None
+                return False
+            self.stats.add("hot", "promoted")
+            self._placements += 1
+            if self._placements % self._pressure_every == 0:
+                self.relieve_pressure()
+            return True
+
+    def _make_room(self, level: str, need: int) -> None:
+        """Evict the coldest evictable chunks of ``level`` until ``need`` more bytes fit."""
+        cap = self.capacities.get(level)
+        if cap is None:
+            return
+        tier = self.tiers[level]
+        used = tier.usage().used_bytes
+        if used + need <= cap:
+            return
+        for victim in self.policy.victims(tier.keys()):
+            used -= self._evict(level, victim)
+            if used + need <= cap:
+                return
+        if level == "hot":
+            raise TierFull(f"hot tier: {used} bytes in use are pinned or not yet durable below")
+        self.stats.add(level, "over_capacity")
+
+    def _trim(self, level: str) -> None:
+        with self._lock:
+            self._make_room(level, 0)
+
+    def _evict(self, level: str, key: bytes) -> int:
+        """Drop ``key`` from ``level`` if a lower tier holds it durably; bytes freed."""
+        tier = self.tiers[level]
+        if not self._durable_below(level, key):
+            return 0
+        before = tier.usage().used_bytes
+        tier.delete(key)
+        self.stats.add(level, "evicted")
+        return before - tier.usage().used_bytes
+
+    def _durable_below(self, level: str, key: bytes) -> bool:
+        for lower in self.levels[self.levels.index(level) + 1:]:
+            if lower != "cold":
+                if self.tiers[lower].contains(key):
+                    return True
+                continue
+            if key in self._in_cold:
+                return True
+            if self.writeback is not None and self.writeback.is_pending(key):
+                return False
+            try:
+                if self.tiers["cold"].contains(key):
+                    self._in_cold.add(key)
+                    return True
+            except TierUnavailable:
+                self.stats.add("cold", "errors")
+        return False
+
+    def relieve_pressure(self) -> int:
+        """Evict hot chunks while MemAvailable is below the watermark; bytes freed."""
+        if "hot" not in self.tiers or not self.min_available:
+            return 0
+        try:
+            available = meminfo(self._meminfo_path).get("MemAvailable")
+        except OSError:
+            return 0
+        if available is None or available >= self.min_available:
+            return 0
+        deficit, freed = self.min_available - available, 0
+        with self._lock:
+            self.stats.add("hot", "pressure")
+            for victim in self.policy.victims(self.tiers["hot"].keys()):
+                if freed >= deficit:
+                    break
+                freed += self._evict("hot", victim)
+        return freed
+
+    def demote(self, key: bytes) -> list[str]:
+        """Drop ``key`` from every tier above its lowest durable copy; the levels left."""
+        left = []
+        with self._lock:
+            for level in self.levels[:-1]:
+                if self.tiers[level].contains(key) and not self.policy.pinned(key):
+                    if self._durable_below(level, key):
+                        self.tiers[level].delete(key)
+                        self.stats.add(level, "evicted")
+                        left.append(level)
+        return left
+
+    # -- write-back ---------------------------------------------------------------
+
+    def _local_copy(self, key: bytes) -> bytes | None:
+        """A verified local copy for the write-back worker, or None if none is good."""
+        for level in ("warm", "hot"):
+            if level in self.tiers:
+                data = self.tiers[level].get(key)
+                if data is not None and self.hasher.digest(data) == key:
+                    return data
+                if data is not None:
+                    self.stats.add(level, "corrupt")
+        return None
+
+    def _cold_done(self, key: bytes) -> None:
+        self._in_cold.add(key)
+        self.stats.add("writeback", "uploaded")
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the write-back queue to drain; save the counters. False on timeout."""
+        done = self.writeback.flush(timeout) if self.writeback else True
+        self.stats.save()
+        return done
+
+    # -- reporting and lifecycle --------------------------------------------------
+
+    def usage(self) -> dict[str, TierUsage]:
+        return {lvl: self.tiers[lvl].usage() for lvl in self.levels}
+
+    def report(self) -> dict[str, Any]:
+        """Counters of this process by level, plus the write-back state."""
+        out: dict[str, Any] = {lvl: self.stats.get(lvl) for lvl in self.levels}
+        if self.writeback is not None:
+            wb = self.writeback
+            out["writeback"] = {"pending": wb.pending(), "uploaded": wb.uploaded,
+                                "retries": wb.retries, "last_error": wb.last_error}
+        return out
+
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Drain write-back for up to ``timeout`` s (the rest stays journalled), close tiers."""
+        drained = True
+        if self.writeback is not None:
+            wb = self.writeback
+            drained = wb.close(timeout)
+            self.stats.add("writeback", "retries", wb.retries)
+        self.stats.save()
+        for tier in self.tiers.values():
+            tier.close()
+        return drained
+
+    def __enter__(self) -> PhotonRouter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def from_host(host: Any, **kw: Any) -> PhotonRouter:
+    """The router for a :class:`~stellarium_core.host.Host`'s configured tiers.
+
+    Capacities come from ``[tiers.<level>] capacity``; the MemAvailable
+    watermark from the hot backend's ``min_available`` when it has one.
+    """
+    tiers = host.tiers
+    if not tiers:
+        raise StellarError("no tiers are configured (add [tiers.hot|warm|cold] to the host "
+                           "config)")
+    kw.setdefault("capacities", {lvl: t.capacity for lvl, t in host.config.tiers.items()})
+    kw.setdefault("state_dir", host.store_path / "tiers")
+    if "hot" in tiers:
+        kw.setdefault("min_available", getattr(tiers["hot"], "min_available", None))
+    return PhotonRouter(tiers, host.hasher, **kw)

@@ -1,0 +1,153 @@
+"""Asynchronous write-back of chunks to the cold tier, with retries and backoff.
+
+Writers hand over digests, not bytes: the worker reads each chunk from the
+durable local tier when it uploads it, so a long outage of the object store
+costs queue slots, not memory. The queue is bounded; when it is full,
+``submit`` blocks, which is the backpressure a writer should feel. Failed
+uploads are retried with exponential backoff (capped) for as long as the
+writer runs. Pending digests are journalled (``+hex`` on submit, ``-hex``
+when durable below) so a restarted process resumes them.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from stellarium_core.hookspecs import TierBackend
+
+_STOP = b""
+
+
+class WriteBack:
+    """One worker thread uploading queued chunks to ``target``."""
+
+    def __init__(self, target: TierBackend, source: Callable[[bytes], bytes | None], *,
+                 on_done: Callable[[bytes], None] = lambda _k: None,
+                 journal: Path | None = None, queue_size: int = 1024,
+                 base_delay: float = 0.05, max_delay: float = 5.0) -> None:
+        if queue_size < 1:
+            raise ValueError("queue_size must be at least 1")
+        self.target = target
+        self._source = source
+        self._on_done = on_done
+        self._queue: queue.Queue[bytes] = queue.Queue(maxsize=queue_size)
+        self._base, self._max = base_delay, max_delay
+        self._pending: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self.uploaded = self.retries = self.skipped = 0
+        self.last_error = ""
+        self._journal_path = journal
+        resume = self._open_journal() if journal else []
+        self._thread = threading.Thread(target=self._run, name="photon-writeback", daemon=True)
+        self._thread.start()
+        for key in resume:  # already journalled by _open_journal
+            with self._lock:
+                self._pending.add(key)
+            self._queue.put(key)
+
+    # -- journal ------------------------------------------------------------------
+
+    def _open_journal(self) -> list[bytes]:
+        """Replay the journal, rewrite it compacted, and return what is still pending."""
+        assert self._journal_path is not None
+        pending: dict[bytes, None] = {}
+        if self._journal_path.exists():
+            for line in self._journal_path.read_text().splitlines():
+                op, _, hexkey = line.partition(" ")
+                try:
+                    key = bytes.fromhex(hexkey)
+                except ValueError:
+                    continue  # a torn last line
+                if op == "+":
+                    pending[key] = None
+                elif op == "-":
+                    pending.pop(key, None)
+        self._journal_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._journal_path.with_suffix(".tmp")
+        tmp.write_text("".join(f"+ {k.hex()}\n" for k in pending))
+        tmp.replace(self._journal_path)
+        self._journal = open(self._journal_path, "a", buffering=1)  # noqa: SIM115
+        return list(pending)
+
+    def _log(self, op: str, key: bytes) -> None:
+        if self._journal_path is not None:
+            self._journal.write(f"{op} {key.hex()}\n")
+
+    # -- producer side ------------------------------------------------------------
+
+    def submit(self, key: bytes) -> None:
+        """Queue ``key`` for upload; blocks while the queue is full."""
+        if self._stop.is_set():
+            raise RuntimeError("write-back is closed")
+        with self._lock:
+            if key in self._pending:
+                return
+            self._pending.add(key)
+            self._log("+", key)
+        self._queue.put(key)
+
+    def is_pending(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._pending
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted chunk is durable below; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._pending, timeout)
+
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Try to drain for ``timeout`` seconds, then stop; what is left stays journalled."""
+        drained = self.flush(timeout)
+        self._stop.set()
+        try:
+            self._queue.put_nowait(_STOP)
+        except queue.Full:
+            pass  # the worker sees _stop between retries
+        self._thread.join()
+        if self._journal_path is not None:
+            self._journal.close()
+        return drained
+
+    # -- worker -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            key = self._queue.get()
+            if key == _STOP:
+                return
+            if self._upload(key):
+                with self._idle:
+                    self._pending.discard(key)
+                    self._log("-", key)
+                    self._idle.notify_all()
+
+    def _upload(self, key: bytes) -> bool:
+        """Put one chunk below, retrying until it is durable or we are stopped."""
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                data = self._source(key)
+                if data is None:
+                    self.skipped += 1  # gone from the local tiers: nothing left to save
+                    return True
+                self.target.put(key, data)
+                self.uploaded += 1
+                self._on_done(key)
+                return True
+            except Exception as exc:  # every failure is retried; the cause is kept
+                self.retries += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                delay = min(self._max, self._base * 2 ** attempt)
+                attempt += 1
+                self._stop.wait(delay * random.uniform(0.5, 1.0))
+        return False
