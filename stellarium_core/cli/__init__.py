@@ -10,8 +10,6 @@ from stellarium_core.cli.common import run
 MODULES = (
     "stellarium_core.cli.host",
     "stellarium_core.cli.plugins",
-    "stellarium_core.cli.store",
-    "stellarium_core.cli.tiers",
     "stellarium_core.cli.volumes",
 )
 

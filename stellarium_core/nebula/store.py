@@ -114,6 +114,7 @@ class Batch:
         self._new: dict[bytes, _Pending] = {}
         self._refs: dict[bytes, int] = {}
         self._bytes = 0
+        self._durable: dict[bytes, int] = {}
 
     def put(self, data: bytes | memoryview) -> bytes:
         """Hash ``data`` and queue it (or a reference to it); returns its digest."""
@@ -148,9 +149,29 @@ class Batch:
         self._new, self._refs, self._bytes = {}, {}, 0
         if new or refs:
             self._store._commit(new, refs)
+            durable = self._durable
+            for d, p in new.items():
+                durable[d] = durable.get(d, 0) + p.refs
+            for d, n in refs.items():
+                durable[d] = durable.get(d, 0) + n
 
     def abandon(self) -> None:
+        """Drop what is queued; what earlier commits made durable stays."""
         self._new, self._refs, self._bytes = {}, {}, 0
+
+    def rollback(self) -> None:
+        """Drop what is queued and release every reference this batch made durable.
+
+        Best effort: it runs while another error propagates, and if the release fails
+        too (disk still full) the chunks merely keep extra references.
+        """
+        self.abandon()
+        durable, self._durable = self._durable, {}
+        if durable:
+            try:
+                self._store._release_many(durable)
+            except ChunkError:
+                pass
 
     def __enter__(self) -> Batch:
         return self
@@ -159,7 +180,7 @@ class Batch:
         if exc_type is None:
             self.commit()
         else:
-            self.abandon()
+            self.rollback()
 
 
 def _chunks(src: str | os.PathLike[str] | IO[bytes], chunker: Chunker) -> Iterator[memoryview]:
@@ -646,6 +667,20 @@ class ChunkStore:
                 self._append_log([log_record(REF, digest, delta=n)])
             except OSError as exc:
                 raise ChunkError(f"updating references in {self.root} failed: "
+                                 f"{exc.strerror}") from None
+
+    def _release_many(self, counts: dict[bytes, int]) -> None:
+        """Undo references in one durable append (chunks at 0 refs wait for gc)."""
+        with self._lock():
+            records = []
+            for d, n in counts.items():
+                e = self._table.get(d)
+                if e is not None and e.refs:
+                    records.append(log_record(REF, d, delta=-min(n, e.refs)))
+            try:
+                self._append_log(records)
+            except OSError as exc:
+                raise ChunkError(f"releasing references in {self.root} failed: "
                                  f"{exc.strerror}") from None
 
     def ref(self, digest: bytes, n: int = 1) -> None:

@@ -1,0 +1,88 @@
+"""``stellar ingest|cat|stats|gc|fsck``: the chunk store from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stellarium_core.cli.common import JSON, emit, table
+from stellarium_core.errors import UsageError
+from stellarium_core.host import Host
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", parents=[JSON],
+                       help="store a file or directory tree; print its manifest hash")
+    p.add_argument("path", help="file or directory to ingest (recursively)")
+    p.set_defaults(func=_ingest)
+    p = sub.add_parser("cat", help="write a chunk's bytes to stdout")
+    p.add_argument("hash", help="chunk digest, 64 hex digits")
+    p.set_defaults(func=_cat)
+    p = sub.add_parser("stats", parents=[JSON], help="logical/unique bytes, dedup, compression")
+    p.set_defaults(func=_stats)
+    p = sub.add_parser("gc", parents=[JSON], help="reclaim unreferenced chunks, compact packs")
+    p.set_defaults(func=_gc)
+    p = sub.add_parser("fsck", parents=[JSON], help="re-hash every chunk, check index and packs")
+    p.add_argument("--repair", action="store_true",
+                   help="re-index intact chunks found in packs but missing from the index")
+    p.set_defaults(func=_fsck)
+
+
+def _digest(text: str) -> bytes:
+    try:
+        d = bytes.fromhex(text)
+    except ValueError:
+        d = b""
+    if len(d) != 32:
+        raise UsageError(f"{text!r} is not a chunk hash (64 hex digits)")
+    return d
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from stellarium_core.nebula.ingest import ingest
+
+    host = Host.from_config(args.config)
+    store, chunker = host.store, host.chunker
+    # A progress bar only for people: not when stderr is a pipe or a file.
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="ingest",
+              disable=not sys.stderr.isatty(), leave=False) as bar:
+        res = ingest(store, args.path, chunker, progress=bar.update)
+    emit(args, {"manifest": res.manifest.hex(), "files": res.files, "bytes": res.bytes,
+                "chunks": res.chunks}, res.manifest.hex())
+    return 0
+
+
+def _cat(args: argparse.Namespace) -> int:
+    digest = _digest(args.hash)
+    data = Host.from_config(args.config).store.get(digest)
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    st = Host.from_config(args.config).store.stats()
+    emit(args, st, lambda d: table(sorted(d.items()), ("stat", "value")))
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    out = Host.from_config(args.config).store.gc()
+    emit(args, out, lambda d: table(sorted(d.items()), ("gc", "count")))
+    return 0
+
+
+def _fsck(args: argparse.Namespace) -> int:
+    rep = Host.from_config(args.config).store.fsck(repair=args.repair)
+
+    def human(_: object) -> str:
+        lines = [str(p) for p in rep.problems]
+        lines.append(f"{rep.chunks} chunks, {rep.bytes} bytes checked: "
+                     f"{len(rep.errors)} errors"
+                     + (f", {rep.repaired} repaired" if rep.repaired else ""))
+        return "\n".join(lines)
+
+    emit(args, rep.to_dict(), human)
+    return 0 if rep.ok else 1

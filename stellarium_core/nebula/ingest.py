@@ -1,0 +1,128 @@
+"""``stellar ingest``: store a file or a directory tree and record a minimal manifest.
+
+The manifest is JSON stored as a chunk: ``{"format": "nebula-tree/1", "entries": [...]}``
+with one entry per path (type, mode, size, ``[[digest_hex, length], ...]`` for files,
+``target`` for symlinks). Richer image manifests belong to the volumes layer; this
+one exists so an ingest can be named by one digest and read back.
+
+All chunks of an ingest go through one :class:`~stellarium_core.nebula.store.Batch`,
+so many small files share fsyncs. If anything fails, the references the ingest
+already made durable are released again: no manifest, no leaked references.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stellarium_core.hookspecs import Chunker
+from stellarium_core.nebula.errors import ChunkError
+from stellarium_core.nebula.store import ChunkStore
+
+FORMAT = "nebula-tree/1"
+PARTS_FORMAT = "nebula-tree-parts/1"
+#: Manifests larger than this are stored in chunks, named by a small parts document.
+INLINE_MANIFEST = 4 << 20
+
+
+@dataclass
+class IngestResult:
+    manifest: bytes
+    files: int
+    bytes: int
+    chunks: int
+
+
+def _walk(root: Path) -> list[tuple[str, os.stat_result]]:
+    """(relative path, lstat) for root and everything under it, sorted, not following links."""
+    out: list[tuple[str, os.stat_result]] = []
+    try:
+        out.append((".", root.lstat()))
+    except OSError as exc:
+        raise ChunkError(f"cannot ingest {root}: {exc.strerror}") from None
+    if not stat.S_ISDIR(out[0][1].st_mode):
+        return out
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        base = root / rel if rel else root
+        try:
+            names = sorted(os.listdir(base))
+        except OSError as exc:
+            raise ChunkError(f"cannot list {base}: {exc.strerror}") from None
+        for name in names:
+            sub = f"{rel}/{name}" if rel else name
+            try:
+                st = os.lstat(base / name)
+            except OSError as exc:
+                raise ChunkError(f"cannot stat {base / name}: {exc.strerror}") from None
+            out.append((sub, st))
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(sub)
+    return out
+
+
+def ingest(store: ChunkStore, path: str | os.PathLike[str], chunker: Chunker,
+           progress: Callable[[int], Any] | None = None) -> IngestResult:
+    """Store every regular file under ``path`` and a manifest; durable when it returns.
+
+    ``progress`` is called with byte counts as files are read.
+    """
+    root = Path(path)
+    listing = _walk(root)
+    entries: list[dict[str, Any]] = []
+    files = total = chunks = 0
+    batch = store.batch()
+    try:
+        for rel, st in listing:
+            mode = st.st_mode
+            e: dict[str, Any] = {"path": rel, "mode": stat.S_IMODE(mode), "uid": st.st_uid,
+                                 "gid": st.st_gid, "mtime_ns": st.st_mtime_ns}
+            if stat.S_ISREG(mode):
+                full = root if rel == "." else root / rel
+                parts = batch.put_stream(full, chunker)
+                e.update(type="file", size=st.st_size,
+                         chunks=[[d.hex(), n] for d, n in parts])
+                files += 1
+                total += st.st_size
+                chunks += len(parts)
+                if progress:
+                    progress(st.st_size)
+            elif stat.S_ISDIR(mode):
+                e["type"] = "dir"
+            elif stat.S_ISLNK(mode):
+                e.update(type="symlink", target=os.readlink(root / rel))
+            else:
+                e.update(type="special", kind=stat.S_IFMT(mode), rdev=st.st_rdev)
+            entries.append(e)
+        blob = json.dumps({"format": FORMAT, "entries": entries}, sort_keys=True,
+                          separators=(",", ":")).encode()
+        if len(blob) > INLINE_MANIFEST:
+            parts = batch.put_stream(io.BytesIO(blob), chunker)
+            blob = json.dumps({"format": PARTS_FORMAT,
+                               "parts": [[d.hex(), n] for d, n in parts]}).encode()
+        digest = batch.put(blob)
+        batch.commit()
+    except BaseException:
+        batch.rollback()
+        raise
+    return IngestResult(digest, files, total, chunks)
+
+
+def load_manifest(store: ChunkStore, digest: bytes) -> dict[str, Any]:
+    """The manifest an ingest recorded (parts reassembled)."""
+    try:
+        doc = json.loads(store.get(digest))
+    except ValueError:
+        raise ChunkError(f"chunk {digest.hex()} is not an ingest manifest") from None
+    if isinstance(doc, dict) and doc.get("format") == PARTS_FORMAT:
+        doc = json.loads(b"".join(store.get(bytes.fromhex(h)) for h, _ in doc["parts"]))
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ChunkError(f"chunk {digest.hex()} is not an ingest manifest")
+    return doc
