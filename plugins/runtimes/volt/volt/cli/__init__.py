@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from stellarium_core.cli.common import run
+from stellarium_core.cli import common
 
 #: Command modules; each adds its subcommands to ``volt``.
-MODULES: tuple[str, ...] = ()
+MODULES: tuple[str, ...] = ("volt.cli.lab", "volt.cli.detect")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``volt`` console script."""
-    return run("volt", "Volt KVM microVM monitor.", MODULES, argv)
+    # common.run, not a bare `run`: the `volt.cli.run` submodule would shadow that name.
+    return common.run("volt", "Volt KVM microVM monitor.", MODULES, argv)

@@ -1,0 +1,68 @@
+"""The nested KVM lab: exit codes and output come back, runs are isolated, nothing hangs."""
+
+from __future__ import annotations
+
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from volt.cli import main
+from volt.kernels.initramfs import Archive
+from volt.lab import LabError
+from volt.lab.image import find_kernel, module_order
+
+
+def test_cli_run_needs_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lab", "run"]) == 2
+    assert "give the command after --" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(find_kernel() is None, reason="no Debian generic kernel in /boot")
+def test_module_order_puts_dependencies_first() -> None:
+    kernel = find_kernel()
+    assert kernel is not None
+    names = [p.name.split(".ko")[0] for p in module_order(kernel.name.removeprefix("vmlinuz-"))]
+    for before, after in [("ccp", "kvm-amd"), ("kvm", "kvm-amd"), ("irqbypass", "kvm"),
+                          ("virtio_ring", "virtio"), ("virtio", "virtio_pci"),
+                          ("9pnet", "9pnet_virtio"), ("9pnet_virtio", "9p")]:
+        assert names.index(before) < names.index(after), names
+    assert "overlay" in names
+
+
+def test_cpio_archive_is_readable_by_cpio(tmp_path: Path) -> None:
+    arc = Archive()
+    arc.file("a/b/file.txt", b"hello", 0o600)
+    arc.symlink("a/link", "b/file.txt")
+    arc.chardev("dev/console", 5, 1)
+    out = arc.write(tmp_path / "x.cpio")
+    listing = subprocess.run(["cpio", "-itv", "--quiet"], input=out.read_bytes(),
+                             capture_output=True, check=True).stdout.decode()
+    assert "a/b/file.txt" in listing and "a/link -> b/file.txt" in listing
+    assert "5,   1" in listing or "5, 1" in listing
+    subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames", "a/b/file.txt"],
+                   input=out.read_bytes(), cwd=tmp_path, check=True)
+    assert (tmp_path / "a/b/file.txt").read_bytes() == b"hello"
+
+
+@pytest.mark.lab
+def test_parallel_runs_keep_exit_codes_and_outputs_apart(lab, tmp_path: Path) -> None:
+    """Two guests at once: each gets its own exit code and streams; the host's /tmp is
+    visible (read-only) and guest writes never reach the host."""
+    (tmp_path / "input.txt").write_text("from-host\n")
+    cmds = [
+        ["sh", "-c", "echo out-A; echo err-A >&2; exit 3"],
+        ["sh", "-c", "cat input.txt; echo guest > written.txt && cat written.txt; "
+                     "test -c /dev/kvm && echo kvm-yes"],
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda c: lab.run(c, cwd=tmp_path, timeout=240), cmds)
+    assert (a.returncode, a.stdout, a.stderr) == (3, "out-A\n", "err-A\n")
+    assert (b.returncode, b.stdout) == (0, "from-host\nguest\nkvm-yes\n"), b.stderr
+    assert not (tmp_path / "written.txt").exists()
+
+
+@pytest.mark.lab
+def test_timeout_kills_the_guest_with_a_clear_error(lab) -> None:
+    with pytest.raises(LabError, match="timed out after 2s and was killed"):
+        lab.run(["sleep", "600"], timeout=2)

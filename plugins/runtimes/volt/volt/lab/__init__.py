@@ -1,0 +1,159 @@
+"""The nested KVM lab: run a command where /dev/kvm is real.
+
+This machine's own /dev/kvm cannot run Linux, but QEMU's TCG emulates AMD SVM
+with nested paging, so Debian's kvm_amd inside a TCG guest (L1) gives a working
+/dev/kvm. :func:`run` boots that guest with the host's / visible read-only
+(beneath a throwaway tmpfs overlay), runs one command in a chroot there and
+returns its exit code, stdout and stderr. Each run gets its own I/O directory,
+mounted writable inside the guest at the same path, so parallel runs never
+collide and the command can leave files for the host there.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from stellarium_core.errors import StellarError
+from volt.lab.image import MARK_FAIL, MARK_READY, LabImage, ensure_image
+
+QEMU = "qemu-system-x86_64"
+#: Per-run directories live here: outside /tmp, which the lab's overlay keeps visible
+#: anyway, but /var/tmp survives host reboots less surprisingly for post-mortems.
+RUNS_ROOT = Path(os.environ.get("VOLT_LAB_RUNS", "/var/tmp/volt-lab"))
+DEFAULT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "VOLT_IN_LAB": "1",
+}
+
+
+class LabError(StellarError):
+    """The lab itself failed (QEMU missing, guest setup failed, timeout)."""
+
+
+@dataclass(frozen=True)
+class LabResult:
+    """What a lab command did: exit code, output, and wall time of the whole run."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    console: str
+    io_dir: Path | None = None
+
+    def check(self) -> LabResult:
+        """Raise :class:`LabError` with the output unless the command exited 0."""
+        if self.returncode != 0:
+            raise LabError(f"lab command exited {self.returncode}\n--- stdout\n{self.stdout}"
+                           f"\n--- stderr\n{self.stderr}")
+        return self
+
+
+def unavailable_reason() -> str | None:
+    """Why the lab cannot run here (no QEMU, no kernel, no busybox), or None."""
+    if shutil.which(QEMU) is None:
+        return f"{QEMU} is not installed (apt-get install qemu-system-x86)"
+    try:
+        ensure_image()
+    except StellarError as exc:
+        return f"lab image unavailable: {exc}"
+    return None
+
+
+def qemu_command(image: LabImage, io_dir: Path, *, memory_mib: int, cpus: int,
+                 console: Path) -> list[str]:
+    """The QEMU command line for one lab run (TCG with emulated SVM + NPT)."""
+    return [
+        QEMU, "-M", "pc", "-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm,+npt",
+        "-smp", str(cpus), "-m", str(memory_mib),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-serial", f"file:{console}",
+        "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
+        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on",
+        "-virtfs", f"local,path={io_dir},mount_tag=labio,security_model=none",
+        "-append", f"console=ttyS0 quiet panic=-1 volt.io={io_dir}",
+    ]
+
+
+def _script(cmd: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
+    lines = ["#!/bin/sh"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    lines.append(f"cd {shlex.quote(str(cwd))} || exit 125")
+    lines.append(f"exec {shlex.join(cmd)}")
+    return "\n".join(lines) + "\n"
+
+
+def run(cmd: Sequence[str], *, timeout: float = 300.0, cwd: Path | str | None = None,
+        env: Mapping[str, str] | None = None, memory_mib: int = 2048, cpus: int = 2,
+        keep: bool = False) -> LabResult:
+    """Run ``cmd`` inside the lab guest and return what it did.
+
+    ``cwd`` defaults to the caller's working directory (the host's / is the
+    guest's /). ``env`` is added to a small default environment. The guest is
+    killed after ``timeout`` seconds and :class:`LabError` names the timeout.
+    With ``keep`` the per-run directory (console log, outputs) is left in place.
+    """
+    if not cmd:
+        raise LabError("no command given")
+    if shutil.which(QEMU) is None:
+        raise LabError(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
+    image = ensure_image()
+    RUNS_ROOT.mkdir(parents=True, exist_ok=True)
+    io_dir = Path(tempfile.mkdtemp(prefix="run-", dir=RUNS_ROOT))
+    try:
+        workdir = Path(cwd) if cwd is not None else Path.cwd()
+        (io_dir / "cmd.sh").write_text(_script(cmd, workdir.resolve(),
+                                               {**DEFAULT_ENV, **(env or {})}))
+        console = io_dir / "console.log"
+        argv = qemu_command(image, io_dir, memory_mib=memory_mib, cpus=cpus, console=console)
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            qemu_out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise LabError(f"lab run timed out after {timeout:g}s and was killed; console "
+                           f"tail:\n{_tail(console)}") from None
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        seconds = time.monotonic() - started
+        text = console.read_text(errors="replace") if console.exists() else ""
+        rc_file = io_dir / "rc"
+        if not rc_file.is_file():
+            why = next((ln for ln in text.splitlines() if MARK_FAIL in ln), None)
+            if why is None and MARK_READY not in text:
+                why = "the guest never reached its /init"
+            raise LabError(f"lab guest did not report an exit code ({why or 'no reason'}); "
+                           f"QEMU exited {proc.returncode}: "
+                           f"{qemu_out.decode(errors='replace').strip()[-500:]}\n"
+                           f"console tail:\n{_tail(console)}")
+        return LabResult(
+            returncode=int(rc_file.read_text().strip()),
+            stdout=(io_dir / "stdout").read_text(errors="replace"),
+            stderr=(io_dir / "stderr").read_text(errors="replace"),
+            seconds=seconds, console=text, io_dir=io_dir if keep else None)
+    finally:
+        if not keep:
+            shutil.rmtree(io_dir, ignore_errors=True)
+
+
+def _tail(console: Path, lines: int = 25) -> str:
+    if not console.exists():
+        return "(no console output)"
+    return "\n".join(console.read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,56 @@
+"""pytest fixtures for tests that need real KVM (the lab) or a built guest kernel.
+
+Import them into a conftest (``from volt.lab.pytest_plugin import *``). Tests
+that use ``lab`` should carry ``@pytest.mark.lab``; they skip, saying why, when
+this machine has no QEMU or no Debian kernel with kvm_amd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from volt import lab as lab_mod
+from volt.kernels import initramfs
+from volt.kernels.build import KernelBuild
+from volt.kernels.build import build as build_kernel
+
+__all__ = ["Lab", "lab", "guest_kernel", "smoke_initramfs"]
+
+
+@cache
+def _unavailable() -> str | None:
+    return lab_mod.unavailable_reason()
+
+
+class Lab:
+    """What the ``lab`` fixture hands a test: ``run`` a command with real /dev/kvm."""
+
+    def run(self, cmd: Sequence[str], **kw: Any) -> lab_mod.LabResult:
+        """See :func:`volt.lab.run`."""
+        return lab_mod.run(cmd, **kw)
+
+
+@pytest.fixture
+def lab() -> Lab:
+    """A handle on the nested KVM lab; skips when the lab cannot run here."""
+    reason = _unavailable()
+    if reason:
+        pytest.skip(f"nested KVM lab unavailable: {reason}")
+    return Lab()
+
+
+@pytest.fixture(scope="session")
+def guest_kernel() -> KernelBuild:
+    """Volt's minimal guest kernel (vmlinux + bzImage), built once and cached."""
+    return build_kernel()
+
+
+@pytest.fixture(scope="session")
+def smoke_initramfs() -> Path:
+    """A busybox initramfs whose /init prints ``VOLT-INIT-OK`` and reboots."""
+    return initramfs.smoke_initramfs()
