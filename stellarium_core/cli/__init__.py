@@ -9,6 +9,7 @@ from stellarium_core.cli.common import run
 #: Command modules; each adds its subcommands to ``stellar``.
 MODULES = (
     "stellarium_core.cli.host",
+    "stellarium_core.cli.images",
     "stellarium_core.cli.plugins",
     "stellarium_core.cli.store",
     "stellarium_core.cli.volumes",

@@ -1,0 +1,111 @@
+"""``stellar image import|ls|rm``, ``stellar publish`` and ``stellar pull``."""
+
+from __future__ import annotations
+
+import argparse
+
+from stellarium_core.cli.common import JSON, emit, table
+from stellarium_core.distribution import (
+    FetchPolicy,
+    ImageStore,
+    Importer,
+    Puller,
+    parse_url,
+    publish,
+    shared_chunks,
+)
+from stellarium_core.errors import UsageError
+from stellarium_core.host import Host
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("image", help="container images (layered file-tree manifests)")
+    s = p.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+    imp = s.add_parser("import", parents=[JSON],
+                       help="import a directory, rootfs tarball, OCI layout or docker-save tar")
+    imp.add_argument("source")
+    imp.add_argument("name")
+    imp.set_defaults(func=_import)
+    ls = s.add_parser("ls", parents=[JSON], help="list images and the chunks they share")
+    ls.set_defaults(func=_ls)
+    rm = s.add_parser("rm", parents=[JSON], help="remove an image name (and unused layers)")
+    rm.add_argument("name")
+    rm.set_defaults(func=_rm)
+
+    pub = sub.add_parser("publish", parents=[JSON],
+                         help="write an image as static CDN files (manifests/, blobs/, tags/)")
+    pub.add_argument("image")
+    pub.add_argument("directory")
+    pub.set_defaults(func=_publish)
+
+    pull = sub.add_parser("pull", parents=[JSON],
+                          help="fetch an image over HTTP(S), only the chunks this store lacks")
+    pull.add_argument("url", help="BASE/tags/NAME or BASE/manifests/HASH.json")
+    pull.add_argument("name", help="local name to bind when everything is present")
+    pull.add_argument("--workers", type=int, default=8, help="parallel GETs (default 8)")
+    pull.add_argument("--timeout", type=float, default=30.0,
+                      help="seconds without data before a GET fails (default 30)")
+    pull.add_argument("--attempts", type=int, default=4,
+                      help="tries per object, with exponential backoff (default 4)")
+    pull.set_defaults(func=_pull)
+
+
+def open_images(host: Host) -> ImageStore:
+    """The image store of this host (the store must exist: `stellar host init`)."""
+    return ImageStore(host.store_path / "images", host.store, host.hasher)
+
+
+def _import(args: argparse.Namespace) -> int:
+    host = Host.from_config(args.config)
+    digest = Importer(open_images(host), host.chunker, host.hasher).import_path(
+        args.source, args.name)
+    emit(args, {"name": args.name, "digest": digest.hex()}, f"{args.name} {digest.hex()}")
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    images = open_images(Host.from_config(args.config))
+    rows = images.listing()
+    totals = shared_chunks(images)
+
+    def human(_: object) -> str:
+        body = table([(r["name"], r["digest"][:16], r["layers"], r["entries"], r["bytes"],
+                       r["chunks"], r["shared_chunks"]) for r in rows],
+                     ("NAME", "DIGEST", "LAYERS", "ENTRIES", "BYTES", "CHUNKS", "SHARED"))
+        return (f"{body}\n{totals['image_chunks']} distinct chunks in images, "
+                f"{totals['chunks_shared_between_images']} held by more than one image")
+
+    emit(args, {"images": rows, **totals}, human)
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    open_images(Host.from_config(args.config)).remove(args.name)
+    emit(args, {"removed": args.name}, f"removed {args.name}")
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    res = publish(open_images(Host.from_config(args.config)), args.image, args.directory)
+    data = {"digest": res.digest.hex(), "manifest": f"manifests/{res.digest.hex()}.json",
+            "tag": res.tag, "blobs_written": res.blobs_written,
+            "blobs_skipped": res.blobs_skipped, "bytes_written": res.bytes_written}
+    emit(args, data, f"published {args.image}: {res.tag} -> {data['manifest']} "
+                     f"({res.blobs_written} blobs written, {res.blobs_skipped} already there)")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    if args.workers < 1 or args.attempts < 1 or args.timeout <= 0:
+        raise UsageError("--workers and --attempts must be >= 1, --timeout > 0")
+    base, tag, digest = parse_url(args.url)
+    host = Host.from_config(args.config)
+    policy = FetchPolicy(timeout=args.timeout, attempts=args.attempts)
+    res = Puller(open_images(host), base, workers=args.workers, policy=policy).pull(
+        args.name, tag=tag, digest=digest)
+    data = {"name": args.name, "digest": res.digest.hex(), "blobs_needed": res.blobs_needed,
+            "blobs_fetched": res.blobs_fetched, "blobs_resumed": res.blobs_resumed,
+            "bytes_fetched": res.bytes_fetched, "requests": res.requests}
+    emit(args, data, f"pulled {args.name} {res.digest.hex()}: {res.blobs_fetched} of "
+                     f"{res.blobs_needed} blobs fetched, {res.bytes_fetched} bytes")
+    return 0

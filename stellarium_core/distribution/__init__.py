@@ -1,0 +1,27 @@
+"""Distribution: images (layered file-tree manifests), the CDN layout, HTTP pulls.
+
+Public API::
+
+    images = ImageStore(store_path / "images", chunk_store, hasher)
+    Importer(images, chunker, hasher).import_path(dir_or_tar_or_oci, name) -> digest
+    publish(images, name, directory) -> Published
+    Puller(images, base_url).pull(name, tag=... | digest=...) -> PullResult
+    images.flatten(name) -> filetree.Manifest (layers stacked), images.listing()
+    shared_chunks(images, volume_chunks=None) -> counts for ``stellar stats``
+"""
+
+from stellarium_core.distribution.cdn import Published, publish
+from stellarium_core.distribution.fetch import Fetcher, FetchError, FetchPolicy
+from stellarium_core.distribution.images import (
+    ImageError,
+    ImageManifest,
+    ImageStore,
+    shared_chunks,
+)
+from stellarium_core.distribution.importer import Importer
+from stellarium_core.distribution.pull import Puller, PullResult, parse_url
+
+__all__ = [
+    "FetchError", "FetchPolicy", "Fetcher", "ImageError", "ImageManifest", "ImageStore",
+    "Importer", "PullResult", "Published", "Puller", "parse_url", "publish", "shared_chunks",
+]

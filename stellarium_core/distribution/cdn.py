@@ -1,0 +1,68 @@
+"""Publish an image as the CDN layout: static files any HTTP server can serve.
+
+::
+
+    DIR/manifests/<hex>.json   the image manifest and each layer's tree manifest
+    DIR/blobs/<hex>            every chunk and Cosmic Pack, raw (uncompressed) bytes
+    DIR/tags/<name>            the image manifest's hex, so a pull can start from a name
+
+Every file is named by the hash of its bytes (tags excepted), written under a
+temporary name and renamed, so a server never serves half a file. Publishing
+into a directory that already holds a sibling image adds only the new blobs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from stellarium_core.distribution.images import ImageStore, layer_refs
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a publish wrote: manifest digest, tag path, blobs written and skipped."""
+
+    digest: bytes
+    tag: str
+    blobs_written: int
+    blobs_skipped: int
+    bytes_written: int
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def publish(images: ImageStore, name: str, directory: str | os.PathLike[str]) -> Published:
+    """Write image ``name`` (and whatever it needs) into the CDN layout at ``directory``."""
+    out = Path(directory)
+    for sub in ("manifests", "blobs", "tags"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    digest = images.resolve(name)
+    image = images.image(digest)
+    written = skipped = nbytes = 0
+    for ld in image.layers:
+        for chunk in layer_refs(images.layer(ld)):
+            target = out / "blobs" / chunk.hex()
+            if target.exists():
+                skipped += 1
+                continue
+            data = images.store.get(chunk)  # verified read: never publish bad bytes
+            _write(target, data)
+            written += 1
+            nbytes += len(data)
+    # Manifests after blobs, tag last: a reader that sees a name finds all it needs.
+    for d in (*image.layers, digest):
+        target = out / "manifests" / f"{d.hex()}.json"
+        if not target.exists():
+            _write(target, images.read_bytes(d))
+    tag = "tags/" + quote(name, safe="")
+    _write(out / tag, (digest.hex() + "\n").encode())
+    return Published(digest, tag, written, skipped, nbytes)

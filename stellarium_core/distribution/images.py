@@ -1,0 +1,283 @@
+"""Images: named, layered file-tree manifests in ``<store>/images``.
+
+Layout::
+
+    images/index.json              {"images": {name: image-manifest hex}}
+    images/manifests/<hex>.json    image manifests and layer (tree) manifests, by digest
+    images/pulls/<hex>.json        journals of unfinished pulls (see pull.py)
+    images/lock                    flock held while manifests or the index change
+
+An image manifest is canonical JSON ``{"format": "stellarium-image", "version": 1,
+"hasher", "layers": [tree-manifest hex, bottom first], "config": {...}}``; equal
+images give equal bytes, so equal digests. The CDN layout carries the same bytes.
+
+Reference counting: a layer manifest file in ``manifests/`` holds the NEBULA
+references :func:`filetree.capture` takes (one per chunk per file entry, one per
+pack), once, however many images list it. Layers and image manifests that no
+index entry reaches any more are released and deleted under the lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stellarium_core.errors import StellarError, UsageError
+from stellarium_core.hookspecs import Hasher
+from stellarium_core.volumes import filetree
+from stellarium_core.volumes.tinyvol import ManifestError
+from stellarium_core.volumes.volume import write_atomic
+
+FORMAT = "stellarium-image"
+VERSION = 1
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,254}")
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class ImageError(StellarError):
+    """An image operation failed or an image is unknown; nothing was changed."""
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise UsageError(f"bad image name {name!r}: use letters, digits and . _ : / @ - "
+                         "(max 255, not starting with a symbol)")
+    return name
+
+
+@dataclass
+class ImageManifest:
+    """The layers of an image (tree-manifest digests, bottom first) and its run config."""
+
+    layers: list[bytes]
+    hasher: str = "blake3"
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        doc = {"format": FORMAT, "version": VERSION, "hasher": self.hasher,
+               "layers": [d.hex() for d in self.layers], "config": self.config}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ImageManifest:
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"image manifest is truncated or corrupt: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ManifestError("not a Stellarium image manifest")
+        if doc.get("version") != VERSION:
+            raise ManifestError(f"image manifest version {doc.get('version')} is not supported")
+        layers, config = doc.get("layers"), doc.get("config", {})
+        if (not isinstance(layers, list) or not layers
+                or not all(isinstance(h, str) and _HEX.fullmatch(h) for h in layers)
+                or not isinstance(config, dict)):
+            raise ManifestError("image manifest has a bad layer list or config")
+        return cls([bytes.fromhex(h) for h in layers], str(doc.get("hasher")), config)
+
+
+def layer_refs(manifest: filetree.Manifest) -> Counter[bytes]:
+    """The NEBULA references a layer holds: one per chunk per file entry, one per pack."""
+    refs: Counter[bytes] = Counter()
+    packs = set()
+    for e in manifest:
+        for digest, _ in e.chunks:
+            refs[digest] += 1
+        if e.pack is not None:
+            packs.add(e.pack)
+    refs.update(packs)
+    return refs
+
+
+def add_refs(store: Any, refs: Counter[bytes]) -> None:
+    """Add references to chunks already stored, in one durable batch.
+
+    NEBULA's public API adds a reference per ``ref`` call with its own fsync; a
+    batch ``put`` of a known chunk records only a reference, so thousands of
+    references cost one commit (the chunk is read and verified, never rewritten).
+    """
+    with store.batch() as batch:
+        for digest, n in refs.items():
+            data = store.get(digest)
+            for _ in range(n):
+                batch.put(data)
+
+
+class ImageStore:
+    """The image index and manifests of one store."""
+
+    def __init__(self, root: str | os.PathLike[str], store: Any, hasher: Hasher) -> None:
+        self.root = Path(root)
+        self.store, self.hasher = store, hasher
+        self.manifests = self.root / "manifests"
+        self.pulls = self.root / "pulls"
+        self.manifests.mkdir(parents=True, exist_ok=True)
+        self.pulls.mkdir(exist_ok=True)
+
+    # -- locking and the index ---------------------------------------------------------
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive over index and manifests, across processes."""
+        with open(self.root / "lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
+
+    def index(self) -> dict[str, str]:
+        """name -> image manifest hex."""
+        try:
+            doc = json.loads((self.root / "index.json").read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise ImageError(f"{self.root / 'index.json'} is corrupt: {exc}") from None
+        return dict(doc.get("images", {}))
+
+    def _write_index(self, images: dict[str, str]) -> None:
+        data = json.dumps({"images": dict(sorted(images.items()))}, indent=1) + "\n"
+        write_atomic(self.root / "index.json", data.encode())
+
+    def resolve(self, name: str) -> bytes:
+        """The image manifest digest bound to ``name`` (or a full digest hex itself)."""
+        images = self.index()
+        if name in images:
+            return bytes.fromhex(images[name])
+        if _HEX.fullmatch(name) and (self.manifests / f"{name}.json").exists():
+            return bytes.fromhex(name)
+        raise ImageError(f"no image named {name!r} (see `stellar image ls`)")
+
+    # -- manifests ----------------------------------------------------------------------
+
+    def path(self, digest: bytes) -> Path:
+        return self.manifests / f"{digest.hex()}.json"
+
+    def has(self, digest: bytes) -> bool:
+        return self.path(digest).exists()
+
+    def read_bytes(self, digest: bytes) -> bytes:
+        """A stored manifest's bytes, checked against its digest."""
+        try:
+            data = self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise ImageError(f"manifest {digest.hex()} is not in the store") from None
+        if self.hasher.digest(data) != digest:
+            raise ImageError(f"manifest {self.path(digest)} does not match its digest (corrupt)")
+        return data
+
+    def image(self, name_or_digest: str | bytes) -> ImageManifest:
+        d = (name_or_digest if isinstance(name_or_digest, bytes)
+             else self.resolve(name_or_digest))
+        return ImageManifest.decode(self.read_bytes(d))
+
+    def layer(self, digest: bytes) -> filetree.Manifest:
+        return filetree.Manifest.decode(self.read_bytes(digest))
+
+    def flatten(self, name: str) -> filetree.Manifest:
+        """The image's layers stacked into one tree (OCI whiteouts applied)."""
+        return filetree.stack(self.layer(d) for d in self.image(name).layers)
+
+    # -- adding and removing ----------------------------------------------------------
+
+    def add_layer(self, manifest: filetree.Manifest, *, holds_refs: bool) -> bytes:
+        """Keep a layer manifest; call under :meth:`locked`.
+
+        ``holds_refs``: the caller already took this layer's references (capture
+        did); they are given back when the same layer is already kept. Otherwise
+        the references are added here, before the manifest is written.
+        """
+        data = manifest.encode()
+        digest = self.hasher.digest(data)
+        if self.has(digest):
+            if holds_refs:
+                filetree.release(manifest, self.store)
+        else:
+            if not holds_refs:
+                add_refs(self.store, layer_refs(manifest))
+            write_atomic(self.path(digest), data)
+        return digest
+
+    def bind(self, name: str, image: ImageManifest) -> bytes:
+        """Write the image manifest and point ``name`` at it; call under :meth:`locked`."""
+        check_name(name)
+        for d in image.layers:
+            if not self.has(d):
+                raise ImageError(f"layer {d.hex()} of image {name!r} is not in the store")
+        data = image.encode()
+        digest = self.hasher.digest(data)
+        if not self.has(digest):
+            write_atomic(self.path(digest), data)
+        images = self.index()
+        images[name] = digest.hex()
+        self._write_index(images)
+        self._collect(images)
+        return digest
+
+    def remove(self, name: str) -> None:
+        """Unbind ``name``; layers no other image uses are released and deleted."""
+        with self.locked():
+            images = self.index()
+            if name not in images:
+                raise ImageError(f"no image named {name!r}")
+            del images[name]
+            self._write_index(images)
+            self._collect(images)
+
+    def _collect(self, images: dict[str, str]) -> None:
+        """Release and delete manifests no bound name reaches (caller holds the lock)."""
+        live: set[str] = set()
+        for hexd in set(images.values()):
+            live.add(hexd)
+            live.update(d.hex() for d in self.image(bytes.fromhex(hexd)).layers)
+        for p in self.manifests.glob("*.json"):
+            hexd = p.name.removesuffix(".json")
+            if hexd in live or not _HEX.fullmatch(hexd):
+                continue
+            data = p.read_bytes()
+            if json.loads(data).get("format") == filetree.FORMAT:
+                filetree.release(filetree.Manifest.decode(data), self.store)
+            p.unlink()
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def listing(self) -> list[dict[str, Any]]:
+        """One row per name: digest, layers, entries, logical bytes, chunks shared with others."""
+        images = self.index()
+        chunks_of: dict[str, set[bytes]] = {}
+        rows = []
+        for name, hexd in sorted(images.items()):
+            im = self.image(bytes.fromhex(hexd))
+            own: set[bytes] = set()
+            entries = size = 0
+            for d in im.layers:
+                layer = self.layer(d)
+                own.update(layer_refs(layer))
+                entries += len(layer)
+                size += sum(e.size for e in layer if e.type == "file")
+            chunks_of[name] = own
+            rows.append({"name": name, "digest": hexd, "layers": len(im.layers),
+                         "entries": entries, "bytes": size, "chunks": len(own)})
+        for row in rows:
+            others = set().union(*(c for n, c in chunks_of.items() if n != row["name"]))
+            row["shared_chunks"] = len(chunks_of[row["name"]] & others)
+        return rows
+
+
+def shared_chunks(images: ImageStore) -> dict[str, int]:
+    """Store-wide figures: distinct chunks the images hold, and how many of them
+    more than one image holds (what a sibling pull did not have to fetch)."""
+    seen: Counter[bytes] = Counter()
+    for hexd in set(images.index().values()):
+        own: set[bytes] = set()
+        for d in images.image(bytes.fromhex(hexd)).layers:
+            own.update(layer_refs(images.layer(d)))
+        seen.update(own)
+    return {"image_chunks": len(seen),
+            "chunks_shared_between_images": sum(1 for n in seen.values() if n > 1)}
