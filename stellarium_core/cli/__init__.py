@@ -12,6 +12,7 @@ MODULES = (
     "stellarium_core.cli.images",
     "stellarium_core.cli.plugins",
     "stellarium_core.cli.store",
+    "stellarium_core.cli.tiers",
     "stellarium_core.cli.volumes",
 )
 

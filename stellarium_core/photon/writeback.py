@@ -22,6 +22,26 @@ from stellarium_core.hookspecs import TierBackend
 _STOP = b""
 
 
+def journalled(path: Path) -> list[bytes]:
+    """The digests a write-back journal at ``path`` still owes the cold tier."""
+    pending: dict[bytes, None] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        op, _, hexkey = line.partition(" ")
+        try:
+            key = bytes.fromhex(hexkey)
+        except ValueError:
+            continue  # a torn last line
+        if op == "+":
+            pending[key] = None
+        elif op == "-":
+            pending.pop(key, None)
+    return list(pending)
+
+
 class WriteBack:
     """One worker thread uploading queued chunks to ``target``."""
 
@@ -56,24 +76,13 @@ class WriteBack:
     def _open_journal(self) -> list[bytes]:
         """Replay the journal, rewrite it compacted, and return what is still pending."""
         assert self._journal_path is not None
-        pending: dict[bytes, None] = {}
-        if self._journal_path.exists():
-            for line in self._journal_path.read_text().splitlines():
-                op, _, hexkey = line.partition(" ")
-                try:
-                    key = bytes.fromhex(hexkey)
-                except ValueError:
-                    continue  # a torn last line
-                if op == "+":
-                    pending[key] = None
-                elif op == "-":
-                    pending.pop(key, None)
+        pending = journalled(self._journal_path)
         self._journal_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._journal_path.with_suffix(".tmp")
         tmp.write_text("".join(f"+ {k.hex()}\n" for k in pending))
         tmp.replace(self._journal_path)
         self._journal = open(self._journal_path, "a", buffering=1)  # noqa: SIM115
-        return list(pending)
+        return pending
 
     def _log(self, op: str, key: bytes) -> None:
         if self._journal_path is not None:

@@ -1,0 +1,119 @@
+"""PHOTON end to end with SeaweedFS as the cold tier: write-back, outages, corruption."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from stellarium_core.hashing import Blake3Hasher
+from stellarium_core.hookspecs import TierContext
+from stellarium_core.photon import ChunkCorrupt, PhotonRouter
+from stellarium_core.plugins import Registry
+
+KIB = 1024
+HASHER = Blake3Hasher({})
+
+
+def router(store: Path, s3_params: dict, *, warm: bool = True, **kw: object) -> PhotonRouter:
+    reg, ctx = Registry(), TierContext(store)
+    tiers = {"hot": reg.create("tier", "memory", {"capacity": "256KiB"}, context=ctx),
+             "cold": reg.create("tier", "s3", s3_params, context=ctx)}
+    if warm:
+        tiers["warm"] = reg.create("tier", "nvme", {}, context=ctx)
+    kw.setdefault("base_delay", 0.05)
+    kw.setdefault("max_delay", 0.5)
+    return PhotonRouter(tiers, HASHER, state_dir=store / "tiers", min_available=0, **kw)
+
+
+def chunks(n: int, size: int = 64 * KIB) -> list[bytes]:
+    return [os.urandom(size) for _ in range(n)]
+
+
+def object_key(params: dict, key: bytes) -> str:
+    return f"stellarium/chunks/{key.hex()[:2]}/{key.hex()}"
+
+
+def test_upload_evict_locally_read_back(seaweedfs, tmp_path: Path) -> None:
+    params = seaweedfs.tier_params()
+    data = chunks(12)
+    with router(tmp_path, params) as r:
+        keys = [r.put(d) for d in data]
+        assert r.flush(60)
+        for k in keys:
+            assert r.demote(k) == ["warm"]
+        assert r.tiers["warm"].usage().objects == 0 and r.tiers["hot"].usage().objects == 0
+        assert [r.get(k) for k in keys] == data  # each verified, and copied back to warm
+        assert r.report()["cold"]["hits"] == 12 and r.report()["cold"]["corrupt"] == 0
+        assert r.tiers["warm"].usage().objects == 12
+    s3 = seaweedfs.client()
+    body = s3.get_object(Bucket=params["bucket"], Key=object_key(params, keys[0]))["Body"]
+    assert body.read() == data[0]
+
+
+def test_without_warm_writes_reach_s3_before_put_returns(seaweedfs, tmp_path: Path) -> None:
+    params = seaweedfs.tier_params()
+    with router(tmp_path, params, warm=False) as r:
+        assert r.writeback is None
+        key = r.put(b"straight to cold")
+        s3 = seaweedfs.client()
+        assert s3.head_object(Bucket=params["bucket"], Key=object_key(params, key))
+        assert r.get(key) == b"straight to cold"
+
+
+def test_corrupt_object_in_s3_is_caught(seaweedfs, tmp_path: Path) -> None:
+    params = seaweedfs.tier_params()
+    with router(tmp_path, params) as r:
+        good, bad = chunks(2)
+        kgood, kbad = r.put(good), r.put(bad)
+        assert r.flush(60)
+        r.demote(kgood)
+        r.demote(kbad)
+        flipped = bytearray(bad)
+        flipped[1000] ^= 0x01  # one bit
+        seaweedfs.client().put_object(Bucket=params["bucket"], Key=object_key(params, kbad),
+                                      Body=bytes(flipped))
+        with pytest.raises(ChunkCorrupt, match=f"{kbad.hex()}.*cold fails its blake3 check"):
+            r.get(kbad)
+        assert not r.tiers["warm"].contains(kbad)  # the bad bytes went nowhere
+        assert r.get(kgood) == good
+        assert r.report()["cold"]["corrupt"] == 1
+
+
+@pytest.mark.slow
+def test_outage_during_writeback_loses_nothing(own_seaweedfs, tmp_path: Path) -> None:
+    weed = own_seaweedfs
+    params = weed.tier_params(read_timeout=2.0)
+    data = chunks(40)
+    r = router(tmp_path, params, queue_size=8)  # small queue: writers feel the outage
+    keys = [r.put(d) for d in data[:10]]
+    assert r.flush(60)
+    uploaded_before = r.writeback.uploaded
+
+    weed.stop()
+    writer = threading.Thread(target=lambda: keys.extend(r.put(d) for d in data[10:]))
+    writer.start()
+    writer.join(3)
+    assert writer.is_alive()  # blocked on the bounded queue: backpressure, not buffering
+    assert not r.flush(1)
+    assert r.writeback.retries > 0 and r.writeback.uploaded == uploaded_before
+    assert "TierUnavailable" in r.writeback.last_error
+
+    weed.start()
+    writer.join(120)
+    assert not writer.is_alive()
+    assert r.flush(120)
+    assert r.writeback.pending() == 0
+    r.close()
+
+    s3 = weed.client()
+    for k, d in zip(keys, data, strict=True):
+        got = s3.get_object(Bucket=params["bucket"], Key=object_key(params, k))["Body"].read()
+        assert HASHER.digest(got) == k and got == d
+    with router(tmp_path, params) as r2:  # and through a fresh router, from S3 only
+        for k in keys:
+            r2.demote(k)
+        assert r2.tiers["warm"].usage().objects == 0
+        assert [r2.get(k) for k in keys] == data
