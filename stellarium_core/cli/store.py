@@ -48,7 +48,7 @@ def _ingest(args: argparse.Namespace) -> int:
     # A progress bar only for people: not when stderr is a pipe or a file.
     with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="ingest",
               disable=not sys.stderr.isatty(), leave=False) as bar:
-        res = ingest(store, args.path, chunker, progress=bar.update)
+        res = ingest(store, args.path, chunker, progress=bar)
     emit(args, {"manifest": res.manifest.hex(), "files": res.files, "bytes": res.bytes,
                 "chunks": res.chunks}, res.manifest.hex())
     return 0

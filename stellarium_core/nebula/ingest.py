@@ -16,10 +16,9 @@ import io
 import json
 import os
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from stellarium_core.hookspecs import Chunker
 from stellarium_core.nebula.errors import ChunkError
@@ -68,14 +67,24 @@ def _walk(root: Path) -> list[tuple[str, os.stat_result]]:
     return out
 
 
+class Progress(Protocol):
+    """What ingest reports to: a tqdm bar fits."""
+
+    total: float | None
+
+    def update(self, n: float = 1) -> object: ...
+
+
 def ingest(store: ChunkStore, path: str | os.PathLike[str], chunker: Chunker,
-           progress: Callable[[int], Any] | None = None) -> IngestResult:
+           progress: Progress | None = None) -> IngestResult:
     """Store every regular file under ``path`` and a manifest; durable when it returns.
 
-    ``progress`` is called with byte counts as files are read.
+    ``progress`` gets the total byte count first, then ``update(n)`` per file.
     """
     root = Path(path)
     listing = _walk(root)
+    if progress is not None:
+        progress.total = sum(st.st_size for _, st in listing if stat.S_ISREG(st.st_mode))
     entries: list[dict[str, Any]] = []
     files = total = chunks = 0
     batch = store.batch()
@@ -92,8 +101,8 @@ def ingest(store: ChunkStore, path: str | os.PathLike[str], chunker: Chunker,
                 files += 1
                 total += st.st_size
                 chunks += len(parts)
-                if progress:
-                    progress(st.st_size)
+                if progress is not None:
+                    progress.update(st.st_size)
             elif stat.S_ISDIR(mode):
                 e["type"] = "dir"
             elif stat.S_ISLNK(mode):

@@ -132,11 +132,15 @@ def collect(s: ChunkStore) -> dict[str, int]:
             view = memoryview(mm)
             items = [(d, view[e.offset:e.offset + e.stored], e.raw, e.flags & COMPRESSED)
                      for d, e in chunks]
-            places = s._write_chunks(items, first_pack=target)
+            places, undo = s._write_chunks(items, first_pack=target)
             target = places[-1][0]
             wrote_new = True
-            s._append_log([log_record(PUT, d, p, o, e.stored, e.raw, 0, e.flags)
-                           for (d, e), (p, o) in zip(chunks, places, strict=True)])
+            try:
+                s._append_log([log_record(PUT, d, p, o, e.stored, e.raw, 0, e.flags)
+                               for (d, e), (p, o) in zip(chunks, places, strict=True)])
+            except OSError:
+                s._cut_back(undo)
+                raise
             moved += len(chunks)
             del items, view
         _snapshot(s)

@@ -425,11 +425,13 @@ class ChunkStore:
         return fd
 
     def _write_chunks(self, items: list[tuple[bytes, bytes | memoryview, int, int]],
-                      first_pack: int | None = None) -> list[tuple[int, int]]:
+                      first_pack: int | None = None
+                      ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Append chunks (digest, stored bytes, raw len, flags) to packs and fsync them.
 
-        Returns (pack, offset) per item. On failure every pack is cut back to its
-        old length, so nothing half-written stays behind.
+        Returns (pack, offset) per item, and (fd, old length) per pack written, for
+        :meth:`_cut_back` if the index append then fails. On failure here every pack
+        is cut back already, so nothing half-written stays behind.
         """
         packs = self.pack_numbers()
         if first_pack is not None:
@@ -469,13 +471,18 @@ class ChunkStore:
             for f, _ in touched.values():
                 os.fdatasync(f)
         except OSError:
-            for f, old in touched.values():
-                try:
-                    os.ftruncate(f, old)
-                except OSError:
-                    pass
+            self._cut_back(list(touched.values()))
             raise
-        return out
+        return out, list(touched.values())
+
+    @staticmethod
+    def _cut_back(undo: list[tuple[int, int]]) -> None:
+        """Truncate packs to their lengths before a failed write (best effort)."""
+        for fd, old in undo:
+            try:
+                os.ftruncate(fd, old)
+            except OSError:
+                pass
 
     @staticmethod
     def _pwritev(fd: int, iov: list[bytes | memoryview], offset: int) -> None:
@@ -546,12 +553,16 @@ class ChunkStore:
                                             "(a concurrent gc removed it)")
             try:
                 items = [(d, p.data, p.raw, p.flags) for d, p in new.items()]
-                places = self._write_chunks(items) if items else []
+                places, undo = self._write_chunks(items) if items else ([], [])
                 records = [
                     log_record(PUT, d, pack, off, len(data), raw, new[d].refs, flags)
                     for (d, data, raw, flags), (pack, off) in zip(items, places, strict=True)]
                 records += [log_record(REF, d, delta=n) for d, n in refs.items()]
-                self._append_log(records)
+                try:
+                    self._append_log(records)
+                except OSError:
+                    self._cut_back(undo)
+                    raise
             except OSError as exc:
                 raise ChunkError(f"write to the chunk store {self.root} failed: "
                                  f"{exc.strerror or exc}; nothing was added") from None
@@ -741,12 +752,21 @@ class ChunkStore:
     def gc(self) -> dict[str, int]:
         """Drop unreferenced chunks, rewrite packs with garbage, compact the index."""
         from stellarium_core.nebula.maintenance import collect
-        return collect(self)
+        try:
+            return collect(self)
+        except OSError as exc:
+            raise ChunkError(f"gc of {self.root} stopped: {exc.strerror or exc} "
+                             f"({exc.filename or 'pack or index'}); what it did so far "
+                             "is consistent, run it again when the cause is fixed") from None
 
     def fsck(self, repair: bool = False) -> Any:
         """Re-hash every chunk and cross-check index and packs (see ``maintenance.fsck``)."""
         from stellarium_core.nebula.maintenance import fsck
-        return fsck(self, repair=repair)
+        try:
+            return fsck(self, repair=repair)
+        except OSError as exc:
+            raise ChunkError(f"fsck of {self.root} could not read "
+                             f"{exc.filename or 'the store'}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         with self._mu:

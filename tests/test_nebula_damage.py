@@ -1,0 +1,160 @@
+"""Bad input to the chunk store: corrupt packs, a damaged index, a lost pack, a full disk."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stellarium_core.hashing import Blake3Hasher
+from stellarium_core.nebula import ChunkError, ChunkStore, CorruptChunkError, MissingChunkError
+from stellarium_core.nebula.ingest import ingest
+from stellarium_core.nebula.store import LOG_HEADER, LOG_SIZE
+
+HASHER = Blake3Hasher({})
+
+
+class Fixed:
+    name, max_size, params = "fixed-test", 16384, {}
+
+    def cut(self, data: memoryview):
+        for start in range(0, len(data), self.max_size):
+            yield min(self.max_size, len(data) - start)
+
+
+def _blobs(n: int, seed: int = 0) -> list[bytes]:
+    rnd = random.Random(seed)
+    return [rnd.randbytes(5000 + i) for i in range(n)]
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_corrupt_pack_bytes(tmp_path: Path) -> None:
+    root = tmp_path / "nebula"
+    text = b"compressible text " * 2000
+    with ChunkStore.open(root, HASHER, create=True) as s:
+        ds = [s.put(b) for b in _blobs(3)]
+        dz = s.put(text)
+        bad, badz = s.entry(ds[1]), s.entry(dz)
+    assert badz.compressed
+    _flip(root / "packs" / "pack-000001.dat", bad.offset + 77)
+    _flip(root / "packs" / "pack-000001.dat", badz.offset + 5)
+    with ChunkStore.open(root, HASHER) as s:
+        rep = s.fsck()
+        errs = {p.chunk: p for p in rep.errors}
+        assert set(errs) == {ds[1].hex(), dz.hex()}
+        assert errs[ds[1].hex()].file == "packs/pack-000001.dat"
+        assert errs[ds[1].hex()].offset == bad.offset
+        assert "corrupt" in errs[ds[1].hex()].what
+        with pytest.raises(CorruptChunkError, match=ds[1].hex()):
+            s.get(ds[1])
+        with pytest.raises(CorruptChunkError, match=dz.hex()):
+            s.get(dz)
+        with pytest.raises(CorruptChunkError):
+            s.view(ds[1])
+        assert s.get(ds[0]) == _blobs(3)[0] and s.get(ds[2]) == _blobs(3)[2]
+
+
+def test_truncated_and_damaged_index(tmp_path: Path) -> None:
+    root = tmp_path / "nebula"
+    blobs = _blobs(6)
+    with ChunkStore.open(root, HASHER, create=True) as s:
+        ds = [s.put(b) for b in blobs]          # one index record per put
+    log = root / "index.log"
+    size = log.stat().st_size
+    assert size == LOG_HEADER.size + 6 * LOG_SIZE
+    os.truncate(log, size - LOG_SIZE - 20)     # lose record 5 whole and most of record 4
+    _flip(log, LOG_HEADER.size + 1 * LOG_SIZE + 40)  # and damage record 1
+    with ChunkStore.open(root, HASHER) as s:
+        for i in (0, 2, 3):
+            assert s.get(ds[i]) == blobs[i]
+        for i in (1, 4, 5):
+            with pytest.raises(MissingChunkError, match=ds[i].hex()):
+                s.get(ds[i])
+        rep = s.fsck()
+        assert [p.offset for p in rep.errors] == [LOG_HEADER.size + LOG_SIZE]
+        assert "checksum" in rep.errors[0].what and rep.errors[0].file == "index.log"
+        torn = [p for p in rep.problems if "torn" in p.what]
+        assert torn and torn[0].offset == LOG_HEADER.size + 4 * LOG_SIZE
+        lost = {p.chunk for p in rep.problems if "unindexed chunk" in p.what}
+        assert lost == {ds[i].hex() for i in (1, 4, 5)}
+        fixed = s.fsck(repair=True)
+        assert fixed.repaired == 3
+        assert [s.get(d) for d in ds] == blobs
+    with ChunkStore.open(root, HASHER) as s:
+        assert [s.get(d) for d in ds] == blobs
+
+
+def test_missing_pack_file(tmp_path: Path) -> None:
+    root = tmp_path / "nebula"
+    blobs = _blobs(12)
+    with ChunkStore.open(root, HASHER, create=True, pack_max=20000) as s:
+        ds = [s.put(b) for b in blobs]
+        where = {d: s.entry(d).pack for d in ds}
+    assert len(set(where.values())) >= 3
+    (root / "packs" / "pack-000002.dat").unlink()
+    gone = {d for d, p in where.items() if p == 2}
+    with ChunkStore.open(root, HASHER) as s:
+        rep = s.fsck()
+        assert {p.chunk for p in rep.errors} == {d.hex() for d in gone}
+        assert all("pack-000002.dat is missing" in p.what for p in rep.errors)
+        for d, b in zip(ds, blobs, strict=True):
+            if d in gone:
+                with pytest.raises(CorruptChunkError, match="pack-000002.dat is missing"):
+                    s.get(d)
+            else:
+                assert s.get(d) == b
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path):
+    """A 1 MiB tmpfs, so the disk really fills up."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_fails_cleanly(tiny_fs: Path, tmp_path: Path) -> None:
+    root = tiny_fs / "nebula"
+    rnd = random.Random(9)
+    kept: dict[bytes, bytes] = {}
+    with ChunkStore.open(root, HASHER, create=True) as s:
+        with pytest.raises(ChunkError, match="No space left on device.*nothing was added"):
+            for _ in range(1000):
+                blob = rnd.randbytes(30000)
+                kept[s.put(blob)] = blob
+        assert 10 < len(kept) < 1000
+        sizes = {p.name: p.stat().st_size for p in (root / "packs").iterdir()}
+        log_size = (root / "index.log").stat().st_size
+        # an ingest that cannot fit fails the same way and leaves no references behind
+        tree = tmp_path / "tree"
+        tree.mkdir()
+        for i in range(8):
+            (tree / f"f{i}").write_bytes(rnd.randbytes(100_000))
+        refs_before = {d: s.refs(d) for d in kept}
+        with pytest.raises(ChunkError, match="No space left on device"):
+            ingest(s, tree, Fixed())
+        assert {d: s.refs(d) for d in kept} == refs_before
+    assert (root / "index.log").stat().st_size == log_size
+    assert {p.name: p.stat().st_size for p in (root / "packs").iterdir()} == sizes
+    with ChunkStore.open(root, HASHER) as s:
+        rep = s.fsck()
+        assert rep.ok and not [p for p in rep.problems if p.severity != "note"]
+        assert len(s) == len(kept)
+        assert all(s.get(d) == b for d, b in kept.items())
