@@ -1,0 +1,154 @@
+"""ioctl-level tests on this machine's /dev/kvm with tiny real-mode guests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from volt.vmm import cpu, exitcodes
+from volt.vmm.vm import Machine
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tinyguest import (  # noqa: E402
+    DOTS_FOREVER,
+    HELLO_RESET,
+    kvm_unusable,
+    real_mode_machine,
+    triple_fault_machine,
+)
+
+pytestmark = pytest.mark.skipif(kvm_unusable() is not None, reason=str(kvm_unusable()))
+
+
+def test_guest_writes_serial_and_resets_cleanly():
+    out: list[bytes] = []
+    m = real_mode_machine(HELLO_RESET, out.append)
+    m.start()
+    assert m.wait(120) == exitcodes.OK
+    assert m.exit_reason == "guest reset"
+    assert b"".join(out) == b"Hi\n"
+    m.close()
+
+
+def test_triple_fault_has_its_own_exit_code():
+    m = triple_fault_machine()
+    m.start()
+    assert m.wait(120) == exitcodes.TRIPLE_FAULT
+    assert "triple fault" in m.exit_reason
+    m.close()
+
+
+def test_pause_stops_guest_and_resume_continues_it():
+    out: list[bytes] = []
+    m = real_mode_machine(DOTS_FOREVER, out.append)
+    m.start()
+    deadline = time.monotonic() + 60
+    while len(out) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    m.pause()
+    assert m.paused
+    frozen = len(out)
+    time.sleep(0.3)
+    assert len(out) == frozen, "a paused vCPU still produced output"
+    m.resume()
+    deadline = time.monotonic() + 60
+    while len(out) <= frozen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(out) > frozen
+    m.stop(exitcodes.TERMINATED, "test")
+    assert m.wait(30) == exitcodes.TERMINATED
+    m.close()
+
+
+def test_vcpu_setup_lapic_msrs_cpuid_on_two_vcpus():
+    m = Machine(2 << 20, vcpus=2)
+    supported = m.kvm.supported_cpuid()
+    for i, v in enumerate(m.vcpus):
+        table = cpu.normalize_cpuid(supported, i, 2, 2_000_000)
+        cpu.configure_vcpu(v, table)
+        leaf1 = next(e for e in table if e.function == 1)
+        assert leaf1.ebx >> 24 == i
+        assert leaf1.ecx & cpu.LEAF1_ECX_HYPERVISOR
+        sig = next(e for e in table if e.function == cpu.KVM_CPUID_SIGNATURE)
+        assert sig.eax == cpu.KVM_CPUID_TSC_FREQ
+        tsc = next(e for e in table if e.function == cpu.KVM_CPUID_TSC_FREQ)
+        assert (tsc.eax, tsc.ebx) == (2_000_000, cpu.APIC_BUS_KHZ)
+        regs = bytes(v.get_lapic().regs)
+        lvt0 = int.from_bytes(regs[cpu.APIC_LVT0:cpu.APIC_LVT0 + 4], "little")
+        lvt1 = int.from_bytes(regs[cpu.APIC_LVT1:cpu.APIC_LVT1 + 4], "little")
+        assert (lvt0 >> 8) & 7 == cpu.APIC_MODE_EXTINT
+        assert (lvt1 >> 8) & 7 == cpu.APIC_MODE_NMI
+        msrs = v.get_msrs([cpu.MSR_MTRR_DEF_TYPE, cpu.MSR_IA32_MISC_ENABLE])
+        assert msrs[cpu.MSR_MTRR_DEF_TYPE] == cpu.MTRR_ENABLE | cpu.MTRR_MEM_TYPE_WB
+        assert msrs[cpu.MSR_IA32_MISC_ENABLE] & cpu.MISC_ENABLE_FAST_STRING
+        assert v.get_fpu().fcw == 0x37F     # (this emulated /dev/kvm does not keep MXCSR)
+    m.close()
+
+
+def test_long_mode_registers_and_page_tables():
+    m = Machine(4 << 20, vcpus=1)
+    v = m.vcpus[0]
+    cpu.setup_long_mode(v, m.mem, 0x200000)
+    s = v.get_sregs()
+    assert s.efer & (cpu.EFER_LME | cpu.EFER_LMA) == cpu.EFER_LME | cpu.EFER_LMA
+    assert s.cs.l == 1 and s.cs.selector == 8 and s.ds.selector == 16
+    assert s.cr0 & cpu.X86_CR0_PG and s.cr4 & cpu.X86_CR4_PAE
+    assert m.mem.read_u64(s.cr3) & ~0xFFF == 0xA000
+    assert m.mem.read_u64(0xB000 + 8 * 3) == (3 << 21) | 0x83
+    r = v.get_regs()
+    assert (r.rip, r.rsi, r.rflags) == (0x200000, 0x7000, 2)
+    m.close()
+
+
+def test_irqfd_and_ioeventfd_register():
+    m = Machine(1 << 20)
+    assert m.has_irqfd
+    trigger = m.irq_trigger(5)
+    trigger()     # an edge on GSI 5 through the irqfd; must not raise
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    m.vm.ioeventfd(efd, 0xD0000050, 4)
+    os.close(efd)
+    m.close()
+
+
+SIGTERM_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from tinyguest import DOTS_FOREVER, real_mode_machine
+    from volt.cli.run import run_machine
+    m = real_mode_machine(DOTS_FOREVER, lambda b: None)
+    print("ready", flush=True)
+    sys.exit(run_machine(m))
+""")
+
+
+def test_sigterm_shuts_down_cleanly_with_its_exit_code():
+    script = SIGTERM_SCRIPT.format(tests=str(Path(__file__).parent))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == exitcodes.TERMINATED, err
+    assert "SIGTERM" in err and "Traceback" not in err
+
+
+def test_kick_interrupts_kvm_run():
+    """A vCPU blocked in KVM_RUN leaves it when kicked (immediate_exit + signal)."""
+    m = real_mode_machine(DOTS_FOREVER, lambda b: None)
+    m.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    m.stop(exitcodes.TERMINATED, "test")
+    assert m.wait(30) == exitcodes.TERMINATED
+    assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("vcpu"))
+    assert time.monotonic() - t0 < 30
+    m.close()

@@ -1,0 +1,1 @@
+"""The Volt VMM proper: KVM plumbing, loaders, devices and the VM assembly."""

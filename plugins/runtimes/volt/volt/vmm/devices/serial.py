@@ -1,0 +1,119 @@
+"""A 16550A-compatible UART (8250 family) as the guest console.
+
+Transmit is instant (bytes go straight to the sink), so the transmitter is
+always empty; the FIFO is reported so Linux writes 16 bytes per interrupt.
+Interrupts are edge-style: ``irq()`` is called when a new enabled condition
+becomes pending, and Linux's handler drains by reading IIR until it is clear.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+
+DATA, IER, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
+IER_RDI, IER_THRI = 0x01, 0x02
+IIR_NONE, IIR_THRI, IIR_RDI, IIR_FIFO = 0x01, 0x02, 0x04, 0xC0
+LCR_DLAB = 0x80
+MCR_LOOP = 0x10
+LSR_DR, LSR_THRE, LSR_TEMT = 0x01, 0x20, 0x40
+MSR_CTS, MSR_DSR, MSR_RI, MSR_DCD = 0x10, 0x20, 0x40, 0x80
+RX_FIFO_MAX = 64
+
+
+class Serial:
+    """The UART at one I/O base; ``out`` gets every transmitted byte string."""
+
+    def __init__(self, out: Callable[[bytes], None], irq: Callable[[], None]) -> None:
+        self._out = out
+        self._irq = irq
+        self.ier = 0
+        self.lcr = 0x03
+        self.mcr = 0x08
+        self.scr = 0
+        self.fcr = 0
+        self.dll, self.dlm = 0x0C, 0
+        self._thr_pending = False
+        self.rx: collections.deque[int] = collections.deque()
+
+    def _iir(self) -> int:
+        fifo = IIR_FIFO if self.fcr & 1 else 0
+        if self.ier & IER_RDI and self.rx:
+            return IIR_RDI | fifo
+        if self.ier & IER_THRI and self._thr_pending:
+            return IIR_THRI | fifo
+        return IIR_NONE | fifo
+
+    def _update(self, before: int) -> None:
+        if self._iir() & IIR_NONE == 0 and before & IIR_NONE:
+            self._irq()
+
+    def input(self, data: bytes) -> None:
+        """Bytes typed at the console, for the guest to read."""
+        before = self._iir()
+        room = RX_FIFO_MAX - len(self.rx)
+        self.rx.extend(data[:room])
+        self._update(before)
+
+    def read(self, offset: int, size: int) -> bytes:
+        before = self._iir()
+        if offset == DATA:
+            if self.lcr & LCR_DLAB:
+                v = self.dll
+            else:
+                v = self.rx.popleft() if self.rx else 0
+        elif offset == IER:
+            v = self.dlm if self.lcr & LCR_DLAB else self.ier
+        elif offset == IIR_FCR:
+            v = before
+            if v & 0x0F == IIR_THRI:
+                self._thr_pending = False      # reading IIR acknowledges THRE
+        elif offset == LCR:
+            v = self.lcr
+        elif offset == MCR:
+            v = self.mcr
+        elif offset == LSR:
+            v = LSR_THRE | LSR_TEMT | (LSR_DR if self.rx else 0)
+        elif offset == MSR:
+            v = self._msr()
+        else:
+            v = self.scr
+        self._update(before)
+        return bytes([v]) + b"\0" * (size - 1)
+
+    def _msr(self) -> int:
+        if self.mcr & MCR_LOOP:
+            m = self.mcr
+            return (((m & 1) << 5) | ((m & 2) << 3) | ((m & 4) << 4) | ((m & 8) << 4))
+        return MSR_DCD | MSR_DSR | MSR_CTS
+
+    def write(self, offset: int, data: bytes) -> None:
+        v = data[0]
+        before = self._iir()
+        if offset == DATA:
+            if self.lcr & LCR_DLAB:
+                self.dll = v
+            else:
+                if self.mcr & MCR_LOOP:
+                    self.rx.append(v)
+                else:
+                    self._out(bytes([v]))
+                self._thr_pending = True
+        elif offset == IER:
+            if self.lcr & LCR_DLAB:
+                self.dlm = v
+            else:
+                if v & IER_THRI and not self.ier & IER_THRI:
+                    self._thr_pending = True
+                self.ier = v & 0x0F
+        elif offset == IIR_FCR:
+            self.fcr = v & 0xC9
+            if v & 0x02:
+                self.rx.clear()
+        elif offset == LCR:
+            self.lcr = v
+        elif offset == MCR:
+            self.mcr = v & 0x1F
+        elif offset == SCR:
+            self.scr = v
+        self._update(before)
