@@ -55,13 +55,19 @@ def _is_zero(buf: bytes | bytearray | memoryview) -> bool:
     return buf == _ZEROS[:n] if n <= len(_ZEROS) else not any(buf)
 
 
-def write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` durably via tmp + rename (or link when ``exclusive``)."""
+def write_atomic(path: Path, data: bytes, *, exclusive: bool = False,
+                 durable: bool = True) -> None:
+    """Write ``data`` to ``path`` via tmp + rename (or link when ``exclusive``).
+
+    Readers see the old or the new file, never a mix. ``durable`` adds fsyncs of
+    the file and its directory, so the change also survives a power cut.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     try:
@@ -73,7 +79,12 @@ def write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     except FileExistsError:
         os.unlink(tmp)
         raise VolumeError(f"{path.name} already exists") from None
-    dfd = os.open(path.parent, os.O_RDONLY)
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
@@ -271,8 +282,15 @@ class Volume:
 class VolumeStore:
     """The named-volume catalog under ``<store>/volumes`` over one NEBULA ChunkStore."""
 
-    def __init__(self, root: Path, store: Any, hasher: Hasher) -> None:
+    def __init__(self, root: Path, store: Any, hasher: Hasher, *, durable: bool = True,
+                 cache_slots: int = 1024) -> None:
+        """``durable=False`` skips the fsyncs when a new manifest is created (create,
+        clone, snapshot): a crash may then lose the new volume and leak its chunk
+        references, never free a chunk still listed. ``cache_slots`` bounds each open
+        volume's write-back cache (1024 x 64 KiB = 64 MiB)."""
         self.root = Path(root)
+        self.durable = durable
+        self.cache_slots = cache_slots
         self.bases = self.root / "bases"
         self.store = store
         self.hasher = hasher
@@ -295,7 +313,9 @@ class VolumeStore:
             raise ManifestError(f"volume {name}: {exc}") from None
 
     def _write_manifest(self, name: str, vol: TinyVol, *, new: bool = False) -> None:
-        write_atomic(self.path(name), tinyvol.encode(vol), exclusive=new)
+        # Rewrites are always fsync'd: releases that follow must never outlive them.
+        write_atomic(self.path(name), tinyvol.encode(vol), exclusive=new,
+                     durable=self.durable or not new)
 
     def exists(self, name: str) -> bool:
         return self.path(name).exists()
@@ -304,9 +324,12 @@ class VolumeStore:
         return sorted(p.name[:-len(SUFFIX)] for p in self.root.glob("*" + SUFFIX)
                       if not p.name.startswith("."))
 
+    def _base_path(self, digest: bytes) -> Path:
+        return self.bases / (digest.hex() + SUFFIX)
+
     def load_base(self, digest: bytes) -> ShareVol:
         """The ShareVol named ``digest``; checks the file against its name."""
-        p = self.bases / (digest.hex() + SUFFIX)
+        p = self._base_path(digest)
         try:
             data = p.read_bytes()
         except FileNotFoundError:
@@ -326,12 +349,13 @@ class VolumeStore:
     def _drop_base_if_unused(self, digest: bytes) -> None:
         if digest == NO_BASE or self._base_users(digest):
             return
-        p = self.bases / (digest.hex() + SUFFIX)
+        p = self._base_path(digest)
         try:
             base = self.load_base(digest)
         except VolumeError:
             return
         p.unlink()
+        _fsync_dir(self.bases)
         for ref in base.manifest.refs.values():
             self.store.release(ref.digest)
 
@@ -342,13 +366,13 @@ class VolumeStore:
         base = self.load_base(m.base) if m.base != NO_BASE else None
         if base is not None and (base.manifest.size != m.size or base.manifest.shift != m.shift):
             raise ManifestError(f"volume {name}: base {m.base.hex()} has a different geometry")
-        return Volume(self, name, m, base, readonly=readonly)
+        return Volume(self, name, m, base, readonly=readonly, cache_slots=self.cache_slots)
 
     def create(self, name: str, size: int, *, shift: int = tinyvol.DEFAULT_SHIFT) -> Volume:
         """A new sparse volume of ``size`` bytes: a 64-byte manifest, no data."""
         m = TinyVol(size=size, shift=shift)
         self._write_manifest(name, m, new=True)
-        return Volume(self, name, m, None, readonly=False)
+        return Volume(self, name, m, None, readonly=False, cache_slots=self.cache_slots)
 
     def import_raw(self, name: str, src: str | os.PathLike[str] | BinaryIO,
                    *, shift: int = tinyvol.DEFAULT_SHIFT) -> Volume:
@@ -376,7 +400,7 @@ class VolumeStore:
         if err is None:
             try:
                 self._write_manifest(name, m, new=True)
-                return Volume(self, name, m, None, readonly=False)
+                return Volume(self, name, m, None, readonly=False, cache_slots=self.cache_slots)
             except BaseException as exc:
                 err = exc
         for ref in m.refs.values():
@@ -400,8 +424,8 @@ class VolumeStore:
     def _copy(self, src: str, dst: str, readonly: bool) -> None:
         check_name(dst)
         m = self._read_manifest(src)
-        if m.base != NO_BASE:
-            self.load_base(m.base)  # refuse to clone onto a missing base
+        if m.base != NO_BASE and not self._base_path(m.base).exists():
+            raise VolumeError(f"base volume {m.base.hex()} is missing from {self.bases}")
         if self.exists(dst):
             raise VolumeError(f"volume {dst!r} already exists")
         added = [r.digest for r in m.refs.values() if not r.zero]
@@ -435,7 +459,7 @@ class VolumeStore:
         flat = tinyvol.merged(vol.base.manifest.refs if vol.base else {}, m.refs)
         data = tinyvol.encode(TinyVol(size=m.size, shift=m.shift, readonly=True, refs=flat))
         digest = self.hasher.digest(data)
-        p = self.bases / (digest.hex() + SUFFIX)
+        p = self._base_path(digest)
         if not p.exists():
             for ref in flat.values():
                 self.store.ref(ref.digest)
@@ -457,6 +481,7 @@ class VolumeStore:
         """Remove the volume and release its chunks (and its base when last user)."""
         m = self._read_manifest(name)
         self.path(name).unlink()
+        _fsync_dir(self.root)  # the unlink must be durable before chunks are released
         for ref in m.refs.values():
             if not ref.zero:
                 self.store.release(ref.digest)
