@@ -48,18 +48,27 @@ def test_cpio_archive_is_readable_by_cpio(tmp_path: Path) -> None:
 @pytest.mark.lab
 def test_parallel_runs_keep_exit_codes_and_outputs_apart(lab, tmp_path: Path) -> None:
     """Two guests at once: each gets its own exit code and streams; the host's /tmp is
-    visible (read-only) and guest writes never reach the host."""
+    visible, guest writes reach the host only inside a ``writable`` share."""
     (tmp_path / "input.txt").write_text("from-host\n")
-    cmds = [
-        ["sh", "-c", "echo out-A; echo err-A >&2; exit 3"],
-        ["sh", "-c", "cat input.txt; echo guest > written.txt && cat written.txt; "
-                     "test -c /dev/kvm && echo kvm-yes"],
+    share = tmp_path / "share"
+    share.mkdir()
+    runs = [
+        (["sh", "-c", "echo out-A; echo err-A >&2; exit 3"], []),
+        (["sh", "-c", "cat input.txt; echo guest > written.txt && cat written.txt; "
+                      "echo kept > share/kept.txt; test -c /dev/kvm && echo kvm-yes"], [share]),
     ]
     with ThreadPoolExecutor(2) as pool:
-        a, b = pool.map(lambda c: lab.run(c, cwd=tmp_path, timeout=240), cmds)
+        a, b = pool.map(lambda r: lab.run(r[0], cwd=tmp_path, writable=r[1], timeout=240), runs)
     assert (a.returncode, a.stdout, a.stderr) == (3, "out-A\n", "err-A\n")
     assert (b.returncode, b.stdout) == (0, "from-host\nguest\nkvm-yes\n"), b.stderr
     assert not (tmp_path / "written.txt").exists()
+    assert (share / "kept.txt").read_text() == "kept\n"
+
+
+def test_writable_share_must_be_a_directory(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lab", "run", "--writable", str(tmp_path / "nope"), "--", "true"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
 
 
 @pytest.mark.lab

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--memory", type=int, default=2048, metavar="MIB", help="guest RAM")
     r.add_argument("--cpus", type=int, default=2, help="guest vCPUs")
     r.add_argument("--cwd", help="working directory (default: the current one)")
+    r.add_argument("--writable", action="append", default=[], metavar="DIR",
+                   help="host directory the guest may write (repeatable); the rest of / is "
+                        "read-only with a throwaway overlay")
     r.add_argument("--keep", action="store_true", help="keep the run directory and console log")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     r.set_defaults(func=_run)
@@ -33,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
     if not cmd:
         raise UsageError("volt lab run: give the command after --, e.g. volt lab run -- uname -a")
     res = lab.run(cmd, timeout=args.timeout, cwd=args.cwd, memory_mib=args.memory,
-                  cpus=args.cpus, keep=args.keep)
+                  cpus=args.cpus, writable=args.writable, keep=args.keep)
     sys.stdout.write(res.stdout)
     sys.stderr.write(res.stderr)
     sys.stdout.flush()

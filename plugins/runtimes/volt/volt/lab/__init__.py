@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stellarium_core.errors import StellarError
+from stellarium_core.errors import StellarError, UsageError
 from volt.lab.image import MARK_FAIL, MARK_READY, LabImage, ensure_image
 
 QEMU = "qemu-system-x86_64"
@@ -73,8 +73,10 @@ def unavailable_reason() -> str | None:
 
 
 def qemu_command(image: LabImage, io_dir: Path, *, memory_mib: int, cpus: int,
-                 console: Path) -> list[str]:
+                 console: Path, writable: Sequence[Path] = ()) -> list[str]:
     """The QEMU command line for one lab run (TCG with emulated SVM + NPT)."""
+    shares = [arg for i, p in enumerate(writable) for arg in (
+        "-virtfs", f"local,path={_qemu_opt(str(p))},mount_tag=labrw{i},security_model=none")]
     return [
         QEMU, "-M", "pc", "-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm,+npt",
         "-smp", str(cpus), "-m", str(memory_mib),
@@ -82,9 +84,14 @@ def qemu_command(image: LabImage, io_dir: Path, *, memory_mib: int, cpus: int,
         "-serial", f"file:{console}",
         "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on",
-        "-virtfs", f"local,path={io_dir},mount_tag=labio,security_model=none",
+        "-virtfs", f"local,path={io_dir},mount_tag=labio,security_model=none", *shares,
         "-append", f"console=ttyS0 quiet panic=-1 volt.io={io_dir}",
     ]
+
+
+def _qemu_opt(value: str) -> str:
+    """Escape a value inside a QEMU -option list (commas are doubled)."""
+    return value.replace(",", ",,")
 
 
 def _script(cmd: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
@@ -97,16 +104,22 @@ def _script(cmd: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
 
 def run(cmd: Sequence[str], *, timeout: float = 300.0, cwd: Path | str | None = None,
         env: Mapping[str, str] | None = None, memory_mib: int = 2048, cpus: int = 2,
-        keep: bool = False) -> LabResult:
+        writable: Sequence[Path | str] = (), keep: bool = False) -> LabResult:
     """Run ``cmd`` inside the lab guest and return what it did.
 
     ``cwd`` defaults to the caller's working directory (the host's / is the
-    guest's /). ``env`` is added to a small default environment. The guest is
+    guest's /). ``env`` is added to a small default environment. Each host
+    directory in ``writable`` is mounted read-write at its own path in the guest,
+    so the command can leave files there for the host. The guest is
     killed after ``timeout`` seconds and :class:`LabError` names the timeout.
     With ``keep`` the per-run directory (console log, outputs) is left in place.
     """
     if not cmd:
-        raise LabError("no command given")
+        raise UsageError("no command given")
+    shares = [Path(p).resolve() for p in writable]
+    for p in shares:
+        if not p.is_dir() or "\n" in str(p):
+            raise UsageError(f"writable share {p} is not a directory")
     if shutil.which(QEMU) is None:
         raise LabError(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
     image = ensure_image()
@@ -114,10 +127,12 @@ def run(cmd: Sequence[str], *, timeout: float = 300.0, cwd: Path | str | None = 
     io_dir = Path(tempfile.mkdtemp(prefix="run-", dir=RUNS_ROOT))
     try:
         workdir = Path(cwd) if cwd is not None else Path.cwd()
+        (io_dir / "writable").write_text("".join(f"{p}\n" for p in shares))
         (io_dir / "cmd.sh").write_text(_script(cmd, workdir.resolve(),
                                                {**DEFAULT_ENV, **(env or {})}))
         console = io_dir / "console.log"
-        argv = qemu_command(image, io_dir, memory_mib=memory_mib, cpus=cpus, console=console)
+        argv = qemu_command(image, io_dir, memory_mib=memory_mib, cpus=cpus, console=console,
+                            writable=shares)
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)

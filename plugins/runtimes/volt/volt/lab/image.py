@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from volt.kernels.initramfs import base_archive, busybox
 WANTED = ("kvm-amd", "virtio_pci", "9pnet_virtio", "9p", "overlay")
 #: Debian's generic (not cloud) image: it ships kvm_amd and virtio_pci as modules.
 KERNEL_PACKAGE = "linux-image-amd64"
-RECIPE = 1
+RECIPE = 3
 
 #: Printed by the lab's /init; the host parses them from the console log.
 MARK_READY = "VOLT-LAB-READY"
@@ -62,6 +63,14 @@ mount -t tmpfs tmpfs /newroot/run
 mkdir -p "/newroot$IO"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 labio "/newroot$IO" \
   || fail "mount labio"
+i=0
+while read -r p; do
+  [ -n "$p" ] || continue
+  mkdir -p "/newroot$p"
+  mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "labrw$i" "/newroot$p" \
+    || fail "mount writable $p"
+  i=$((i+1))
+done <"/newroot$IO/writable"
 echo "VOLT-LAB-READY $(uname -r) kvm=$([ -c /dev/kvm ] && echo yes || echo no)"
 chroot /newroot /bin/sh "$IO/cmd.sh" >"/newroot$IO/stdout" 2>"/newroot$IO/stderr" </dev/null
 echo $? >"/newroot$IO/rc.tmp" && mv "/newroot$IO/rc.tmp" "/newroot$IO/rc"
@@ -148,13 +157,60 @@ def module_order(release: str, wanted: tuple[str, ...] = WANTED) -> list[Path]:
     return [moddir / p for p in order]
 
 
+SIG_MAGIC = b"~Module signature appended~\n"
+
+
+def _strip_signature(data: bytes) -> bytes:
+    """Drop a module's appended signature: verifying RSA under TCG costs seconds per boot,
+    and the modules come straight from the installed package anyway."""
+    if not data.endswith(SIG_MAGIC):
+        return data
+    info = data[-len(SIG_MAGIC) - 12:-len(SIG_MAGIC)]
+    sig_len = int.from_bytes(info[8:12], "big")
+    return data[:-len(SIG_MAGIC) - 12 - sig_len]
+
+
 def _module_bytes(path: Path) -> bytes:
     if path.suffix == ".xz":
-        return lzma.decompress(path.read_bytes())
-    if path.suffix == ".zst":
-        return subprocess.run(["zstd", "-dc", str(path)], check=True,
+        data = lzma.decompress(path.read_bytes())
+    elif path.suffix == ".zst":
+        data = subprocess.run(["zstd", "-dc", str(path)], check=True,
                               capture_output=True).stdout
-    return path.read_bytes()
+    else:
+        data = path.read_bytes()
+    return _strip_signature(data)
+
+
+def _boot_kernel(vmlinuz: Path, release: str) -> Path:
+    """An ELF vmlinux unpacked from ``vmlinuz`` when the kernel supports PVH entry.
+
+    QEMU then enters the ELF directly, skipping the in-guest decompression that
+    costs several seconds per boot under TCG; otherwise the bzImage is used as is.
+    """
+    config = Path("/boot") / f"config-{release}"
+    if not config.is_file() or "CONFIG_PVH=y" not in config.read_text().splitlines():
+        return vmlinuz
+    st = vmlinuz.stat()
+    out = cache.root() / "lab" / f"vmlinux-{release}-{cache.key(st.st_size, st.st_mtime_ns)}"
+    with cache.locked(out):
+        if out.is_file():
+            return out
+        data = vmlinuz.read_bytes()
+        for magic, make in ((b"\xfd7zXZ\x00", lzma.LZMADecompressor),
+                            (b"\x1f\x8b\x08", lambda: zlib.decompressobj(16 + zlib.MAX_WBITS))):
+            at = data.find(magic)
+            if at < 0:
+                continue
+            try:
+                elf = make().decompress(data[at:])
+            except (lzma.LZMAError, zlib.error):
+                continue
+            if elf[:4] == b"\x7fELF":
+                tmp = out.with_name(out.name + ".tmp")
+                tmp.write_bytes(elf)
+                os.replace(tmp, out)
+                return out
+    return vmlinuz
 
 
 def ensure_image(install: bool = True) -> LabImage:
@@ -176,4 +232,4 @@ def ensure_image(install: bool = True) -> LabImage:
                 names.append(name)
             arc.file("modules.order", ("\n".join(names) + "\n").encode())
             arc.write(out)
-    return LabImage(kernel=kernel, initramfs=out, release=release)
+    return LabImage(kernel=_boot_kernel(kernel, release), initramfs=out, release=release)
