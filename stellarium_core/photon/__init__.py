@@ -1,5 +1,6 @@
 """PHOTON: the tier router (hot memory, warm local disk, cold S3) above NEBULA."""
 
+from stellarium_core.photon.nebula_tier import NebulaTier
 from stellarium_core.photon.policy import Policy
 from stellarium_core.photon.router import (
     LEVELS,
@@ -11,5 +12,5 @@ from stellarium_core.photon.router import (
 )
 from stellarium_core.photon.writeback import WriteBack
 
-__all__ = ["LEVELS", "ChunkCorrupt", "ChunkNotFound", "PhotonRouter", "Policy", "WriteBack",
-           "from_host", "meminfo"]
+__all__ = ["LEVELS", "ChunkCorrupt", "ChunkNotFound", "NebulaTier", "PhotonRouter", "Policy",
+           "WriteBack", "from_host", "meminfo"]

@@ -22,6 +22,8 @@ from typing import Any
 
 from stellarium_core.errors import StellarError
 from stellarium_core.hookspecs import Hasher, TierBackend, TierFull, TierUnavailable, TierUsage
+from stellarium_core.nebula import CorruptChunkError, MissingChunkError
+from stellarium_core.photon.nebula_tier import NebulaTier
 from stellarium_core.photon.policy import Policy
 from stellarium_core.photon.stats import STATS_FILE, Stats
 from stellarium_core.photon.writeback import WriteBack
@@ -31,11 +33,11 @@ JOURNAL_FILE = "writeback.journal"
 MEMINFO = Path("/proc/meminfo")
 
 
-class ChunkNotFound(StellarError):
+class ChunkNotFound(MissingChunkError):
     """No tier holds the chunk."""
 
 
-class ChunkCorrupt(StellarError):
+class ChunkCorrupt(CorruptChunkError):
     """Every copy found failed its hash check."""
 
 
@@ -153,6 +155,10 @@ class PhotonRouter:
             except TierUnavailable as exc:
                 self.stats.add(level, "errors")
                 unavailable.append(str(exc))
+                continue
+            except CorruptChunkError:  # NEBULA checked the bytes itself
+                self.stats.add(level, "corrupt")
+                corrupt.append(level)
                 continue
             if data is None:
                 self.stats.add(level, "misses")
@@ -314,8 +320,9 @@ class PhotonRouter:
                 if self.tiers[level].contains(key) and not self.policy.pinned(key):
                     if self._durable_below(level, key):
                         self.tiers[level].delete(key)
-                        self.stats.add(level, "evicted")
-                        left.append(level)
+                        if not self.tiers[level].contains(key):  # NEBULA may keep it
+                            self.stats.add(level, "evicted")
+                            left.append(level)
         return left
 
     # -- write-back ---------------------------------------------------------------
@@ -324,7 +331,11 @@ class PhotonRouter:
         """A verified local copy for the write-back worker, or None if none is good."""
         for level in ("warm", "hot"):
             if level in self.tiers:
-                data = self.tiers[level].get(key)
+                try:
+                    data = self.tiers[level].get(key)
+                except CorruptChunkError:
+                    data = None
+                    self.stats.add(level, "corrupt")
                 if data is not None and self.hasher.digest(data) == key:
                     return data
                 if data is not None:
@@ -334,6 +345,24 @@ class PhotonRouter:
     def _cold_done(self, key: bytes) -> None:
         self._in_cold.add(key)
         self.stats.add("writeback", "uploaded")
+
+    def backfill(self) -> int:
+        """Queue every warm chunk that cold lacks (one LIST of cold); how many were queued.
+
+        For chunks that reached warm without :meth:`put`, e.g. volumes writing
+        straight into NEBULA, or a journal lost with its disk.
+        """
+        if self.writeback is None:
+            return 0
+        in_cold = set(self.tiers["cold"].keys())
+        with self._lock:
+            self._in_cold |= in_cold
+        queued = 0
+        for key in list(self.tiers["warm"].keys()):
+            if key not in in_cold and not self.writeback.is_pending(key):
+                self.writeback.submit(key)
+                queued += 1
+        return queued
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the write-back queue to drain; save the counters. False on timeout."""
@@ -374,13 +403,20 @@ class PhotonRouter:
         self.close()
 
 
-def from_host(host: Any, **kw: Any) -> PhotonRouter:
+def from_host(host: Any, *, nebula_warm: bool = False, **kw: Any) -> PhotonRouter:
     """The router for a :class:`~stellarium_core.host.Host`'s configured tiers.
 
     Capacities come from ``[tiers.<level>] capacity``; the MemAvailable
-    watermark from the hot backend's ``min_available`` when it has one.
+    watermark from the hot backend's ``min_available`` when it has one. With
+    ``nebula_warm`` the host's NEBULA store is the warm level (then no
+    ``[tiers.warm]`` may be configured).
     """
-    tiers = host.tiers
+    tiers = dict(host.tiers)
+    if nebula_warm:
+        if "warm" in tiers:
+            raise StellarError("the warm level is configured ([tiers.warm]); it cannot also "
+                               "be the NEBULA store")
+        tiers["warm"] = NebulaTier(host.store)
     if not tiers:
         raise StellarError("no tiers are configured (add [tiers.hot|warm|cold] to the host "
                            "config)")
