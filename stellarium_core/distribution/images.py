@@ -180,9 +180,9 @@ class ImageStore:
     def layer(self, digest: bytes) -> filetree.Manifest:
         return filetree.Manifest.decode(self.read_bytes(digest))
 
-    def flatten(self, name: str) -> filetree.Manifest:
+    def flatten(self, name_or_digest: str | bytes) -> filetree.Manifest:
         """The image's layers stacked into one tree (OCI whiteouts applied)."""
-        return filetree.stack(self.layer(d) for d in self.image(name).layers)
+        return filetree.stack(self.layer(d) for d in self.image(name_or_digest).layers)
 
     # -- adding and removing ----------------------------------------------------------
 

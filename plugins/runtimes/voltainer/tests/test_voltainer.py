@@ -1,0 +1,189 @@
+"""Voltainer: the FUSE view of an image, and containers on it under systemd-nspawn.
+
+The container tests use a real debootstrap rootfs published over HTTP on
+loopback and pulled into a fresh store, as a user would get an image.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from stellarium_core.volumes import filetree
+from tests.helpers import run_cli
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE mounts and nspawn need root")
+NEEDS_FUSE = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+NEEDS_NSPAWN = pytest.mark.skipif(shutil.which("systemd-nspawn") is None,
+                                  reason="systemd-nspawn is not installed")
+
+
+def stellar(cfg: Path, *args: object) -> dict:
+    r = run_cli(["--config", cfg, *args, "--json"], timeout=600)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def voltainer(cfg: Path, *args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    return run_cli(["--config", cfg, *args], tool="voltainer", timeout=timeout)
+
+
+def new_store(path: Path) -> Path:
+    cfg = path / "host.toml"
+    path.mkdir(parents=True, exist_ok=True)
+    cfg.write_text('[store]\npath = "store"\n')
+    assert run_cli(["--config", cfg, "host", "init"]).returncode == 0
+    return cfg
+
+
+def mounts_below(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as fh:
+        return [ln.split()[4] for ln in fh if ln.split()[4].startswith(str(path))]
+
+
+def make_tree(root: Path) -> Path:
+    (root / "etc").mkdir(parents=True)
+    (root / "bin").mkdir()
+    (root / "etc/small.conf").write_text("a small file\n")
+    (root / "bin/big").write_bytes(os.urandom(700_000))
+    (root / "bin/empty").touch()
+    os.link(root / "bin/big", root / "bin/big-again")
+    os.symlink("../bin/big", root / "etc/link")
+    os.chmod(root / "bin/big", 0o4755)
+    os.chown(root / "etc/small.conf", 1234, 5678)
+    os.setxattr(root / "etc/small.conf", "user.origin", b"test")
+    os.mkfifo(root / "etc/fifo")
+    os.mknod(root / "etc/null", 0o666 | 0o020000, os.makedev(1, 3))
+    return root
+
+
+@ROOT_ONLY
+@NEEDS_FUSE
+def test_fuse_view_is_identical_to_the_source_tree(tmp_path: Path) -> None:
+    cfg = new_store(tmp_path)
+    src = make_tree(tmp_path / "tree")
+    digest = stellar(cfg, "image", "import", src, "t")["digest"]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "voltainer.serve", "--config", str(cfg),
+                             digest, str(mnt)], stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if str(mnt) in mounts_below(mnt) or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert str(mnt) in mounts_below(mnt), proc.stderr.read().decode()
+        assert filetree.diff_trees(src, mnt) == []
+        with pytest.raises(OSError):  # read-only: nothing can be written through the view
+            (mnt / "etc/new").write_text("x")
+        # Reads in the middle of a multi-chunk file map onto the right chunks.
+        with open(mnt / "bin/big", "rb") as fh:
+            fh.seek(333_333)
+            assert fh.read(100_000) == (src / "bin/big").read_bytes()[333_333:433_333]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        proc.wait(timeout=30)
+    assert mounts_below(mnt) == []
+
+
+@pytest.fixture(scope="module")
+def pulled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A real Debian rootfs: imported, published, served on loopback, pulled fresh."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("systemd-nspawn"):
+        pytest.skip("needs root, /dev/fuse and systemd-nspawn")
+    from devtools.rootfs import debian_rootfs
+
+    try:
+        rootfs = debian_rootfs()
+    except RuntimeError as exc:
+        pytest.skip(f"no debootstrap rootfs: {exc}")
+    base = tmp_path_factory.mktemp("voltainer")
+    publisher = new_store(base / "publisher")
+    stellar(publisher, "image", "import", rootfs, "debian")
+    site = base / "site"
+    tag = stellar(publisher, "publish", "debian", site)["tag"]
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        cfg = new_store(base / "runner")
+        got = stellar(cfg, "pull", f"http://127.0.0.1:{srv.server_port}/{tag}", "debian")
+        assert got["blobs_fetched"] == got["blobs_needed"] > 1000
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    return cfg, rootfs
+
+
+@pytest.mark.slow
+@NEEDS_NSPAWN
+def test_container_runs_on_pulled_image(pulled: tuple[Path, Path]) -> None:
+    cfg, rootfs = pulled
+    r = voltainer(cfg, "run", "debian", "--", "cat", "/etc/debian_version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (rootfs / "etc/debian_version").read_text()
+
+    # Exit codes pass through; writes land in the throwaway upper layer only.
+    r = voltainer(cfg, "run", "--private-network", "debian", "--", "sh", "-c",
+                  "ls /sys/class/net; echo changed > /etc/debian_version; exit 42")
+    assert r.returncode == 42, r.stderr
+    assert r.stdout.split() == ["lo"]  # a private network has only loopback
+    r = voltainer(cfg, "run", "debian", "--", "cat", "/etc/debian_version")
+    assert r.stdout == (rootfs / "etc/debian_version").read_text()
+    store = cfg.parent / "store"
+    assert mounts_below(store) == [] and list((store / "runtime").iterdir()) == []
+
+
+@pytest.mark.slow
+@NEEDS_NSPAWN
+def test_sigkilled_run_is_cleaned_by_gc(pulled: tuple[Path, Path]) -> None:
+    cfg, _ = pulled
+    store = cfg.parent / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "voltainer", "--config", str(cfg), "run",
+                             "debian", "--", "sleep", "120"])
+    for _ in range(600):
+        if len(mounts_below(store / "runtime")) == 2:
+            break
+        time.sleep(0.05)
+    assert len(mounts_below(store / "runtime")) == 2
+    time.sleep(0.5)  # let nspawn start the container
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    assert mounts_below(store / "runtime"), "a crash leaves the overlay mounted"
+    assert len(list((store / "runtime").iterdir())) == 1
+    r = voltainer(cfg, "gc", "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["cleaned"]) == 1
+    assert mounts_below(store / "runtime") == [] and list((store / "runtime").iterdir()) == []
+    ps = subprocess.run(["pgrep", "-f", "sleep 120"], capture_output=True, text=True)
+    assert ps.stdout.strip() == "", "the container died with its runner"
+
+
+def test_run_without_command_or_unknown_image_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = new_store(tmp_path)
+    r = voltainer(cfg, "run", "debian")
+    assert r.returncode == 2 and "no command given" in r.stderr
+    if shutil.which("systemd-nspawn"):
+        r = voltainer(cfg, "run", "nope", "--", "true")
+        assert r.returncode == 1 and "no image named 'nope'" in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_plugin_is_found_through_its_entry_point() -> None:
+    from stellarium_core.plugins import Registry
+
+    rt = Registry().create("runtime", "voltainer", {})
+    assert rt.name == "voltainer" and callable(rt.run)

@@ -1,0 +1,5 @@
+import sys
+
+from voltainer.cli import main
+
+sys.exit(main())
