@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -173,3 +174,8 @@ def test_debian_rootfs_round_trip(tmp_path, store, chunker, hasher):
     assert len(m) > 5000 and any(e.type == "hardlink" for e in m)
     restore(Manifest.decode(m.encode()), store, tmp_path / "rootfs", hasher)
     assert diff_trees(src, tmp_path / "rootfs") == []
+    if shutil.which("rsync"):  # an independent second opinion
+        r = subprocess.run(["rsync", "-naHAX", "--checksum", "--itemize-changes",
+                            f"{src}/", f"{tmp_path / 'rootfs'}/"],
+                           capture_output=True, text=True, check=True)
+        assert r.stdout == ""

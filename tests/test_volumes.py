@@ -122,6 +122,9 @@ def test_out_of_range_and_readonly_refuse_and_change_nothing(vols):
                 v.write(off, b"z" * n)
             with pytest.raises(VolumeError, match="outside"):
                 v.read(off, n)
+    with vols.open("v", readonly=True) as ro:
+        with pytest.raises(VolumeError, match="read-only"):
+            ro.write_zeroes(0, 1)
     vols.snapshot("v", "snap")
     with vols.open("snap") as s:
         with pytest.raises(VolumeError, match="read-only"):
