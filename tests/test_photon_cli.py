@@ -52,6 +52,15 @@ def test_router_from_host_and_tiers_report(tmp_path: Path) -> None:
     assert "HIT RATE" in human.stdout and "20.0%" in human.stdout and "14.6 KiB" in human.stdout
 
 
+def test_hot_capacity_is_the_tighter_of_config_and_backend(tmp_path: Path) -> None:
+    cfg = tmp_path / "host.toml"
+    cfg.write_text(CONFIG.format(warm="1MiB").replace("min_available = 0",
+                                                      'min_available = 0, capacity = "64KiB"'))
+    with from_host(Host.from_config(cfg)) as r:
+        assert r.capacities["hot"] == 64 << 10
+        assert "warm" in r.tiers and r.tiers["warm"].name == "nvme"  # configured, not NEBULA
+
+
 def test_no_tiers_configured_says_so(tmp_path: Path) -> None:
     cfg = tmp_path / "host.toml"
     cfg.write_text('[store]\npath = "store"\n')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from stellarium_core.host import Host, init_store
 from stellarium_core.nebula import CorruptChunkError, MissingChunkError
 from stellarium_core.photon import NebulaTier, from_host
+from tests.helpers import run_cli
 
 CONFIG = """
 [store]
@@ -39,7 +41,7 @@ def test_volume_chunks_in_nebula_reach_cold_by_backfill(host: Host) -> None:
     store = host.store
     written = [os.urandom(20000) for _ in range(4)]
     keys = [store.put(d) for d in written]  # as a volume would: straight into NEBULA
-    with from_host(host, nebula_warm=True, base_delay=0.01) as r:
+    with from_host(host, base_delay=0.01) as r:  # no [tiers.warm]: NEBULA is warm
         assert isinstance(r.tiers["warm"], NebulaTier)
         assert r.backfill() == 4
         assert r.flush(10)
@@ -48,6 +50,11 @@ def test_volume_chunks_in_nebula_reach_cold_by_backfill(host: Host) -> None:
         assert r.get(keys[0]) == written[0] and r.report()["warm"]["hits"] == 1
         assert r.demote(keys[0]) == []  # a volume's reference keeps it in the packs
         assert store.contains(keys[0]) and store.refs(keys[0]) == 1
+    res = run_cli(["--config", host.config.source, "tiers", "--json"])
+    assert res.returncode == 0, res.stderr
+    levels = {t["level"]: t for t in json.loads(res.stdout)["tiers"]}
+    assert levels["warm"]["plugin"] == "nebula" and levels["warm"]["objects"] == 4
+    assert levels["warm"]["hits"] == 1 and levels["cold"]["objects"] == 4
 
 
 def test_router_writes_are_nebula_chunks_with_one_photon_reference(host: Host) -> None:

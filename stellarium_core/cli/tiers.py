@@ -1,6 +1,7 @@
 """``stellar tiers``: what each PHOTON tier holds and how often reads hit it.
 
-Usage comes from the configured backends themselves (the memory tier lives in
+Usage comes from the configured backends themselves (the NEBULA store is the
+warm level when no ``[tiers.warm]`` is configured; the memory tier lives in
 the process that uses it, so a fresh CLI process reports it empty); hits and
 misses are the running totals routers saved under ``<store>/tiers/``.
 """
@@ -13,7 +14,8 @@ from typing import Any
 from stellarium_core.cli.common import JSON, emit, table
 from stellarium_core.errors import StellarError, UsageError
 from stellarium_core.host import Host
-from stellarium_core.photon import LEVELS, stats
+from stellarium_core.photon import LEVELS, NebulaTier, stats
+from stellarium_core.photon.nebula_tier import nebula_exists
 from stellarium_core.photon.router import JOURNAL_FILE
 from stellarium_core.photon.writeback import journalled
 
@@ -38,15 +40,18 @@ def collect(host: Host) -> dict[str, Any]:
     state = host.store_path / "tiers"
     totals = stats.load(state / stats.STATS_FILE)
     tiers = []
+    nebula_warm = "warm" not in host.config.tiers and nebula_exists(host.store_path)
     for level in LEVELS:
         choice = host.config.tiers.get(level)
-        if choice is None:
+        if choice is None and not (level == "warm" and nebula_warm):
             continue
-        row: dict[str, Any] = {"level": level, "plugin": choice.plugin,
+        row: dict[str, Any] = {"level": level, "plugin": choice.plugin if choice else "nebula",
                                "objects": None, "used_bytes": None,
-                               "capacity_bytes": choice.capacity, "error": None}
+                               "capacity_bytes": choice.capacity if choice else None,
+                               "error": None}
         try:
-            usage = host.tiers[level].usage()
+            backend = host.tiers[level] if choice else NebulaTier(host.store)
+            usage = backend.usage()
             row.update(objects=usage.objects, used_bytes=usage.used_bytes)
             if row["capacity_bytes"] is None:
                 row["capacity_bytes"] = usage.capacity_bytes

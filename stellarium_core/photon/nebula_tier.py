@@ -15,9 +15,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 from stellarium_core.hookspecs import TierUsage
 from stellarium_core.nebula import ChunkStore, MissingChunkError
+from stellarium_core.nebula.store import META
+
+
+def nebula_exists(store_path: Path) -> bool:
+    """Whether ``<store_path>/nebula`` holds an initialised chunk store."""
+    return (store_path / "nebula" / META).exists()
 
 
 class NebulaTier:

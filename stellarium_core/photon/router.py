@@ -23,7 +23,7 @@ from typing import Any
 from stellarium_core.errors import StellarError
 from stellarium_core.hookspecs import Hasher, TierBackend, TierFull, TierUnavailable, TierUsage
 from stellarium_core.nebula import CorruptChunkError, MissingChunkError
-from stellarium_core.photon.nebula_tier import NebulaTier
+from stellarium_core.photon.nebula_tier import NebulaTier, nebula_exists
 from stellarium_core.photon.policy import Policy
 from stellarium_core.photon.stats import STATS_FILE, Stats
 from stellarium_core.photon.writeback import WriteBack
@@ -31,6 +31,7 @@ from stellarium_core.photon.writeback import WriteBack
 LEVELS = ("hot", "warm", "cold")
 JOURNAL_FILE = "writeback.journal"
 MEMINFO = Path("/proc/meminfo")
+SAVE_EVERY = 4096  # lookups between saves of the counters
 
 
 class ChunkNotFound(MissingChunkError):
@@ -80,8 +81,10 @@ class PhotonRouter:
         self.hasher = hasher
         self.policy = policy or Policy()
         caps = dict(capacities or {})
-        if "hot" in tiers and caps.get("hot") is None:
-            caps["hot"] = tiers["hot"].usage().capacity_bytes
+        if "hot" in tiers:  # the tighter of the configured and the backend's own cap
+            limits = [c for c in (caps.get("hot"), tiers["hot"].usage().capacity_bytes)
+                      if c is not None]
+            caps["hot"] = min(limits) if limits else None
         self.capacities = {lvl: caps.get(lvl) for lvl in self.levels if lvl != "cold"}
         self.admit_writes = admit_writes
         self._meminfo_path = meminfo_path
@@ -93,6 +96,7 @@ class PhotonRouter:
         self.min_available = min_available or 0
         self._pressure_every = max(1, pressure_every)
         self._placements = 0
+        self._lookups = 0
         self._base_delay, self._max_delay = base_delay, max_delay
         self._cold_attempts = cold_attempts
         self._in_cold: set[bytes] = set()
@@ -168,6 +172,9 @@ class PhotonRouter:
                 corrupt.append(level)
                 continue
             self.stats.add(level, "hits")
+            self._lookups += 1
+            if self._lookups % SAVE_EVERY == 0:
+                self.stats.save()  # so `stellar tiers` sees a long-running router
             self._after_hit(key, data, level, corrupt)
             return data
         if corrupt:
@@ -403,15 +410,18 @@ class PhotonRouter:
         self.close()
 
 
-def from_host(host: Any, *, nebula_warm: bool = False, **kw: Any) -> PhotonRouter:
+def from_host(host: Any, *, nebula_warm: bool | None = None, **kw: Any) -> PhotonRouter:
     """The router for a :class:`~stellarium_core.host.Host`'s configured tiers.
 
     Capacities come from ``[tiers.<level>] capacity``; the MemAvailable
-    watermark from the hot backend's ``min_available`` when it has one. With
-    ``nebula_warm`` the host's NEBULA store is the warm level (then no
-    ``[tiers.warm]`` may be configured).
+    watermark from the hot backend's ``min_available`` when it has one. The
+    host's NEBULA store is the warm level when ``nebula_warm`` is true, or when
+    it is None (the default), no ``[tiers.warm]`` is configured and the store
+    has been initialised.
     """
     tiers = dict(host.tiers)
+    if nebula_warm is None:
+        nebula_warm = "warm" not in tiers and nebula_exists(host.store_path)
     if nebula_warm:
         if "warm" in tiers:
             raise StellarError("the warm level is configured ([tiers.warm]); it cannot also "
