@@ -262,3 +262,21 @@ def test_shared_chunk_reads_are_zero_copy(vols):
         views = list(BlockDevice(c).read_views(0, 2 * CS // SECTOR))
     assert isinstance(views[0].obj, mmap.mmap)  # a slice of the pack mapping, not a copy
     assert bytes(views[0]) == blob and bytes(views[1]) == bytes(CS)
+
+
+def test_one_writer_at_a_time(vols):
+    with vols.create("v", CS) as v:
+        v.write(0, b"first")
+        with pytest.raises(VolumeError, match="open for writing"):
+            vols.open("v")
+        with pytest.raises(VolumeError, match="open for writing"):
+            vols.delete("v")
+        with vols.open("v", readonly=True) as r:
+            assert r.read(0, 5) == bytes(5)  # readers see the last flush
+    with vols.open("v") as v:
+        assert v.read(0, 5) == b"first"
+    vols.snapshot("v", "s")
+    with pytest.raises(VolumeError, match="read-only"):
+        vols.commit("s")
+    vols.delete("v")
+    assert not vols.exists("v") and vols.exists("s")

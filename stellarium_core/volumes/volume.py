@@ -21,9 +21,11 @@ stores a new one and repoints this volume's slot (copy-on-write).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -110,8 +112,10 @@ class Volume:
     """
 
     def __init__(self, catalog: VolumeStore, name: str, manifest: TinyVol,
-                 base: ShareVol | None, *, readonly: bool, cache_slots: int = 256) -> None:
+                 base: ShareVol | None, *, readonly: bool, cache_slots: int = 256,
+                 lock_fd: int | None = None) -> None:
         self._cat = catalog
+        self._lock_fd = lock_fd
         self._store = catalog.store
         self.name = name
         self.manifest = manifest
@@ -262,21 +266,36 @@ class Volume:
             return
         self._spill()
         self._cat._write_manifest(self.name, self.manifest)
-        for digest in self._release:
-            self._store.release(digest)
+        _refs(self._store, self._release, release=True)
         self._release.clear()
         self._changed = False
 
     def close(self) -> None:
         if not self._closed:
-            self.flush()
-            self._closed = True
+            try:
+                self.flush()
+            finally:
+                self._closed = True
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)
 
     def __enter__(self) -> Volume:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _refs(store: Any, digests: Iterable[bytes], release: bool = False) -> None:
+    """Add (or drop) one reference per listed digest, one store call per distinct chunk."""
+    op = store.release if release else store.ref
+    for digest, n in Counter(digests).items():
+        op(digest, n)
+
+
+def _listed(m: TinyVol) -> Iterator[bytes]:
+    """The chunks a manifest holds references on (ZERO entries hold none)."""
+    return (r.digest for r in m.refs.values() if not r.zero)
 
 
 class VolumeStore:
@@ -317,6 +336,16 @@ class VolumeStore:
         write_atomic(self.path(name), tinyvol.encode(vol), exclusive=new,
                      durable=self.durable or not new)
 
+    def _lock(self, name: str) -> int:
+        """An exclusive writer lock on ``name``, so two writers never race on refcounts."""
+        fd = os.open(self.root / f".{check_name(name)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise VolumeError(f"volume {name} is open for writing elsewhere") from None
+        return fd
+
     def exists(self, name: str) -> bool:
         return self.path(name).exists()
 
@@ -356,23 +385,28 @@ class VolumeStore:
             return
         p.unlink()
         _fsync_dir(self.bases)
-        for ref in base.manifest.refs.values():
-            self.store.release(ref.digest)
+        _refs(self.store, _listed(base.manifest), release=True)
 
     # -- operations ---------------------------------------------------------------
 
     def open(self, name: str, *, readonly: bool = False) -> Volume:
+        """Open ``name``; a writable open holds the volume's writer lock until close."""
         m = self._read_manifest(name)
         base = self.load_base(m.base) if m.base != NO_BASE else None
         if base is not None and (base.manifest.size != m.size or base.manifest.shift != m.shift):
             raise ManifestError(f"volume {name}: base {m.base.hex()} has a different geometry")
-        return Volume(self, name, m, base, readonly=readonly, cache_slots=self.cache_slots)
+        if readonly or m.readonly:
+            return Volume(self, name, m, None if base is None else base, readonly=True)
+        fd = self._lock(name)
+        m = self._read_manifest(name)  # the holder before us may have flushed meanwhile
+        return Volume(self, name, m, base, readonly=False, cache_slots=self.cache_slots,
+                      lock_fd=fd)
 
     def create(self, name: str, size: int, *, shift: int = tinyvol.DEFAULT_SHIFT) -> Volume:
         """A new sparse volume of ``size`` bytes: a 64-byte manifest, no data."""
         m = TinyVol(size=size, shift=shift)
         self._write_manifest(name, m, new=True)
-        return Volume(self, name, m, None, readonly=False, cache_slots=self.cache_slots)
+        return self.open(name)
 
     def import_raw(self, name: str, src: str | os.PathLike[str] | BinaryIO,
                    *, shift: int = tinyvol.DEFAULT_SHIFT) -> Volume:
@@ -400,11 +434,10 @@ class VolumeStore:
         if err is None:
             try:
                 self._write_manifest(name, m, new=True)
-                return Volume(self, name, m, None, readonly=False, cache_slots=self.cache_slots)
+                return self.open(name)
             except BaseException as exc:
                 err = exc
-        for ref in m.refs.values():
-            self.store.release(ref.digest)
+        _refs(self.store, _listed(m), release=True)
         raise err
 
     def export_raw(self, name: str, dest: str | os.PathLike[str]) -> int:
@@ -428,15 +461,12 @@ class VolumeStore:
             raise VolumeError(f"base volume {m.base.hex()} is missing from {self.bases}")
         if self.exists(dst):
             raise VolumeError(f"volume {dst!r} already exists")
-        added = [r.digest for r in m.refs.values() if not r.zero]
-        for d in added:
-            self.store.ref(d)
+        _refs(self.store, _listed(m))
         m.readonly = readonly
         try:
             self._write_manifest(dst, m, new=True)
         except BaseException:
-            for d in added:
-                self.store.release(d)
+            _refs(self.store, _listed(m), release=True)
             raise
 
     def clone(self, src: str, dst: str) -> None:
@@ -452,39 +482,43 @@ class VolumeStore:
 
         Returns the new base digest. Other volumes on the old base are untouched.
         """
-        vol = self.open(name)
+        with self.open(name) as vol:
+            return self._commit(vol)
+
+    def _commit(self, vol: Volume) -> bytes:
         vol._check_writable()
+        name = vol.name
         m = vol.manifest
         old_base = m.base
-        flat = tinyvol.merged(vol.base.manifest.refs if vol.base else {}, m.refs)
-        data = tinyvol.encode(TinyVol(size=m.size, shift=m.shift, readonly=True, refs=flat))
+        flat = TinyVol(size=m.size, shift=m.shift, readonly=True,
+                       refs=tinyvol.merged(vol.base.manifest.refs if vol.base else {}, m.refs))
+        data = tinyvol.encode(flat)
         digest = self.hasher.digest(data)
         p = self._base_path(digest)
         if not p.exists():
-            for ref in flat.values():
-                self.store.ref(ref.digest)
+            _refs(self.store, _listed(flat))
             try:
                 write_atomic(p, data)
             except BaseException:
-                for ref in flat.values():
-                    self.store.release(ref.digest)
+                _refs(self.store, _listed(flat), release=True)
                 raise
         self._write_manifest(name, TinyVol(size=m.size, shift=m.shift, base=digest))
-        for ref in m.refs.values():
-            if not ref.zero:
-                self.store.release(ref.digest)
+        _refs(self.store, _listed(m), release=True)
         if old_base != digest:
             self._drop_base_if_unused(old_base)
         return digest
 
     def delete(self, name: str) -> None:
         """Remove the volume and release its chunks (and its base when last user)."""
-        m = self._read_manifest(name)
-        self.path(name).unlink()
-        _fsync_dir(self.root)  # the unlink must be durable before chunks are released
-        for ref in m.refs.values():
-            if not ref.zero:
-                self.store.release(ref.digest)
+        fd = self._lock(name)
+        try:
+            m = self._read_manifest(name)
+            self.path(name).unlink()
+            (self.root / f".{name}.lock").unlink()
+            _fsync_dir(self.root)  # the unlink must be durable before chunks are released
+        finally:
+            os.close(fd)
+        _refs(self.store, _listed(m), release=True)
         self._drop_base_if_unused(m.base)
 
     def info(self, name: str) -> dict[str, Any]:
