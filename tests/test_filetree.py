@@ -149,11 +149,12 @@ def test_stack_applies_whiteouts_and_opaque_dirs(tmp_path, store, chunker, hashe
     (up / ".wh.b").write_text("")
     (up / "c/.wh..wh..opq").write_text("")
     (up / "c/new").write_text("up")
+    (up / "c/+early").write_text("sorts before the opaque marker")
     (up / "d").write_text("now a file")
     (up / "hl").write_text("replaced")
     merged = stack([capture(low, store, chunker, hasher), capture(up, store, chunker, hasher)])
     paths = [e.path for e in merged]
-    assert paths == [".", "a", "a/keep", "a/keep/f", "c", "c/new", "d", "hl", "hl2"]
+    assert paths == [".", "a", "a/keep", "a/keep/f", "c", "c/+early", "c/new", "d", "hl", "hl2"]
     by = merged.by_path()
     assert by["d"].type == "file" and by["hl2"].type == "file"  # link to a replaced file
     out = tmp_path / "out"

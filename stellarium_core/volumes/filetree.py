@@ -377,16 +377,19 @@ def stack(layers: Iterable[Manifest]) -> Manifest:
     for layer in layers:
         hasher = layer.hasher
         own = layer.by_path()
+        # Whiteouts act on the layers below only, so apply them all before adding
+        # this layer's own entries (a name may sort before its directory's marker).
         for e in layer:
             parent, _, name = e.path.rpartition("/")
             parent = parent or "."
             if name == OPAQUE:
                 drop_below(parent)
-                continue
-            if name.startswith(WHITEOUT):
+            elif name.startswith(WHITEOUT):
                 gone = (parent + "/" if parent != "." else "") + name[len(WHITEOUT):]
                 merged.pop(gone, None)
                 drop_below(gone)
+        for e in layer:
+            if e.path.rpartition("/")[2].startswith(WHITEOUT):
                 continue
             old = merged.get(e.path)
             if old is not None and old.type == "dir" and e.type != "dir":
