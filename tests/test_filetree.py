@@ -107,6 +107,10 @@ def test_restore_refuses_non_empty_target(tmp_path, store, chunker, hasher):
     with pytest.raises(StellarError, match="not an empty directory"):
         restore(m, store, dst, hasher)
     assert os.listdir(dst) == ["keep"]
+    m.hasher = "sha256"
+    with pytest.raises(ManifestError, match="hasher"):
+        restore(m, store, tmp_path / "other", hasher)
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "unsafe-path", "not-json"])

@@ -320,6 +320,9 @@ def restore(manifest: Manifest, store: Any, target: str | os.PathLike[str],
     target = os.fspath(target)
     if os.path.lexists(target) and (not os.path.isdir(target) or os.listdir(target)):
         raise StellarError(f"restore target {target} exists and is not an empty directory")
+    if manifest.hasher != hasher.name:
+        raise ManifestError(f"tree manifest was made with hasher {manifest.hasher!r}, "
+                            f"this store uses {hasher.name!r}")
     entries = list(manifest)
     if not entries or entries[0].path != "." or entries[0].type != "dir":
         raise ManifestError("tree manifest does not start with its root directory")
