@@ -1,0 +1,182 @@
+"""The kernel registry: kernel images stored in NEBULA, described by small JSON records.
+
+A record ``<store>/kernels/<name>.json`` names one kernel and holds, per boot
+format it has (``vmlinux``, ``bzImage``), the image's whole-file digest and the
+FastCDC chunk list it was stored as. Chunks are reference counted, so two
+kernels that share most bytes share most chunks, and replacing or removing a
+record releases exactly the references it held.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stellarium_core.errors import StellarError, UsageError
+from stellarium_core.host import Host
+from volt.kernels.build import KernelBuild
+from volt.kernels.formats import KernelInfo, inspect
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+#: Image slot names by format.
+SLOTS = {"elf": "vmlinux", "bzimage": "bzImage"}
+
+
+@dataclass(frozen=True)
+class KernelRecord:
+    """A registered kernel as stored in its JSON record."""
+
+    name: str
+    data: dict[str, Any]
+
+    @property
+    def images(self) -> dict[str, dict[str, Any]]:
+        return self.data["images"]
+
+    def digests(self) -> list[str]:
+        return [img["digest"] for img in self.images.values()]
+
+
+def _dir(host: Host) -> Path:
+    d = host.store_path / "kernels"
+    if not d.is_dir():
+        raise StellarError(f"no kernel registry at {d} (run `stellar host init`)")
+    return d
+
+
+@contextmanager
+def _locked(host: Host) -> Iterator[Path]:
+    d = _dir(host)
+    with open(d / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield d
+
+
+def check_name(name: str) -> str:
+    if not NAME.fullmatch(name):
+        raise UsageError(f"bad kernel name {name!r}: use letters, digits and . _ + - "
+                         "(at most 128, starting with a letter or digit)")
+    return name
+
+
+def _store_image(host: Host, path: Path, info: KernelInfo) -> dict[str, Any]:
+    chunks = host.store.put_stream(path, host.chunker)
+    h = host.hasher.new()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return {"digest": h.digest().hex(), "size": path.stat().st_size,
+            "chunks": [[d.hex(), n] for d, n in chunks], **info.to_dict()}
+
+
+def register(host: Host, name: str, images: dict[str, Path], meta: dict[str, Any]) -> KernelRecord:
+    """Store ``images`` (slot -> file) in NEBULA and write the record ``name``.
+
+    Re-registering a name replaces it; the old record's chunk references are released.
+    """
+    check_name(name)
+    stored = {}
+    for slot, path in images.items():
+        stored[slot] = _store_image(host, path, inspect(path))
+    record = {"name": name, "registered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "hasher": host.hasher.name, **meta, "images": stored}
+    with _locked(host) as d:
+        old = _read(d / f"{name}.json")
+        tmp = d / f".{name}.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, d / f"{name}.json")
+        if old is not None:
+            _release(host, old)
+    return KernelRecord(name, record)
+
+
+def _release(host: Host, rec: KernelRecord) -> None:
+    for img in rec.images.values():
+        for digest, _n in img["chunks"]:
+            host.store.release(bytes.fromhex(digest))
+
+
+def _read(path: Path) -> KernelRecord | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise StellarError(f"{path}: damaged kernel record: {exc}") from None
+    return KernelRecord(data["name"], data)
+
+
+def import_kernel(host: Host, path: Path, name: str | None = None) -> KernelRecord:
+    """Register any vmlinux or bzImage (e.g. Debian's /boot/vmlinuz-*)."""
+    info = inspect(path)  # refuse non-kernels before touching the store
+    name = check_name(name or path.name)
+    return register(host, name, {SLOTS[info.format]: path},
+                    {"source": "import", "origin": str(Path(path).resolve()),
+                     "version": info.version})
+
+
+def register_build(host: Host, build: KernelBuild, name: str | None = None) -> KernelRecord:
+    """Register a built guest kernel with both formats and its build inputs."""
+    name = name or f"volt-{build.source_version}-{build.fragment_hash}"
+    return register(host, name, {"vmlinux": build.vmlinux, "bzImage": build.bzimage},
+                    {"source": "build", "version": build.kernel_release,
+                     "source_version": build.source_version,
+                     "config_hash": build.fragment_hash})
+
+
+def list_kernels(host: Host) -> list[KernelRecord]:
+    d = _dir(host)
+    return [r for p in sorted(d.glob("*.json")) if (r := _read(p)) is not None]
+
+
+def find(host: Host, ref: str) -> KernelRecord:
+    """A kernel by name, or by a unique prefix (8+ hex digits) of one of its image digests."""
+    if NAME.fullmatch(ref) and (rec := _read(_dir(host) / f"{ref}.json")) is not None:
+        return rec
+    if re.fullmatch(r"[0-9a-f]{8,64}", ref):
+        hits = [r for r in list_kernels(host) if any(d.startswith(ref) for d in r.digests())]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise UsageError(f"digest prefix {ref} is ambiguous: "
+                             + ", ".join(r.name for r in hits))
+    raise StellarError(f"no kernel named or hashed {ref!r} (see `volt kernel list`)")
+
+
+def read_image(host: Host, rec: KernelRecord, slot: str) -> bytes:
+    """Reassemble one image from its chunks and verify its whole-file digest."""
+    if slot not in rec.images:
+        raise UsageError(f"kernel {rec.name} has no {slot} (it has: "
+                         f"{', '.join(rec.images)})")
+    img = rec.images[slot]
+    data = b"".join(host.store.get(bytes.fromhex(d)) for d, _n in img["chunks"])
+    if len(data) != img["size"] or host.hasher.digest(data).hex() != img["digest"]:
+        raise StellarError(f"kernel {rec.name} {slot}: reassembled image does not match its "
+                           "recorded digest")
+    return data
+
+
+def extract(host: Host, rec: KernelRecord, slot: str, dest: Path) -> Path:
+    """Write one verified image to ``dest`` (a file path) and return it."""
+    data = read_image(host, rec, slot)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+    return dest
+
+
+def remove(host: Host, ref: str) -> KernelRecord:
+    """Delete a record and release its chunk references (gc reclaims the space)."""
+    with _locked(host) as d:
+        rec = find(host, ref)
+        (d / f"{rec.name}.json").unlink()
+        _release(host, rec)
+    return rec
