@@ -61,7 +61,8 @@ class PhotonRouter:
     bytes (None: the backend's own capacity, else unbounded). ``min_available``
     is the MemAvailable watermark (None: 5% of MemTotal, 0: off), checked every
     ``pressure_every`` hot placements. ``state_dir`` holds the stats file and
-    the write-back journal (None: nothing persisted).
+    the write-back journal (None: nothing persisted). Write-back to cold runs
+    in ``writeback_workers`` threads behind a queue of ``queue_size`` digests.
     """
 
     def __init__(self, tiers: Mapping[str, TierBackend], hasher: Hasher,
@@ -71,7 +72,7 @@ class PhotonRouter:
                  meminfo_path: Path = MEMINFO, pressure_every: int = 16,
                  admit_writes: bool = False, queue_size: int = 1024,
                  base_delay: float = 0.05, max_delay: float = 5.0,
-                 cold_attempts: int = 5) -> None:
+                 cold_attempts: int = 5, writeback_workers: int = 4) -> None:
         unknown = set(tiers) - set(LEVELS)
         if unknown or not tiers:
             raise ValueError(f"tier levels must be a non-empty subset of {LEVELS}, "
@@ -108,7 +109,8 @@ class PhotonRouter:
             self.writeback = WriteBack(
                 tiers["cold"], self._local_copy, on_done=self._cold_done,
                 journal=state_dir / JOURNAL_FILE if state_dir else None,
-                queue_size=queue_size, base_delay=base_delay, max_delay=max_delay)
+                queue_size=queue_size, base_delay=base_delay, max_delay=max_delay,
+                workers=writeback_workers)
 
     # -- writing ------------------------------------------------------------------
 

@@ -43,14 +43,15 @@ def journalled(path: Path) -> list[bytes]:
 
 
 class WriteBack:
-    """One worker thread uploading queued chunks to ``target``."""
+    """``workers`` threads uploading queued chunks to ``target`` (object stores are
+    latency-bound, so a few requests in flight multiply throughput)."""
 
     def __init__(self, target: TierBackend, source: Callable[[bytes], bytes | None], *,
                  on_done: Callable[[bytes], None] = lambda _k: None,
                  journal: Path | None = None, queue_size: int = 1024,
-                 base_delay: float = 0.05, max_delay: float = 5.0) -> None:
-        if queue_size < 1:
-            raise ValueError("queue_size must be at least 1")
+                 base_delay: float = 0.05, max_delay: float = 5.0, workers: int = 4) -> None:
+        if queue_size < 1 or workers < 1:
+            raise ValueError("queue_size and workers must be at least 1")
         self.target = target
         self._source = source
         self._on_done = on_done
@@ -64,8 +65,10 @@ class WriteBack:
         self.last_error = ""
         self._journal_path = journal
         resume = self._open_journal() if journal else []
-        self._thread = threading.Thread(target=self._run, name="photon-writeback", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"photon-writeback-{i}",
+                                          daemon=True) for i in range(workers)]
+        for t in self._threads:
+            t.start()
         for key in resume:  # already journalled by _open_journal
             with self._lock:
                 self._pending.add(key)
@@ -118,11 +121,13 @@ class WriteBack:
         """Try to drain for ``timeout`` seconds, then stop; what is left stays journalled."""
         drained = self.flush(timeout)
         self._stop.set()
-        try:
-            self._queue.put_nowait(_STOP)
-        except queue.Full:
-            pass  # the worker sees _stop between retries
-        self._thread.join()
+        for _ in self._threads:
+            try:
+                self._queue.put_nowait(_STOP)
+            except queue.Full:
+                break  # busy workers see _stop between uploads and retries
+        for t in self._threads:
+            t.join()
         if self._journal_path is not None:
             self._journal.close()
         return drained
@@ -131,7 +136,10 @@ class WriteBack:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            key = self._queue.get()
+            try:
+                key = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
             if key == _STOP:
                 return
             if self._upload(key):
@@ -140,6 +148,10 @@ class WriteBack:
                     self._log("-", key)
                     self._idle.notify_all()
 
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
+
     def _upload(self, key: bytes) -> bool:
         """Put one chunk below, retrying until it is durable or we are stopped."""
         attempt = 0
@@ -147,14 +159,14 @@ class WriteBack:
             try:
                 data = self._source(key)
                 if data is None:
-                    self.skipped += 1  # gone from the local tiers: nothing left to save
+                    self._count("skipped")  # gone from the local tiers: nothing left to save
                     return True
                 self.target.put(key, data)
-                self.uploaded += 1
+                self._count("uploaded")
                 self._on_done(key)
                 return True
             except Exception as exc:  # every failure is retried; the cause is kept
-                self.retries += 1
+                self._count("retries")
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 delay = min(self._max, self._base * 2 ** attempt)
                 attempt += 1
