@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import struct
 
 from volt.vmm import kvm
+from volt.vmm.loader import elf
 from volt.vmm.vm import Machine
 
 CODE_ADDR = 0x1000
@@ -48,3 +50,22 @@ def triple_fault_machine() -> Machine:
     s.idt.base, s.idt.limit = 0, 0
     v.set_sregs(s)
     return m
+
+
+def make_elf(entry: int = 0x1000000, paddr: int = 0x1000000, body: bytes = b"\x90" * 64,
+             pvh: int | None = 0x1000010, machine: int = 62, bss: int = 0x100) -> bytes:
+    """A minimal ELF64 with one PT_LOAD and (optionally) the Xen PVH entry note."""
+    note = b""
+    if pvh is not None:
+        note = struct.pack("<III", 4, 4, elf.XEN_ELFNOTE_PHYS32_ENTRY) + b"Xen\0" + \
+            struct.pack("<I", pvh)
+    phnum = 2 if note else 1
+    data_off = 64 + 56 * phnum
+    ehdr = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + struct.pack(
+        "<HHIQQQIHHHHHH", 2, machine, 1, entry, 64, 0, 0, 64, 56, phnum, 64, 0, 0)
+    phdrs = struct.pack("<IIQQQQQQ", elf.PT_LOAD, 5, data_off, paddr, paddr, len(body),
+                        len(body) + bss, 0x1000)
+    if note:
+        phdrs += struct.pack("<IIQQQQQQ", elf.PT_NOTE, 4, data_off + len(body), 0, 0,
+                             len(note), len(note), 4)
+    return ehdr + phdrs + body + note

@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 
+from volt.cli import timing  # noqa: F401 - records import time early
 from volt.vmm import exitcodes
 from volt.vmm.exitcodes import VoltError
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import time
 
+#: Fallback when /proc is not mounted: the moment this module was imported.
+_IMPORTED = time.monotonic()
+
 
 def process_start() -> float:
-    """Process start as a ``time.monotonic()`` value, from /proc/self/stat."""
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    start_ticks = int(fields[19])
-    with open("/proc/uptime") as f:
-        uptime = float(f.read().split()[0])
-    now = time.monotonic()
-    age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    return now - age
+    """Process start as a ``time.monotonic()`` value, from /proc/self/stat if mounted."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except OSError:
+        return _IMPORTED
+    age = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return time.monotonic() - age

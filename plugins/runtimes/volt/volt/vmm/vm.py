@@ -50,7 +50,10 @@ class VmConfig:
 def open_sink(spec: str) -> Callable[[bytes], None]:
     """Where console output goes: stdout, a file, a unix socket, or nowhere."""
     if spec == "stdout":
-        fd = sys.stdout.fileno()
+        try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, OSError):      # stdout replaced (embedding, tests)
+            return lambda b: print(b.decode(errors="replace"), end="", flush=True)
         return lambda b: _write_all(fd, b)
     if spec == "none":
         return lambda b: None
