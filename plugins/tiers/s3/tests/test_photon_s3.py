@@ -117,3 +117,52 @@ def test_outage_during_writeback_loses_nothing(own_seaweedfs, tmp_path: Path) ->
             r2.demote(k)
         assert r2.tiers["warm"].usage().objects == 0
         assert [r2.get(k) for k in keys] == data
+
+
+def _config(tmp_path: Path, params: dict) -> Path:
+    lines = [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {str(v).lower()}"
+             for k, v in params.items()]
+    cfg = tmp_path / "host.toml"
+    cfg.write_text('[store]\npath = "store"\n\n[tiers.warm]\nplugin = "nvme"\n\n'
+                   '[tiers.cold]\nplugin = "s3"\n\n[tiers.cold.params]\n'
+                   + "\n".join(lines).replace("'", '"') + "\n")
+    return cfg
+
+
+def test_stellar_tiers_reports_s3_usage_and_hits(seaweedfs, tmp_path: Path) -> None:
+    import json
+
+    from stellarium_core.host import Host
+    from stellarium_core.photon import from_host
+    from tests.helpers import run_cli
+
+    cfg = _config(tmp_path, seaweedfs.tier_params())
+    with from_host(Host.from_config(cfg)) as r:
+        keys = [r.put(d) for d in chunks(3, 10000)]
+        assert r.flush(60)
+        r.demote(keys[0])
+        r.get(keys[0])
+    res = run_cli(["--config", cfg, "tiers", "--json"])
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    cold = [t for t in data["tiers"] if t["level"] == "cold"][0]
+    assert (cold["plugin"], cold["objects"], cold["used_bytes"]) == ("s3", 3, 30000)
+    assert cold["hits"] == 1 and cold["hit_rate"] == 1.0
+    assert data["writeback"] == {"pending": 0, "uploaded": 3, "retries": 0}
+
+
+def test_stellar_tiers_with_s3_down_reports_it(tmp_path: Path) -> None:
+    import socket
+
+    from tests.helpers import run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _config(tmp_path, {"bucket": "b", "endpoint_url": f"http://127.0.0.1:{port}",
+                             "access_key_id": "a", "secret_access_key": "b",
+                             "connect_timeout": 1.0, "max_attempts": 1})
+    res = run_cli(["--config", cfg, "tiers"])
+    assert res.returncode == 1
+    assert "unavailable" in res.stdout and "cold: s3 tier" in res.stdout
+    assert "Traceback" not in res.stderr + res.stdout
