@@ -206,3 +206,13 @@ def test_stats_are_saved_and_summed_across_processes(store: Path) -> None:
     totals = stats.load(store / "tiers" / "stats.json")
     assert totals["warm"]["hits"] == 2 and totals["hot"]["misses"] == 2
     assert stats.hit_rate(totals["hot"]) == 0.0 and stats.hit_rate(totals["warm"]) == 1.0
+
+
+def test_policy_history_stays_bounded_and_keeps_the_hot_half() -> None:
+    p = Policy(max_tracked=8)
+    hot = b"h" * 32
+    for i in range(40):
+        p.touch(hot)
+        p.touch(i.to_bytes(32, "big"))
+    assert len(p._scores) <= 8
+    assert p.score(hot) > 10 and p.score((0).to_bytes(32, "big")) == 0.0

@@ -18,9 +18,10 @@ class Policy:
     """Decayed access counts, promotion thresholds and pins."""
 
     def __init__(self, half_life: int = 4096, promote_hot: float = 1.5,
-                 promote_warm: float = 1.0) -> None:
-        if half_life < 1:
-            raise ValueError("half_life must be at least 1 access")
+                 promote_warm: float = 1.0, max_tracked: int = 1 << 20) -> None:
+        if half_life < 1 or max_tracked < 2:
+            raise ValueError("half_life must be at least 1 access, max_tracked at least 2")
+        self.max_tracked = max_tracked
         self.half_life = half_life
         self.promote_hot = promote_hot
         self.promote_warm = promote_warm
@@ -41,16 +42,19 @@ class Policy:
             self._clock += 1
             score = self._decayed(self._scores.get(key)) + 1.0
             self._scores[key] = (score, self._clock)
+            if len(self._scores) > self.max_tracked:
+                self._prune()
             return score
+
+    def _prune(self) -> None:
+        """Keep the hotter half of the history, so memory stays bounded."""
+        ranked = sorted(self._scores, key=lambda k: self._decayed(self._scores[k]))
+        for k in ranked[: len(ranked) // 2]:
+            del self._scores[k]
 
     def score(self, key: bytes) -> float:
         with self._lock:
             return self._decayed(self._scores.get(key))
-
-    def forget(self, key: bytes) -> None:
-        """Drop the access history of a chunk that left every fast tier."""
-        with self._lock:
-            self._scores.pop(key, None)
 
     def pin(self, key: bytes) -> None:
         with self._lock:

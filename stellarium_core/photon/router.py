@@ -32,6 +32,7 @@ LEVELS = ("hot", "warm", "cold")
 JOURNAL_FILE = "writeback.journal"
 MEMINFO = Path("/proc/meminfo")
 SAVE_EVERY = 4096  # lookups between saves of the counters
+IN_COLD_CACHE = 1 << 18  # digests remembered as durable in cold
 
 
 class ChunkNotFound(MissingChunkError):
@@ -101,6 +102,9 @@ class PhotonRouter:
         self._base_delay, self._max_delay = base_delay, max_delay
         self._cold_attempts = cold_attempts
         self._in_cold: set[bytes] = set()
+        self._durable_gen = 0  # bumps when more chunks may be evictable
+        self._stuck: dict[str, int] = {}  # level -> _durable_gen when trimming last failed
+        self._cold_retry_at = 0.0  # no cold probes before this (monotonic) time
         self._lock = threading.RLock()
         self.state_dir = state_dir
         self.stats = Stats(state_dir / STATS_FILE if state_dir else None)
@@ -141,7 +145,7 @@ class PhotonRouter:
         for attempt in range(self._cold_attempts):
             try:
                 self.tiers["cold"].put(key, data)
-                self._in_cold.add(key)
+                self._mark_cold(key)
                 return
             except TierUnavailable:
                 self.stats.add("cold", "errors")
@@ -207,7 +211,7 @@ class PhotonRouter:
             if not self.tiers["warm"].contains(key):
                 self.tiers["warm"].put(key, data)
                 self.stats.add("warm", "promoted")
-            self._in_cold.add(key)
+            self._mark_cold(key)
             self._trim("warm")
         if level != "hot" and "hot" in self.tiers and (
                 self.policy.pinned(key) or score >= self.policy.promote_hot):
@@ -231,6 +235,8 @@ class PhotonRouter:
         """Let ``keys`` be evicted again like any other chunk."""
         for key in keys:
             self.policy.unpin(key)
+        with self._lock:
+            self._durable_gen += 1
 
     def _place_hot(self, key: bytes, data: bytes | memoryview, required: bool = False) -> bool:
         hot = self.tiers["hot"]
@@ -262,12 +268,17 @@ class PhotonRouter:
         used = tier.usage().used_bytes
         if used + need <= cap:
             return
+        if level != "hot" and self._stuck.get(level) == self._durable_gen:
+            self.stats.add(level, "over_capacity")  # nothing became evictable since last try
+            return
         for victim in self.policy.victims(tier.keys()):
             used -= self._evict(level, victim)
             if used + need <= cap:
+                self._stuck.pop(level, None)
                 return
         if level == "hot":
             raise TierFull(f"hot tier: {used} bytes in use are pinned or not yet durable below")
+        self._stuck[level] = self._durable_gen
         self.stats.add(level, "over_capacity")
 
     def _trim(self, level: str) -> None:
@@ -294,13 +305,24 @@ class PhotonRouter:
                 return True
             if self.writeback is not None and self.writeback.is_pending(key):
                 return False
+            if time.monotonic() < self._cold_retry_at:
+                return False  # cold just failed: do not wait on it victim after victim
             try:
                 if self.tiers["cold"].contains(key):
-                    self._in_cold.add(key)
+                    self._mark_cold(key)
                     return True
             except TierUnavailable:
                 self.stats.add("cold", "errors")
+                self._cold_retry_at = time.monotonic() + self._max_delay
         return False
+
+    def _mark_cold(self, key: bytes) -> None:
+        """``key`` is durable in cold: warm may now drop it."""
+        with self._lock:
+            if len(self._in_cold) >= IN_COLD_CACHE:
+                self._in_cold.clear()  # only a cache: cold itself is asked when unsure
+            self._in_cold.add(key)
+            self._durable_gen += 1
 
     def relieve_pressure(self) -> int:
         """Evict hot chunks while MemAvailable is below the watermark; bytes freed."""
@@ -352,7 +374,7 @@ class PhotonRouter:
         return None
 
     def _cold_done(self, key: bytes) -> None:
-        self._in_cold.add(key)
+        self._mark_cold(key)
         self.stats.add("writeback", "uploaded")
 
     def backfill(self) -> int:
@@ -366,6 +388,7 @@ class PhotonRouter:
         in_cold = set(self.tiers["cold"].keys())
         with self._lock:
             self._in_cold |= in_cold
+            self._durable_gen += 1
         queued = 0
         for key in list(self.tiers["warm"].keys()):
             if key not in in_cold and not self.writeback.is_pending(key):
