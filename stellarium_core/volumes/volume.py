@@ -181,7 +181,11 @@ class Volume:
         return view if len(view) == n else memoryview(bytes(view[:n]).ljust(n, b"\0"))
 
     def views(self, offset: int, length: int) -> Iterator[memoryview]:
-        """The range as consecutive memoryviews, for scatter-gather without copying."""
+        """The range as consecutive memoryviews, for scatter-gather without copying.
+
+        Views of flushed data stay valid; a view of a slot with unflushed writes
+        shows later writes to that slot, so consume views before writing again.
+        """
         self._check_range(offset, length)
         for idx, start, n, _ in self._spans(offset, length):
             yield self.slot_view(idx)[start:start + n]
@@ -396,7 +400,7 @@ class VolumeStore:
         if base is not None and (base.manifest.size != m.size or base.manifest.shift != m.shift):
             raise ManifestError(f"volume {name}: base {m.base.hex()} has a different geometry")
         if readonly or m.readonly:
-            return Volume(self, name, m, None if base is None else base, readonly=True)
+            return Volume(self, name, m, base, readonly=True)
         fd = self._lock(name)
         m = self._read_manifest(name)  # the holder before us may have flushed meanwhile
         return Volume(self, name, m, base, readonly=False, cache_slots=self.cache_slots,
