@@ -165,6 +165,10 @@ def test_stack_applies_whiteouts_and_opaque_dirs(tmp_path, store, chunker, hashe
     restore(merged, store, out, hasher)
     assert (out / "hl2").read_text() == "linked" and (out / "hl").read_text() == "replaced"
     assert (out / "a/keep/f").read_text() == "low" and (out / "c/new").read_text() == "up"
+    bad = Manifest([filetree.Entry(".", "dir", 0o755, 0, 0, 0),
+                    filetree.Entry("x", "hardlink", 0, 0, 0, 0, target="elsewhere")])
+    with pytest.raises(ManifestError, match="outside its layer"):
+        stack([bad])
 
 
 @pytest.mark.slow

@@ -280,3 +280,30 @@ def test_one_writer_at_a_time(vols):
         vols.commit("s")
     vols.delete("v")
     assert not vols.exists("v") and vols.exists("s")
+
+
+def test_failed_manifest_write_frees_nothing(vols, store, monkeypatch):
+    """If the manifest cannot be written, the chunks it still lists keep their references."""
+    old = os.urandom(CS)
+    with vols.create("v", CS) as v:
+        v.write(0, old)
+    before = vols.path("v").read_bytes()
+    v = vols.open("v")
+    new = os.urandom(CS)
+    v.write(0, new)
+
+    def no_space(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(OSError):
+        v.flush()
+    monkeypatch.undo()
+    assert vols.path("v").read_bytes() == before
+    old_digest = tinyvol.decode(before).refs[0].digest
+    assert live_refs(store)[old_digest] == 1  # still referenced, still readable
+    with vols.open("v", readonly=True) as r:
+        assert r.read(0, CS) == old
+    v.close()  # retrying once there is space again succeeds
+    with vols.open("v") as w:
+        assert w.read(0, CS) == new
