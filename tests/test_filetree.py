@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import stat
 import subprocess
 from pathlib import Path
@@ -49,6 +50,8 @@ def make_tree(root: Path) -> Path:
     os.symlink("../big", root / "etc/rel-link")
     os.symlink("/nonexistent/target", root / "dangling")
     os.mkfifo(root / "fifo")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(root / "sock"))
     os.mknod(root / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     os.mknod(root / "blk", stat.S_IFBLK | 0o640, os.makedev(7, 0))
     os.chmod(root / "small", 0o4755)
@@ -68,6 +71,7 @@ def test_round_trip_is_identical(tmp_path, store, chunker, hasher):
     m = capture(src, store, chunker, hasher)
     kinds = {e.path: e.type for e in m}
     assert kinds["etc/big-link"] == "hardlink" and kinds["null"] == "char"
+    assert kinds["sock"] == "socket" and kinds["blk"] == "block" and kinds["fifo"] == "fifo"
     by = m.by_path()
     first = by["etc/sub/small-link"]  # walk order: the inode's first path holds the data
     assert by["small"].type == "hardlink" and by["small"].target == first.path
