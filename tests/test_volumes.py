@@ -307,3 +307,30 @@ def test_failed_manifest_write_frees_nothing(vols, store, monkeypatch):
     v.close()  # retrying once there is space again succeeds
     with vols.open("v") as w:
         assert w.read(0, CS) == new
+
+
+def test_import_base_from_elsewhere(tmp_path, hasher):
+    """A base published by one store is adopted by another holding the same chunks."""
+    blob = os.urandom(CS)
+    with ChunkStore.open(tmp_path / "a/nebula", hasher, create=True) as sa:
+        va = VolumeStore(tmp_path / "a/volumes", sa, hasher)
+        with va.create("g", 3 * CS) as g:
+            g.write(CS, blob)
+        digest = va.commit("g")
+        data = va._base_path(digest).read_bytes()
+    with ChunkStore.open(tmp_path / "b/nebula", hasher, create=True) as sb:
+        vb = VolumeStore(tmp_path / "b/volumes", sb, hasher)
+        with pytest.raises(VolumeError, match="not in the store"):
+            vb.import_base("vm", data)
+        with pytest.raises(ManifestError):
+            vb.import_base("vm", data[:-1])
+        assert vb.names() == [] and list(vb.bases.iterdir()) == []
+        sb.put(blob)
+        with vb.import_base("vm", data) as v:
+            assert v.base.digest == digest and v.read(CS, CS) == blob
+        with vb.create("vm2", base=digest) as v2:
+            assert v2.size == 3 * CS
+        assert live_refs(sb)[hasher.digest(blob)] == 2  # our put + the base's reference
+        vb.delete("vm")
+        vb.delete("vm2")
+        assert live_refs(sb)[hasher.digest(blob)] == 1 and list(vb.bases.iterdir()) == []

@@ -406,11 +406,52 @@ class VolumeStore:
         return Volume(self, name, m, base, readonly=False, cache_slots=self.cache_slots,
                       lock_fd=fd)
 
-    def create(self, name: str, size: int, *, shift: int = tinyvol.DEFAULT_SHIFT) -> Volume:
-        """A new sparse volume of ``size`` bytes: a 64-byte manifest, no data."""
-        m = TinyVol(size=size, shift=shift)
+    def create(self, name: str, size: int | None = None, *, shift: int = tinyvol.DEFAULT_SHIFT,
+               base: bytes | None = None) -> Volume:
+        """A new volume: ``size`` bytes of zeros, or an empty delta over the ShareVol
+        ``base`` (its size and grid). Either way a 64-byte manifest, no data."""
+        if base is not None:
+            b = self.load_base(base).manifest
+            m = TinyVol(size=b.size, shift=b.shift, base=base)
+        elif size is None:
+            raise UsageError("a new volume needs a size or a base")
+        else:
+            m = TinyVol(size=size, shift=shift)
         self._write_manifest(name, m, new=True)
         return self.open(name)
+
+    def import_base(self, name: str, data: bytes) -> Volume:
+        """A new volume ``name`` over a ShareVol manifest from elsewhere (e.g. fetched
+        by digest from a CDN, with its chunks already put into NEBULA).
+
+        ``data`` must be a flat, read-only TinyVol whose chunks are all in the store;
+        the installed base holds one reference per listed chunk and goes away with
+        its last volume, like any base.
+        """
+        check_name(name)
+        if self.exists(name):
+            raise VolumeError(f"volume {name!r} already exists")
+        m = tinyvol.decode(data)
+        if m.base != NO_BASE or not m.readonly:
+            raise ManifestError("a ShareVol base must be flat and read-only")
+        digest = self.hasher.digest(data)
+        p = self._base_path(digest)
+        if not p.exists():
+            missing = [d for d in set(_listed(m)) if not self.store.contains(d)]
+            if missing:
+                raise VolumeError(f"base {digest.hex()} lists {len(missing)} chunks that are "
+                                  f"not in the store (first: {missing[0].hex()})")
+            _refs(self.store, _listed(m))
+            try:
+                write_atomic(p, data)
+            except BaseException:
+                _refs(self.store, _listed(m), release=True)
+                raise
+        try:
+            return self.create(name, base=digest)
+        except BaseException:
+            self._drop_base_if_unused(digest)
+            raise
 
     def import_raw(self, name: str, src: str | os.PathLike[str] | BinaryIO,
                    *, shift: int = tinyvol.DEFAULT_SHIFT) -> Volume:
