@@ -149,3 +149,60 @@ def test_table_stays_compact() -> None:
     t.compact()
     assert len(t) == 49_999 and t.get(keys[9]).raw == 200
     assert t.nbytes() / len(t) < 64
+
+
+def test_fileobj_windows_cut_like_the_whole_file(store: ChunkStore, tmp_path: Path) -> None:
+    """A stream read in windows must give FastCDC's cuts over the whole file."""
+    from stellarium_core.plugins import Registry
+
+    chunker = Registry().create("chunker", "fastcdc", {})
+    data = random.Random(5).randbytes(20 << 20)   # more than two 8 MiB windows
+    p = tmp_path / "big.bin"
+    p.write_bytes(data)
+    whole = [len(c) for c in _cut_all(chunker, data)]
+    from_path = store.put_stream(p, chunker)
+    from_stream = store.put_stream(io.BytesIO(data), chunker)
+    assert [n for _, n in from_path] == whole
+    assert from_stream == from_path
+
+
+def _cut_all(chunker, data: bytes):
+    mv, pos = memoryview(data), 0
+    for n in chunker.cut(mv):
+        yield mv[pos:pos + n]
+        pos += n
+
+
+def test_host_store_broadcasts_chunk_stored(tmp_path: Path) -> None:
+    from stellarium_core import config as config_mod
+    from stellarium_core.hookspecs import hookimpl
+    from stellarium_core.host import Host, init_store
+
+    seen: list[tuple[bytes, int, bool]] = []
+
+    class Listener:
+        @hookimpl
+        def stellarium_chunk_stored(self, digest: bytes, size: int, new: bool) -> None:
+            seen.append((digest, size, new))
+
+    cfg_path = tmp_path / "host.toml"
+    cfg_path.write_text('[store]\npath = "store"\n')
+    host = Host(config_mod.load(cfg_path))
+    init_store(host)
+    host.registry.pm.register(Listener())
+    d = host.store.put(b"announce me")
+    host.store.put(b"announce me")
+    assert seen == [(d, 11, True), (d, 11, False)]
+    assert host.store.root == tmp_path / "store" / "nebula"
+
+
+def test_reference_to_a_chunk_gc_dropped_meanwhile_writes_it_again(store: ChunkStore) -> None:
+    blob = os.urandom(9000)
+    d = store.put(blob)
+    store.release(d)
+    with store.batch() as b:
+        assert b.put(blob) == d          # a dedup hit on a chunk with 0 references...
+        assert store.gc()["chunks_removed"] == 1   # ...that gc drops before the commit
+        assert not store.contains(d)
+    assert store.get(d) == blob and store.refs(d) == 1
+    assert store.fsck().ok

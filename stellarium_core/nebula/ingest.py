@@ -38,32 +38,32 @@ class IngestResult:
     chunks: int
 
 
-def _walk(root: Path) -> list[tuple[str, os.stat_result]]:
-    """(relative path, lstat) for root and everything under it, sorted, not following links."""
-    out: list[tuple[str, os.stat_result]] = []
+def _walk(root: Path) -> list[tuple[str, str, os.stat_result]]:
+    """(relative path, full path, lstat) for root and everything under it, sorted.
+
+    Symlinks are not followed. Plain strings rather than Path objects: a rootfs
+    has tens of thousands of entries and pathlib costs more than the syscalls.
+    """
+    top = os.fspath(root)
     try:
-        out.append((".", root.lstat()))
+        out = [(".", top, os.lstat(top))]
     except OSError as exc:
         raise ChunkError(f"cannot ingest {root}: {exc.strerror}") from None
-    if not stat.S_ISDIR(out[0][1].st_mode):
+    if not stat.S_ISDIR(out[0][2].st_mode):
         return out
-    stack = [""]
+    stack = [("", top)]
     while stack:
-        rel = stack.pop()
-        base = root / rel if rel else root
+        rel, base = stack.pop()
         try:
-            names = sorted(os.listdir(base))
+            with os.scandir(base) as it:
+                found = sorted((e.name, e.path, e.stat(follow_symlinks=False)) for e in it)
         except OSError as exc:
             raise ChunkError(f"cannot list {base}: {exc.strerror}") from None
-        for name in names:
+        for name, full, st in found:
             sub = f"{rel}/{name}" if rel else name
-            try:
-                st = os.lstat(base / name)
-            except OSError as exc:
-                raise ChunkError(f"cannot stat {base / name}: {exc.strerror}") from None
-            out.append((sub, st))
+            out.append((sub, full, st))
             if stat.S_ISDIR(st.st_mode):
-                stack.append(sub)
+                stack.append((sub, full))
     return out
 
 
@@ -84,17 +84,16 @@ def ingest(store: ChunkStore, path: str | os.PathLike[str], chunker: Chunker,
     root = Path(path)
     listing = _walk(root)
     if progress is not None:
-        progress.total = sum(st.st_size for _, st in listing if stat.S_ISREG(st.st_mode))
+        progress.total = sum(st.st_size for _, _, st in listing if stat.S_ISREG(st.st_mode))
     entries: list[dict[str, Any]] = []
     files = total = chunks = 0
     batch = store.batch()
     try:
-        for rel, st in listing:
+        for rel, full, st in listing:
             mode = st.st_mode
             e: dict[str, Any] = {"path": rel, "mode": stat.S_IMODE(mode), "uid": st.st_uid,
                                  "gid": st.st_gid, "mtime_ns": st.st_mtime_ns}
             if stat.S_ISREG(mode):
-                full = root if rel == "." else root / rel
                 parts = batch.put_stream(full, chunker)
                 e.update(type="file", size=st.st_size,
                          chunks=[[d.hex(), n] for d, n in parts])
@@ -106,7 +105,7 @@ def ingest(store: ChunkStore, path: str | os.PathLike[str], chunker: Chunker,
             elif stat.S_ISDIR(mode):
                 e["type"] = "dir"
             elif stat.S_ISLNK(mode):
-                e.update(type="symlink", target=os.readlink(root / rel))
+                e.update(type="symlink", target=os.readlink(full))
             else:
                 e.update(type="special", kind=stat.S_IFMT(mode), rdev=st.st_rdev)
             entries.append(e)

@@ -92,27 +92,32 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _Pending:
-    """A chunk hashed but not yet durable: its bytes (maybe compressed) and new refs."""
+    """A chunk hashed but not yet durable: its bytes and the references to add.
+
+    ``flags`` is None while ``data`` is still the raw bytes of a chunk the store
+    already had (a dedup hit); they are kept in case a concurrent gc drops that
+    chunk before our commit, so it can be written after all.
+    """
 
     __slots__ = ("data", "raw", "flags", "refs")
 
-    def __init__(self, data: bytes | memoryview, raw: int, flags: int) -> None:
+    def __init__(self, data: bytes | memoryview, raw: int, flags: int | None) -> None:
         self.data, self.raw, self.flags, self.refs = data, raw, flags, 1
 
 
 class Batch:
     """Chunks added here become durable together at :meth:`commit` (one fsync pair).
 
-    Digests returned before ``commit`` must not be handed out as stored. Used by
-    ``put_stream`` and by ingest of many small files, where per-file fsyncs would
-    dominate the time.
+    Digests returned before ``commit`` must not be handed out as stored, and buffers
+    given to ``put`` must not change until then. Used by ``put_stream`` and by
+    ingest of many small files, where per-file fsyncs would dominate the time.
     """
 
     def __init__(self, store: ChunkStore, limit: int = BATCH_BYTES) -> None:
         self._store = store
         self._limit = limit
         self._new: dict[bytes, _Pending] = {}
-        self._refs: dict[bytes, int] = {}
+        self._refs: dict[bytes, _Pending] = {}
         self._bytes = 0
         self._durable: dict[bytes, int] = {}
 
@@ -123,19 +128,19 @@ class Batch:
         if n > MAX_LEN:
             raise ChunkError(f"chunk of {n} bytes is larger than the store's limit {MAX_LEN}")
         digest = s._digest(data)
-        p = self._new.get(digest)
+        p = self._new.get(digest) or self._refs.get(digest)
         if p is not None:
             p.refs += 1
-        elif digest in self._refs:
-            self._refs[digest] += 1
-        elif s._known(digest):
-            self._refs[digest] = 1
+            return digest
+        if s._known(digest):
+            self._refs[digest] = _Pending(data, n, None)
+            self._bytes += n
         else:
             stored, flags = s._compress(data)
             self._new[digest] = _Pending(stored, n, flags)
             self._bytes += len(stored)
-            if self._bytes >= self._limit:
-                self.commit()
+        if self._bytes >= self._limit:
+            self.commit()
         return digest
 
     def put_stream(self, src: str | os.PathLike[str] | IO[bytes],
@@ -152,8 +157,8 @@ class Batch:
             durable = self._durable
             for d, p in new.items():
                 durable[d] = durable.get(d, 0) + p.refs
-            for d, n in refs.items():
-                durable[d] = durable.get(d, 0) + n
+            for d, p in refs.items():
+                durable[d] = durable.get(d, 0) + p.refs
 
     def abandon(self) -> None:
         """Drop what is queued; what earlier commits made durable stays."""
@@ -183,6 +188,12 @@ class Batch:
             self.rollback()
 
 
+def _min_chunk(chunker: Chunker) -> int:
+    """Length up to which ``chunker`` cannot cut: FastCDC's ``min_size``, else 0."""
+    floor = chunker.params.get("min_size", 0)
+    return floor if isinstance(floor, int) else 0
+
+
 def _chunks(src: str | os.PathLike[str] | IO[bytes], chunker: Chunker) -> Iterator[memoryview]:
     """Chunks of a path (read or mmap'd whole) or of a file object read in windows."""
     if isinstance(src, (str, os.PathLike)):
@@ -202,6 +213,9 @@ def _chunks(src: str | os.PathLike[str] | IO[bytes], chunker: Chunker) -> Iterat
             raise ChunkError(f"cannot read {src}: {exc.strerror}") from None
         finally:
             os.close(fd)
+        if size <= _min_chunk(chunker):  # most files of a rootfs: one chunk, no cut call
+            yield buf
+            return
         pos = 0
         for n in chunker.cut(buf):
             yield buf[pos:pos + n]
@@ -542,22 +556,23 @@ class ChunkStore:
         """A :class:`Batch`: many puts, one durable commit (auto-commits every ``limit`` bytes)."""
         return Batch(self, limit)
 
-    def _commit(self, new: dict[bytes, _Pending], refs: dict[bytes, int]) -> None:
+    def _commit(self, new: dict[bytes, _Pending], refs: dict[bytes, _Pending]) -> None:
         with self._lock():
-            # Another process may have stored some of our "new" chunks meanwhile.
-            for digest in [d for d in new if d in self._table]:
-                refs[digest] = refs.get(digest, 0) + new.pop(digest).refs
-            for digest in refs:
-                if digest not in self._table:
-                    raise MissingChunkError(f"chunk {digest.hex()} vanished during the write "
-                                            "(a concurrent gc removed it)")
+            # Another process may have stored some of our new chunks meanwhile, and a
+            # gc may have dropped chunks we meant to reference: swap them over.
+            for d in [d for d in new if d in self._table]:
+                refs[d] = new.pop(d)
+            for d in [d for d in refs if d not in self._table]:
+                p = new[d] = refs.pop(d)
+                if p.flags is None:
+                    p.data, p.flags = self._compress(p.data)
             try:
                 items = [(d, p.data, p.raw, p.flags) for d, p in new.items()]
                 places, undo = self._write_chunks(items) if items else ([], [])
                 records = [
                     log_record(PUT, d, pack, off, len(data), raw, new[d].refs, flags)
                     for (d, data, raw, flags), (pack, off) in zip(items, places, strict=True)]
-                records += [log_record(REF, d, delta=n) for d, n in refs.items()]
+                records += [log_record(REF, d, delta=p.refs) for d, p in refs.items()]
                 try:
                     self._append_log(records)
                 except OSError:
@@ -569,9 +584,8 @@ class ChunkStore:
         if self._on_stored is not None:
             for d, p in new.items():
                 self._on_stored(d, p.raw, True)
-            for d in refs:
-                e = self._table.get(d)
-                self._on_stored(d, e.raw if e else 0, False)
+            for d, p in refs.items():
+                self._on_stored(d, p.raw, False)
 
     # -- the public API ----------------------------------------------------------------
 
