@@ -135,7 +135,7 @@ class PhotonRouter:
         elif "cold" in self.tiers:
             self._cold_put(key, data)
         if pin:
-            self.pin([key], _data=data)
+            self._pin(key, data)
         elif "hot" in self.tiers and (self.admit_writes or len(self.levels) == 1):
             self._place_hot(key, data, required=len(self.levels) == 1)
         return key
@@ -202,34 +202,39 @@ class PhotonRouter:
         return False
 
     def _after_hit(self, key: bytes, data: bytes, level: str, corrupt: list[str]) -> None:
+        """Repair and promote; best effort, since the reader already has good bytes."""
         score = self.policy.touch(key)
-        for bad in corrupt:  # every corrupt copy is above the good one: rewrite it
-            self.tiers[bad].delete(key)
-            if bad != "hot":
-                self.tiers[bad].put(key, data)
-        if level == "cold" and "warm" in self.tiers and score >= self.policy.promote_warm:
-            if not self.tiers["warm"].contains(key):
-                self.tiers["warm"].put(key, data)
-                self.stats.add("warm", "promoted")
-            self._mark_cold(key)
-            self._trim("warm")
+        try:
+            for bad in corrupt:  # every corrupt copy is above the good one: rewrite it
+                self.tiers[bad].delete(key)
+                if bad != "hot":
+                    self.tiers[bad].put(key, data)
+            if level == "cold" and "warm" in self.tiers and score >= self.policy.promote_warm:
+                if not self.tiers["warm"].contains(key):
+                    self.tiers["warm"].put(key, data)
+                    self.stats.add("warm", "promoted")
+                self._mark_cold(key)
+                self._trim("warm")
+        except (StellarError, OSError):
+            self.stats.add("warm", "errors")  # e.g. a full disk: serve the read anyway
         if level != "hot" and "hot" in self.tiers and (
                 self.policy.pinned(key) or score >= self.policy.promote_hot):
             self._place_hot(key, data)
 
     # -- placement and eviction ---------------------------------------------------
 
-    def pin(self, keys: Iterable[bytes], _data: bytes | memoryview | None = None) -> None:
+    def pin(self, keys: Iterable[bytes]) -> None:
         """Keep ``keys`` (a boot-critical set) hot and out of every eviction.
 
         Raises :class:`TierFull` if the hot tier cannot hold them all.
         """
         for key in keys:
-            self.policy.pin(key)
-            if "hot" not in self.tiers:
-                continue
-            data = _data if _data is not None else self.get(key)
-            self._place_hot(key, data, required=True)
+            self._pin(key, None)
+
+    def _pin(self, key: bytes, data: bytes | memoryview | None) -> None:
+        self.policy.pin(key)
+        if "hot" in self.tiers:
+            self._place_hot(key, self.get(key) if data is None else data, required=True)
 
     def unpin(self, keys: Iterable[bytes]) -> None:
         """Let ``keys`` be evicted again like any other chunk."""
