@@ -334,3 +334,25 @@ def test_import_base_from_elsewhere(tmp_path, hasher):
         vb.delete("vm")
         vb.delete("vm2")
         assert live_refs(sb)[hasher.digest(blob)] == 1 and list(vb.bases.iterdir()) == []
+
+
+def test_failed_chunk_write_keeps_dirty_data(vols, store, monkeypatch):
+    """A chunk-store failure during flush leaves the old state listed and the writes pending."""
+    with vols.create("v", 2 * CS) as v:
+        v.write(0, b"old")
+    before = vols.path("v").read_bytes()
+    v = vols.open("v")
+    v.write(0, b"new")
+
+    def full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", full)
+    with pytest.raises(StellarError):
+        v.flush()
+    monkeypatch.undo()
+    assert vols.path("v").read_bytes() == before
+    assert v.read(0, 3) == b"new"
+    v.close()
+    with vols.open("v", readonly=True) as r:
+        assert r.read(0, 3) == b"new"

@@ -258,10 +258,13 @@ class Volume:
 
     def _spill(self) -> None:
         """Store every dirty slot in NEBULA; the manifest is not yet persisted."""
-        with self._store.batch() as batch:  # one durable commit for all slots
-            for idx in sorted(self._dirty):
-                buf = self._dirty[idx]
-                self._set_slot(idx, None if _is_zero(buf) else batch.put(buf))
+        # One durable commit for all slots; slots are repointed only once it succeeded
+        # (a failed batch rolls back, leaving the dirty slots to retry).
+        with self._store.batch() as batch:
+            placed = [(idx, None if _is_zero(buf) else batch.put(buf))
+                      for idx, buf in sorted(self._dirty.items())]
+        for idx, digest in placed:
+            self._set_slot(idx, digest)
         self._dirty.clear()
 
     def flush(self) -> None:
