@@ -313,11 +313,17 @@ class VcpuFd:
         self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_struct = Run.from_buffer(self._map)
 
-    def run(self) -> int:
-        """Enter the guest; returns the exit reason (raises InterruptedError on a kick)."""
+    def run(self) -> int | None:
+        """Enter the guest; returns the exit reason, or None when KVM asks to re-enter.
+
+        An application processor parked before its INIT/SIPI returns EAGAIN once
+        woken; a kick (signal or immediate_exit) raises InterruptedError.
+        """
         try:
             fcntl.ioctl(self.fd, RUN, 0)
-        except InterruptedError:
+        except (InterruptedError, BlockingIOError) as exc:
+            if isinstance(exc, BlockingIOError):
+                return None
             raise
         except OSError as exc:
             raise KvmError(exc.errno, f"KVM_RUN: {os.strerror(exc.errno or 0)}") from None

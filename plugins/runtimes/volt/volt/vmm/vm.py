@@ -242,7 +242,8 @@ class Machine:
                 except InterruptedError:
                     run.immediate_exit = 0
                     continue
-                self._handle_exit(index, vcpu, reason)
+                if reason is not None:
+                    self._handle_exit(index, vcpu, reason)
         except VoltError as exc:
             self.stop(exc.exit_code, str(exc))
         except Exception as exc:  # a VMM bug: end the VM, keep the message
