@@ -191,6 +191,23 @@ class PhotonRouter:
                                   + "; ".join(unavailable))
         raise ChunkNotFound(f"chunk {key.hex()} is in no tier ({', '.join(self.levels)})")
 
+    def prefetch(self, keys: Iterable[bytes], workers: int = 8) -> int:
+        """Read ``keys`` in parallel so they are promoted (a boot's prefetch set).
+
+        Object stores are latency-bound, so several reads in flight fetch a set
+        from cold many times faster than one after another. Returns how many
+        were read; the first failure is raised after the others finished.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        keys = list(dict.fromkeys(keys))
+        with ThreadPoolExecutor(max_workers=max(1, workers),
+                                thread_name_prefix="photon-prefetch") as pool:
+            futures = [pool.submit(self.get, k) for k in keys]
+        for f in futures:
+            f.result()
+        return len(keys)
+
     def contains(self, key: bytes) -> bool:
         """Whether some tier claims ``key`` (unverified; unreachable tiers count as no)."""
         for level in self.levels:
@@ -228,6 +245,11 @@ class PhotonRouter:
 
         Raises :class:`TierFull` if the hot tier cannot hold them all.
         """
+        keys = list(keys)
+        for key in keys:
+            self.policy.pin(key)
+        if "hot" in self.tiers:
+            self.prefetch(k for k in keys if not self.tiers["hot"].contains(k))
         for key in keys:
             self._pin(key, None)
 

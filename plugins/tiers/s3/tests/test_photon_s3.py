@@ -166,3 +166,24 @@ def test_stellar_tiers_with_s3_down_reports_it(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert "unavailable" in res.stdout and "cold: s3 tier" in res.stdout
     assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_prefetch_and_pin_a_boot_set_from_s3(seaweedfs, tmp_path: Path) -> None:
+    params = seaweedfs.tier_params()
+    data = chunks(16, 16 * KIB)
+    with router(tmp_path, params) as r:
+        keys = [r.put(d) for d in data]
+        assert r.flush(60)
+        for k in keys:
+            r.demote(k)
+        assert r.prefetch(keys[:8] + keys[:2]) == 8  # duplicates read once
+        assert all(r.tiers["warm"].contains(k) for k in keys[:8])
+        assert not r.tiers["warm"].contains(keys[8])
+        r.pin(keys[8:])  # fetched from S3, verified, kept hot
+        assert all(r.tiers["hot"].contains(k) for k in keys[8:])
+        assert r.report()["cold"]["hits"] == 16
+        with pytest.raises(ChunkCorrupt):
+            seaweedfs.client().put_object(Bucket=params["bucket"],
+                                          Key=object_key(params, keys[0]), Body=b"bad")
+            r.demote(keys[0])
+            r.prefetch(keys[:1])
