@@ -192,3 +192,35 @@ def test_debian_rootfs_round_trip(tmp_path, store, chunker, hasher):
                             f"{src}/", f"{tmp_path / 'rootfs'}/"],
                            capture_output=True, text=True, check=True)
         assert r.stdout == ""
+
+
+def test_overlayfs_upper_dir_becomes_an_oci_layer(tmp_path, store, chunker, hasher):
+    """Real overlayfs: what the kernel shows merged equals stack([lower, captured upper])."""
+    low, up, work, mnt = (tmp_path / n for n in ("low", "up", "work", "mnt"))
+    for d in (low / "keep", low / "gone-dir/sub", low / "opq", up, work, mnt):
+        d.mkdir(parents=True)
+    (low / "keep/a").write_text("a")
+    (low / "gone-file").write_text("x")
+    (low / "gone-dir/sub/f").write_text("f")
+    (low / "opq/old").write_text("old")
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={low},upperdir={up},workdir={work}", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount overlayfs here: {r.stderr.strip()}")
+    try:
+        (mnt / "gone-file").unlink()
+        shutil.rmtree(mnt / "gone-dir")
+        shutil.rmtree(mnt / "opq")
+        (mnt / "opq").mkdir()
+        (mnt / "opq/new").write_text("new")
+        (mnt / "keep/b").write_text("b")
+        os.sync()
+        upper = capture(up, store, chunker, hasher, overlay_upper=True)
+        names = {e.path for e in upper}
+        assert {".wh.gone-file", ".wh.gone-dir", "opq/.wh..wh..opq"} <= names
+        merged = stack([capture(low, store, chunker, hasher), upper])
+        restore(merged, store, tmp_path / "out", hasher)
+        assert diff_trees(mnt, tmp_path / "out") == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -3,6 +3,7 @@
 Public API (what image layers and Voltainer build on)::
 
     m = capture(root, store, chunker, hasher)       -> Manifest (chunks put into NEBULA)
+    capture(upper, ..., overlay_upper=True)         -> an overlayfs upper dir as an OCI layer
     digest = save(m, directory, hasher)             -> digest of the canonical JSON bytes
     m = load(path_or_bytes)                         -> Manifest (ManifestError when damaged)
     restore(m, store, target, hasher)               -> byte- and metadata-identical tree
@@ -44,6 +45,8 @@ FORMAT = "stellarium-tree"
 VERSION = 1
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
+_OVL = "trusted.overlay."
+_OVL_OPAQUE = _OVL + "opaque"
 
 _TYPES = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink",
           stat.S_IFCHR: "char", stat.S_IFBLK: "block", stat.S_IFIFO: "fifo",
@@ -188,11 +191,14 @@ def _walk(root: str, rel: str = ".") -> Iterator[tuple[str, str]]:
 
 
 def capture(root: str | os.PathLike[str], store: Any, chunker: Chunker, hasher: Hasher,
-            *, cosmic_packs: bool = True) -> Manifest:
+            *, cosmic_packs: bool = True, overlay_upper: bool = False) -> Manifest:
     """Store the tree at ``root`` in NEBULA and return its manifest.
 
     Files under 4 KiB go into Cosmic Packs unless ``cosmic_packs`` is False, in
-    which case every file is chunked alone.
+    which case every file is chunked alone. With ``overlay_upper`` the tree is an
+    overlayfs upper directory (a container's writes) and its whiteouts become OCI
+    ones: a 0/0 character device NAME becomes ``.wh.NAME``, and a directory marked
+    ``trusted.overlay.opaque=y`` gets a ``.wh..wh..opq`` entry.
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
@@ -208,6 +214,13 @@ def capture(root: str | os.PathLike[str], store: Any, chunker: Chunker, hasher: 
             if kind is None:
                 raise StellarError(f"{path}: unsupported file type {stat.S_IFMT(st.st_mode):#o}")
             e = Entry(rel, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+            if overlay_upper and kind == "char" and st.st_rdev == 0:
+                # overlayfs may hardlink all whiteouts to one inode: check this first
+                parent, _, name = rel.rpartition("/")
+                e.path = (parent + "/" if parent else "") + WHITEOUT + name
+                e.type, e.mode = "file", 0o644
+                entries.append(e)
+                continue
             if kind != "dir" and st.st_nlink > 1:
                 first = inodes.setdefault((st.st_dev, st.st_ino), rel)
                 if first != rel:
@@ -215,6 +228,14 @@ def capture(root: str | os.PathLike[str], store: Any, chunker: Chunker, hasher: 
                     entries.append(e)
                     continue
             e.xattrs = _xattrs(path)
+            opaque = overlay_upper and e.xattrs.get(_OVL_OPAQUE) == b"y"
+            if overlay_upper:  # overlayfs bookkeeping, never visible in the merged view
+                e.xattrs = {k: v for k, v in e.xattrs.items() if not k.startswith(_OVL)}
+            if opaque:
+                entries.append(e)
+                inner = OPAQUE if rel == "." else f"{rel}/{OPAQUE}"
+                entries.append(Entry(inner, "file", 0o644, e.uid, e.gid, e.mtime_ns))
+                continue
             if kind == "file":
                 e.size = st.st_size
                 if cosmic_packs and 0 < st.st_size < cosmic.SMALL_FILE:
@@ -236,6 +257,8 @@ def capture(root: str | os.PathLike[str], store: Any, chunker: Chunker, hasher: 
         packer.seal()
     for e, ps in pending:
         e.pack, e.slot = ps.pack, ps.slot
+    if overlay_upper:  # renamed whiteouts must sit in walk order again
+        entries.sort(key=lambda x: _sort_key(x.path))
     return Manifest(entries, hasher.name)
 
 
