@@ -27,6 +27,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,10 +48,11 @@ TRAILER = struct.Struct("<8s32sIIB3x")        # magic, digest, stored, raw, flag
 TRAILER_SIZE = TRAILER.size + 4               # + crc32
 PACK_MAX = 1 << 30
 BATCH_BYTES = 64 << 20
-SMALL_FILE = 1 << 20
+SMALL_FILE = 256 << 10   # larger files are mmap'd (MAP_POPULATE) instead of copied
 META = "nebula.json"
 _PACK_RE = re.compile(r"pack-(\d{6})\.dat$")
 _ZEROS = bytes(PAGE)
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def align(n: int) -> int:
@@ -96,13 +98,18 @@ class _Pending:
 
     ``flags`` is None while ``data`` is still the raw bytes of a chunk the store
     already had (a dedup hit); they are kept in case a concurrent gc drops that
-    chunk before our commit, so it can be written after all.
+    chunk before our commit, so it can be written after all. ``data`` may also be
+    a Future of ``(bytes, flags)`` from the compression thread.
     """
 
     __slots__ = ("data", "raw", "flags", "refs")
 
-    def __init__(self, data: bytes | memoryview, raw: int, flags: int | None) -> None:
+    def __init__(self, data: Any, raw: int, flags: int | None) -> None:
         self.data, self.raw, self.flags, self.refs = data, raw, flags, 1
+
+    def resolve(self) -> None:
+        if isinstance(self.data, Future):
+            self.data, self.flags = self.data.result()
 
 
 class Batch:
@@ -135,10 +142,13 @@ class Batch:
         if s._known(digest):
             self._refs[digest] = _Pending(data, n, None)
             self._bytes += n
+        elif s.compression == "lz4" and n + TRAILER_SIZE > PAGE:
+            # lz4 drops the GIL: compress on the side while the caller reads and hashes on.
+            self._new[digest] = _Pending(s._compressor().submit(s._compress, data), n, 0)
+            self._bytes += n
         else:
-            stored, flags = s._compress(data)
-            self._new[digest] = _Pending(stored, n, flags)
-            self._bytes += len(stored)
+            self._new[digest] = _Pending(data, n, 0)
+            self._bytes += n
         if self._bytes >= self._limit:
             self.commit()
         return digest
@@ -208,7 +218,8 @@ def _chunks(src: str | os.PathLike[str] | IO[bytes], chunker: Chunker) -> Iterat
             if size <= SMALL_FILE:
                 buf: Any = memoryview(os.pread(fd, size, 0))
             else:
-                buf = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
+                buf = memoryview(mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE,
+                                           prot=mmap.PROT_READ))
         except OSError as exc:
             raise ChunkError(f"cannot read {src}: {exc.strerror}") from None
         finally:
@@ -264,6 +275,7 @@ class ChunkStore:
         self._log_pos = 0
         self.log_damage: list[tuple[int, str]] = []   # (byte offset, what) seen on replay
         self._locked = 0
+        self._pool: ThreadPoolExecutor | None = None
         with self._mu:
             self._catch_up()
 
@@ -552,6 +564,11 @@ class ChunkStore:
             return packed, COMPRESSED
         return data, 0
 
+    def _compressor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nebula-lz4")
+        return self._pool
+
     def batch(self, limit: int = BATCH_BYTES) -> Batch:
         """A :class:`Batch`: many puts, one durable commit (auto-commits every ``limit`` bytes)."""
         return Batch(self, limit)
@@ -566,6 +583,8 @@ class ChunkStore:
                 p = new[d] = refs.pop(d)
                 if p.flags is None:
                     p.data, p.flags = self._compress(p.data)
+            for p in new.values():
+                p.resolve()
             try:
                 items = [(d, p.data, p.raw, p.flags) for d, p in new.items()]
                 places, undo = self._write_chunks(items) if items else ([], [])
@@ -783,6 +802,9 @@ class ChunkStore:
                              f"{exc.filename or 'the store'}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         with self._mu:
             for mm in self._maps.values():
                 try:

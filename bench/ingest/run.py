@@ -1,0 +1,234 @@
+"""Ingest throughput and dedup: NEBULA vs ``casync make`` vs ``borg create``, one run.
+
+    .venv/bin/python bench/ingest/run.py [--workdir DIR] [--profile OUT.html]
+
+Input: three real debootstrap minbase bookworm trees (plain, +python3-minimal,
++curl/ca-certificates) from ``devtools.rootfs``, read once beforehand so every tool
+starts from the same warm page cache. Each tool ingests all three into one fresh
+store/repo on the same filesystem, with its defaults:
+
+- NEBULA: ``stellar ingest``'s code path in process (FastCDC 16/64/256 KiB, BLAKE3,
+  lz4 when it saves a page, fsync'd packs and index).
+- casync make: one ``.caidx`` per tree into one store (FastCDC-like 64 KiB avg,
+  SHA-512/256, zstd).
+- borg create: three archives in one unencrypted repo (buzhash 512K/2M/8M, lz4).
+
+MB/s is regular-file bytes (the same number for every tool) over wall time.
+Dedup ratio is the bytes each tool chunked over the unique chunk bytes it kept,
+before compression; "disk" is what the store/repo occupies afterwards. The ceiling
+line is FastCDC + BLAKE3 over the same bytes already in memory (no I/O, no index).
+The last section measures the in-memory index at 1M chunks with tracemalloc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import blake3  # noqa: E402
+
+from devtools.rootfs import debian_rootfs  # noqa: E402
+from stellarium_core.hashing import Blake3Hasher  # noqa: E402
+from stellarium_core.nebula import ChunkStore  # noqa: E402
+from stellarium_core.nebula.ingest import ingest  # noqa: E402
+from stellarium_core.nebula.table import ChunkTable  # noqa: E402
+from stellarium_core.plugins import Registry  # noqa: E402
+
+VARIANTS = [(), ("python3-minimal",), ("curl", "ca-certificates")]
+MB = 1e6
+
+
+def allocated(path: Path) -> int:
+    """Bytes allocated on disk (st_blocks) under ``path``."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+    return total
+
+
+def regular_files(trees: list[Path]) -> list[Path]:
+    out = []
+    for t in trees:
+        for dirpath, _, files in os.walk(t):
+            for f in files:
+                p = Path(dirpath, f)
+                if p.is_file() and not p.is_symlink():
+                    out.append(p)
+    return out
+
+
+def nebula(trees: list[Path], work: Path, profile: str | None) -> dict:
+    store = ChunkStore.open(work / "nebula", Blake3Hasher({}), create=True)
+    chunker = Registry().create("chunker", "fastcdc", {})
+    prof = None
+    if profile:
+        from pyinstrument import Profiler
+        prof = Profiler()
+        prof.start()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for t in trees:
+        ingest(store, t, chunker)
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if prof:
+        prof.stop()
+        Path(profile).write_text(prof.output_html())
+        print(prof.output_text(unicode=False, color=False, show_all=False)[:6000])
+    st = store.stats()
+    store.close()
+    return {"seconds": secs, "cpu": cpu, "chunked": st["logical_bytes"],
+            "unique": st["unique_bytes"],
+            "disk": allocated(work / "nebula"), "chunks": st["chunks"]}
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def caidx_chunks(path: Path) -> list[tuple[bytes, int]]:
+    """(chunk id, length) from a casync .caidx (48-byte index header, table, 40-byte tail)."""
+    data = path.read_bytes()
+    items = data[48 + 16:len(data) - 40]
+    out, prev = [], 0
+    for i in range(0, len(items), 40):
+        end, cid = struct.unpack_from("<Q32s", items, i)
+        out.append((cid, end - prev))
+        prev = end
+    return out
+
+
+def casync(trees: list[Path], work: Path) -> dict:
+    store = work / "casync.castr"
+    t0, c0 = time.perf_counter(), children_cpu()
+    for i, t in enumerate(trees):
+        subprocess.run(["casync", "make", f"--store={store}", str(work / f"t{i}.caidx"),
+                        str(t)], check=True, capture_output=True)
+    secs, cpu = time.perf_counter() - t0, children_cpu() - c0
+    chunks = [c for i in range(len(trees)) for c in caidx_chunks(work / f"t{i}.caidx")]
+    unique = dict(chunks)
+    return {"seconds": secs, "cpu": cpu, "chunked": sum(n for _, n in chunks),
+            "unique": sum(unique.values()), "disk": allocated(store), "chunks": len(unique)}
+
+
+def borg(trees: list[Path], work: Path) -> dict:
+    repo = work / "borg"
+    env = dict(os.environ, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+               BORG_BASE_DIR=str(work / "borg-home"), BORG_PASSPHRASE="")
+    subprocess.run(["borg", "init", "--encryption=none", str(repo)], check=True, env=env,
+                   capture_output=True)
+    t0, c0 = time.perf_counter(), children_cpu()
+    for i, t in enumerate(trees):
+        subprocess.run(["borg", "create", f"{repo}::t{i}", "."], check=True, env=env,
+                       capture_output=True, cwd=t)
+    secs, cpu = time.perf_counter() - t0, children_cpu() - c0
+    info = json.loads(subprocess.run(["borg", "info", "--json", str(repo)], check=True,
+                                     env=env, capture_output=True, text=True).stdout)
+    c = info["cache"]["stats"]
+    return {"seconds": secs, "cpu": cpu, "chunked": c["total_size"], "unique": c["unique_size"],
+            "disk": allocated(repo), "chunks": c["total_unique_chunks"]}
+
+
+def ceiling(files: list[Path]) -> dict:
+    """FastCDC + BLAKE3 over the same file bytes, already in memory."""
+    chunker = Registry().create("chunker", "fastcdc", {})
+    blobs = [p.read_bytes() for p in files]
+    t0, c0 = time.perf_counter(), time.process_time()
+    seen: set[bytes] = set()
+    for b in blobs:
+        mv = memoryview(b)
+        pos = 0
+        for n in chunker.cut(mv):
+            seen.add(blake3.blake3(mv[pos:pos + n]).digest())
+            pos += n
+    return {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+
+
+def index_memory(n: int = 1_000_000) -> tuple[float, float]:
+    """Bytes per chunk of NEBULA's in-memory index, and of a plain dict, at ``n`` chunks."""
+    tracemalloc.start()
+    t = ChunkTable()
+    base = tracemalloc.get_traced_memory()[0]
+    for i in range(n):
+        t.set(blake3.blake3(i.to_bytes(8, "little")).digest(), 1, i * 4096 % (1 << 36),
+              60000, 65536, 1, 0)
+    ours = (tracemalloc.get_traced_memory()[0] - base) / n
+    del t
+    tracemalloc.stop()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    d = {}
+    for i in range(n):
+        d[blake3.blake3(i.to_bytes(8, "little")).digest()] = (1, i * 4096, 60000, 65536, 1, 0)
+    plain = (tracemalloc.get_traced_memory()[0] - base) / n
+    del d
+    tracemalloc.stop()
+    return ours, plain
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", type=Path, help="where stores go (default: a temp dir)")
+    ap.add_argument("--profile", metavar="OUT.html", help="pyinstrument profile of NEBULA")
+    ap.add_argument("--no-memory", action="store_true", help="skip the 1M-chunk index test")
+    args = ap.parse_args()
+    for tool in ("casync", "borg"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed (apt-get install {tool}); cannot compare",
+                  file=sys.stderr)
+            return 2
+    trees = [debian_rootfs(extra_packages=v) for v in VARIANTS]
+    files = regular_files(trees)
+    total = sum(p.stat().st_size for p in files)
+    for p in files:  # warm the page cache: every tool reads the same cached bytes
+        p.read_bytes()
+    print(f"input: 3 rootfs trees, {len(files)} regular files, {total / MB:.1f} MB")
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.workdir))
+    try:
+        results = {
+            "nebula": nebula(trees, work, args.profile),
+            "casync make": casync(trees, work),
+            "borg create": borg(trees, work),
+        }
+        ceil = ceiling(files)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("MB/s = input MB / wall seconds; cpu MB/s = input MB / CPU seconds of the tool's "
+          "processes (the fairer figure on a shared machine)")
+    print(f"{'tool':<12} {'wall s':>7} {'MB/s':>7} {'cpu s':>7} {'cpu MB/s':>8} {'dedup':>6} "
+          f"{'chunks':>7} {'disk MB':>8} {'in/disk':>7}")
+    for name, r in results.items():
+        print(f"{name:<12} {r['seconds']:7.2f} {total / MB / r['seconds']:7.1f} "
+              f"{r['cpu']:7.2f} {total / MB / r['cpu']:8.1f} "
+              f"{r['chunked'] / r['unique']:6.3f} {r['chunks']:7d} {r['disk'] / MB:8.1f} "
+              f"{total / r['disk']:7.3f}")
+    print(f"{'ceiling':<12} {ceil['seconds']:7.2f} {total / MB / ceil['seconds']:7.1f} "
+          f"{ceil['cpu']:7.2f} {total / MB / ceil['cpu']:8.1f}"
+          "  (FastCDC+BLAKE3 over the same bytes in memory)")
+    neb = results["nebula"]
+    for peer in ("casync make", "borg create"):
+        p = results[peer]
+        print(f"nebula vs {peer}: {p['seconds'] / neb['seconds']:.2f}x wall, "
+              f"{p['cpu'] / neb['cpu']:.2f}x cpu throughput")
+    if not args.no_memory:
+        ours, plain = index_memory()
+        print(f"in-memory index at 1M chunks: {ours:.1f} bytes/chunk "
+              f"(dict[bytes, tuple] would be {plain:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
