@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from stellarium_core.volumes.filetree import diff_trees
 from tests.helpers import run_cli
 
 
@@ -72,5 +73,12 @@ def test_tree_capture_restore(cfg: Path, tmp_path: Path) -> None:
     out = stellar(cfg, "tree", "capture", src)
     assert out["entries"] == 5 and out["chunks"] >= 2
     stellar(cfg, "tree", "restore", out["digest"], tmp_path / "dst")
-    from stellarium_core.volumes.filetree import diff_trees
     assert diff_trees(src, tmp_path / "dst") == []
+    up = tmp_path / "up"
+    up.mkdir()
+    (up / ".wh.big").write_text("")
+    top = stellar(cfg, "tree", "capture", up)
+    merged = stellar(cfg, "tree", "stack", out["digest"], top["digest"])
+    assert merged["entries"] == 4
+    stellar(cfg, "tree", "restore", merged["digest"], tmp_path / "m")
+    assert not (tmp_path / "m/big").exists() and (tmp_path / "m/d/small").read_text() == "tiny"

@@ -46,7 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     cap.add_argument("dir", help="directory to capture")
     cap.add_argument("--no-cosmic", action="store_true",
                      help="store small files as separate chunks (no Cosmic Packs)")
+    cap.add_argument("--overlay-upper", action="store_true",
+                     help="DIR is an overlayfs upper dir: turn its whiteouts into OCI ones")
     cap.set_defaults(func=_capture)
+    stk = ts.add_parser("stack", parents=[JSON],
+                        help="merge layers bottom to top (OCI whiteouts), print the digest")
+    stk.add_argument("layers", nargs="+", metavar="MANIFEST", help="digest or manifest file")
+    stk.set_defaults(func=_stack)
     res = ts.add_parser("restore", parents=[JSON], help="recreate a tree from its manifest")
     res.add_argument("manifest", help="manifest digest (hex) or path to a manifest file")
     res.add_argument("dir", help="target directory (absent or empty)")
@@ -149,7 +155,7 @@ def _trees(host: Host) -> Path:
 def _capture(args: argparse.Namespace) -> int:
     host = Host.from_config(args.config)
     m = filetree.capture(args.dir, host.store, host.chunker, host.hasher,
-                         cosmic_packs=not args.no_cosmic)
+                         cosmic_packs=not args.no_cosmic, overlay_upper=args.overlay_upper)
     digest = filetree.save(m, _trees(host), host.hasher)
     fp = filetree.footprint(m, host.store)
     data = {"digest": digest.hex(), "entries": len(m),
@@ -158,16 +164,28 @@ def _capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _restore(args: argparse.Namespace) -> int:
-    host = Host.from_config(args.config)
-    src = Path(args.manifest)
+def _load_tree(host: Host, ref: str) -> filetree.Manifest:
+    src = Path(ref)
     if not src.exists():
         try:
-            bytes.fromhex(args.manifest)
+            bytes.fromhex(ref)
         except ValueError:
-            raise StellarError(f"{args.manifest} is neither a manifest file nor a digest") from None
-        src = _trees(host) / f"{args.manifest}.json"
-    m = filetree.load(src, host.hasher)
+            raise StellarError(f"{ref} is neither a manifest file nor a digest") from None
+        src = _trees(host) / f"{ref}.json"
+    return filetree.load(src, host.hasher)
+
+
+def _stack(args: argparse.Namespace) -> int:
+    host = Host.from_config(args.config)
+    merged = filetree.stack(_load_tree(host, ref) for ref in args.layers)
+    digest = filetree.save(merged, _trees(host), host.hasher)
+    emit(args, {"digest": digest.hex(), "entries": len(merged)}, digest.hex())
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    host = Host.from_config(args.config)
+    m = _load_tree(host, args.manifest)
     filetree.restore(m, host.store, args.dir, host.hasher)
     emit(args, {"restored": args.dir, "entries": len(m)},
          f"restored {len(m)} entries to {args.dir}")
