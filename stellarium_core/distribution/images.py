@@ -186,23 +186,41 @@ class ImageStore:
 
     # -- adding and removing ----------------------------------------------------------
 
-    def add_layer(self, manifest: filetree.Manifest, *, holds_refs: bool) -> bytes:
-        """Keep a layer manifest; call under :meth:`locked`.
+    def add_captured(self, manifest: filetree.Manifest) -> bytes:
+        """Keep a layer whose references capture took; call under :meth:`locked`.
 
-        ``holds_refs``: the caller already took this layer's references (capture
-        did); they are given back when the same layer is already kept. Otherwise
-        the references are added here, before the manifest is written.
+        If the same layer is already kept, the duplicate references are given back.
         """
         data = manifest.encode()
         digest = self.hasher.digest(data)
         if self.has(digest):
-            if holds_refs:
-                filetree.release(manifest, self.store)
+            filetree.release(manifest, self.store)
         else:
-            if not holds_refs:
-                add_refs(self.store, layer_refs(manifest))
             write_atomic(self.path(digest), data)
         return digest
+
+    def keep_pulled(self, layers: list[filetree.Manifest], held: set[bytes]) -> None:
+        """Keep fetched layers; call under :meth:`locked`.
+
+        ``held``: chunks that already carry one reference each for this pull (a
+        fetch put them). They count towards the layers' references, and any the
+        layers do not need (another pull kept the layer first) are released.
+        """
+        need: Counter[bytes] = Counter()
+        todo: dict[bytes, bytes] = {}
+        for m in layers:
+            data = m.encode()
+            digest = self.hasher.digest(data)
+            if not self.has(digest) and digest not in todo:
+                todo[digest] = data
+                need.update(layer_refs(m))
+        surplus = [d for d in held if need[d] == 0]
+        need.subtract(d for d in held if need[d] > 0)
+        add_refs(self.store, +need)
+        for digest, data in todo.items():
+            write_atomic(self.path(digest), data)
+        for d in surplus:
+            self.store.release(d)
 
     def bind(self, name: str, image: ImageManifest) -> bytes:
         """Write the image manifest and point ``name`` at it; call under :meth:`locked`."""

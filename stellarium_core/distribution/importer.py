@@ -95,7 +95,7 @@ class Importer:
     def _bind(self, name: str, layers: list[filetree.Manifest],
               config: dict[str, Any]) -> bytes:
         with self.images.locked():
-            digests = [self.images.add_layer(m, holds_refs=True) for m in layers]
+            digests = [self.images.add_captured(m) for m in layers]
             return self.images.bind(name, ImageManifest(digests, self.hasher.name, config))
 
     def import_path(self, source: str | os.PathLike[str], name: str) -> bytes:

@@ -11,9 +11,11 @@ Order of events, and why:
    Those blobs carry one reference each, so ``gc`` keeps them while the pull is
    unfinished; a pull that is interrupted and run again finds them stored and
    does not fetch them again.
-4. Only when every blob is present: take the layers' references, write the
-   manifests, bind the name (all under the image lock), then drop the journal's
-   references. A failure before this step leaves no name and no manifest.
+4. Only when every blob is present: take the layers' references (the journal's
+   count towards them), write the manifests and bind the name, all under the
+   image lock, then drop the journal. A failure before this leaves no name and
+   no manifest; a crash after the manifests are written is settled by the next
+   attempt, which finds the layers kept and releases the journal's references.
 """
 
 from __future__ import annotations
@@ -162,11 +164,8 @@ class Puller:
         fetched = self._fetch_all(digest, missing, sizes, held)
 
         with self.images.locked():
-            for layer in new_layers.values():
-                self.images.add_layer(layer, holds_refs=False)
+            self.images.keep_pulled(list(new_layers.values()), held)
             self.images.bind(name, image)
-        for d in held:  # the image now holds its own references
-            store.release(d)
         if held:
             os.unlink(self._journal_path(digest))
         return PullResult(digest, len(refs), fetched, resumed,
