@@ -290,12 +290,14 @@ class ImageStore:
 
 def shared_chunks(images: ImageStore) -> dict[str, int]:
     """Store-wide figures: distinct chunks the images hold, and how many of them
-    more than one image holds (what a sibling pull did not have to fetch)."""
+    more than one image name holds (what a sibling pull did not have to fetch)."""
     seen: Counter[bytes] = Counter()
-    for hexd in set(images.index().values()):
-        own: set[bytes] = set()
-        for d in images.image(bytes.fromhex(hexd)).layers:
-            own.update(layer_refs(images.layer(d)))
-        seen.update(own)
+    cache: dict[str, set[bytes]] = {}
+    for hexd in images.index().values():  # per name: two names of one image share all
+        if hexd not in cache:
+            cache[hexd] = set()
+            for d in images.image(bytes.fromhex(hexd)).layers:
+                cache[hexd].update(layer_refs(images.layer(d)))
+        seen.update(cache[hexd])
     return {"image_chunks": len(seen),
             "chunks_shared_between_images": sum(1 for n in seen.values() if n > 1)}
