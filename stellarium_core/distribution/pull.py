@@ -124,8 +124,9 @@ class Puller:
         except FileNotFoundError:
             return set()
         except (ValueError, TypeError):
-            raise ImageError(f"{self._journal_path(digest)} is corrupt; remove it and "
-                             "run `stellar host gc` to reclaim its chunks") from None
+            raise ImageError(
+                f"{self._journal_path(digest)} is corrupt; remove it to pull afresh "
+                "(the chunks it listed keep one leaked reference each)") from None
 
     def _save_journal(self, digest: bytes, held: set[bytes]) -> None:
         write_atomic(self.images.pulls / f"{digest.hex()}.json",

@@ -144,6 +144,8 @@ def test_container_runs_on_pulled_image(pulled: tuple[Path, Path]) -> None:
     assert r.stdout == (rootfs / "etc/debian_version").read_text()
     store = cfg.parent / "store"
     assert mounts_below(store) == [] and list((store / "runtime").iterdir()) == []
+    names = [r["name"] for r in stellar(cfg, "image", "ls")["images"]]
+    assert names == ["debian"]  # the per-run pins are gone
 
 
 @pytest.mark.slow
@@ -164,22 +166,38 @@ def test_sigkilled_run_is_cleaned_by_gc(pulled: tuple[Path, Path]) -> None:
     time.sleep(0.5)
     assert mounts_below(store / "runtime"), "a crash leaves the overlay mounted"
     assert len(list((store / "runtime").iterdir())) == 1
+    names = [r["name"] for r in stellar(cfg, "image", "ls")["images"]]
+    assert len(names) == 2 and any(n.startswith("voltainer/") for n in names)
     r = voltainer(cfg, "gc", "--json")
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["cleaned"]) == 1
     assert mounts_below(store / "runtime") == [] and list((store / "runtime").iterdir()) == []
     ps = subprocess.run(["pgrep", "-f", "sleep 120"], capture_output=True, text=True)
     assert ps.stdout.strip() == "", "the container died with its runner"
+    assert [r["name"] for r in stellar(cfg, "image", "ls")["images"]] == ["debian"]
 
 
 def test_run_without_command_or_unknown_image_is_a_clear_error(tmp_path: Path) -> None:
     cfg = new_store(tmp_path)
-    r = voltainer(cfg, "run", "debian")
-    assert r.returncode == 2 and "no command given" in r.stderr
     if shutil.which("systemd-nspawn"):
+        tree = tmp_path / "tree"
+        (tree / "etc").mkdir(parents=True)
+        stellar(cfg, "image", "import", tree, "bare")
+        r = voltainer(cfg, "run", "bare")
+        assert r.returncode == 2 and "no command given" in r.stderr
         r = voltainer(cfg, "run", "nope", "--", "true")
         assert r.returncode == 1 and "no image named 'nope'" in r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_nspawn_line_carries_image_config_and_options(tmp_path: Path) -> None:
+    from voltainer.runner import nspawn_command
+
+    cmd = nspawn_command(tmp_path, "vt-x", ["env"], private_network=True,
+                         config={"Env": ["A=1", "bogus"], "WorkingDir": "/srv"})
+    assert cmd[:4] == ["systemd-nspawn", "-q", "--register=no", "--keep-unit"]
+    assert "--setenv=A=1" in cmd and "--setenv=bogus" not in cmd and "--chdir=/srv" in cmd
+    assert "--private-network" in cmd and cmd[-2:] == ["--", "env"]
 
 
 def test_plugin_is_found_through_its_entry_point() -> None:

@@ -6,11 +6,10 @@ import argparse
 from collections.abc import Sequence
 
 from stellarium_core.cli.common import JSON, emit, run, table
-from stellarium_core.errors import UsageError
 from stellarium_core.host import Host
 from voltainer import mounts
+from voltainer.runner import gc, runtime_dir
 from voltainer.runner import run as run_container
-from voltainer.runner import runtime_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--private-network", action="store_true",
                    help="give the container only a loopback interface")
     r.add_argument("image", help="image name (stellar image ls) or manifest digest")
-    r.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    r.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- CMD [ARGS...] (default: the image's Entrypoint + Cmd)")
     r.set_defaults(func=_run)
     g = sub.add_parser("gc", parents=[JSON], help="unmount and delete what crashed runs left")
     g.set_defaults(func=_gc)
@@ -28,15 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        raise UsageError("voltainer run: no command given (voltainer run IMAGE -- CMD)")
     host = Host.from_config(args.config)
     return run_container(host, args.image, command, private_network=args.private_network,
                          config=args.config)
 
 
 def _gc(args: argparse.Namespace) -> int:
-    cleaned = mounts.gc(runtime_dir(Host.from_config(args.config)))
+    cleaned = gc(Host.from_config(args.config))
     emit(args, {"cleaned": cleaned}, f"cleaned {len(cleaned)} stale container(s)")
     return 0
 

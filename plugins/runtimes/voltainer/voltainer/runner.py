@@ -56,27 +56,53 @@ def _wait_mounted(d: Path, proc: subprocess.Popen[Any], log: Path) -> None:
     raise RunError(f"the FUSE view did not mount within {_MOUNT_WAIT:g} s")
 
 
-def nspawn_command(root: Path, cid: str, command: list[str], *,
-                   private_network: bool) -> list[str]:
+PIN = "voltainer/"
+
+
+def nspawn_command(root: Path, cid: str, command: list[str], *, private_network: bool,
+                   config: dict[str, Any]) -> list[str]:
+    """The nspawn line; the image's OCI config supplies Env and WorkingDir."""
     cmd = [NSPAWN, "-q", "--register=no", "--keep-unit", f"--directory={root}",
            f"--machine={cid}", "--link-journal=no"]
+    cmd += [f"--setenv={e}" for e in config.get("Env", []) if isinstance(e, str) and "=" in e]
+    if isinstance(config.get("WorkingDir"), str) and config["WorkingDir"].startswith("/"):
+        cmd.append(f"--chdir={config['WorkingDir']}")
     if private_network:
         cmd.append("--private-network")
     return [*cmd, "--", *command]
 
 
+def _images(host: Host) -> ImageStore:
+    return ImageStore(host.store_path / "images", host.store, host.hasher)
+
+
+def gc(host: Host) -> list[str]:
+    """Clean up crashed runs and drop the image pins of containers that are gone."""
+    runtime = runtime_dir(host)
+    cleaned = mounts.gc(runtime)
+    images = _images(host)
+    for name in images.index():
+        if name.startswith(PIN) and not (runtime / name[len(PIN):]).exists():
+            images.remove(name)
+    return cleaned
+
+
 def run(host: Host, image: str, command: list[str], *, private_network: bool = False,
         config: str | None = None) -> int:
     """Run ``command`` in a container of ``image``; returns the command's exit code."""
-    if not command:
-        raise UsageError("no command given (voltainer run IMAGE -- CMD [ARGS...])")
     if shutil.which(NSPAWN) is None:
         raise RunError("systemd-nspawn is not installed (apt-get install systemd-container)")
     runtime = runtime_dir(host)
     runtime.mkdir(parents=True, exist_ok=True)
-    mounts.gc(runtime)
-    images = ImageStore(host.store_path / "images", host.store, host.hasher)
+    gc(host)
+    images = _images(host)
     digest = images.resolve(image)
+    manifest = images.image(digest)
+    command = command or [*(manifest.config.get("Entrypoint") or []),
+                          *(manifest.config.get("Cmd") or [])]
+    if not command:
+        raise UsageError("no command given and the image names none "
+                         "(voltainer run IMAGE -- CMD [ARGS...])")
     cid = "vt-" + re.sub(r"[^a-z0-9-]", "-", image.lower())[:24].strip("-") + "-" + \
         secrets.token_hex(4)
     d = runtime / cid
@@ -86,6 +112,10 @@ def run(host: Host, image: str, command: list[str], *, private_network: bool = F
     state.save(d)
     old_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+        # A name on the image keeps its layers and chunks alive while we serve them,
+        # even if the user removes the image meanwhile (gc drops stale pins).
+        with images.locked():
+            images.bind(PIN + cid, manifest)
         log = d / "fuse.log"
         with open(log, "wb") as logfh:
             fuse = subprocess.Popen(
@@ -103,7 +133,8 @@ def run(host: Host, image: str, command: list[str], *, private_network: bool = F
         if r.returncode != 0:
             raise RunError(f"mounting the overlay failed: {r.stderr.strip()}")
         ns = subprocess.Popen(nspawn_command(d / "root", cid, command,
-                                             private_network=private_network),
+                                             private_network=private_network,
+                                             config=manifest.config),
                               preexec_fn=_die_with_parent)
         state.nspawn = Proc.of(ns.pid)
         state.save(d)
@@ -115,3 +146,5 @@ def run(host: Host, image: str, command: list[str], *, private_network: bool = F
     finally:
         signal.signal(signal.SIGTERM, old_term)
         mounts.cleanup(d, state)
+        if PIN + cid in images.index():
+            images.remove(PIN + cid)
