@@ -97,6 +97,16 @@ class CDNHandler(http.server.SimpleHTTPRequestHandler):
             srv.gets.append(self.path)
             n_blob = sum(1 for p in srv.gets if "/blobs/" in p)
         mode = srv.mode
+        if mode == "count" and "/blobs/" in self.path:
+            with srv.lock:
+                srv.active += 1
+                srv.peak = max(srv.peak, srv.active)
+            time.sleep(0.05)
+            try:
+                return super().do_GET()
+            finally:
+                with srv.lock:
+                    srv.active -= 1
         if "/blobs/" not in self.path and not (mode == "bad-manifest" and
                                                "/manifests/" in self.path):
             return super().do_GET()
@@ -145,7 +155,7 @@ def server(tmp_path: Path) -> Iterator[http.server.ThreadingHTTPServer]:
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     srv.daemon_threads = True
-    srv.root, srv.mode, srv.limit = root, "ok", 0
+    srv.root, srv.mode, srv.limit, srv.active, srv.peak = root, "ok", 0, 0, 0
     srv.lock, srv.gets, srv.failed = threading.Lock(), [], set()
     srv.url = f"http://127.0.0.1:{srv.server_port}/"
     t = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -281,6 +291,17 @@ def test_transient_503_is_retried(src, dst, chunker, hasher, server, tmp_path):
     server.mode = "flaky-503"
     res = Puller(dst, server.url, policy=FAST).pull("app", tag="app")
     assert res.blobs_fetched == res.blobs_needed and "app" in dst.index()
+
+
+def test_gets_run_in_parallel_but_bounded_with_a_progress_bar(src, dst, chunker, hasher,
+                                                              server, tmp_path, capsys):
+    imported(src, chunker, hasher, make_tree(tmp_path / "tree"))
+    publish(src, "app", server.root)
+    server.mode = "count"
+    res = Puller(dst, server.url, workers=3, policy=FAST, progress=True).pull("app", tag="app")
+    assert res.blobs_fetched > 6
+    assert 2 <= server.peak <= 3
+    assert "pull" in capsys.readouterr().err  # tqdm's bar, forced on for the test
 
 
 def test_bad_urls_are_usage_errors():
