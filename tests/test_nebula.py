@@ -206,3 +206,29 @@ def test_reference_to_a_chunk_gc_dropped_meanwhile_writes_it_again(store: ChunkS
         assert not store.contains(d)
     assert store.get(d) == blob and store.refs(d) == 1
     assert store.fsck().ok
+
+
+def test_index_snapshot_and_interrupted_compaction(tmp_path: Path) -> None:
+    root = tmp_path / "n"
+    blobs = [os.urandom(3000 + i) for i in range(40)]
+    with ChunkStore.open(root, HASHER, create=True) as s:
+        s.compact_log_bytes = 1000       # compaction after a few commits
+        ds = [s.put(b) for b in blobs]
+        s.ref(ds[0], 2)
+        assert (root / "index.snap").exists()
+        assert (root / "index.log").stat().st_size < 1000 + 2 * 56
+    with ChunkStore.open(root, HASHER) as s:
+        assert [s.get(d) for d in ds] == blobs and s.refs(ds[0]) == 3
+        # A compaction that stops between its two renames leaves an older log behind.
+        old_log = (root / "index.log").read_bytes()
+        s.ref(ds[1])
+        with s._lock():
+            s.compact_index()
+    (root / "index.log").write_bytes(old_log)   # as if the second rename never happened
+    with ChunkStore.open(root, HASHER) as s:
+        assert s.refs(ds[1]) == 2 and s.refs(ds[0]) == 3   # nothing applied twice
+        assert any("compaction was interrupted" in p.what for p in s.fsck().problems)
+        s.ref(ds[2])                       # the next write replaces the stale log
+    with ChunkStore.open(root, HASHER) as s:
+        assert s.refs(ds[2]) == 2 and s.refs(ds[1]) == 2
+        assert s.fsck().ok

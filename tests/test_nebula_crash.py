@@ -35,6 +35,7 @@ class Fixed:
 root, seed = sys.argv[1], int(sys.argv[2])
 rnd = random.Random(seed)
 s = ChunkStore.open(root, Blake3Hasher({}), create=True, pack_max=256 * 1024)
+s.compact_log_bytes = 4000   # fold the log into snapshots often, so kills land there too
 old, net = [], {}
 print("ready", flush=True)
 while True:
@@ -124,6 +125,7 @@ root, seed = sys.argv[1], int(sys.argv[2])
 shared = [random.Random(i).randbytes(3000 + i) for i in range(150)]
 random.Random(seed).shuffle(shared)
 with ChunkStore.open(root, Blake3Hasher({}), pack_max=128 * 1024) as s:
+    s.compact_log_bytes = 3000
     for i, blob in enumerate(shared):
         if i % 3:
             s.put(blob)

@@ -158,3 +158,25 @@ def test_disk_full_fails_cleanly(tiny_fs: Path, tmp_path: Path) -> None:
         assert rep.ok and not [p for p in rep.problems if p.severity != "note"]
         assert len(s) == len(kept)
         assert all(s.get(d) == b for d, b in kept.items())
+
+
+def test_damaged_index_snapshot(tmp_path: Path) -> None:
+    root = tmp_path / "nebula"
+    blobs = _blobs(5)
+    with ChunkStore.open(root, HASHER, create=True) as s:
+        ds = [s.put(b) for b in blobs]
+        with s._lock():
+            s.compact_index()
+        later = s.put(b"written after the snapshot")
+    _flip(root / "index.snap", 200)                   # inside the first record block
+    with ChunkStore.open(root, HASHER) as s:
+        assert s.get(later) == b"written after the snapshot"
+        with pytest.raises(MissingChunkError):
+            s.get(ds[0])
+        rep = s.fsck()
+        assert [p.file for p in rep.errors] == ["index.snap"]
+        assert "fail their checksum" in rep.errors[0].what
+        lost = {p.chunk for p in rep.problems if "unindexed chunk" in p.what}
+        assert lost == {d.hex() for d in ds}
+        assert s.fsck(repair=True).repaired == 5
+        assert [s.get(d) for d in ds] == blobs

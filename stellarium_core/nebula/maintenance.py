@@ -19,12 +19,8 @@ import lz4.block
 
 from stellarium_core.nebula.store import (
     DEL,
-    LOG_HEADER,
-    LOG_MAGIC,
-    LOG_SIZE,
     PAGE,
     PUT,
-    REF,
     TRAILER_MAGIC,
     TRAILER_SIZE,
     _fsync_dir,
@@ -82,28 +78,6 @@ def _punch(s: ChunkStore, e: Entry) -> None:
     os.pwrite(fd, bytes(TRAILER_SIZE), e.offset + e.stored)
 
 
-def _snapshot(s: ChunkStore) -> None:
-    """Rewrite the index log as one PUT per live chunk, atomically (tmp + rename)."""
-    tmp = s.root / "index.log.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(LOG_HEADER.pack(LOG_MAGIC, 32, 0))
-        out = []
-        for d, e in s._table.items():
-            out.append(log_record(PUT, d, e.pack, e.offset, e.stored, e.raw,
-                                  min(e.refs, _I32), e.flags))
-            for extra in range(e.refs - _I32, 0, -_I32):
-                out.append(log_record(REF, d, delta=min(extra, _I32)))
-            if len(out) >= 4096:
-                fh.write(b"".join(out))
-                out = []
-        fh.write(b"".join(out))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, s.log_path)
-    _fsync_dir(s.root)
-    s._catch_up()  # the inode changed: reload from the snapshot
-
-
 def collect(s: ChunkStore) -> dict[str, int]:
     """Forget chunks with no references, rewrite packs that are >= 20% garbage."""
     with s._lock():
@@ -143,7 +117,7 @@ def collect(s: ChunkStore) -> dict[str, int]:
                 raise
             moved += len(chunks)
             del items, view
-        _snapshot(s)
+        s.compact_index()
         removed = 0
         reclaimed = 0
         for n in victims:
@@ -202,17 +176,18 @@ def fsck(s: ChunkStore, repair: bool = False) -> FsckReport:
     rep = FsckReport()
     add = rep.problems.append
     log = "index.log"
-    with s._lock(truncate=repair):
+    with s._lock(writing=repair):
         s._log_ino = -1          # replay from scratch to see every damaged record
         s._catch_up()
-        for off, what in s.log_damage:
-            add(Problem("error", log, what + " (that index record is lost)", offset=off))
+        for file, off, what in s.log_damage:
+            add(Problem("error", file, what, offset=off))
         size = os.fstat(s._log_fd).st_size
-        if size > s._log_pos:
+        if s._log_stale:
+            add(Problem("warning", log, "older than index.snap (a compaction was interrupted); "
+                        "ignored, and replaced by the next write"))
+        elif size > s._log_pos:
             add(Problem("warning", log, f"{size - s._log_pos} bytes of torn records at the end "
                         "(an interrupted append; ignored)", offset=s._log_pos))
-        if (size - LOG_HEADER.size) % LOG_SIZE and size == s._log_pos:
-            add(Problem("error", log, "length is not a whole number of records"))
         entries = list(s._table.items())
         regions: dict[int, list[tuple[int, int]]] = defaultdict(list)
         bad: set[bytes] = set()

@@ -123,6 +123,35 @@ class ChunkTable:
         if self._n * 3 > (self._mask + 1) * 2:
             self._rehash((self._mask + 1) * 2)
 
+    def upsert(self, digest: bytes, pack: int, page: int, stored: int, raw: int,
+               delta: int, flags: int) -> None:
+        """Place ``digest`` at (pack, page) and add ``delta`` refs, in one probe.
+
+        The index replay's hot path: a new chunk, or a known one that moved (gc).
+        """
+        if not (0 <= pack <= 0xFFFF and 0 <= page <= _M24 and stored <= _M24 and raw <= _M24):
+            raise ValueError(f"location out of range: pack {pack} page {page} "
+                             f"stored {stored} raw {raw}")
+        a = pack | page << 16 | stored << 40
+        i, r = self._find(digest)
+        if r >= 0:
+            b = _WORDS.unpack_from(self._recs, r * RECORD + 32)[1]
+            if b >> 56 & DEAD:
+                self._live += 1
+                refs = delta
+            else:
+                refs = ((b >> 24) & _M32) + delta
+            b = raw | min(max(refs, 0), _M32) << 24 | (flags & 0x7F) << 56
+            _REC.pack_into(self._recs, r * RECORD, digest, a, b)
+            return
+        b = raw | min(max(delta, 0), _M32) << 24 | (flags & 0x7F) << 56
+        self._recs += _REC.pack(digest, a, b)
+        self._slots[i] = self._n + 1
+        self._n += 1
+        self._live += 1
+        if self._n * 3 > (self._mask + 1) * 2:
+            self._rehash((self._mask + 1) * 2)
+
     def add_refs(self, digest: bytes, delta: int) -> int:
         """Add ``delta`` (may be negative) to the live chunk's refs; returns the new count."""
         r = self._find(digest)[1]
@@ -154,6 +183,29 @@ class ChunkTable:
             d, a, b = _REC.unpack_from(recs, r * RECORD)
             if not (b >> 56) & DEAD:
                 yield d, _entry(a, b)
+
+    def dump(self) -> tuple[bytes, bytes]:
+        """(records, slots) exactly as held, dead records dropped, for a snapshot file."""
+        if self._n != self._live:
+            self.compact()
+        return bytes(self._recs), self._slots.tobytes()
+
+    @classmethod
+    def load(cls, records: bytes | bytearray, slots: bytes | None) -> ChunkTable:
+        """A table from :meth:`dump` output; ``slots=None`` rebuilds them (slower)."""
+        t = cls()
+        t._recs = bytearray(records)
+        t._n = t._live = len(records) // RECORD
+        if slots is not None:
+            t._slots = array("I")
+            t._slots.frombytes(slots)
+            t._mask = len(t._slots) - 1
+        else:
+            size = 1024
+            while t._n * 3 > size * 2:
+                size *= 2
+            t._rehash(size)
+        return t
 
     def compact(self) -> None:
         """Drop dead records and rebuild the slots."""
