@@ -160,7 +160,10 @@ def test_sigkilled_run_is_cleaned_by_gc(pulled: tuple[Path, Path]) -> None:
             break
         time.sleep(0.05)
     assert len(mounts_below(store / "runtime")) == 2
-    time.sleep(0.5)  # let nspawn start the container
+    for _ in range(600):  # until the container's command is running
+        if subprocess.run(["pgrep", "-f", "sleep 120"], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(0.5)
@@ -173,7 +176,7 @@ def test_sigkilled_run_is_cleaned_by_gc(pulled: tuple[Path, Path]) -> None:
     assert len(json.loads(r.stdout)["cleaned"]) == 1
     assert mounts_below(store / "runtime") == [] and list((store / "runtime").iterdir()) == []
     ps = subprocess.run(["pgrep", "-f", "sleep 120"], capture_output=True, text=True)
-    assert ps.stdout.strip() == "", "the container died with its runner"
+    assert ps.stdout.strip() == "", "no container process outlives the cleanup"
     assert [r["name"] for r in stellar(cfg, "image", "ls")["images"]] == ["debian"]
 
 

@@ -57,6 +57,7 @@ class State:
     runner: Proc
     fuse: Proc | None = None
     nspawn: Proc | None = None
+    cgroup: str | None = None
     created: float = field(default_factory=time.time)
 
     @classmethod
@@ -66,7 +67,7 @@ class State:
             procs = {k: Proc(**doc[k]) if doc.get(k) else None
                      for k in ("runner", "fuse", "nspawn")}
             return cls(doc["id"], doc["image"], doc["digest"], procs["runner"], procs["fuse"],
-                       procs["nspawn"], doc.get("created", 0.0))
+                       procs["nspawn"], doc.get("cgroup"), doc.get("created", 0.0))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -74,6 +75,47 @@ class State:
         tmp = d / (STATE + ".tmp")
         tmp.write_text(json.dumps(asdict(self)))
         os.replace(tmp, d / STATE)
+
+
+#: Where a per-container cgroup can go: the v1 ``pids`` hierarchy, else unified v2.
+CGROUP_BASES = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"))
+
+
+def make_cgroup(cid: str) -> str | None:
+    """A cgroup for the container's processes, so a cleanup can find every one of
+    them even after nspawn itself is gone; None where cgroups are not writable."""
+    for base in CGROUP_BASES:
+        if (base / "cgroup.procs").exists():
+            path = base / "voltainer" / cid
+            try:
+                path.mkdir(parents=True)
+            except OSError:
+                return None
+            return str(path)
+    return None
+
+
+def kill_cgroup(path: str, grace: float = 5.0) -> None:
+    """SIGKILL everything in the cgroup until it is empty, then remove it."""
+    procs = Path(path) / "cgroup.procs"
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            pids = [int(p) for p in procs.read_text().split()]
+        except OSError:
+            return
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -119,6 +161,8 @@ def cleanup(d: Path, state: State | None) -> None:
     """Stop the container and its FUSE server, unmount everything, delete the dir."""
     if state is not None:
         stop(state.nspawn)
+        if state.cgroup:  # what nspawn left behind if it died first
+            kill_cgroup(state.cgroup)
     for mp in mounts_under(d):
         unmount(mp)
     if state is not None:

@@ -44,6 +44,16 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def _into_cgroup(cgroup: str | None) -> Any:
+    """preexec for nspawn: die with the runner, and join the container's cgroup."""
+    def pre() -> None:
+        _die_with_parent()
+        if cgroup:
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as fh:
+                fh.write(str(os.getpid()))
+    return pre
+
+
 def _wait_mounted(d: Path, proc: subprocess.Popen[Any], log: Path) -> None:
     lower = os.path.realpath(d / "lower")
     deadline = time.monotonic() + _MOUNT_WAIT
@@ -132,10 +142,12 @@ def run(host: Host, image: str, command: list[str], *, private_network: bool = F
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RunError(f"mounting the overlay failed: {r.stderr.strip()}")
+        state.cgroup = mounts.make_cgroup(cid)
+        state.save(d)
         ns = subprocess.Popen(nspawn_command(d / "root", cid, command,
                                              private_network=private_network,
                                              config=manifest.config),
-                              preexec_fn=_die_with_parent)
+                              preexec_fn=_into_cgroup(state.cgroup))
         state.nspawn = Proc.of(ns.pid)
         state.save(d)
         while True:
