@@ -17,11 +17,19 @@ def _epilog() -> str:
             "SIGUSR1 pauses the vCPUs, SIGUSR2 resumes them.")
 
 
+DESCRIPTION = ("Boot a Linux microVM under KVM; the guest's serial console goes to stdout "
+               "(or --serial).")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="boot a microVM from a kernel (and initrd)",
-                       description="Boot a Linux microVM under KVM; the guest's serial "
-                                   "console goes to stdout (or --serial).",
-                       epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=DESCRIPTION, epilog=_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``volt run`` (shared with the lean ``python -m volt.vmm`` entry)."""
     p.add_argument("--kernel", required=True, help="ELF vmlinux or bzImage")
     p.add_argument("--initrd", help="initramfs / initrd image")
     p.add_argument("--cmdline", default=None,
@@ -51,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     if args.cmdline is not None:
         cfg.cmdline = args.cmdline
     machine = build(cfg)
+    if cfg.serial == "stdout":
+        try:
+            machine.feed_console(sys.stdin.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass          # no usable stdin (embedded, redirected away): output only
     return run_machine(machine, timing=args.timing)
 
 

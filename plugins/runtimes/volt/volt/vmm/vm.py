@@ -131,6 +131,7 @@ class Machine:
         self.exit_reason = ""
         self.first_run: float | None = None
         self.boot_mode = ""
+        self.serial: Serial | None = None
 
     # -- interrupts ---------------------------------------------------------------
 
@@ -310,7 +311,24 @@ class Machine:
         serial = Serial(serial_sink, self.irq_trigger(layout.SERIAL_IRQ))
         self.pio.add(COM1, 8, serial)
         self.pio.add(0x60, 5, I8042(lambda: self.stop(exitcodes.OK, "guest reset")))
+        self.serial = serial
         return serial
+
+    def feed_console(self, fd: int) -> None:
+        """Forward bytes read from ``fd`` (stdin) to the guest's serial port, in a thread."""
+        def pump() -> None:
+            while not self._stopped.is_set():
+                try:
+                    data = os.read(fd, 64)
+                except OSError:
+                    return
+                if not data:
+                    return
+                while data and not self._stopped.is_set():
+                    data = data[self.serial.input(data):]
+                    if data:
+                        time.sleep(0.01)     # the guest has not drained its FIFO yet
+        threading.Thread(target=pump, name="console-in", daemon=True).start()
 
 
 # -- a Linux guest ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ becomes pending, and Linux's handler drains by reading IIR until it is clear.
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Callable
 
 DATA, IER, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
@@ -35,6 +36,7 @@ class Serial:
         self.dll, self.dlm = 0x0C, 0
         self._thr_pending = False
         self.rx: collections.deque[int] = collections.deque()
+        self._lock = threading.RLock()      # vCPU threads and the console input thread
 
     def _iir(self) -> int:
         fifo = IIR_FIFO if self.fcr & 1 else 0
@@ -48,14 +50,24 @@ class Serial:
         if self._iir() & IIR_NONE == 0 and before & IIR_NONE:
             self._irq()
 
-    def input(self, data: bytes) -> None:
-        """Bytes typed at the console, for the guest to read."""
-        before = self._iir()
-        room = RX_FIFO_MAX - len(self.rx)
-        self.rx.extend(data[:room])
-        self._update(before)
+    def input(self, data: bytes) -> int:
+        """Bytes typed at the console, for the guest to read; returns how many fit."""
+        with self._lock:
+            before = self._iir()
+            room = RX_FIFO_MAX - len(self.rx)
+            self.rx.extend(data[:room])
+            self._update(before)
+            return min(room, len(data))
 
     def read(self, offset: int, size: int) -> bytes:
+        with self._lock:
+            return self._read(offset, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            self._write(offset, data)
+
+    def _read(self, offset: int, size: int) -> bytes:
         before = self._iir()
         if offset == DATA:
             if self.lcr & LCR_DLAB:
@@ -87,7 +99,7 @@ class Serial:
             return (((m & 1) << 5) | ((m & 2) << 3) | ((m & 4) << 4) | ((m & 8) << 4))
         return MSR_DCD | MSR_DSR | MSR_CTS
 
-    def write(self, offset: int, data: bytes) -> None:
+    def _write(self, offset: int, data: bytes) -> None:
         v = data[0]
         before = self._iir()
         if offset == DATA:
