@@ -20,6 +20,7 @@ Order of events, and why:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -140,6 +141,12 @@ class Puller:
             if tag is None:
                 raise UsageError("pull needs a tag or a manifest digest")
             digest = self.resolve_tag(tag)
+        # Two pulls of one image share its journal: the second waits for the first.
+        with open(self.images.pulls / f"{digest.hex()}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._pull_locked(name, digest)
+
+    def _pull_locked(self, name: str, digest: bytes) -> PullResult:
         try:
             image = ImageManifest.decode(self._manifest(digest))
             if image.hasher != self.hasher.name:
