@@ -17,7 +17,8 @@ MB/s is regular-file bytes (the same number for every tool) over wall time.
 Dedup ratio is the bytes each tool chunked over the unique chunk bytes it kept,
 before compression; "disk" is what the store/repo occupies afterwards. The ceiling
 line is FastCDC + BLAKE3 over the same bytes already in memory (no I/O, no index).
-The last section measures the in-memory index at 1M chunks with tracemalloc.
+The last section measures the in-memory index at 1M chunks with tracemalloc, and
+the CPU time to open a 1M-chunk store from its log and from an index snapshot.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from devtools.rootfs import debian_rootfs  # noqa: E402
 from stellarium_core.hashing import Blake3Hasher  # noqa: E402
 from stellarium_core.nebula import ChunkStore  # noqa: E402
 from stellarium_core.nebula.ingest import ingest  # noqa: E402
+from stellarium_core.nebula.store import PUT, log_record  # noqa: E402
 from stellarium_core.nebula.table import ChunkTable  # noqa: E402
 from stellarium_core.plugins import Registry  # noqa: E402
 
@@ -76,7 +78,10 @@ def nebula(trees: list[Path], work: Path, profile: str | None) -> dict:
     chunker = Registry().create("chunker", "fastcdc", {})
     prof = None
     if profile:
-        from pyinstrument import Profiler
+        try:
+            from pyinstrument import Profiler
+        except ImportError:
+            sys.exit("--profile needs pyinstrument (pip install pyinstrument)")
         prof = Profiler()
         prof.start()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -179,6 +184,31 @@ def index_memory(n: int = 1_000_000) -> tuple[float, float]:
     return ours, plain
 
 
+def index_open(work: Path, n: int = 1_000_000) -> tuple[float, float]:
+    """CPU seconds to open a store of ``n`` chunks from its log, then from a snapshot."""
+    root = work / "open-test"
+    ChunkStore.open(root, Blake3Hasher({}), create=True).close()
+    with open(root / "index.log", "ab") as fh:
+        for start in range(0, n, 100_000):
+            fh.write(b"".join(
+                log_record(PUT, blake3.blake3(i.to_bytes(8, "little")).digest(), 1,
+                           i * 4096 % (1 << 36), 60000, 65536, 1, 0)
+                for i in range(start, min(n, start + 100_000))))
+    c0 = time.process_time()
+    s = ChunkStore.open(root, Blake3Hasher({}))
+    from_log = time.process_time() - c0
+    assert len(s) == n
+    with s._lock():
+        s.compact_index()
+    s.close()
+    c0 = time.process_time()
+    s = ChunkStore.open(root, Blake3Hasher({}))
+    from_snap = time.process_time() - c0
+    assert len(s) == n
+    s.close()
+    return from_log, from_snap
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, help="where stores go (default: a temp dir)")
@@ -227,6 +257,13 @@ def main() -> int:
         ours, plain = index_memory()
         print(f"in-memory index at 1M chunks: {ours:.1f} bytes/chunk "
               f"(dict[bytes, tuple] would be {plain:.1f})")
+        work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.workdir))
+        try:
+            from_log, from_snap = index_open(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"open a 1M-chunk store: {from_log:.2f} s CPU replaying the log, "
+              f"{from_snap:.2f} s from a snapshot")
     return 0
 
 

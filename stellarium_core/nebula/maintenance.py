@@ -192,16 +192,20 @@ def fsck(s: ChunkStore, repair: bool = False) -> FsckReport:
         regions: dict[int, list[tuple[int, int]]] = defaultdict(list)
         bad: set[bytes] = set()
         packs = set(s.pack_numbers())
+        sizes = {n: s.pack_path(n).stat().st_size for n in packs}
+        maps: dict[int, mmap.mmap] = {}
         for d, e in entries:
             rep.chunks += 1
             pname = pack_name(e.pack)
             regions[e.pack].append((e.offset, e.offset + e.stored + TRAILER_SIZE))
-            err = _check_chunk(s, d, e, packs)
+            err = _check_chunk(s, d, e, sizes, maps)
             if err:
                 bad.add(d)
                 add(Problem("error", f"packs/{pname}", err, d.hex(), e.offset))
             else:
                 rep.bytes += e.raw
+        for mm in maps.values():
+            mm.close()
         found = _scan_packs(s, packs, regions, rep)
         repair_records = []
         for d, (pack, off, stored, raw, flags) in found.items():
@@ -225,18 +229,19 @@ def fsck(s: ChunkStore, repair: bool = False) -> FsckReport:
     return rep
 
 
-def _check_chunk(s: ChunkStore, d: bytes, e: Entry, packs: set[int]) -> str | None:
+def _check_chunk(s: ChunkStore, d: bytes, e: Entry, sizes: dict[int, int],
+                 maps: dict[int, mmap.mmap]) -> str | None:
     """What is wrong with one indexed chunk, or None."""
-    if e.pack not in packs:
+    if e.pack not in sizes:
         return f"its pack file {pack_name(e.pack)} is missing"
-    path = s.pack_path(e.pack)
     end = e.offset + e.stored + TRAILER_SIZE
-    size = path.stat().st_size
-    if size < end:
-        return f"pack is truncated: {size} bytes, the chunk ends at {end}"
-    with open(path, "rb") as fh:
-        fh.seek(e.offset)
-        blob = fh.read(e.stored + TRAILER_SIZE)
+    if sizes[e.pack] < end:
+        return f"pack is truncated: {sizes[e.pack]} bytes, the chunk ends at {end}"
+    mm = maps.get(e.pack)
+    if mm is None:
+        with open(s.pack_path(e.pack), "rb") as fh:
+            mm = maps[e.pack] = mmap.mmap(fh.fileno(), sizes[e.pack], access=mmap.ACCESS_READ)
+    blob = mm[e.offset:end]
     t = parse_trailer(blob[e.stored:])
     if t is None:
         what = "trailer is damaged"

@@ -27,7 +27,6 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,11 +53,10 @@ TRAILER = struct.Struct("<8s32sIIB3x")        # magic, digest, stored, raw, flag
 TRAILER_SIZE = TRAILER.size + 4               # + crc32
 PACK_MAX = 1 << 30
 BATCH_BYTES = 64 << 20
-SMALL_FILE = 256 << 10   # larger files are mmap'd (MAP_POPULATE) instead of copied
+WHOLE_FILE = 64 << 20    # files up to this are read in one go, larger ones in windows
 META = "nebula.json"
 _PACK_RE = re.compile(r"pack-(\d{6})\.dat$")
 _ZEROS = bytes(PAGE)
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def align(n: int) -> int:
@@ -104,18 +102,13 @@ class _Pending:
 
     ``flags`` is None while ``data`` is still the raw bytes of a chunk the store
     already had (a dedup hit); they are kept in case a concurrent gc drops that
-    chunk before our commit, so it can be written after all. ``data`` may also be
-    a Future of ``(bytes, flags)`` from the compression thread.
+    chunk before our commit, so it can be written after all.
     """
 
     __slots__ = ("data", "raw", "flags", "refs")
 
-    def __init__(self, data: Any, raw: int, flags: int | None) -> None:
+    def __init__(self, data: bytes | memoryview, raw: int, flags: int | None) -> None:
         self.data, self.raw, self.flags, self.refs = data, raw, flags, 1
-
-    def resolve(self) -> None:
-        if isinstance(self.data, Future):
-            self.data, self.flags = self.data.result()
 
 
 class Batch:
@@ -148,12 +141,9 @@ class Batch:
         if s._known(digest):
             self._refs[digest] = _Pending(data, n, None)
             self._bytes += n
-        elif s.compression == "lz4" and n + TRAILER_SIZE > PAGE:
-            # lz4 drops the GIL: compress on the side while the caller reads and hashes on.
-            self._new[digest] = _Pending(s._compressor().submit(s._compress, data), n, 0)
-            self._bytes += n
         else:
-            self._new[digest] = _Pending(data, n, 0)
+            stored, flags = s._compress(data)
+            self._new[digest] = _Pending(stored, n, flags)
             self._bytes += n
         if self._bytes >= self._limit:
             self.commit()
@@ -211,37 +201,51 @@ def _min_chunk(chunker: Chunker) -> int:
 
 
 def _chunks(src: str | os.PathLike[str] | IO[bytes], chunker: Chunker) -> Iterator[memoryview]:
-    """Chunks of a path (read or mmap'd whole) or of a file object read in windows."""
-    if isinstance(src, (str, os.PathLike)):
-        try:
-            fd = os.open(src, os.O_RDONLY)
-        except OSError as exc:
-            raise ChunkError(f"cannot read {src}: {exc.strerror}") from None
-        try:
-            size = os.fstat(fd).st_size
-            if size == 0:
-                return
-            if size <= SMALL_FILE:
-                buf: Any = memoryview(os.pread(fd, size, 0))
-            else:
-                buf = memoryview(mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE,
-                                           prot=mmap.PROT_READ))
-        except OSError as exc:
-            raise ChunkError(f"cannot read {src}: {exc.strerror}") from None
-        finally:
-            os.close(fd)
-        if size <= _min_chunk(chunker):  # most files of a rootfs: one chunk, no cut call
-            yield buf
-            return
-        pos = 0
-        for n in chunker.cut(buf):
-            yield buf[pos:pos + n]
-            pos += n
+    """Chunks of a path or a binary file object.
+
+    Files are read (not mmap'd): what gets hashed is then exactly what gets stored,
+    even if someone rewrites or truncates the file meanwhile (an mmap would give
+    torn chunks or SIGBUS). Files up to 64 MiB are read whole, larger ones in windows.
+    """
+    if not isinstance(src, (str, os.PathLike)):
+        yield from _windows(src.read, chunker, src)
         return
+    try:
+        fd = os.open(src, os.O_RDONLY)
+    except OSError as exc:
+        raise ChunkError(f"cannot read {src}: {exc.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size > WHOLE_FILE:
+            yield from _windows(lambda n: os.read(fd, n), chunker, src)
+            return
+        try:
+            buf = memoryview(os.pread(fd, size, 0))
+        except OSError as exc:
+            raise ChunkError(f"cannot read {src}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if not buf:
+        return
+    if len(buf) <= _min_chunk(chunker):  # most files of a rootfs: one chunk, no cut call
+        yield buf
+        return
+    pos = 0
+    for n in chunker.cut(buf):
+        yield buf[pos:pos + n]
+        pos += n
+
+
+def _windows(read: Callable[[int], bytes], chunker: Chunker,
+             name: object) -> Iterator[memoryview]:
+    """Chunks of a stream read in windows, cut exactly as if it were read whole."""
     window = max(8 << 20, 4 * chunker.max_size)
     carry = b""
     while True:
-        data = src.read(window)
+        try:
+            data = read(window)
+        except OSError as exc:
+            raise ChunkError(f"cannot read {name}: {exc.strerror or exc}") from None
         eof = not data
         buf = memoryview(carry + data if carry else data) if not eof else memoryview(carry)
         if not len(buf):
@@ -285,7 +289,6 @@ class ChunkStore:
         self._log_stale = False
         self.compact_log_bytes = COMPACT_LOG_BYTES
         self._locked = 0
-        self._pool: ThreadPoolExecutor | None = None
         with self._mu:
             self._catch_up()
 
@@ -690,11 +693,6 @@ class ChunkStore:
             return packed, COMPRESSED
         return data, 0
 
-    def _compressor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nebula-lz4")
-        return self._pool
-
     def batch(self, limit: int = BATCH_BYTES) -> Batch:
         """A :class:`Batch`: many puts, one durable commit (auto-commits every ``limit`` bytes)."""
         return Batch(self, limit)
@@ -709,8 +707,6 @@ class ChunkStore:
                 p = new[d] = refs.pop(d)
                 if p.flags is None:
                     p.data, p.flags = self._compress(p.data)
-            for p in new.values():
-                p.resolve()
             try:
                 items = [(d, p.data, p.raw, p.flags) for d, p in new.items()]
                 places, undo = self._write_chunks(items) if items else ([], [])
@@ -934,9 +930,6 @@ class ChunkStore:
                              f"{exc.filename or 'the store'}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         with self._mu:
             for mm in self._maps.values():
                 try:

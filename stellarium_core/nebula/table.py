@@ -99,7 +99,8 @@ class ChunkTable:
         return _entry(a, b)
 
     def __contains__(self, digest: bytes) -> bool:
-        return self.get(digest) is not None
+        r = self._find(digest)[1]
+        return r >= 0 and not self._recs[r * RECORD + 47] & DEAD
 
     def set(self, digest: bytes, pack: int, offset: int, stored: int, raw: int,
             refs: int, flags: int) -> None:
