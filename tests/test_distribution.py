@@ -246,6 +246,18 @@ def test_hostile_server_gives_clear_error_and_clean_store(src, dst, chunker, has
     assert_clean(dst)
 
 
+def test_oversized_blob_is_refused_without_reading_it(src, dst, chunker, hasher, server,
+                                                      tmp_path, monkeypatch):
+    from stellarium_core.distribution import pull
+
+    imported(src, chunker, hasher, make_tree(tmp_path / "tree"))
+    publish(src, "app", server.root)
+    monkeypatch.setattr(pull, "MAX_BLOB", 1000)
+    with pytest.raises(FetchError, match="exceeds the 1000-byte limit"):
+        Puller(dst, server.url, policy=FAST).pull("app", tag="app")
+    assert_clean(dst)
+
+
 def test_tampered_manifest_is_refused(src, dst, chunker, hasher, server, tmp_path):
     imported(src, chunker, hasher, make_tree(tmp_path / "tree"))
     publish(src, "app", server.root)

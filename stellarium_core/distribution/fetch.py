@@ -35,7 +35,6 @@ class FetchPolicy:
     attempts: int = 4
     backoff: float = 0.5
     backoff_max: float = 8.0
-    max_body: int = 64 << 20
 
 
 class Fetcher:
@@ -73,7 +72,7 @@ class Fetcher:
             conn.close()
             self._local.conn = None
 
-    def _attempt(self, path: str) -> bytes:
+    def _attempt(self, path: str, limit: int) -> bytes:
         url = self.url(path)
         target = self._parts.path + urllib.parse.quote(path)
         try:
@@ -87,14 +86,14 @@ class Fetcher:
                     raise _Retryable(msg)
                 raise FetchError(msg)
             length = resp.getheader("Content-Length")
-            if length is not None and int(length) > self.policy.max_body:
+            if length is not None and int(length) > limit:
                 self._drop_conn()
                 raise FetchError(f"GET {url}: body of {length} bytes exceeds the "
-                                 f"{self.policy.max_body}-byte limit")
-            body = resp.read(self.policy.max_body + 1)
-            if len(body) > self.policy.max_body:
+                                 f"{limit}-byte limit")
+            body = resp.read(limit + 1)
+            if len(body) > limit:
                 self._drop_conn()
-                raise FetchError(f"GET {url}: body exceeds the {self.policy.max_body}-byte limit")
+                raise FetchError(f"GET {url}: body exceeds the {limit}-byte limit")
             if length is not None and len(body) != int(length):
                 raise _Retryable(f"GET {url}: truncated body ({len(body)} of {length} bytes)")
             if resp.will_close:
@@ -112,13 +111,15 @@ class Fetcher:
             self._drop_conn()
             raise _Retryable(f"GET {url}: {type(exc).__name__}: {exc}") from None
 
-    def get(self, path: str, verify: Callable[[bytes], str | None] | None = None) -> bytes:
-        """GET ``path``; ``verify(body)`` returns a complaint or None. Retries, then raises."""
+    def get(self, path: str, verify: Callable[[bytes], str | None] | None = None, *,
+            limit: int = 64 << 20) -> bytes:
+        """GET ``path`` (at most ``limit`` bytes); ``verify(body)`` returns a complaint
+        or None. Retries, then raises :class:`FetchError`."""
         delay = self.policy.backoff
         last = ""
         for attempt in range(1, self.policy.attempts + 1):
             try:
-                body = self._attempt(path)
+                body = self._attempt(path, limit)
                 with self._lock:
                     self.requests += 1
                     self.bytes_received += len(body)

@@ -48,8 +48,8 @@ from stellarium_core.volumes.volume import write_atomic
 
 _MANIFEST_URL = re.compile(r"^(?P<base>.*/)manifests/(?P<hex>[0-9a-f]{64})\.json$")
 _TAG_URL = re.compile(r"^(?P<base>.*/)tags/(?P<tag>[^/]+)$")
-MAX_MANIFEST = 512 << 20
-MAX_BLOB = 16 << 20
+MAX_MANIFEST = 512 << 20  # a tree manifest of ~2M entries
+MAX_BLOB = 16 << 20  # NEBULA's chunk size limit
 COMMIT_EVERY = 256
 
 
@@ -104,10 +104,11 @@ class Puller:
     def _manifest(self, digest: bytes) -> bytes:
         if self.images.has(digest):
             return self.images.read_bytes(digest)
-        return self.fetcher.get(f"manifests/{digest.hex()}.json", self._verified(digest))
+        return self.fetcher.get(f"manifests/{digest.hex()}.json", self._verified(digest),
+                                limit=MAX_MANIFEST)
 
     def resolve_tag(self, tag: str) -> bytes:
-        body = self.fetcher.get(f"tags/{tag}")
+        body = self.fetcher.get(f"tags/{tag}", limit=4096)
         text = body.decode("ascii", "replace").strip()
         if not re.fullmatch(r"[0-9a-f]{64}", text):
             raise FetchError(f"GET {self.fetcher.url('tags/' + tag)}: not a manifest digest")
@@ -193,7 +194,7 @@ class Puller:
         todo = iter(missing)
 
         def get(d: bytes) -> tuple[bytes, bytes]:
-            body = self.fetcher.get(f"blobs/{d.hex()}", self._verified(d))
+            body = self.fetcher.get(f"blobs/{d.hex()}", self._verified(d), limit=MAX_BLOB)
             if d in sizes and len(body) != sizes[d]:
                 raise FetchError(f"GET {self.fetcher.url('blobs/' + d.hex())}: "
                                  f"{len(body)} bytes, the manifest says {sizes[d]}")
