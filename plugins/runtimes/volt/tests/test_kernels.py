@@ -190,7 +190,7 @@ def test_guest_kernel_boots_under_real_kvm_in_the_lab(lab, guest_kernel, smoke_i
         f"    out.append([time.monotonic() - t, {SMOKE_MARKER!r} in p.stdout])\n"
         "print(json.dumps(out))\n")
     started = time.monotonic()
-    res = lab.run([sys.executable, "-c", script], timeout=400)
+    res = lab.run([sys.executable, "-c", script], timeout=300)
     assert res.returncode == 0, res.stderr
     boots = json.loads(res.stdout)
     assert [ok for _, ok in boots] == [True, True, True]
