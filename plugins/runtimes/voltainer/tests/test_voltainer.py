@@ -10,6 +10,7 @@ import functools
 import http.server
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -153,15 +154,17 @@ def test_container_runs_on_pulled_image(pulled: tuple[Path, Path]) -> None:
 def test_sigkilled_run_is_cleaned_by_gc(pulled: tuple[Path, Path]) -> None:
     cfg, _ = pulled
     store = cfg.parent / "store"
+    marker = f"{random.randint(100, 999)}.{random.randint(10**5, 10**6)}"  # a unique cmdline
     proc = subprocess.Popen([sys.executable, "-m", "voltainer", "--config", str(cfg), "run",
-                             "debian", "--", "sleep", "120"])
+                             "debian", "--", "sleep", marker])
     for _ in range(600):
         if len(mounts_below(store / "runtime")) == 2:
             break
         time.sleep(0.05)
     assert len(mounts_below(store / "runtime")) == 2
     for _ in range(600):  # until the container's command is running
-        if subprocess.run(["pgrep", "-f", "sleep 120"], capture_output=True).returncode == 0:
+        if subprocess.run(["pgrep", "-f", f"sleep {marker}"],
+                          capture_output=True).returncode == 0:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -175,7 +178,7 @@ def test_sigkilled_run_is_cleaned_by_gc(pulled: tuple[Path, Path]) -> None:
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["cleaned"]) == 1
     assert mounts_below(store / "runtime") == [] and list((store / "runtime").iterdir()) == []
-    ps = subprocess.run(["pgrep", "-f", "sleep 120"], capture_output=True, text=True)
+    ps = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True)
     assert ps.stdout.strip() == "", "no container process outlives the cleanup"
     assert [r["name"] for r in stellar(cfg, "image", "ls")["images"]] == ["debian"]
 
