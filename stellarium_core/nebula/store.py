@@ -126,6 +126,8 @@ class Batch:
         self._refs: dict[bytes, _Pending] = {}
         self._bytes = 0
         self._durable: dict[bytes, int] = {}
+        self._chunker: Chunker | None = None
+        self._floor = 0
 
     def put(self, data: bytes | memoryview) -> bytes:
         """Hash ``data`` and queue it (or a reference to it); returns its digest."""
@@ -152,7 +154,9 @@ class Batch:
     def put_stream(self, src: str | os.PathLike[str] | IO[bytes],
                    chunker: Chunker) -> list[tuple[bytes, int]]:
         """Chunk a file (path) or binary file object and queue every chunk."""
-        return [(self.put(c), len(c)) for c in _chunks(src, chunker)]
+        if chunker is not self._chunker:
+            self._chunker, self._floor = chunker, _min_chunk(chunker)
+        return [(self.put(c), len(c)) for c in _chunks(src, chunker, self._floor)]
 
     def commit(self) -> None:
         """Make everything queued durable; afterwards the batch is empty and reusable."""
@@ -200,12 +204,14 @@ def _min_chunk(chunker: Chunker) -> int:
     return floor if isinstance(floor, int) else 0
 
 
-def _chunks(src: str | os.PathLike[str] | IO[bytes], chunker: Chunker) -> Iterator[memoryview]:
+def _chunks(src: str | os.PathLike[str] | IO[bytes], chunker: Chunker,
+            floor: int = 0) -> Iterator[memoryview]:
     """Chunks of a path or a binary file object.
 
     Files are read (not mmap'd): what gets hashed is then exactly what gets stored,
     even if someone rewrites or truncates the file meanwhile (an mmap would give
     torn chunks or SIGBUS). Files up to 64 MiB are read whole, larger ones in windows.
+    A file no longer than ``floor`` (the chunker's minimum chunk) is one chunk.
     """
     if not isinstance(src, (str, os.PathLike)):
         yield from _windows(src.read, chunker, src)
@@ -227,7 +233,7 @@ def _chunks(src: str | os.PathLike[str] | IO[bytes], chunker: Chunker) -> Iterat
         os.close(fd)
     if not buf:
         return
-    if len(buf) <= _min_chunk(chunker):  # most files of a rootfs: one chunk, no cut call
+    if len(buf) <= floor:  # most files of a rootfs: one chunk, no cut call
         yield buf
         return
     pos = 0
@@ -525,8 +531,13 @@ class ChunkStore:
             good_end = o + LOG_SIZE
         return good_end
 
-    def _append_log(self, records: list[bytes]) -> None:
-        """Append and fsync records (caller holds the lock); undone on failure."""
+    def _append_log(self, records: list[bytes],
+                    apply: Callable[[], None] | None = None) -> None:
+        """Append and fsync records (caller holds the lock); undone on failure.
+
+        Once durable they are applied to the table: by re-reading them, or by
+        ``apply`` when the caller can do the same updates without parsing.
+        """
         end = os.fstat(self._log_fd).st_size
         buf = b"".join(records)
         try:
@@ -540,7 +551,11 @@ class ChunkStore:
             except OSError:
                 pass
             raise
-        self._log_pos = end + self._apply(buf, end)
+        if apply is None:
+            self._log_pos = end + self._apply(buf, end)
+        else:
+            apply()
+            self._log_pos = end + len(buf)
 
     # -- locking -------------------------------------------------------------------
 
@@ -710,12 +725,22 @@ class ChunkStore:
             try:
                 items = [(d, p.data, p.raw, p.flags) for d, p in new.items()]
                 places, undo = self._write_chunks(items) if items else ([], [])
-                records = [
-                    log_record(PUT, d, pack, off, len(data), raw, new[d].refs, flags)
-                    for (d, data, raw, flags), (pack, off) in zip(items, places, strict=True)]
+                placed = [(d, pack, off // PAGE, len(data), raw, new[d].refs, flags)
+                          for (d, data, raw, flags), (pack, off)
+                          in zip(items, places, strict=True)]
+                records = [log_record(PUT, d, pack, page * PAGE, stored, raw, n, flags)
+                           for d, pack, page, stored, raw, n, flags in placed]
                 records += [log_record(REF, d, delta=p.refs) for d, p in refs.items()]
+
+                def apply() -> None:
+                    table = self._table
+                    for rec in placed:
+                        table.upsert(*rec)
+                    for d, p in refs.items():
+                        table.add_refs(d, p.refs)
+
                 try:
-                    self._append_log(records)
+                    self._append_log(records, apply)
                 except OSError:
                     self._cut_back(undo)
                     raise
