@@ -11,6 +11,7 @@ collide and the command can leave files for the host there.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
 import shutil
@@ -26,6 +27,7 @@ from stellarium_core.errors import StellarError, UsageError
 from volt.lab.image import MARK_FAIL, MARK_READY, LabImage, ensure_image
 
 QEMU = "qemu-system-x86_64"
+PR_SET_PDEATHSIG = 1
 #: Per-run directories live here: outside /tmp, which the lab's overlay keeps visible
 #: anyway, but /var/tmp survives host reboots less surprisingly for post-mortems.
 RUNS_ROOT = Path(os.environ.get("VOLT_LAB_RUNS", "/var/tmp/volt-lab"))
@@ -137,7 +139,8 @@ def run(cmd: Sequence[str], *, timeout: float = 300.0, cwd: Path | str | None = 
                             writable=shares)
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         try:
             qemu_out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -168,6 +171,11 @@ def run(cmd: Sequence[str], *, timeout: float = 300.0, cwd: Path | str | None = 
     finally:
         if not keep:
             shutil.rmtree(io_dir, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the QEMU child: get SIGKILL if the thread that started us dies (no orphan guests)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _tail(console: Path, lines: int = 25) -> str:
