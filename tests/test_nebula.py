@@ -141,7 +141,7 @@ def test_table_stays_compact() -> None:
     rnd = random.Random(4)
     keys = [rnd.randbytes(32) for _ in range(50_000)]
     for i, k in enumerate(keys):
-        t.set(k, 1, i * PAGE, 100, 200, 1, 0)
+        t.upsert(k, 1, i, 100, 200, 1, 0)
     assert t.get(keys[12345]).offset == 12345 * PAGE
     t.add_refs(keys[7], 5)
     t.delete(keys[8])

@@ -102,28 +102,6 @@ class ChunkTable:
         r = self._find(digest)[1]
         return r >= 0 and not self._recs[r * RECORD + 47] & DEAD
 
-    def set(self, digest: bytes, pack: int, offset: int, stored: int, raw: int,
-            refs: int, flags: int) -> None:
-        """Insert or overwrite ``digest`` (a dead record is revived in place)."""
-        if offset % PAGE or not (0 <= pack <= 0xFFFF and offset // PAGE <= _M24
-                                 and stored <= _M24 and raw <= _M24):
-            raise ValueError(f"location out of range: pack {pack} offset {offset} "
-                             f"stored {stored} raw {raw}")
-        a = pack | (offset // PAGE) << 16 | stored << 40
-        b = raw | min(max(refs, 0), _M32) << 24 | (flags & 0x7F) << 56
-        i, r = self._find(digest)
-        if r >= 0:
-            if self._words(r)[1] >> 56 & DEAD:
-                self._live += 1
-            _REC.pack_into(self._recs, r * RECORD, digest, a, b)
-            return
-        self._recs += _REC.pack(digest, a, b)
-        self._slots[i] = self._n + 1
-        self._n += 1
-        self._live += 1
-        if self._n * 3 > (self._mask + 1) * 2:
-            self._rehash((self._mask + 1) * 2)
-
     def upsert(self, digest: bytes, pack: int, page: int, stored: int, raw: int,
                delta: int, flags: int) -> None:
         """Place ``digest`` at (pack, page) and add ``delta`` refs, in one probe.
