@@ -19,12 +19,13 @@ from stellarium_core.nebula.store import TRAILER_MAGIC, TRAILER_SIZE, parse_trai
 
 HASHER = Blake3Hasher({})
 
-# Puts single chunks and streams, re-puts old data, releases and runs gc, printing
-# each operation only after it returned. Releases keep at least one reference.
+# Puts single chunks and streams, ingests small trees, re-puts old data, releases and
+# runs gc, printing each operation only after it returned. Releases keep a reference.
 WRITER = r"""
-import io, random, sys
+import io, os, random, sys, tempfile
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkStore
+from stellarium_core.nebula.ingest import ingest, load_manifest
 
 class Fixed:
     name, max_size, params = "f", 9000, {}
@@ -33,6 +34,7 @@ class Fixed:
             yield min(9000, len(data) - s)
 
 root, seed = sys.argv[1], int(sys.argv[2])
+work = tempfile.mkdtemp(dir=os.path.dirname(root))
 rnd = random.Random(seed)
 s = ChunkStore.open(root, Blake3Hasher({}), create=True, pack_max=256 * 1024)
 s.compact_log_bytes = 4000   # fold the log into snapshots often, so kills land there too
@@ -51,8 +53,21 @@ while True:
         d = s.put(rnd.choice(old))
         net[d] = net.get(d, 0) + 1
         print("P", d.hex(), flush=True)
-    elif x < 0.8:
+    elif x < 0.7:
         for d, _ in s.put_stream(io.BytesIO(rnd.randbytes(rnd.randrange(1, 40000))), Fixed()):
+            net[d] = net.get(d, 0) + 1
+            print("P", d.hex(), flush=True)
+    elif x < 0.8:
+        tree = os.path.join(work, str(len(old)) + "-" + str(rnd.random()))
+        os.makedirs(tree)
+        for j in range(rnd.randrange(1, 5)):
+            with open(os.path.join(tree, str(j)), "wb") as fh:
+                fh.write(rnd.choice(old) if rnd.random() < 0.3 else
+                         rnd.randbytes(rnd.randrange(0, 30000)))
+        res = ingest(s, tree, Fixed())
+        doc = load_manifest(s, res.manifest)
+        for d in [bytes.fromhex(h) for e in doc["entries"] for h, _ in e.get("chunks", [])] + \
+                [res.manifest]:
             net[d] = net.get(d, 0) + 1
             print("P", d.hex(), flush=True)
     elif x < 0.97:
