@@ -1,6 +1,8 @@
 """Runs inside the lab: time VMM process start -> init marker on the console, N times each.
 
-Prints one JSON object on stdout: {"volt": [seconds...], "qemu": [seconds...], "errors": [...]}.
+Prints one JSON object on stdout: {"volt": [seconds...], "volt-vmm": [...], "qemu": [...],
+"errors": [...]}. ``volt`` is the full CLI (``volt run``), ``volt-vmm`` the lean VMM entry
+(``python -m volt.vmm``), ``qemu`` the peer.
 """
 
 from __future__ import annotations
@@ -48,15 +50,17 @@ def time_to_marker(argv: list[str], timeout: float) -> float:
 def main() -> int:
     volt, kernel, initrd, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     cmdline = "console=ttyS0 reboot=k panic=-1 quiet"
+    args = ["--kernel", kernel, "--initrd", initrd, "--mem", "128", "--cmdline", cmdline]
     runs = {
-        "volt": [volt, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "128",
-                 "--cmdline", cmdline],
+        "volt": [volt, "run", *args],
+        "volt-vmm": [sys.executable, "-m", "volt.vmm", *args],
         "qemu": ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on",
                  "-enable-kvm", "-cpu", "host", "-m", "128", "-nodefaults", "-no-user-config",
                  "-nographic", "-serial", "stdio", "-no-reboot", "-kernel", kernel,
                  "-initrd", initrd, "-append", cmdline.replace("reboot=k", "reboot=t")],
     }
-    out: dict[str, list] = {"volt": [], "qemu": [], "errors": []}
+    out: dict[str, list] = {name: [] for name in runs}
+    out["errors"] = []
     for _ in range(n):           # interleaved, so background load hits both alike
         for name, argv in runs.items():
             try:

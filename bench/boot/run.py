@@ -55,11 +55,14 @@ def rss_excluding_guest(pid: int, guest_bytes: int) -> tuple[int, int]:
     return total, outside
 
 
-def bare_setup(kernel: Path, initrd: Path, n: int) -> dict:
-    """Setup time and RSS of ``volt run`` on this machine's (emulated) /dev/kvm."""
+ENTRIES = {"volt": [VOLT, "run"], "volt-vmm": [sys.executable, "-m", "volt.vmm"]}
+
+
+def bare_setup(entry: list[str], kernel: Path, initrd: Path, n: int) -> dict:
+    """Setup time and RSS of a Volt entry point on this machine's (emulated) /dev/kvm."""
     setups, rss = [], []
     for _ in range(n):
-        proc = subprocess.Popen([VOLT, "run", "--kernel", str(kernel), "--initrd", str(initrd),
+        proc = subprocess.Popen([*entry, "--kernel", str(kernel), "--initrd", str(initrd),
                                  "--mem", str(GUEST_MIB), "--serial", "none", "--timing"],
                                 stderr=subprocess.PIPE, text=True)
         time.sleep(3)
@@ -81,28 +84,34 @@ def main() -> int:
     kb = build()
     initrd = smoke_initramfs()
     lab_fig = in_lab(kb.bzimage, initrd, args.n)
-    bare = bare_setup(kb.bzimage, initrd, min(args.n, 3))
+    bare = {name: bare_setup(entry, kb.bzimage, initrd, min(args.n, 3))
+            for name, entry in ENTRIES.items()}
     result = {"lab": lab_fig, "bare": bare, "kernel": str(kb.bzimage), "initrd": str(initrd)}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    v, q = lab_fig["volt"], lab_fig["qemu"]
-    print(f"boot to init marker, inside the lab, {args.n} runs each (seconds):")
-    print(f"  volt             median {statistics.median(v):.3f}  runs {[round(x, 3) for x in v]}"
-          if v else "  volt             no successful runs")
-    print(f"  qemu -M microvm  median {statistics.median(q):.3f}  runs {[round(x, 3) for x in q]}"
-          if q else "  qemu -M microvm  no successful runs")
-    if v and q:
-        print(f"  ratio volt/qemu  {statistics.median(v) / statistics.median(q):.2f}")
+    labels = {"volt": "volt run", "volt-vmm": "python -m volt.vmm", "qemu": "qemu -M microvm"}
+    q = lab_fig["qemu"]
+    print(f"boot to init marker, inside the lab, {args.n} interleaved runs each (seconds):")
+    for name, label in labels.items():
+        runs = lab_fig[name]
+        if not runs:
+            print(f"  {label:<20} no successful runs")
+            continue
+        ratio = f"  ratio to qemu {statistics.median(runs) / statistics.median(q):.2f}" \
+            if q and name != "qemu" else ""
+        print(f"  {label:<20} median {statistics.median(runs):7.3f}  "
+              f"runs {[round(x, 3) for x in runs]}{ratio}")
     for e in lab_fig["errors"]:
         print(f"  error: {e}")
-    s = bare["setup_ms"]
-    if s:
-        print(f"bare machine: setup (process start -> first KVM_RUN) median "
-              f"{statistics.median(s):.1f} ms  runs {s}")
-    for total, outside in bare["rss"]:
-        print(f"bare machine: VMM RSS {total / 2**20:.1f} MiB total, "
-              f"{outside / 2**20:.1f} MiB excluding guest memory")
+    for name, fig in bare.items():
+        s = fig["setup_ms"]
+        if s:
+            print(f"bare machine, {labels[name]}: setup (process start -> first KVM_RUN) "
+                  f"median {statistics.median(s):.1f} ms  runs {s}")
+        for total, outside in fig["rss"]:
+            print(f"bare machine, {labels[name]}: RSS {total / 2**20:.1f} MiB total, "
+                  f"{outside / 2**20:.1f} MiB excluding guest memory")
     return 0
 
 

@@ -161,3 +161,23 @@ def test_real_bzimage_loads_with_its_setup_header():
         assert err.value.exit_code == exitcodes.MEMORY
     finally:
         small.close()
+
+
+def _free_hugepages() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_hugepages_map_or_fail_clearly_at_setup():
+    """Huge pages fail at mmap time when none are reserved, never later with SIGBUS."""
+    if _free_hugepages() >= 2:
+        m = GuestMemory(4 << 20, hugepages=True)
+        m.write(0x1000, b"x")
+        assert m.read(0x1000, 1) == b"x"
+        m.close()
+    else:
+        with pytest.raises(GuestMemoryError, match="huge pages"):
+            GuestMemory(4 << 20, hugepages=True)

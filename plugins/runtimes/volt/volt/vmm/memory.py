@@ -9,13 +9,13 @@ or a hostile descriptor gets a :class:`GuestMemoryError`, never a host segfault.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 import struct
 from dataclasses import dataclass
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The process's own symbols include libc; find_library would spawn ldconfig (slow start).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long]
@@ -65,14 +65,17 @@ class GuestMemory:
 
     @staticmethod
     def _map(guest_addr: int, length: int, hugepages: bool) -> Region:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
-        if hugepages:
-            flags |= MAP_HUGETLB
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        # Huge pages are reserved at mmap time, so a shortage fails here and not later
+        # as a SIGBUS inside the guest; normal pages are overcommitted like any VMM's.
+        flags |= MAP_HUGETLB if hugepages else MAP_NORESERVE
         addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
         if addr in (None, MAP_FAILED):
             err = ctypes.get_errno()
-            raise GuestMemoryError(f"cannot map {length} bytes of guest memory"
-                                   f"{' in huge pages' if hugepages else ''}: {os.strerror(err)}")
+            hint = (" in huge pages (reserve them: /proc/sys/vm/nr_hugepages)"
+                    if hugepages else "")
+            raise GuestMemoryError(f"cannot map {length} bytes of guest memory{hint}: "
+                                   f"{os.strerror(err)}")
         view = memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
         return Region(guest_addr, length, addr, view)
 
