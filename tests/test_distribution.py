@@ -66,7 +66,7 @@ def dst(hasher, tmp_path: Path) -> ImageStore:
 
 
 def make_tree(root: Path, seed: int = 1) -> Path:
-    """Big files (several FastCDC chunks), small packed files, links, a device-free mix."""
+    """Big random files (several FastCDC chunks), a big text, small packed files, links."""
     import random
 
     rnd = random.Random(seed)
@@ -77,6 +77,8 @@ def make_tree(root: Path, seed: int = 1) -> Path:
         (root / "etc" / f"small{i}.conf").write_bytes(rnd.randbytes(100 + 37 * i))
     for i in range(3):
         (root / "usr/lib" / f"big{i}.so").write_bytes(rnd.randbytes(300_000 + i * 5000))
+    words = [rnd.choice(("stellar", "nebula", "chunk", "layer", "pull")) for _ in range(40_000)]
+    (root / "usr/lib/README").write_text(" ".join(words))  # compressible, for gzip
     os.symlink("/usr/lib/big0.so", root / "usr/lib/link.so")
     os.link(root / "usr/lib/big1.so", root / "usr/lib/hard.so")
     os.chmod(root / "usr/lib/big2.so", 0o4755)
@@ -116,6 +118,13 @@ class CDNHandler(http.server.SimpleHTTPRequestHandler):
         body = path.read_bytes() if path.exists() else b""
         if mode in ("404", "fail-after"):
             self.send_error(404)
+        elif mode == "bad-gzip":
+            junk = b"\x1f\x8b\x08\x00" + b"not really deflate" * 10
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(junk)))
+            self.end_headers()
+            self.wfile.write(junk)
         elif mode in ("corrupt", "bad-manifest"):
             bad = bytearray(body)
             bad[len(bad) // 2] ^= 0xFF
@@ -213,8 +222,8 @@ def test_sibling_pull_fetches_only_the_chunks_that_differ(src, dst, chunker, has
     (b / "usr/lib/extra.so").write_bytes(os.urandom(200_000))
     imported(src, chunker, hasher, a, "a")
     imported(src, chunker, hasher, b, "b")
-    publish(src, "a", server.root)
-    publish(src, "b", server.root)
+    publish(src, "a", server.root, gzip=True)  # .gz siblings: ignored by a plain server
+    publish(src, "b", server.root, gzip=True)
     first = Puller(dst, server.url, policy=FAST).pull("a", tag="a")
     second = Puller(dst, server.url, policy=FAST).pull("b", tag="b")
     b_refs = set().union(*(set(e.chunks) for e in dst.flatten("b")))
@@ -231,6 +240,7 @@ def test_sibling_pull_fetches_only_the_chunks_that_differ(src, dst, chunker, has
     ("404", "HTTP 404"),
     ("truncate", "truncated body"),
     ("stall", "timed out"),
+    ("bad-gzip", "corrupt gzip body"),
 ])
 def test_hostile_server_gives_clear_error_and_clean_store(src, dst, chunker, hasher, server,
                                                           tmp_path, mode, message):
@@ -329,7 +339,8 @@ def test_nginx_serves_the_layout(src, dst, chunker, hasher, tmp_path):
     tree = make_tree(tmp_path / "tree")
     imported(src, chunker, hasher, tree)
     site = tmp_path / "site"
-    publish(src, "app", site)
+    pub = publish(src, "app", site, gzip=True)
+    assert pub.gzipped > 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -344,6 +355,7 @@ http {{
   access_log off;
   client_body_temp_path {tmp_path}/tmp; proxy_temp_path {tmp_path}/tmp;
   fastcgi_temp_path {tmp_path}/tmp; uwsgi_temp_path {tmp_path}/tmp; scgi_temp_path {tmp_path}/tmp;
+  gzip_static on;
   server {{ listen 127.0.0.1:{port}; root {site}; }}
 }}
 """)
@@ -364,6 +376,7 @@ http {{
     out = tmp_path / "out"
     filetree.restore(dst.flatten("app"), dst.store, out, hasher)
     assert res.blobs_fetched > 0 and filetree.diff_trees(tree, out) == []
+    assert res.bytes_fetched < pub.bytes_written  # compressible blobs came gzipped
 
 
 def test_rm_unknown_image_and_bad_name(src, chunker, hasher, tmp_path):

@@ -8,7 +8,8 @@ site served by nginx on loopback (1 worker, access log of body bytes, so the
 wire bytes are counted by the server, the same way for both tools):
 
 - Stellarium: ``stellar publish`` layout, pulled with ``Puller`` (the code behind
-  ``stellar pull``), N parallel keep-alive GETs, every blob verified.
+  ``stellar pull``), N parallel keep-alive GETs, every blob verified; "gz" is the
+  same with ``publish --gzip`` and nginx ``gzip_static`` (gzip on the wire).
 - casync: ``casync make`` store + .caidx (zstd chunks), ``casync extract`` over HTTP.
 
 Two cases each: into an empty store, and into one that already holds sibling A
@@ -63,6 +64,7 @@ http {{
   client_body_temp_path {work}; proxy_temp_path {work}; fastcgi_temp_path {work};
   uwsgi_temp_path {work}; scgi_temp_path {work};
   keepalive_requests 100000;
+  gzip_static on;
   server {{ listen 127.0.0.1:{self.port}; root {site}; }}
 }}
 """)
@@ -118,6 +120,8 @@ def main() -> int:
         imp.import_path(b, "B")
         publish(pub, "A", site / "stellar")
         publish(pub, "B", site / "stellar")
+        publish(pub, "A", site / "stellar-gz", gzip=True)
+        publish(pub, "B", site / "stellar-gz", gzip=True)
         refs_a = set().union(*(layer_refs(pub.layer(d)) for d in pub.image("A").layers))
         refs_b = set().union(*(layer_refs(pub.layer(d)) for d in pub.image("B").layers))
         ideal = sum(pub.store.size(d) for d in refs_b - refs_a)
@@ -131,19 +135,20 @@ def main() -> int:
         rows = []
         try:
             for case in ("empty", "sibling A"):
-                dst = store_at(work / f"stellar-{case[0]}", hasher)
-                if case != "empty":
-                    Puller(dst, web.url + "stellar/", workers=args.workers,
-                           progress=False).pull("A", tag="A")
-                m = web.mark()
-                t0 = time.perf_counter()
-                res = Puller(dst, web.url + "stellar/", workers=args.workers,
-                             progress=False).pull("B", tag="B")
-                dt = time.perf_counter() - t0
-                reqs, nbytes = web.since(m)
-                rows.append(("stellar pull", case, nbytes, reqs, dt,
-                             f"{res.blobs_fetched}/{res.blobs_needed} blobs"))
-                dst.store.close()
+                for variant, label in (("stellar", "stellar pull"),
+                                       ("stellar-gz", "stellar pull gz")):
+                    dst = store_at(work / f"{variant}-{case[0]}", hasher)
+                    url = f"{web.url}{variant}/"
+                    if case != "empty":
+                        Puller(dst, url, workers=args.workers, progress=False).pull("A", tag="A")
+                    m = web.mark()
+                    t0 = time.perf_counter()
+                    res = Puller(dst, url, workers=args.workers, progress=False).pull("B", tag="B")
+                    dt = time.perf_counter() - t0
+                    reqs, nbytes = web.since(m)
+                    rows.append((label, case, nbytes, reqs, dt,
+                                 f"{res.blobs_fetched}/{res.blobs_needed} blobs"))
+                    dst.store.close()
 
                 out = work / f"casync-{case[0]}"
                 seed = [f"--seed={a}"] if case != "empty" else []
@@ -161,10 +166,10 @@ def main() -> int:
         print(f"image B = minbase bookworm + python3-minimal: {len(refs_b)} blobs, "
               f"{full / MB:.1f} MB raw; {len(refs_b - refs_a)} blobs "
               f"({ideal / MB:.1f} MB raw) not in sibling A")
-        print(f"{'tool':15} {'into':10} {'MB on wire':>11} {'requests':>9} {'seconds':>8}  note")
+        print(f"{'tool':16} {'into':10} {'MB on wire':>11} {'requests':>9} {'seconds':>8}  note")
         for tool, case, nbytes, reqs, dt, note in rows:
-            print(f"{tool:15} {case:10} {nbytes / MB:11.1f} {reqs:9d} {dt:8.2f}  {note}")
-        print(f"{'ideal (raw)':15} {'sibling A':10} {ideal / MB:11.1f}")
+            print(f"{tool:16} {case:10} {nbytes / MB:11.1f} {reqs:9d} {dt:8.2f}  {note}")
+        print(f"{'ideal (raw)':16} {'sibling A':10} {ideal / MB:11.1f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="write an image as static CDN files (manifests/, blobs/, tags/)")
     pub.add_argument("image")
     pub.add_argument("directory")
+    pub.add_argument("--gzip", action="store_true",
+                     help="also write blobs/<hash>.gz where it saves space (nginx gzip_static)")
     pub.set_defaults(func=_publish)
 
     pull = sub.add_parser("pull", parents=[JSON],
@@ -86,10 +88,12 @@ def _rm(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    res = publish(open_images(Host.from_config(args.config)), args.image, args.directory)
+    res = publish(open_images(Host.from_config(args.config)), args.image, args.directory,
+                  gzip=args.gzip)
     data = {"digest": res.digest.hex(), "manifest": f"manifests/{res.digest.hex()}.json",
             "tag": res.tag, "blobs_written": res.blobs_written,
-            "blobs_skipped": res.blobs_skipped, "bytes_written": res.bytes_written}
+            "blobs_skipped": res.blobs_skipped, "bytes_written": res.bytes_written,
+            "gzipped": res.gzipped}
     emit(args, data, f"published {args.image}: {res.tag} -> {data['manifest']} "
                      f"({res.blobs_written} blobs written, {res.blobs_skipped} already there)")
     return 0

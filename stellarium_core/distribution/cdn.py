@@ -9,10 +9,16 @@
 Every file is named by the hash of its bytes (tags excepted), written under a
 temporary name and renamed, so a server never serves half a file. Publishing
 into a directory that already holds a sibling image adds only the new blobs.
+
+With ``gzip=True`` a blob that gzip shrinks by at least an eighth also gets a
+``blobs/<hex>.gz`` sibling, which nginx's ``gzip_static`` (and most CDNs) send
+as ``Content-Encoding: gzip`` to clients that accept it; the raw file stays, so
+plain static servers keep working.
 """
 
 from __future__ import annotations
 
+import gzip as gzipmod
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +36,7 @@ class Published:
     blobs_written: int
     blobs_skipped: int
     bytes_written: int
+    gzipped: int = 0
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -40,14 +47,15 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def publish(images: ImageStore, name: str, directory: str | os.PathLike[str]) -> Published:
+def publish(images: ImageStore, name: str, directory: str | os.PathLike[str], *,
+            gzip: bool = False) -> Published:
     """Write image ``name`` (and whatever it needs) into the CDN layout at ``directory``."""
     out = Path(directory)
     for sub in ("manifests", "blobs", "tags"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     digest = images.resolve(name)
     image = images.image(digest)
-    written = skipped = nbytes = 0
+    written = skipped = nbytes = gzipped = 0
     for ld in image.layers:
         for chunk in layer_refs(images.layer(ld)):
             target = out / "blobs" / chunk.hex()
@@ -55,7 +63,12 @@ def publish(images: ImageStore, name: str, directory: str | os.PathLike[str]) ->
                 skipped += 1
                 continue
             data = images.store.get(chunk)  # verified read: never publish bad bytes
-            _write(target, data)
+            if gzip:
+                packed = gzipmod.compress(data, compresslevel=6, mtime=0)
+                if len(packed) <= len(data) - len(data) // 8:
+                    _write(target.with_name(target.name + ".gz"), packed)
+                    gzipped += 1
+            _write(target, data)  # last: a present raw blob means the blob is complete
             written += 1
             nbytes += len(data)
     # Manifests after blobs, tag last: a reader that sees a name finds all it needs.
@@ -65,4 +78,4 @@ def publish(images: ImageStore, name: str, directory: str | os.PathLike[str]) ->
             _write(target, images.read_bytes(d))
     tag = "tags/" + quote(name, safe="")
     _write(out / tag, (digest.hex() + "\n").encode())
-    return Published(digest, tag, written, skipped, nbytes)
+    return Published(digest, tag, written, skipped, nbytes, gzipped)
