@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -151,4 +152,56 @@ def test_kick_interrupts_kvm_run():
     assert m.wait(30) == exitcodes.TERMINATED
     assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("vcpu"))
     assert time.monotonic() - t0 < 30
+    m.close()
+
+
+class Recorder:
+    """A virtio device that only records queue notifications."""
+
+    device_id = 0x7F
+    features = 1 << 32
+    queue_sizes = (8, 8)
+
+    def __init__(self) -> None:
+        self.notified: list[int] = []
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        pass
+
+    def activate(self, features, mem, queues, interrupt) -> None:
+        pass
+
+    def notify(self, queue: int) -> None:
+        self.notified.append(queue)
+
+    def reset(self) -> None:
+        pass
+
+
+def test_queue_kick_through_ioeventfd_reaches_device_without_mmio_exit():
+    from volt.vmm.devices.virtio_mmio import QUEUE_NOTIFY, attach_devices
+
+    m = Machine(1 << 20)
+    m.add_legacy_devices(lambda b: None)
+    dev = Recorder()
+    (t,) = attach_devices(m, [dev])
+    t.state.status = 1 | 2 | 8 | 4
+    mmio_writes = []
+    inner = t._write
+    t._write = lambda off, data: (mmio_writes.append(off), inner(off, data))
+    # 32-bit flat mode: mov dword [0xd0000050], 1 ; mov al, 0xfe ; out 0x64, al
+    code = bytes.fromhex("c705") + struct.pack("<II", 0xD0000000 + QUEUE_NOTIFY, 1) + \
+        bytes.fromhex("b0fee664")
+    m.mem.write(0x1000, code)
+    cpu.setup_pvh(m.vcpus[0], m.mem, 0x1000, 0)
+    m.start()
+    assert m.wait(120) == exitcodes.OK
+    deadline = time.monotonic() + 10
+    while not dev.notified and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert dev.notified == [1]
+    assert QUEUE_NOTIFY not in mmio_writes
     m.close()

@@ -9,6 +9,7 @@ from a :class:`VmConfig` with the loaders. Every way a VM ends funnels into
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import sys
@@ -121,6 +122,9 @@ class Machine:
         mmap_size = self.kvm.vcpu_mmap_size()
         self.vcpus = [kvm.VcpuFd(self.vm.create_vcpu(i), mmap_size) for i in range(vcpus)]
         self._eventfds: list[int] = []
+        self._fd_handlers: dict[int, Callable[[], None]] = {}
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.has_ioeventfd = bool(self.kvm.check_extension(kvm.CAP_IOEVENTFD))
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -148,6 +152,47 @@ class Machine:
             self.vm.irq_line(gsi, 0)
         return pulse
 
+    def on_guest_write(self, addr: int, length: int, datamatch: int,
+                       handler: Callable[[], None]) -> bool:
+        """Run ``handler`` in the I/O thread when the guest writes ``datamatch`` to MMIO
+        ``addr``, without a userspace exit (ioeventfd). False when KVM cannot do it."""
+        if not self.has_ioeventfd:
+            return False
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            self.vm.ioeventfd(efd, addr, length, datamatch)
+        except kvm.KvmError:
+            os.close(efd)
+            return False
+        self._eventfds.append(efd)
+        self._fd_handlers[efd] = handler
+        return True
+
+    def _io_loop(self) -> None:
+        """The I/O thread: dispatches ioeventfd kicks to device handlers."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_SIGNALS | {KICK_SIGNAL})
+        poller = select.epoll()
+        for fd in (*self._fd_handlers, self._wake):
+            poller.register(fd, select.EPOLLIN)
+        try:
+            while not self._stopped.is_set():
+                self._dispatch(poller.poll())
+            self._dispatch(poller.poll(0))       # kicks that raced with the stop
+        except Exception as exc:  # a device bug: end the VM, keep the message
+            self.stop(exitcodes.FAILED, f"io thread: {type(exc).__name__}: {exc}")
+        finally:
+            poller.close()
+
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        for fd, _ev in events:
+            if fd == self._wake:
+                continue
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                continue
+            self._fd_handlers[fd]()
+
     # -- lifecycle -----------------------------------------------------------------
 
     def stop(self, code: int, reason: str) -> None:
@@ -157,6 +202,7 @@ class Machine:
                 self.exit_code, self.exit_reason = code, reason
             self._resume.notify_all()
         self._stopped.set()
+        os.eventfd_write(self._wake, 1)
         self._kick_all()
 
     def _kick_all(self) -> None:
@@ -200,6 +246,9 @@ class Machine:
             t = threading.Thread(target=self._vcpu_loop, args=(i, v), name=f"vcpu{i}",
                                  daemon=True)
             self._threads.append(t)
+        if self._fd_handlers:
+            self._threads.append(threading.Thread(target=self._io_loop, name="io", daemon=True))
+        for t in reversed(self._threads):        # the I/O thread first
             t.start()
 
     def wait(self, timeout: float | None = None) -> int | None:
@@ -220,7 +269,7 @@ class Machine:
                 return          # a vCPU still uses the fds; let process exit clean up
         for v in self.vcpus:
             v.close()
-        for efd in self._eventfds:
+        for efd in (*self._eventfds, self._wake):
             os.close(efd)
         self.vm.close()
         self.kvm.close()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stellarium_core.errors import StellarError
-from stellarium_core.virtio import DeviceState, GuestMemory, VirtioDevice
+from stellarium_core.virtio import STATUS_DRIVER_OK, DeviceState, GuestMemory, VirtioDevice
 
 from volt.vmm import exitcodes, layout
 from volt.vmm.exitcodes import VoltError
@@ -42,7 +42,8 @@ class VirtioMmio:
         self.device = device
         self.mem = mem
         self._irq = irq
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()            # interrupt status (device threads)
+        self._regs = threading.RLock()           # registers vs. ioeventfd kicks
         self.interrupt_status = 0
         self.features_sel = 0
         self.driver_features_sel = 0
@@ -58,7 +59,21 @@ class VirtioMmio:
         qs = self.state.queues
         return qs[self.queue_sel] if self.queue_sel < len(qs) else None
 
+    def kick(self, queue: int) -> None:
+        """Queue ``queue`` was notified (from the MMIO write or an ioeventfd)."""
+        with self._regs:
+            if queue < len(self.state.queues) and self.state.status & STATUS_DRIVER_OK:
+                self.device.notify(queue)
+
     def read(self, offset: int, size: int) -> bytes:
+        with self._regs:
+            return self._read(offset, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        with self._regs:
+            self._write(offset, data)
+
+    def _read(self, offset: int, size: int) -> bytes:
         if offset >= CONFIG_SPACE:
             return self.device.read_config(offset - CONFIG_SPACE, size)
         if size != 4:
@@ -90,7 +105,7 @@ class VirtioMmio:
             v = 0
         return struct.pack("<I", v)
 
-    def write(self, offset: int, data: bytes) -> None:
+    def _write(self, offset: int, data: bytes) -> None:
         if offset >= CONFIG_SPACE:
             self.device.write_config(offset - CONFIG_SPACE, data)
             return
@@ -107,8 +122,7 @@ class VirtioMmio:
         elif offset == QUEUE_SEL:
             self.queue_sel = v
         elif offset == QUEUE_NOTIFY:
-            if v < len(self.state.queues) and self.state.status & 4:
-                self.device.notify(v)
+            self.kick(v)
         elif offset == INTERRUPT_ACK:
             with self._lock:
                 self.interrupt_status &= ~v
@@ -179,10 +193,17 @@ def create_devices(specs: list[tuple[str, dict[str, Any]]]) -> list[VirtioDevice
 
 
 def attach_devices(machine: Any, devices: list[VirtioDevice]) -> list[VirtioMmio]:
-    """Put each device on the MMIO bus at MMIO_BASE + i * 4 KiB with GSI IRQ_BASE + i."""
+    """Put each device on the MMIO bus at MMIO_BASE + i * 4 KiB with GSI IRQ_BASE + i.
+
+    Queue notifications go through ioeventfds where KVM has them, so a kick costs
+    the vCPU no exit to userspace; otherwise they arrive as MMIO writes.
+    """
     out = []
     for i, dev in enumerate(devices):
+        base = layout.MMIO_BASE + i * layout.MMIO_SIZE
         t = VirtioMmio(dev, machine.mem, machine.irq_trigger(layout.IRQ_BASE + i))
-        machine.mmio.add(layout.MMIO_BASE + i * layout.MMIO_SIZE, layout.MMIO_SIZE, t)
+        machine.mmio.add(base, layout.MMIO_SIZE, t)
+        for q in range(len(dev.queue_sizes)):
+            machine.on_guest_write(base + QUEUE_NOTIFY, 4, q, lambda q=q, t=t: t.kick(q))
         out.append(t)
     return out
