@@ -211,3 +211,25 @@ def test_plugin_is_found_through_its_entry_point() -> None:
 
     rt = Registry().create("runtime", "voltainer", {})
     assert rt.name == "voltainer" and callable(rt.run)
+
+
+def test_view_reads_ranges_across_chunks_and_refuses_orphans() -> None:
+    from voltainer.fusefs import read_range, tree_from_manifest
+
+    from stellarium_core.volumes.tinyvol import ManifestError
+
+    parts = [bytes([i]) * n for i, n in enumerate((5, 7, 3), start=1)]
+    chunks = {bytes([i]) * 32: p for i, p in enumerate(parts)}
+    root = filetree.Entry(".", "dir", 0o755, 0, 0, 0)
+    f = filetree.Entry("f", "file", 0o644, 0, 0, 0, size=15,
+                       chunks=[(d, len(p)) for d, p in chunks.items()])
+    link = filetree.Entry("g", "hardlink", 0o644, 0, 0, 0, target="f")
+    tree = tree_from_manifest(filetree.Manifest([root, f, link]))
+    node = tree.lookup("/f")
+    assert node is tree.lookup("/g") and node.nlink == 2  # one inode, two names
+    whole = b"".join(parts)
+    for off, size in ((0, 15), (3, 6), (5, 7), (11, 100), (15, 1)):
+        assert read_range(node, off, size, chunks.__getitem__) == whole[off:off + size]
+    orphan = filetree.Entry("no/such/parent", "file", 0o644, 0, 0, 0)
+    with pytest.raises(ManifestError, match="not a directory"):
+        tree_from_manifest(filetree.Manifest([root, orphan]))

@@ -64,7 +64,7 @@ class Tree:
             return
         parent = self.lookup("/" + "/".join(parts[:-1]))
         if parent is None or parent.children is None:
-            raise KeyError(f"parent of {path!r} is not a directory in the tree")
+            raise ManifestError(f"parent of {path!r} is not a directory in the tree")
         if stat.S_ISDIR(node.mode) and node.children is None:
             node.children = {}
         if not node.ino:
