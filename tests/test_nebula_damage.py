@@ -94,7 +94,7 @@ def test_truncated_and_damaged_index(tmp_path: Path) -> None:
         assert [s.get(d) for d in ds] == blobs
 
 
-def test_missing_pack_file(tmp_path: Path) -> None:
+def test_missing_and_truncated_pack_files(tmp_path: Path) -> None:
     root = tmp_path / "nebula"
     blobs = _blobs(12)
     with ChunkStore.open(root, HASHER, create=True, pack_max=20000) as s:
@@ -103,15 +103,23 @@ def test_missing_pack_file(tmp_path: Path) -> None:
     assert len(set(where.values())) >= 3
     (root / "packs" / "pack-000002.dat").unlink()
     gone = {d for d, p in where.items() if p == 2}
+    pack3 = root / "packs" / "pack-000003.dat"
+    cut = max((d for d in ds if where[d] == 3), key=lambda d: ds.index(d))  # its last chunk
+    os.truncate(pack3, pack3.stat().st_size - 4000)   # past the padding, into the chunk
     with ChunkStore.open(root, HASHER) as s:
         rep = s.fsck()
-        assert {p.chunk for p in rep.errors} == {d.hex() for d in gone}
-        assert all("pack-000002.dat is missing" in p.what for p in rep.errors)
+        assert {p.chunk for p in rep.errors} == {d.hex() for d in gone} | {cut.hex()}
+        assert all("pack-000002.dat is missing" in p.what for p in rep.errors
+                   if p.chunk != cut.hex())
+        assert [p.what for p in rep.errors if p.chunk == cut.hex()][0].startswith(
+            "pack is truncated")
+        with pytest.raises(CorruptChunkError, match="pack-000003.dat is truncated"):
+            s.get(cut)
         for d, b in zip(ds, blobs, strict=True):
             if d in gone:
                 with pytest.raises(CorruptChunkError, match="pack-000002.dat is missing"):
                     s.get(d)
-            else:
+            elif d != cut:
                 assert s.get(d) == b
 
 
