@@ -93,6 +93,7 @@ def _confirmed(out: str) -> Counter:
     return net
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_loses_nothing_that_returned(tmp_path: Path) -> None:
     root = tmp_path / "nebula"
     rnd = random.Random(20261127)
@@ -151,6 +152,7 @@ with ChunkStore.open(root, Blake3Hasher({}), pack_max=128 * 1024) as s:
 """
 
 
+@pytest.mark.slow
 def test_concurrent_writers_never_store_a_chunk_twice(tmp_path: Path) -> None:
     root = tmp_path / "nebula"
     ChunkStore.open(root, HASHER, create=True).close()
