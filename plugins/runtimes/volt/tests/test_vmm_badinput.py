@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from volt.cli import main
 from volt.vmm import exitcodes
 

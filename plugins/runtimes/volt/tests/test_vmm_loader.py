@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from volt.kernels.build import cached
 from volt.vmm import exitcodes, layout
 from volt.vmm.exitcodes import VoltError

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from volt.vmm import exitcodes
+from volt.vmm.exitcodes import VoltError
 
 from stellarium_core.errors import ConfigError
 from stellarium_core.hookspecs import Runtime
 from stellarium_core.plugins import Registry
-from volt.vmm import exitcodes
-from volt.vmm.exitcodes import VoltError
 
 
 def test_registry_creates_volt_runtime_with_defaults():

@@ -5,13 +5,13 @@ from __future__ import annotations
 import struct
 
 import pytest
-
-from stellarium_core.virtio import VIRTIO_F_VERSION_1, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from volt.vmm import exitcodes
 from volt.vmm.devices import virtio_mmio as vm
 from volt.vmm.devices.bus import Bus, BusConflict
 from volt.vmm.exitcodes import VoltError
 from volt.vmm.memory import GuestMemory
+
+from stellarium_core.virtio import VIRTIO_F_VERSION_1, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 BASE = 0xD0000000
 DESC, AVAIL, USED = 0x10000, 0x11000, 0x12000

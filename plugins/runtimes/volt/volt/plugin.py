@@ -13,7 +13,6 @@ from typing import Any
 
 from stellarium_core.errors import ConfigError
 from stellarium_core.hookspecs import hookimpl
-
 from volt.vmm.vm import VmConfig
 
 _FIELDS = {f.name for f in fields(VmConfig)}

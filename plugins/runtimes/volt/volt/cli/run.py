@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-from volt.cli import timing  # noqa: F401 - records import time early
+from volt.cli.timing import process_start  # imported early: its fallback clock starts here
 from volt.vmm import exitcodes
 from volt.vmm.exitcodes import VoltError
+
+if TYPE_CHECKING:
+    from volt.vmm.vm import Machine
 
 
 def _epilog() -> str:
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     return run_machine(machine, timing=args.timing)
 
 
-def run_machine(machine, timing: bool = False) -> int:  # noqa: ANN001 - Machine
+def run_machine(machine: Machine, timing: bool = False) -> int:
     """Run until the guest ends or a signal stops it; returns the exit code."""
     signal.signal(signal.SIGTERM, lambda *_: machine.stop(exitcodes.TERMINATED, "SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: machine.stop(exitcodes.TERMINATED, "SIGINT"))
@@ -79,8 +83,6 @@ def run_machine(machine, timing: bool = False) -> int:  # noqa: ANN001 - Machine
     finally:
         machine.close()
     if timing and machine.first_run is not None:
-        from volt.cli.timing import process_start
-
         print(f"volt: setup {1000 * (machine.first_run - process_start()):.1f} ms "
               "(process start to first KVM_RUN)", file=sys.stderr)
     if code is None:

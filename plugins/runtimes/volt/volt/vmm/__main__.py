@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from stellarium_core.errors import StellarError
-
 from volt.cli import run as run_cmd
 
 

@@ -221,7 +221,8 @@ def _ioctl(fd: int, request: int, arg: object = 0, what: str = "") -> int:
     try:
         return fcntl.ioctl(fd, request, arg)  # type: ignore[arg-type]
     except OSError as exc:
-        raise KvmError(exc.errno, f"{what or hex(request)}: {os.strerror(exc.errno or 0)}") from None
+        reason = os.strerror(exc.errno or 0)
+        raise KvmError(exc.errno, f"{what or hex(request)}: {reason}") from None
 
 
 def cpuid_buffer(n: int) -> tuple[bytearray, Cpuid2Header, ctypes.Array]:

@@ -206,9 +206,10 @@ class Machine:
         self._kick_all()
 
     def _kick_all(self) -> None:
-        for v, t in zip(self.vcpus, self._threads):
+        for v in self.vcpus:
             v.run_struct.immediate_exit = 1
-            if t.ident is not None and t.is_alive():
+        for t in self._threads:
+            if t.name.startswith("vcpu") and t.ident is not None and t.is_alive():
                 try:
                     signal.pthread_kill(t.ident, KICK_SIGNAL)
                 except (ProcessLookupError, OSError):
@@ -404,7 +405,8 @@ def build(cfg: VmConfig, serial_sink: Callable[[bytes], None] | None = None) -> 
     /dev/kvm is opened, so they report the same way on any machine.
     """
     from volt.vmm.devices.virtio_mmio import attach_devices, create_devices
-    from volt.vmm.loader import bootparams, kernel as kernel_loader, mptable
+    from volt.vmm.loader import bootparams, mptable
+    from volt.vmm.loader import kernel as kernel_loader
 
     _check_config(cfg)
     image = kernel_loader.open_kernel(cfg.kernel)

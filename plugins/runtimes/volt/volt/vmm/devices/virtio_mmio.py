@@ -15,7 +15,6 @@ from typing import Any
 
 from stellarium_core.errors import StellarError
 from stellarium_core.virtio import STATUS_DRIVER_OK, DeviceState, GuestMemory, VirtioDevice
-
 from volt.vmm import exitcodes, layout
 from volt.vmm.exitcodes import VoltError
 
