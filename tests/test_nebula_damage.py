@@ -188,3 +188,21 @@ def test_damaged_index_snapshot(tmp_path: Path) -> None:
         assert lost == {d.hex() for d in ds}
         assert s.fsck(repair=True).repaired == 5
         assert [s.get(d) for d in ds] == blobs
+
+
+def test_damaged_snapshot_header_still_opens(tmp_path: Path) -> None:
+    root = tmp_path / "nebula"
+    blobs = _blobs(3)
+    with ChunkStore.open(root, HASHER, create=True) as s:
+        ds = [s.put(b) for b in blobs]
+        with s._lock():
+            s.compact_index()
+    _flip(root / "index.snap", 3)                     # the magic
+    with ChunkStore.open(root, HASHER) as s:
+        rep = s.fsck()
+        assert any(p.file == "index.snap" and "header is damaged" in p.what
+                   for p in rep.errors)
+        assert s.fsck(repair=True).repaired == 3
+        assert [s.get(d) for d in ds] == blobs
+    with ChunkStore.open(root, HASHER) as s:
+        assert s.fsck().ok and [s.get(d) for d in ds] == blobs

@@ -226,6 +226,8 @@ def fsck(s: ChunkStore, repair: bool = False) -> FsckReport:
         if repair_records:
             s._append_log(repair_records)
             rep.repaired = len(repair_records)
+        if repair and (repair_records or s.log_damage):
+            s.compact_index()   # a fresh snapshot: the damaged index files are replaced
     return rep
 
 

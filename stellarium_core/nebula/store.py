@@ -7,7 +7,10 @@ On disk, under ``root`` (``<store>/nebula``):
   a pack can be re-indexed from its own bytes if the index is lost.
 - ``index.log``: a 16-byte header and fixed 56-byte records (PUT location / REF delta /
   DEL), each with a crc32. Replaying it gives the index; a torn tail record (crash while
-  appending) fails its crc and is ignored. ``gc`` rewrites it as a snapshot via rename.
+  appending) fails its crc and is ignored.
+- ``index.snap``: the in-memory table as is (48-byte records + hash slots, crc'd in
+  blocks), written via tmp + rename when the log passes 64 MiB and by ``gc``; the log
+  then restarts empty with the snapshot's generation. Opening = load snapshot + replay.
 - ``lock``: ``flock``-ed around every change, so processes can share a store.
 
 Durability order for an insert: chunk bytes to the pack, fsync pack, append index
@@ -371,9 +374,9 @@ class ChunkStore:
         head = data[:hs]
         if (len(data) < hs + 4 or zlib.crc32(head) != int.from_bytes(data[hs:hs + 4], "little")
                 or SNAP_HEADER.unpack(head)[0] != SNAP_MAGIC):
-            raise ChunkError(f"{self.snap_path}: damaged index snapshot header; the chunks "
-                             "are intact in the packs (move it away, then "
-                             "`stellar fsck --repair` re-indexes them)")
+            self.log_damage.append(("index.snap", 0, "header is damaged: every index entry "
+                                    "it held is lost (the chunks stay in the packs)"))
+            return 0, ChunkTable()
         _, gen, count, nslots = SNAP_HEADER.unpack(head)
         pos = hs + 4
         recs = memoryview(data)[pos:pos + count * RECORD]
