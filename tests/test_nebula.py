@@ -109,6 +109,7 @@ def test_release_gc_reclaims_and_compacts(store: ChunkStore) -> None:
     before = store.stats()["pack_bytes"]
     for d in drop:
         store.release(d)
+    assert any("12 chunks have no references" in p.what for p in store.fsck().problems)
     out = store.gc()
     assert out["chunks_removed"] == 12 and out["chunks_moved"] == 3
     assert out["packs_removed"] == 1

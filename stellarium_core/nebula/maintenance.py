@@ -206,6 +206,10 @@ def fsck(s: ChunkStore, repair: bool = False) -> FsckReport:
                 rep.bytes += e.raw
         for mm in maps.values():
             mm.close()
+        unreferenced = sum(1 for _, e in entries if e.refs == 0)
+        if unreferenced:
+            add(Problem("note", log, f"{unreferenced} chunks have no references left "
+                        "(`stellar gc` reclaims them)"))
         found = _scan_packs(s, packs, regions, rep)
         repair_records = []
         for d, (pack, off, stored, raw, flags) in found.items():
