@@ -85,7 +85,8 @@ def qemu_command(image: LabImage, io_dir: Path, *, memory_mib: int, cpus: int,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", f"file:{console}",
         "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
-        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on",
+        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
+                   "multidevs=remap",
         "-virtfs", f"local,path={io_dir},mount_tag=labio,security_model=none", *shares,
         # mitigations=off, no_timer_check: each saves boot time under TCG; the lab is a test rig.
         "-append", f"console=ttyS0 quiet panic=-1 mitigations=off no_timer_check "
