@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from stellarium_core import config as config_mod
 from stellarium_core.errors import ConfigError, PluginError
+from stellarium_core.fsutil import write_atomic
 from stellarium_core.hookspecs import Chunker, Hasher, TierBackend, TierContext
 from stellarium_core.plugins import Registry
 
@@ -141,9 +142,7 @@ def init_store(host: Host) -> Path:
     for d in STORE_DIRS:
         (root / d).mkdir(parents=True, exist_ok=True)
     if not meta_path.exists():
-        tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, meta_path)
+        write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
     from stellarium_core.nebula import ChunkStore
 
     ChunkStore.open(root / "nebula", host.hasher, compression=host.config.compression,

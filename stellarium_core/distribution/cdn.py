@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from stellarium_core.distribution.images import ImageStore, layer_refs
+from stellarium_core.fsutil import write_atomic
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,8 @@ class Published:
 
 
 def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    """Publish one file: world-readable for the web server, never seen half-written."""
+    write_atomic(path, data, durable=False, mode=0o644)
 
 
 def publish(images: ImageStore, name: str, directory: str | os.PathLike[str], *,

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from stellarium_core.errors import StellarError, UsageError
+from stellarium_core.fsutil import write_atomic
 from stellarium_core.hookspecs import Hasher
 from stellarium_core.volumes import filetree
 from stellarium_core.volumes.tinyvol import ManifestError
-from stellarium_core.volumes.volume import write_atomic
 
 FORMAT = "stellarium-image"
 VERSION = 1

@@ -42,9 +42,9 @@ from stellarium_core.distribution.images import (
     layer_refs,
 )
 from stellarium_core.errors import UsageError
+from stellarium_core.fsutil import write_atomic
 from stellarium_core.volumes import filetree
 from stellarium_core.volumes.tinyvol import ManifestError
-from stellarium_core.volumes.volume import write_atomic
 
 _MANIFEST_URL = re.compile(r"^(?P<base>.*/)manifests/(?P<hex>[0-9a-f]{64})\.json$")
 _TAG_URL = re.compile(r"^(?P<base>.*/)tags/(?P<tag>[^/]+)$")

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 import lz4.block
 
+from stellarium_core.fsutil import fsync_dir
 from stellarium_core.nebula.store import (
     DEL,
     PAGE,
     PUT,
     TRAILER_MAGIC,
     TRAILER_SIZE,
-    _fsync_dir,
     align,
     log_record,
     pack_name,
@@ -129,7 +129,7 @@ def collect(s: ChunkStore) -> dict[str, int]:
             removed += 1
             reclaimed += sizes[n] - live[n]
         if removed:
-            _fsync_dir(s.root / "packs")
+            fsync_dir(s.root / "packs")
         return {"chunks_removed": len(dead), "chunks_moved": moved,
                 "packs_removed": removed, "bytes_reclaimed": reclaimed}
 

@@ -36,6 +36,7 @@ from typing import IO, Any
 import lz4.block
 
 from stellarium_core.errors import UsageError
+from stellarium_core.fsutil import fsync_dir, write_atomic
 from stellarium_core.hookspecs import Chunker, Hasher
 from stellarium_core.nebula.errors import ChunkError, CorruptChunkError, MissingChunkError
 from stellarium_core.nebula.table import COMPRESSED, MAX_LEN, PAGE, RECORD, ChunkTable, Entry
@@ -90,14 +91,6 @@ def parse_trailer(buf: bytes | memoryview) -> tuple[bytes, int, int, int] | None
         return None
     magic, digest, stored, raw, flags = TRAILER.unpack(body)
     return (digest, stored, raw, flags) if magic == TRAILER_MAGIC else None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Pending:
@@ -334,19 +327,10 @@ class ChunkStore:
         (root / "packs").mkdir(parents=True, exist_ok=True)
         log = root / "index.log"
         if not log.exists():
-            tmp = root / "index.log.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(LOG_HEADER.pack(LOG_MAGIC, 32, 0))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, log)
-        tmp = root / (META + ".tmp")
-        tmp.write_text(json.dumps({"format": 1, "hasher": hasher.name}) + "\n")
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, root / META)
-        _fsync_dir(root / "packs")
-        _fsync_dir(root)
+            write_atomic(log, LOG_HEADER.pack(LOG_MAGIC, 32, 0))
+        write_atomic(root / META, (json.dumps({"format": 1, "hasher": hasher.name})
+                                   + "\n").encode())
+        fsync_dir(root / "packs")
 
     # -- the index log ---------------------------------------------------------------
 
@@ -456,13 +440,7 @@ class ChunkStore:
 
     def _write_log(self, gen: int) -> None:
         """Start a fresh, empty log of generation ``gen`` (tmp + rename; caller holds the lock)."""
-        tmp = self.root / "index.log.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(LOG_HEADER.pack(LOG_MAGIC, 32, gen))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.log_path)
-        _fsync_dir(self.root)
+        write_atomic(self.log_path, LOG_HEADER.pack(LOG_MAGIC, 32, gen))
         os.close(self._log_fd)
         self._log_fd = os.open(self.log_path, os.O_RDWR)
         self._log_ino = os.fstat(self._log_fd).st_ino
@@ -490,7 +468,7 @@ class ChunkStore:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.snap_path)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._snap_gen = gen
         self._write_log(gen)
 
@@ -594,7 +572,7 @@ class ChunkStore:
             fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
             self._pack_fds[n] = fd
             if create:
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
         return fd
 
     def _write_chunks(self, items: list[tuple[bytes, bytes | memoryview, int, int]],

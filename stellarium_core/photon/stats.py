@@ -8,11 +8,12 @@ Two routers saving at once may lose one's increments, never corrupt the file.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from stellarium_core.fsutil import write_atomic
 
 #: Counters each tier level carries.
 FIELDS = ("hits", "misses", "corrupt", "errors", "promoted", "evicted")
@@ -68,9 +69,8 @@ class Stats:
                 for f, n in counts.items():
                     t[f] = t.get(f, 0) + n
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(totals, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, self.path)
+            write_atomic(self.path, (json.dumps(totals, indent=2, sort_keys=True) + "\n").encode(),
+                         durable=False)
             self._unsaved.clear()
 
     def snapshot(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from stellarium_core.fsutil import write_atomic
 from stellarium_core.hookspecs import TierBackend
 
 _STOP = b""
@@ -81,9 +82,8 @@ class WriteBack:
         assert self._journal_path is not None
         pending = journalled(self._journal_path)
         self._journal_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._journal_path.with_suffix(".tmp")
-        tmp.write_text("".join(f"+ {k.hex()}\n" for k in pending))
-        tmp.replace(self._journal_path)
+        write_atomic(self._journal_path, "".join(f"+ {k.hex()}\n" for k in pending).encode(),
+                     durable=False)
         self._journal = open(self._journal_path, "a", buffering=1)  # noqa: SIM115
         return pending
 

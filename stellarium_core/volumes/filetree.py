@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from stellarium_core.errors import StellarError
+from stellarium_core.fsutil import write_atomic
 from stellarium_core.hookspecs import Chunker, Hasher
 from stellarium_core.volumes import cosmic
 from stellarium_core.volumes.tinyvol import ManifestError
@@ -289,8 +290,6 @@ def footprint(manifest: Manifest, store: Any) -> dict[str, int]:
 
 def save(manifest: Manifest, directory: str | os.PathLike[str], hasher: Hasher) -> bytes:
     """Write ``<directory>/<digest>.json`` atomically; returns the digest."""
-    from stellarium_core.volumes.volume import write_atomic
-
     data = manifest.encode()
     digest = hasher.digest(data)
     d = Path(directory)

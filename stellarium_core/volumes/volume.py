@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from stellarium_core.errors import StellarError, UsageError
+from stellarium_core.fsutil import fsync_dir, write_atomic
 from stellarium_core.hookspecs import Hasher
 from stellarium_core.volumes import tinyvol
 from stellarium_core.volumes.tinyvol import NO_BASE, REF_ZERO, ChunkRef, ManifestError, TinyVol
@@ -56,41 +57,6 @@ def _is_zero(buf: bytes | bytearray | memoryview) -> bool:
     n = len(buf)
     return buf == _ZEROS[:n] if n <= len(_ZEROS) else not any(buf)
 
-
-def write_atomic(path: Path, data: bytes, *, exclusive: bool = False,
-                 durable: bool = True) -> None:
-    """Write ``data`` to ``path`` via tmp + rename (or link when ``exclusive``).
-
-    Readers see the old or the new file, never a mix. ``durable`` adds fsyncs of
-    the file and its directory, so the change also survives a power cut.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        if exclusive:
-            os.link(tmp, path)  # fails if ``path`` exists: no silent overwrite
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except FileExistsError:
-        os.unlink(tmp)
-        raise VolumeError(f"{path.name} already exists") from None
-    if durable:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    dfd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 @dataclass(frozen=True)
@@ -340,8 +306,11 @@ class VolumeStore:
 
     def _write_manifest(self, name: str, vol: TinyVol, *, new: bool = False) -> None:
         # Rewrites are always fsync'd: releases that follow must never outlive them.
-        write_atomic(self.path(name), tinyvol.encode(vol), exclusive=new,
-                     durable=self.durable or not new)
+        try:
+            write_atomic(self.path(name), tinyvol.encode(vol), exclusive=new,
+                         durable=self.durable or not new)
+        except FileExistsError:
+            raise VolumeError(f"volume {name!r} already exists") from None
 
     def _lock(self, name: str) -> int:
         """An exclusive writer lock on ``name``, so two writers never race on refcounts."""
@@ -391,7 +360,7 @@ class VolumeStore:
         except VolumeError:
             return
         p.unlink()
-        _fsync_dir(self.bases)
+        fsync_dir(self.bases)
         _refs(self.store, _listed(base.manifest), release=True)
 
     # -- operations ---------------------------------------------------------------
@@ -563,7 +532,7 @@ class VolumeStore:
             m = self._read_manifest(name)
             self.path(name).unlink()
             (self.root / f".{name}.lock").unlink()
-            _fsync_dir(self.root)  # the unlink must be durable before chunks are released
+            fsync_dir(self.root)  # the unlink must be durable before chunks are released
         finally:
             os.close(fd)
         _refs(self.store, _listed(m), release=True)

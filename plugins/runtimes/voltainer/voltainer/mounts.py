@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from stellarium_core.fsutil import write_atomic
+
 STATE = "state.json"
 
 
@@ -72,9 +74,7 @@ class State:
             return None
 
     def save(self, d: Path) -> None:
-        tmp = d / (STATE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self)))
-        os.replace(tmp, d / STATE)
+        write_atomic(d / STATE, json.dumps(asdict(self)).encode(), durable=False)
 
 
 #: Where a per-container cgroup can go: the v1 ``pids`` hierarchy, else unified v2.

@@ -8,7 +8,6 @@ The directory is the tier's only state: usage is rebuilt by one scan.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from stellarium_core.config import Field, validate_params
 from stellarium_core.errors import ConfigError
+from stellarium_core.fsutil import write_atomic
 from stellarium_core.hookspecs import TierContext, TierFull, TierUsage, hookimpl
 
 FIELDS = {
@@ -64,32 +64,16 @@ class NvmeTier:
             self._sizes, self._used = sizes, sum(sizes.values())
         return self._sizes
 
-    def _fsync_dir(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def put(self, key: bytes, data: bytes | memoryview) -> None:
         with self._lock:
             index = self._index()
             if key in index:
                 return
         final = self._file(key)
-        tmp = final.with_name(f"{final.name}.{threading.get_ident()}.tmp")
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if self._fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, final)
-            if self._fsync:
-                self._fsync_dir(final.parent)
+            write_atomic(final, data, durable=self._fsync)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
                 raise TierFull(f"nvme tier {self.root}: {exc.strerror}") from None
             raise

@@ -1,0 +1,60 @@
+"""Crash-safe small-file writes, shared by every part of the store.
+
+Manifests, indexes, state files and published blobs are all replaced the same
+way: write a temporary sibling, optionally fsync it, rename it over the target,
+optionally fsync the directory. Readers then see the old or the new file, never
+a mix, and with ``durable`` the change also survives a power cut.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory, so a rename or unlink inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | memoryview, *,
+                 exclusive: bool = False, durable: bool = True,
+                 mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` via a temporary sibling and a rename.
+
+    ``exclusive`` links instead of renaming, so an existing ``path`` raises
+    FileExistsError rather than being overwritten. ``durable`` fsyncs the file
+    and its directory. ``mode`` sets the permissions regardless of the umask
+    (e.g. files a web server must read). The temporary name carries the pid
+    and thread id, so concurrent writers of one path never share it, and ends
+    in ``.tmp`` so a sweep can recognise what a crash left.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+            if mode is not None:
+                os.fchmod(fd, mode)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
