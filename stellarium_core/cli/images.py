@@ -52,21 +52,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     pull.set_defaults(func=_pull)
 
 
-def open_images(host: Host) -> ImageStore:
-    """The image store of this host (the store must exist: `stellar host init`)."""
-    return ImageStore(host.store_path / "images", host.store, host.hasher)
-
-
 def _import(args: argparse.Namespace) -> int:
     host = Host.from_config(args.config)
-    digest = Importer(open_images(host), host.chunker, host.hasher).import_path(
+    digest = Importer(ImageStore.for_host(host), host.chunker, host.hasher).import_path(
         args.source, args.name)
     emit(args, {"name": args.name, "digest": digest.hex()}, f"{args.name} {digest.hex()}")
     return 0
 
 
 def _ls(args: argparse.Namespace) -> int:
-    images = open_images(Host.from_config(args.config))
+    images = ImageStore.for_host(Host.from_config(args.config))
     rows = images.listing()
     totals = shared_chunks(images)
 
@@ -82,13 +77,13 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    open_images(Host.from_config(args.config)).remove(args.name)
+    ImageStore.for_host(Host.from_config(args.config)).remove(args.name)
     emit(args, {"removed": args.name}, f"removed {args.name}")
     return 0
 
 
 def _publish(args: argparse.Namespace) -> int:
-    res = publish(open_images(Host.from_config(args.config)), args.image, args.directory,
+    res = publish(ImageStore.for_host(Host.from_config(args.config)), args.image, args.directory,
                   gzip=args.gzip)
     data = {"digest": res.digest.hex(), "manifest": f"manifests/{res.digest.hex()}.json",
             "tag": res.tag, "blobs_written": res.blobs_written,
@@ -105,7 +100,7 @@ def _pull(args: argparse.Namespace) -> int:
     base, tag, digest = parse_url(args.url)
     host = Host.from_config(args.config)
     policy = FetchPolicy(timeout=args.timeout, attempts=args.attempts)
-    res = Puller(open_images(host), base, workers=args.workers, policy=policy).pull(
+    res = Puller(ImageStore.for_host(host), base, workers=args.workers, policy=policy).pull(
         args.name, tag=tag, digest=digest)
     data = {"name": args.name, "digest": res.digest.hex(), "blobs_needed": res.blobs_needed,
             "blobs_fetched": res.blobs_fetched, "blobs_resumed": res.blobs_resumed,

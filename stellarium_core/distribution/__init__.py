@@ -3,6 +3,7 @@
 Public API::
 
     images = ImageStore(store_path / "images", chunk_store, hasher)
+    images = ImageStore.for_host(host)          # the same, for a configured Host
     Importer(images, chunker, hasher).import_path(dir_or_tar_or_oci, name) -> digest
     publish(images, name, directory) -> Published
     Puller(images, base_url).pull(name, tag=... | digest=...) -> PullResult

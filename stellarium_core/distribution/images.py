@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stellarium_core.errors import StellarError, UsageError
 from stellarium_core.fsutil import write_atomic
@@ -40,6 +40,9 @@ FORMAT = "stellarium-image"
 VERSION = 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,254}")
 _HEX = re.compile(r"[0-9a-f]{64}")
+
+if TYPE_CHECKING:
+    from stellarium_core.host import Host
 
 
 class ImageError(StellarError):
@@ -121,6 +124,11 @@ class ImageStore:
         self.pulls = self.root / "pulls"
         self.manifests.mkdir(parents=True, exist_ok=True)
         self.pulls.mkdir(exist_ok=True)
+
+    @classmethod
+    def for_host(cls, host: Host) -> ImageStore:
+        """The image store of ``host``: ``<store>/images`` over its NEBULA store."""
+        return cls(host.store_path / "images", host.store, host.hasher)
 
     # -- locking and the index ---------------------------------------------------------
 

@@ -82,15 +82,11 @@ def nspawn_command(root: Path, cid: str, command: list[str], *, private_network:
     return [*cmd, "--", *command]
 
 
-def _images(host: Host) -> ImageStore:
-    return ImageStore(host.store_path / "images", host.store, host.hasher)
-
-
 def gc(host: Host) -> list[str]:
     """Clean up crashed runs and drop the image pins of containers that are gone."""
     runtime = runtime_dir(host)
     cleaned = mounts.gc(runtime)
-    images = _images(host)
+    images = ImageStore.for_host(host)
     for name in images.index():
         if name.startswith(PIN) and not (runtime / name[len(PIN):]).exists():
             images.remove(name)
@@ -105,7 +101,7 @@ def run(host: Host, image: str, command: list[str], *, private_network: bool = F
     runtime = runtime_dir(host)
     runtime.mkdir(parents=True, exist_ok=True)
     gc(host)
-    images = _images(host)
+    images = ImageStore.for_host(host)
     digest = images.resolve(image)
     manifest = images.image(digest)
     command = command or [*(manifest.config.get("Entrypoint") or []),

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         host = Host.from_config(args.config)
-        images = ImageStore(host.store_path / "images", host.store, host.hasher)
+        images = ImageStore.for_host(host)
         tree = tree_from_manifest(images.flatten(bytes.fromhex(args.digest)))
         serve(tree, host.store.get, host.hasher, args.mountpoint)
     except StellarError as exc:
