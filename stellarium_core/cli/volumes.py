@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,20 +101,24 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _clone(args: argparse.Namespace) -> int:
+def _copy(args: argparse.Namespace, op: Callable[[VolumeStore, str, str], Any],
+          message: str) -> int:
+    """Clone or snapshot SOURCE to NAME, announce the new volume and print its facts."""
     host, vols = _volumes(args)
-    vols.clone(args.source, args.name)
-    _created(host, args.name, vols.info(args.name)["size"])
-    emit(args, vols.info(args.name), f"cloned {args.source} to {args.name}")
+    op(vols, args.source, args.name)
+    info = vols.info(args.name)
+    _created(host, args.name, info["size"])
+    emit(args, info, message)
     return 0
+
+
+def _clone(args: argparse.Namespace) -> int:
+    return _copy(args, VolumeStore.clone, f"cloned {args.source} to {args.name}")
 
 
 def _snapshot(args: argparse.Namespace) -> int:
-    host, vols = _volumes(args)
-    vols.snapshot(args.source, args.name)
-    _created(host, args.name, vols.info(args.name)["size"])
-    emit(args, vols.info(args.name), f"snapshot {args.name} of {args.source} (read-only)")
-    return 0
+    return _copy(args, VolumeStore.snapshot,
+                 f"snapshot {args.name} of {args.source} (read-only)")
 
 
 def _commit(args: argparse.Namespace) -> int:
