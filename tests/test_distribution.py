@@ -6,8 +6,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from devtools.nginx import Nginx, nginx_binary
 from stellarium_core.distribution import (
     FetchError,
     FetchPolicy,
@@ -28,22 +27,11 @@ from stellarium_core.distribution import (
 from stellarium_core.errors import UsageError
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkStore
-from stellarium_core.plugins import Registry
 from stellarium_core.volumes import filetree
 
 # Generous timeouts: the machine is shared and loaded; only the stall test is tight.
 FAST = FetchPolicy(timeout=15, attempts=2, backoff=0.0)
 STALL = FetchPolicy(timeout=1.0, attempts=2, backoff=0.0)
-
-
-@pytest.fixture
-def hasher() -> Blake3Hasher:
-    return Blake3Hasher({})
-
-
-@pytest.fixture
-def chunker():
-    return Registry().create("chunker", "fastcdc", {})
 
 
 def open_images(root: Path, hasher: Blake3Hasher) -> ImageStore:
@@ -334,46 +322,15 @@ def test_bad_urls_are_usage_errors():
 
 
 def test_nginx_serves_the_layout(src, dst, chunker, hasher, tmp_path):
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.path.exists(nginx):
+    if nginx_binary() is None:
         pytest.skip("nginx is not installed (apt-get install nginx)")
     tree = make_tree(tmp_path / "tree")
     imported(src, chunker, hasher, tree)
     site = tmp_path / "site"
     pub = publish(src, "app", site, gzip=True)
     assert pub.gzipped > 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(f"""
-user root root;  # the test tree lives under a root-only tmp dir
-worker_processes 1;
-pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/error.log;
-events {{ worker_connections 64; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp_path}/tmp; proxy_temp_path {tmp_path}/tmp;
-  fastcgi_temp_path {tmp_path}/tmp; uwsgi_temp_path {tmp_path}/tmp; scgi_temp_path {tmp_path}/tmp;
-  gzip_static on;
-  server {{ listen 127.0.0.1:{port}; root {site}; }}
-}}
-""")
-    proc = subprocess.Popen([nginx, "-c", str(conf), "-g", "daemon off;"],
-                            stderr=subprocess.PIPE)
-    try:
-        for _ in range(100):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        else:
-            pytest.fail(f"nginx did not listen: {proc.stderr.read1().decode()}")
-        res = Puller(dst, f"http://127.0.0.1:{port}/", policy=FAST).pull("app", tag="app")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with Nginx(site, tmp_path / "nginx") as web:
+        res = Puller(dst, web.url, policy=FAST).pull("app", tag="app")
     out = tmp_path / "out"
     filetree.restore(dst.flatten("app"), dst.store, out, hasher)
     assert res.blobs_fetched > 0 and filetree.diff_trees(tree, out) == []

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from devtools.nginx import Nginx  # noqa: E402
 from devtools.rootfs import debian_rootfs  # noqa: E402
 from stellarium_core.distribution import ImageStore, Importer, Puller, publish  # noqa: E402
 from stellarium_core.distribution.images import layer_refs  # noqa: E402
@@ -41,58 +41,6 @@ from stellarium_core.nebula import ChunkStore  # noqa: E402
 from stellarium_core.plugins import Registry  # noqa: E402
 
 MB = 1e6
-
-
-class Nginx:
-    """nginx serving ``site`` on a loopback port, logging body bytes per request."""
-
-    def __init__(self, site: Path, work: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.log = work / "access.log"
-        conf = work / "nginx.conf"
-        conf.write_text(f"""
-user root root;
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/error.log;
-events {{ worker_connections 256; }}
-http {{
-  log_format bytes '$body_bytes_sent';
-  access_log {self.log} bytes;
-  client_body_temp_path {work}; proxy_temp_path {work}; fastcgi_temp_path {work};
-  uwsgi_temp_path {work}; scgi_temp_path {work};
-  keepalive_requests 100000;
-  gzip_static on;
-  server {{ listen 127.0.0.1:{self.port}; root {site}; }}
-}}
-""")
-        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-g", "daemon off;"])
-        for _ in range(100):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("nginx did not start")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
-
-    def mark(self) -> int:
-        return self.log.stat().st_size if self.log.exists() else 0
-
-    def since(self, mark: int) -> tuple[int, int]:
-        """(requests, body bytes) logged after ``mark``."""
-        with open(self.log, "rb") as fh:
-            fh.seek(mark)
-            lines = fh.read().split()
-        return len(lines), sum(int(x) for x in lines)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 def store_at(path: Path, hasher: Blake3Hasher) -> ImageStore:
@@ -131,7 +79,7 @@ def main() -> int:
                         f"{site}/casync/b.caidx", str(b)], check=True, capture_output=True)
         pub.store.close()
 
-        web = Nginx(site, work)
+        web = Nginx(site, work, log_bytes=True)
         rows = []
         try:
             for case in ("empty", "sibling A"):

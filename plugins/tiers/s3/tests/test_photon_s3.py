@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from devtools.net import free_port
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.hookspecs import TierContext
 from stellarium_core.photon import ChunkCorrupt, PhotonRouter
@@ -152,14 +153,9 @@ def test_stellar_tiers_reports_s3_usage_and_hits(seaweedfs, tmp_path: Path) -> N
 
 
 def test_stellar_tiers_with_s3_down_reports_it(tmp_path: Path) -> None:
-    import socket
-
     from tests.helpers import run_cli
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = _config(tmp_path, {"bucket": "b", "endpoint_url": f"http://127.0.0.1:{port}",
+    cfg = _config(tmp_path, {"bucket": "b", "endpoint_url": f"http://127.0.0.1:{free_port()}",
                              "access_key_id": "a", "secret_access_key": "b",
                              "connect_timeout": 1.0, "max_attempts": 1})
     res = run_cli(["--config", cfg, "tiers"])

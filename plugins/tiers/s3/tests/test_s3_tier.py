@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from devtools.net import free_port
 from stellarium_core.errors import ConfigError, StellarError
 from stellarium_core.hookspecs import TierBackend, TierContext, TierUnavailable
 from stellarium_core.plugins import Registry
@@ -40,7 +40,7 @@ def test_contract_roundtrip(seaweedfs, tmp_path: Path) -> None:
 
 
 def test_making_the_tier_touches_no_network(tmp_path: Path) -> None:
-    t = make(tmp_path, bucket="b", endpoint_url=f"http://127.0.0.1:{_closed_port()}",
+    t = make(tmp_path, bucket="b", endpoint_url=f"http://127.0.0.1:{free_port()}",
              access_key_id="a", secret_access_key="b", connect_timeout=1.0, max_attempts=1)
     assert t._client is None
     start = time.monotonic()
@@ -68,9 +68,3 @@ def test_bad_params_name_the_key(tmp_path: Path, params: dict, key: str) -> None
     with pytest.raises(ConfigError) as exc:
         make(tmp_path, **params)
     assert exc.value.key == key
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
