@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def run_cli(
@@ -25,3 +27,20 @@ def run_cli(
         [sys.executable, "-m", tool, *map(str, args)],
         capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout,
     )
+
+
+def new_store(directory: Path, config: str = '[store]\npath = "store"\n') -> Path:
+    """Write ``<directory>/host.toml`` and run ``stellar host init``; the config's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = directory / "host.toml"
+    cfg.write_text(config)
+    r = run_cli(["--config", cfg, "host", "init"])
+    assert r.returncode == 0, r.stderr
+    return cfg
+
+
+def stellar_json(cfg: Path, *args: object, timeout: float = 120) -> Any:
+    """``stellar --config CFG ARGS --json``, asserted to succeed; its parsed output."""
+    r = run_cli(["--config", cfg, *map(str, args), "--json"], timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)

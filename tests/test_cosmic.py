@@ -6,23 +6,10 @@ import os
 
 import pytest
 
-from stellarium_core.hashing import Blake3Hasher
-from stellarium_core.nebula import ChunkStore
 from stellarium_core.plugins import Registry
 from stellarium_core.volumes import cosmic
 from stellarium_core.volumes.cosmic import PackError
 from stellarium_core.volumes.filetree import capture, footprint, release
-
-
-@pytest.fixture
-def hasher():
-    return Blake3Hasher({})
-
-
-@pytest.fixture
-def store(hasher, tmp_path):
-    with ChunkStore.open(tmp_path / "nebula", hasher, create=True) as s:
-        yield s
 
 
 def test_pack_slots_are_addressable_and_verified(hasher):

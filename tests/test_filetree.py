@@ -12,28 +12,9 @@ from pathlib import Path
 import pytest
 
 from stellarium_core.errors import StellarError
-from stellarium_core.hashing import Blake3Hasher
-from stellarium_core.nebula import ChunkStore
-from stellarium_core.plugins import Registry
 from stellarium_core.volumes import filetree
 from stellarium_core.volumes.filetree import Manifest, capture, diff_trees, restore, stack
 from stellarium_core.volumes.tinyvol import ManifestError
-
-
-@pytest.fixture
-def hasher():
-    return Blake3Hasher({})
-
-
-@pytest.fixture
-def chunker():
-    return Registry().create("chunker", "fastcdc", {})
-
-
-@pytest.fixture
-def store(hasher, tmp_path):
-    with ChunkStore.open(tmp_path / "nebula", hasher, create=True) as s:
-        yield s
 
 
 def make_tree(root: Path) -> Path:

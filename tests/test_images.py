@@ -20,7 +20,7 @@ from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkStore
 from stellarium_core.plugins import Registry
 from stellarium_core.volumes import filetree
-from tests.helpers import run_cli
+from tests.helpers import new_store, run_cli
 
 
 @pytest.fixture
@@ -169,9 +169,7 @@ def test_corrupt_oci_blob_is_refused(images, importer, tmp_path):
 
 
 def test_cli_import_ls_publish_pull_rm(tmp_path):
-    cfg = tmp_path / "host.toml"
-    cfg.write_text('[store]\npath = "store"\n')
-    assert run_cli(["--config", cfg, "host", "init"]).returncode == 0
+    cfg = new_store(tmp_path)
     tree = tmp_path / "tree"
     (tree / "etc").mkdir(parents=True)
     (tree / "etc/hostname").write_text("box\n")

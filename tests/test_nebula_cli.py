@@ -15,16 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import new_store, run_cli
 
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> Path:
-    path = tmp_path / "host.toml"
-    path.write_text('[store]\npath = "store"\n')
-    r = run_cli(["--config", path, "host", "init"])
-    assert r.returncode == 0, r.stderr
-    return path
+    return new_store(tmp_path)
 
 
 def _tree(root: Path) -> None:

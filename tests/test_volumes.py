@@ -9,7 +9,6 @@ import random
 import pytest
 
 from stellarium_core.errors import StellarError
-from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkStore
 from stellarium_core.volumes import tinyvol
 from stellarium_core.volumes.blockdev import SECTOR, BlockDevice
@@ -18,17 +17,6 @@ from stellarium_core.volumes.volume import VolumeError, VolumeStore
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CS = 64 * KiB
-
-
-@pytest.fixture
-def hasher():
-    return Blake3Hasher({})
-
-
-@pytest.fixture
-def store(hasher, tmp_path):
-    with ChunkStore.open(tmp_path / "nebula", hasher, create=True) as s:
-        yield s
 
 
 def live_refs(store) -> dict[bytes, int]:

@@ -18,11 +18,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from stellarium_core.volumes import filetree
-from tests.helpers import run_cli
+from tests.helpers import new_store, run_cli, stellar_json
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="FUSE mounts and nspawn need root")
 NEEDS_FUSE = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
@@ -30,22 +31,12 @@ NEEDS_NSPAWN = pytest.mark.skipif(shutil.which("systemd-nspawn") is None,
                                   reason="systemd-nspawn is not installed")
 
 
-def stellar(cfg: Path, *args: object) -> dict:
-    r = run_cli(["--config", cfg, *args, "--json"], timeout=600)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+def stellar(cfg: Path, *args: object) -> Any:
+    return stellar_json(cfg, *args, timeout=600)
 
 
 def voltainer(cfg: Path, *args: object, timeout: float = 120) -> subprocess.CompletedProcess:
     return run_cli(["--config", cfg, *args], tool="voltainer", timeout=timeout)
-
-
-def new_store(path: Path) -> Path:
-    cfg = path / "host.toml"
-    path.mkdir(parents=True, exist_ok=True)
-    cfg.write_text('[store]\npath = "store"\n')
-    assert run_cli(["--config", cfg, "host", "init"]).returncode == 0
-    return cfg
 
 
 def mounts_below(path: Path) -> list[str]:
