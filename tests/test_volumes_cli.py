@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
 from stellarium_core.volumes.filetree import diff_trees
-from tests.helpers import run_cli
+from tests.helpers import new_store, run_cli
+from tests.helpers import stellar_json as stellar
 
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> Path:
-    path = tmp_path / "host.toml"
-    path.write_text('[store]\npath = "store"\n')
-    r = run_cli(["--config", path, "host", "init"])
-    assert r.returncode == 0, r.stderr
-    return path
-
-
-def stellar(cfg: Path, *args: object) -> dict | list:
-    r = run_cli(["--config", cfg, *args, "--json"])
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return new_store(tmp_path)
 
 
 def test_volume_lifecycle(cfg: Path, tmp_path: Path) -> None:
@@ -51,6 +41,7 @@ def test_volume_lifecycle(cfg: Path, tmp_path: Path) -> None:
 
 
 def test_bad_input_exits_cleanly(cfg: Path, tmp_path: Path) -> None:
+    stellar(cfg, "vol", "create", "v", "1MiB")
     for args, code, msg in (
         (["vol", "info", "nope"], 1, "no volume named 'nope'"),
         (["vol", "create", "x", "lots"], 2, "is not a size"),
@@ -58,10 +49,13 @@ def test_bad_input_exits_cleanly(cfg: Path, tmp_path: Path) -> None:
         (["vol", "import", "x", tmp_path / "missing.raw"], 1, "is not a file"),
         (["tree", "restore", "zz", tmp_path / "d"], 1, "neither a manifest file nor a digest"),
         (["tree", "restore", "ab" * 32, tmp_path / "d"], 1, "no tree manifest"),
+        (["vol", "export", "v", tmp_path / "no/dir/v.img"], 1,
+         f"{tmp_path / 'no/dir/v.img'}: No such file or directory"),
     ):
         r = run_cli(["--config", cfg, *args])
         assert r.returncode == code, (args, r.stderr)
         assert msg in r.stderr and "Traceback" not in r.stderr
+        assert r.stderr.count("\n") == 1, r.stderr  # one line
 
 
 def test_tree_capture_restore(cfg: Path, tmp_path: Path) -> None:

@@ -75,3 +75,8 @@ def run(prog: str, description: str, modules: Sequence[str],
         return 130
     except BrokenPipeError:
         return 1
+    except OSError as exc:
+        # A path the user named cannot be read or written: say which and why, no traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{prog}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
