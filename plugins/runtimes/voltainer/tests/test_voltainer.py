@@ -142,6 +142,37 @@ def test_container_runs_on_pulled_image(pulled: tuple[Path, Path]) -> None:
 
 @pytest.mark.slow
 @NEEDS_NSPAWN
+def test_run_announces_start_and_stop_to_plugins(pulled: tuple[Path, Path]) -> None:
+    from voltainer.runner import run
+
+    from stellarium_core import config as config_mod
+    from stellarium_core.hookspecs import hookimpl
+    from stellarium_core.host import Host
+
+    events: list[tuple] = []
+
+    class Listener:
+        @hookimpl
+        def stellarium_instance_started(self, runtime: str, instance: str, info: dict) -> None:
+            events.append(("started", runtime, instance, info["image"], info["command"]))
+
+        @hookimpl
+        def stellarium_instance_stopped(self, runtime: str, instance: str,
+                                        exit_code: int) -> None:
+            events.append(("stopped", runtime, instance, exit_code))
+
+    cfg, _ = pulled
+    host = Host(config_mod.load(cfg))
+    host.registry.pm.register(Listener())
+    assert run(host, "debian", ["sh", "-c", "exit 7"], config=str(cfg)) == 7
+    assert [e[:2] for e in events] == [("started", "voltainer"), ("stopped", "voltainer")]
+    cid = events[0][2]
+    assert cid.startswith("vt-debian-") and events[1][2] == cid
+    assert events[0][3:] == ("debian", ["sh", "-c", "exit 7"]) and events[1][3] == 7
+
+
+@pytest.mark.slow
+@NEEDS_NSPAWN
 def test_sigkilled_run_is_cleaned_by_gc(pulled: tuple[Path, Path]) -> None:
     cfg, _ = pulled
     store = cfg.parent / "store"

@@ -95,7 +95,11 @@ def gc(host: Host) -> list[str]:
 
 def run(host: Host, image: str, command: list[str], *, private_network: bool = False,
         config: str | None = None) -> int:
-    """Run ``command`` in a container of ``image``; returns the command's exit code."""
+    """Run ``command`` in a container of ``image``; returns the command's exit code.
+
+    Plugins hear ``stellarium_instance_started`` once the container's nspawn is
+    running and ``stellarium_instance_stopped`` with its exit code.
+    """
     if shutil.which(NSPAWN) is None:
         raise RunError("systemd-nspawn is not installed (apt-get install systemd-container)")
     runtime = runtime_dir(host)
@@ -146,11 +150,18 @@ def run(host: Host, image: str, command: list[str], *, private_network: bool = F
                               preexec_fn=_into_cgroup(state.cgroup))
         state.nspawn = Proc.of(ns.pid)
         state.save(d)
+        hook = host.registry.hook
+        hook.stellarium_instance_started(runtime="voltainer", instance=cid,
+                                         info={"image": image, "digest": digest.hex(),
+                                               "pid": ns.pid, "command": command})
         while True:
             try:
-                return ns.wait()
+                code = ns.wait()
+                break
             except KeyboardInterrupt:  # nspawn got the SIGINT too; wait for it to finish
                 continue
+        hook.stellarium_instance_stopped(runtime="voltainer", instance=cid, exit_code=code)
+        return code
     finally:
         signal.signal(signal.SIGTERM, old_term)
         mounts.cleanup(d, state)

@@ -18,13 +18,13 @@ from voltainer.fusefs import serve, tree_from_manifest
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="voltainer-serve")
     p.add_argument("--config")
-    p.add_argument("digest")
+    p.add_argument("digest", type=bytes.fromhex, help="image manifest digest (hex)")
     p.add_argument("mountpoint")
     args = p.parse_args(argv)
     try:
         host = Host.from_config(args.config)
         images = ImageStore.for_host(host)
-        tree = tree_from_manifest(images.flatten(bytes.fromhex(args.digest)))
+        tree = tree_from_manifest(images.flatten(args.digest))
         serve(tree, host.store.get, host.hasher, args.mountpoint)
     except StellarError as exc:
         print(f"voltainer-serve: error: {exc}", file=sys.stderr)
