@@ -64,6 +64,7 @@ _ZEROS = bytes(PAGE)
 
 
 def align(n: int) -> int:
+    """``n`` rounded up to the page size: where the next chunk in a pack may start."""
     return (n + PAGE - 1) & ~(PAGE - 1)
 
 

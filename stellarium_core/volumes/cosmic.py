@@ -134,7 +134,3 @@ class Packer:
             ps.pack = digest
         self.packs.append(digest)
         self._items, self._open, self._used = [], [], HEADER.size
-
-
-def aligned(n: int, align: int = 4096) -> int:
-    return -(-n // align) * align

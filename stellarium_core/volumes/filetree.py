@@ -39,6 +39,7 @@ from typing import Any
 from stellarium_core.errors import StellarError
 from stellarium_core.fsutil import write_atomic
 from stellarium_core.hookspecs import Chunker, Hasher
+from stellarium_core.nebula.store import align
 from stellarium_core.volumes import cosmic
 from stellarium_core.volumes.tinyvol import ManifestError
 
@@ -285,7 +286,7 @@ def footprint(manifest: Manifest, store: Any) -> dict[str, int]:
         if e.pack is not None and e.pack not in sizes:
             sizes[e.pack] = store.size(e.pack)
     return {"chunks": len(sizes), "bytes": sum(sizes.values()),
-            "aligned_bytes": sum(cosmic.aligned(n) for n in sizes.values())}
+            "aligned_bytes": sum(align(n) for n in sizes.values())}
 
 
 def save(manifest: Manifest, directory: str | os.PathLike[str], hasher: Hasher) -> bytes:
