@@ -50,6 +50,7 @@ class ImageError(StellarError):
 
 
 def check_name(name: str) -> str:
+    """``name`` if it is a valid image name (no ``..``), else a UsageError."""
     if not _NAME.fullmatch(name) or ".." in name:
         raise UsageError(f"bad image name {name!r}: use letters, digits and . _ : / @ - "
                          "(max 255, not starting with a symbol)")

@@ -32,6 +32,8 @@ INLINE_MANIFEST = 4 << 20
 
 @dataclass
 class IngestResult:
+    """The digest of the ingested tree's manifest and what it took to store it."""
+
     manifest: bytes
     files: int
     bytes: int

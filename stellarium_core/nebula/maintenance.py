@@ -152,6 +152,8 @@ class Problem:
 
 @dataclass
 class FsckReport:
+    """What fsck checked and found; only ``error`` problems make it not ``ok`` (exit 1)."""
+
     chunks: int = 0
     bytes: int = 0
     problems: list[Problem] = field(default_factory=list)

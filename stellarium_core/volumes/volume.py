@@ -47,6 +47,7 @@ class VolumeError(StellarError):
 
 
 def check_name(name: str) -> str:
+    """``name`` if it is safe as a file name in the volumes dir, else a UsageError."""
     if not _NAME.fullmatch(name) or name.endswith(SUFFIX):
         raise UsageError(f"bad volume name {name!r}: use letters, digits, '.', '_', '-' "
                          "(max 128, not starting with '.' or '-')")

@@ -8,6 +8,8 @@ from stellarium_core.hookspecs import hookimpl
 
 
 class Sha256Hasher:
+    """Satisfies :class:`stellarium_core.hookspecs.Hasher` with nothing but hashlib."""
+
     name = "sha256"
     digest_size = 32
     params: dict[str, Any] = {}
@@ -21,6 +23,7 @@ class Sha256Hasher:
 
 @hookimpl
 def stellarium_hasher(name: str, params: dict[str, Any]) -> Sha256Hasher | None:
+    """Answer for ``sha256`` only; other hasher plugins answer for their names."""
     if name != "sha256":
         return None
     validate_params(params, {})

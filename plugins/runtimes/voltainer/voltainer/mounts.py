@@ -38,6 +38,8 @@ def start_time(pid: int) -> int | None:
 
 @dataclass
 class Proc:
+    """A process by pid and start time, so a recycled pid never passes for ours."""
+
     pid: int
     start: int
 

@@ -36,6 +36,7 @@ class RunError(StellarError):
 
 
 def runtime_dir(host: Host) -> Path:
+    """Where container state dirs live: ``<store>/runtime`` (see :mod:`voltainer.mounts`)."""
     return host.store_path / "runtime"
 
 

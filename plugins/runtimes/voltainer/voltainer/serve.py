@@ -16,6 +16,7 @@ from voltainer.fusefs import serve, tree_from_manifest
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve the image until unmounted or killed; 1 with one line if it cannot start."""
     p = argparse.ArgumentParser(prog="voltainer-serve")
     p.add_argument("--config")
     p.add_argument("digest", type=bytes.fromhex, help="image manifest digest (hex)")
