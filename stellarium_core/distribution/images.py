@@ -66,20 +66,13 @@ class ImageManifest:
     config: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        doc = {"format": FORMAT, "version": VERSION, "hasher": self.hasher,
-               "layers": [d.hex() for d in self.layers], "config": self.config}
-        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        return filetree.canonical_json({"format": FORMAT, "version": VERSION,
+                                        "hasher": self.hasher, "config": self.config,
+                                        "layers": [d.hex() for d in self.layers]})
 
     @classmethod
     def decode(cls, data: bytes) -> ImageManifest:
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ManifestError(f"image manifest is truncated or corrupt: {exc}") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise ManifestError("not a Stellarium image manifest")
-        if doc.get("version") != VERSION:
-            raise ManifestError(f"image manifest version {doc.get('version')} is not supported")
+        doc = filetree.parse_document(data, FORMAT, VERSION, "image manifest")
         layers, config = doc.get("layers"), doc.get("config", {})
         if (not isinstance(layers, list) or not layers
                 or not all(isinstance(h, str) and _HEX.fullmatch(h) for h in layers)

@@ -126,6 +126,28 @@ def _sort_key(path: str) -> tuple[str, ...]:
     return () if path == "." else tuple(path.split("/"))
 
 
+def canonical_json(doc: dict[str, Any]) -> bytes:
+    """Sorted keys, no spaces: equal documents give equal bytes, hence equal digests."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse_document(data: bytes, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """The JSON object in ``data`` if it is a ``fmt`` document of ``version``.
+
+    Anything else (truncated, not JSON, another format or version) is a
+    ManifestError naming ``what``, never a JSON or attribute error.
+    """
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{what} is truncated or corrupt: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise ManifestError(f"not a Stellarium {what}")
+    if doc.get("version") != version:
+        raise ManifestError(f"{what} version {doc.get('version')} is not supported")
+    return doc
+
+
 @dataclass
 class Manifest:
     """An ordered tree manifest; iterating yields entries parents-first."""
@@ -143,20 +165,12 @@ class Manifest:
         return {e.path: e for e in self.entries}
 
     def encode(self) -> bytes:
-        doc = {"format": FORMAT, "version": VERSION, "hasher": self.hasher,
-               "entries": [e.to_json() for e in self.entries]}
-        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        return canonical_json({"format": FORMAT, "version": VERSION, "hasher": self.hasher,
+                               "entries": [e.to_json() for e in self.entries]})
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ManifestError(f"tree manifest is truncated or corrupt: {exc}") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise ManifestError("not a Stellarium tree manifest")
-        if doc.get("version") != VERSION:
-            raise ManifestError(f"tree manifest version {doc.get('version')} is not supported")
+        doc = parse_document(data, FORMAT, VERSION, "tree manifest")
         if not isinstance(doc.get("entries"), list):
             raise ManifestError("tree manifest has no entry list")
         return cls([Entry.from_json(d) for d in doc["entries"]], doc.get("hasher", "blake3"))
