@@ -23,6 +23,7 @@ from stellarium_core.distribution import (
     Puller,
     parse_url,
     publish,
+    shared_chunks,
 )
 from stellarium_core.errors import UsageError
 from stellarium_core.hashing import Blake3Hasher
@@ -222,6 +223,20 @@ def test_sibling_pull_fetches_only_the_chunks_that_differ(src, dst, chunker, has
     assert second.blobs_fetched >= len(new_big) > 0
     assert second.bytes_fetched < 0.6 * first.bytes_fetched
     assert {r["name"]: r["shared_chunks"] for r in dst.listing()}["b"] > 0
+
+
+def test_listing_and_totals_decode_each_layer_once(src, chunker, hasher, tmp_path, monkeypatch):
+    tree = make_tree(tmp_path / "tree")
+    imported(src, chunker, hasher, tree, "one")
+    imported(src, chunker, hasher, tree, "two")  # the same layer under a second name
+    decoded: list[bytes] = []
+    real = ImageStore.layer
+    monkeypatch.setattr(ImageStore, "layer", lambda self, d: decoded.append(d) or real(self, d))
+    rows = src.listing()
+    totals = shared_chunks(src)
+    assert len(decoded) == len(set(decoded)) == 1
+    assert [r["shared_chunks"] for r in rows] == [r["chunks"] for r in rows]
+    assert totals["image_chunks"] == totals["chunks_shared_between_images"] == rows[0]["chunks"]
 
 
 @pytest.mark.parametrize("mode, message", [

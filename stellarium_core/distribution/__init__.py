@@ -8,7 +8,7 @@ Public API::
     publish(images, name, directory) -> Published
     Puller(images, base_url).pull(name, tag=... | digest=...) -> PullResult
     images.flatten(name) -> filetree.Manifest (layers stacked), images.listing()
-    shared_chunks(images, volume_chunks=None) -> counts for ``stellar stats``
+    shared_chunks(images) -> distinct image chunks and those held by 2+ names
 """
 
 from stellarium_core.distribution.cdn import Published, publish

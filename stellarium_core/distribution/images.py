@@ -118,6 +118,7 @@ class ImageStore:
         self.pulls = self.root / "pulls"
         self.manifests.mkdir(parents=True, exist_ok=True)
         self.pulls.mkdir(exist_ok=True)
+        self._facts: dict[bytes, tuple[frozenset[bytes], int, int]] = {}
 
     @classmethod
     def for_host(cls, host: Host) -> ImageStore:
@@ -267,6 +268,20 @@ class ImageStore:
 
     # -- queries ---------------------------------------------------------------------------
 
+    def layer_facts(self, digest: bytes) -> tuple[frozenset[bytes], int, int]:
+        """(NEBULA chunks held, entries, file bytes) of a layer.
+
+        Remembered per digest (a digest's content never changes), so listing
+        and store-wide counts decode each layer manifest once, not once each.
+        """
+        facts = self._facts.get(digest)
+        if facts is None:
+            layer = self.layer(digest)
+            facts = (frozenset(layer_refs(layer)), len(layer),
+                     sum(e.size for e in layer if e.type == "file"))
+            self._facts[digest] = facts
+        return facts
+
     def listing(self) -> list[dict[str, Any]]:
         """One row per name: digest, layers, entries, logical bytes, chunks shared with others."""
         images = self.index()
@@ -277,10 +292,10 @@ class ImageStore:
             own: set[bytes] = set()
             entries = size = 0
             for d in im.layers:
-                layer = self.layer(d)
-                own.update(layer_refs(layer))
-                entries += len(layer)
-                size += sum(e.size for e in layer if e.type == "file")
+                chunks, n, nbytes = self.layer_facts(d)
+                own |= chunks
+                entries += n
+                size += nbytes
             chunks_of[name] = own
             rows.append({"name": name, "digest": hexd, "layers": len(im.layers),
                          "entries": entries, "bytes": size, "chunks": len(own)})
@@ -299,7 +314,7 @@ def shared_chunks(images: ImageStore) -> dict[str, int]:
         if hexd not in cache:
             cache[hexd] = set()
             for d in images.image(bytes.fromhex(hexd)).layers:
-                cache[hexd].update(layer_refs(images.layer(d)))
+                cache[hexd] |= images.layer_facts(d)[0]
         seen.update(cache[hexd])
     return {"image_chunks": len(seen),
             "chunks_shared_between_images": sum(1 for n in seen.values() if n > 1)}
