@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from tqdm import tqdm
@@ -116,8 +117,8 @@ class Puller:
 
     # -- the journal of fetched blobs ---------------------------------------------------
 
-    def _journal_path(self, digest: bytes) -> str:
-        return str(self.images.pulls / f"{digest.hex()}.json")
+    def _journal_path(self, digest: bytes) -> Path:
+        return self.images.pulls / f"{digest.hex()}.json"
 
     def _journal(self, digest: bytes) -> set[bytes]:
         try:
@@ -131,7 +132,7 @@ class Puller:
                 "(the chunks it listed keep one leaked reference each)") from None
 
     def _save_journal(self, digest: bytes, held: set[bytes]) -> None:
-        write_atomic(self.images.pulls / f"{digest.hex()}.json",
+        write_atomic(self._journal_path(digest),
                      json.dumps(sorted(h.hex() for h in held)).encode())
 
     # -- the pull ---------------------------------------------------------------------
