@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import blake3  # noqa: E402
 
+from devtools.disk import allocated  # noqa: E402
 from devtools.rootfs import debian_rootfs  # noqa: E402
 from stellarium_core.hashing import Blake3Hasher  # noqa: E402
 from stellarium_core.nebula import ChunkStore  # noqa: E402
@@ -53,15 +54,6 @@ from stellarium_core.plugins import Registry  # noqa: E402
 
 VARIANTS = [(), ("python3-minimal",), ("curl", "ca-certificates")]
 MB = 1e6
-
-
-def allocated(path: Path) -> int:
-    """Bytes allocated on disk (st_blocks) under ``path``."""
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
-    return total
 
 
 def regular_files(trees: list[Path]) -> list[Path]:

@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from devtools.disk import allocated  # noqa: E402
 from devtools.rootfs import debian_rootfs  # noqa: E402
 from stellarium_core.hashing import Blake3Hasher  # noqa: E402
 from stellarium_core.nebula import ChunkStore  # noqa: E402
@@ -46,15 +47,6 @@ from stellarium_core.volumes.volume import VolumeStore  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CS = 64 * KiB
-
-
-def allocated(*paths: Path) -> int:
-    """Bytes actually allocated on disk (st_blocks), summed over files and trees."""
-    total = 0
-    for p in paths:
-        items = [p] if p.is_file() else [q for q in p.rglob("*") if q.is_file()]
-        total += sum(q.stat().st_blocks * 512 for q in items)
-    return total
 
 
 def sh(*cmd: str | Path) -> float:
