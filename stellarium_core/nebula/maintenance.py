@@ -34,7 +34,6 @@ from stellarium_core.nebula.table import COMPRESSED, Entry
 if TYPE_CHECKING:
     from stellarium_core.nebula.store import ChunkStore
 
-_I32 = (1 << 31) - 1
 _PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 

@@ -120,10 +120,10 @@ class ChunkTable:
                 refs = delta
             else:
                 refs = ((b >> 24) & _M32) + delta
-            b = raw | min(max(refs, 0), _M32) << 24 | (flags & 0x7F) << 56
+            b = raw | min(max(refs, 0), MAX_REFS) << 24 | (flags & 0x7F) << 56
             _REC.pack_into(self._recs, r * RECORD, digest, a, b)
             return
-        b = raw | min(max(delta, 0), _M32) << 24 | (flags & 0x7F) << 56
+        b = raw | min(max(delta, 0), MAX_REFS) << 24 | (flags & 0x7F) << 56
         self._recs += _REC.pack(digest, a, b)
         self._slots[i] = self._n + 1
         self._n += 1
@@ -139,7 +139,7 @@ class ChunkTable:
         a, b = self._words(r)
         if (b >> 56) & DEAD:
             raise KeyError(digest)
-        refs = min(max(((b >> 24) & _M32) + delta, 0), _M32)
+        refs = min(max(((b >> 24) & _M32) + delta, 0), MAX_REFS)
         b = (b & ~(_M32 << 24)) | refs << 24
         _WORDS.pack_into(self._recs, r * RECORD + 32, a, b)
         return refs
