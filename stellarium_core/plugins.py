@@ -90,19 +90,17 @@ class Registry:
         if key in self._loaded:
             return self._loaded[key]
         namespace, hook_name = NAMESPACES[kind]
-        names = [p.name for p in installed(kind)]
-        if name not in names:
-            have = ", ".join(sorted(set(names))) or "none"
+        found = {p.name: p for p in installed(kind)}  # one metadata scan for all messages
+        if name not in found:
+            have = ", ".join(sorted(found)) or "none"
             raise PluginError(
                 f"no {kind} plugin named {name!r} is installed "
                 f"(installed in {namespace}: {have})"
             )
+        origin = f"{kind} plugin {name!r} from {found[name].distribution} {found[name].version}"
 
         def failed(_manager: Any, entrypoint: Any, exc: BaseException) -> None:
-            raise PluginError(
-                f"{kind} plugin {name!r} from {_distribution_of(kind, name)} failed to load: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise PluginError(f"{origin} failed to load: {type(exc).__name__}: {exc}") from exc
 
         try:
             plugin = driver.DriverManager(
@@ -112,15 +110,14 @@ class Registry:
             raise
         except Exception as exc:  # stevedore wraps conflicts and similar
             raise PluginError(f"{kind} plugin {name!r}: {exc}") from exc
-        self._register(kind, name, plugin, hook_name)
+        self._register(f"{kind}:{name}", origin, plugin, hook_name)
         self._loaded[key] = plugin
         return plugin
 
-    def _register(self, kind: str, name: str, plugin: Any, hook_name: str) -> None:
-        origin = f"{kind} plugin {name!r} from {_distribution_of(kind, name)}"
+    def _register(self, reg_name: str, origin: str, plugin: Any, hook_name: str) -> None:
         if not self.pm.is_registered(plugin):
             try:
-                self.pm.register(plugin, name=f"{kind}:{name}")
+                self.pm.register(plugin, name=reg_name)
                 self.pm.check_pending()
             except pluggy.PluginValidationError as exc:
                 if self.pm.is_registered(plugin):
