@@ -90,7 +90,9 @@ class Registry:
         if key in self._loaded:
             return self._loaded[key]
         namespace, hook_name = NAMESPACES[kind]
-        found = {p.name: p for p in installed(kind)}  # one metadata scan for all messages
+        found: dict[str, PluginInfo] = {}  # one metadata scan serves every message below
+        for info in installed(kind):
+            found.setdefault(info.name, info)
         if name not in found:
             have = ", ".join(sorted(found)) or "none"
             raise PluginError(
