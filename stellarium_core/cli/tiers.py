@@ -15,8 +15,7 @@ from stellarium_core.cli.common import JSON, emit, table
 from stellarium_core.errors import StellarError, UsageError
 from stellarium_core.host import Host
 from stellarium_core.photon import LEVELS, NebulaTier, stats
-from stellarium_core.photon.nebula_tier import nebula_exists
-from stellarium_core.photon.router import JOURNAL_FILE
+from stellarium_core.photon.router import JOURNAL_FILE, nebula_is_warm
 from stellarium_core.photon.writeback import journalled
 
 
@@ -40,7 +39,7 @@ def collect(host: Host) -> dict[str, Any]:
     state = host.store_path / "tiers"
     totals = stats.load(state / stats.STATS_FILE)
     tiers = []
-    nebula_warm = "warm" not in host.config.tiers and nebula_exists(host.store_path)
+    nebula_warm = nebula_is_warm(host)
     for level in LEVELS:
         choice = host.config.tiers.get(level)
         if choice is None and not (level == "warm" and nebula_warm):

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from stellarium_core.config import TIER_LEVELS
 from stellarium_core.errors import StellarError
 from stellarium_core.hookspecs import Hasher, TierBackend, TierFull, TierUnavailable, TierUsage
 from stellarium_core.nebula import CorruptChunkError, MissingChunkError
@@ -28,7 +29,7 @@ from stellarium_core.photon.policy import Policy
 from stellarium_core.photon.stats import STATS_FILE, Stats
 from stellarium_core.photon.writeback import WriteBack
 
-LEVELS = ("hot", "warm", "cold")
+LEVELS = TIER_LEVELS  # fastest first; the config accepts exactly these
 JOURNAL_FILE = "writeback.journal"
 MEMINFO = Path("/proc/meminfo")
 SAVE_EVERY = 4096  # lookups between saves of the counters
@@ -462,6 +463,12 @@ class PhotonRouter:
         self.close()
 
 
+def nebula_is_warm(host: Any) -> bool:
+    """Whether the host's NEBULA store plays the warm level by default: no
+    ``[tiers.warm]`` is configured and the store has been initialised."""
+    return "warm" not in host.config.tiers and nebula_exists(host.store_path)
+
+
 def from_host(host: Any, *, nebula_warm: bool | None = None, **kw: Any) -> PhotonRouter:
     """The router for a :class:`~stellarium_core.host.Host`'s configured tiers.
 
@@ -473,7 +480,7 @@ def from_host(host: Any, *, nebula_warm: bool | None = None, **kw: Any) -> Photo
     """
     tiers = dict(host.tiers)
     if nebula_warm is None:
-        nebula_warm = "warm" not in tiers and nebula_exists(host.store_path)
+        nebula_warm = nebula_is_warm(host)
     if nebula_warm:
         if "warm" in tiers:
             raise StellarError("the warm level is configured ([tiers.warm]); it cannot also "
