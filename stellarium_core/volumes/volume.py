@@ -460,9 +460,8 @@ class VolumeStore:
 
     def export_raw(self, name: str, dest: str | os.PathLike[str]) -> int:
         """Write the volume as a sparse raw image; returns the bytes of data written."""
-        vol = self.open(name, readonly=True)
         written = 0
-        with open(dest, "wb") as fh:
+        with self.open(name, readonly=True) as vol, open(dest, "wb") as fh:
             for idx in range(vol.manifest.slots):
                 if vol._current(idx) is None:
                     continue
