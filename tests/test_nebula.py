@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from stellarium_core.errors import UsageError
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkError, ChunkStore, CorruptChunkError, MissingChunkError
 from stellarium_core.nebula.store import PAGE
@@ -101,6 +102,25 @@ def test_missing_and_bad_arguments(store: ChunkStore, tmp_path: Path) -> None:
         store.release(d, 2)
     with pytest.raises(ChunkError, match="no chunk store"):
         ChunkStore.open(tmp_path / "absent", HASHER)
+
+
+def test_ref_many_and_release_many_are_one_append_all_or_nothing(store: ChunkStore) -> None:
+    a, b = store.put(b"alpha"), store.put(b"beta")
+    log = store.log_path.stat().st_size
+    store.ref_many({a: 2, b: 1})
+    record = (store.log_path.stat().st_size - log) // 2  # two REF records, appended at once
+    assert store.refs(a) == 3 and store.refs(b) == 2
+    missing = HASHER.digest(b"never stored")
+    with pytest.raises(MissingChunkError):
+        store.ref_many({a: 1, missing: 1})
+    with pytest.raises(ChunkError, match="cannot release 5"):
+        store.release_many({a: 1, b: 5})
+    assert store.refs(a) == 3 and store.refs(b) == 2  # nothing applied by either
+    store.release_many({a: 2, b: 0})
+    assert store.refs(a) == 1 and store.refs(b) == 2
+    assert store.log_path.stat().st_size - log == 3 * record  # failures appended nothing
+    with pytest.raises(UsageError, match="must not be negative"):
+        store.ref_many({a: -1})
 
 
 def test_release_gc_reclaims_and_compacts(store: ChunkStore) -> None:

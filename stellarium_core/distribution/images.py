@@ -94,20 +94,6 @@ def layer_refs(manifest: filetree.Manifest) -> Counter[bytes]:
     return refs
 
 
-def add_refs(store: Any, refs: Counter[bytes]) -> None:
-    """Add references to chunks already stored, in one durable batch.
-
-    NEBULA's public API adds a reference per ``ref`` call with its own fsync; a
-    batch ``put`` of a known chunk records only a reference, so thousands of
-    references cost one commit (the chunk is read and verified, never rewritten).
-    """
-    with store.batch() as batch:
-        for digest, n in refs.items():
-            data = store.get(digest)
-            for _ in range(n):
-                batch.put(data)
-
-
 class ImageStore:
     """The image index and manifests of one store."""
 
@@ -219,7 +205,7 @@ class ImageStore:
                 need.update(layer_refs(m))
         surplus = [d for d in held if need[d] == 0]
         need.subtract(d for d in held if need[d] > 0)
-        add_refs(self.store, +need)
+        self.store.ref_many(+need)  # one durable commit for the whole layer set
         for digest, data in todo.items():
             write_atomic(self.path(digest), data)
         for d in surplus:

@@ -29,7 +29,7 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -834,19 +834,33 @@ class ChunkStore:
             self._check(digest, mv, e)
         return mv
 
-    def _ref_delta(self, digest: bytes, n: int) -> None:
+    def _ref_deltas(self, deltas: Mapping[bytes, int]) -> None:
+        """Apply reference changes in one durable append: all of them or, if any chunk
+        is missing or would drop below zero, none."""
         with self._lock():
-            e = self._table.get(digest)
-            if e is None:
-                raise MissingChunkError(f"chunk {digest.hex()} is not in the store")
-            if n < 0 and e.refs < -n:
-                raise ChunkError(f"chunk {digest.hex()} has {e.refs} references; "
-                                 f"cannot release {-n}")
+            records = []
+            for digest, n in deltas.items():
+                e = self._table.get(digest)
+                if e is None:
+                    raise MissingChunkError(f"chunk {digest.hex()} is not in the store")
+                if n < 0 and e.refs < -n:
+                    raise ChunkError(f"chunk {digest.hex()} has {e.refs} references; "
+                                     f"cannot release {-n}")
+                records.append(log_record(REF, digest, delta=n))
+            if not records:
+                return
             try:
-                self._append_log([log_record(REF, digest, delta=n)])
+                self._append_log(records)
             except OSError as exc:
                 raise ChunkError(f"updating references in {self.root} failed: "
                                  f"{exc.strerror}") from None
+
+    @staticmethod
+    def _counts(counts: Mapping[bytes, int], what: str) -> dict[bytes, int]:
+        bad = [n for n in counts.values() if n < 0]
+        if bad:
+            raise UsageError(f"{what} count must not be negative, got {bad[0]}")
+        return {d: n for d, n in counts.items() if n}
 
     def _release_many(self, counts: dict[bytes, int]) -> None:
         """Undo references in one durable append (chunks at 0 refs wait for gc)."""
@@ -866,13 +880,26 @@ class ChunkStore:
         """Add ``n`` references to a stored chunk."""
         if n < 1:
             raise UsageError(f"ref count must be positive, got {n}")
-        self._ref_delta(digest, n)
+        self._ref_deltas({digest: n})
 
     def release(self, digest: bytes, n: int = 1) -> None:
         """Drop ``n`` references; at zero the chunk waits for :meth:`gc`."""
         if n < 1:
             raise UsageError(f"release count must be positive, got {n}")
-        self._ref_delta(digest, -n)
+        self._ref_deltas({digest: -n})
+
+    def ref_many(self, counts: Mapping[bytes, int]) -> None:
+        """Add ``counts[d]`` references to each stored chunk ``d`` with one fsync.
+
+        All or nothing: if a chunk is missing, no reference is added. For manifests
+        that list thousands of chunks (clones, image layers), where a :meth:`ref`
+        per chunk would cost a durable commit each.
+        """
+        self._ref_deltas(self._counts(counts, "ref"))
+
+    def release_many(self, counts: Mapping[bytes, int]) -> None:
+        """Drop ``counts[d]`` references from each chunk with one fsync; all or nothing."""
+        self._ref_deltas({d: -n for d, n in self._counts(counts, "release").items()})
 
     def __len__(self) -> int:
         with self._mu:

@@ -261,10 +261,8 @@ class Volume:
 
 
 def _refs(store: Any, digests: Iterable[bytes], release: bool = False) -> None:
-    """Add (or drop) one reference per listed digest, one store call per distinct chunk."""
-    op = store.release if release else store.ref
-    for digest, n in Counter(digests).items():
-        op(digest, n)
+    """Add (or drop) one reference per listed digest, in one durable store commit."""
+    (store.release_many if release else store.ref_many)(Counter(digests))
 
 
 def _listed(m: TinyVol) -> Iterator[bytes]:
