@@ -35,10 +35,10 @@ sys.path.insert(0, str(ROOT))
 from devtools.nginx import Nginx  # noqa: E402
 from devtools.rootfs import debian_rootfs  # noqa: E402
 from stellarium_core.distribution import ImageStore, Importer, Puller, publish  # noqa: E402
-from stellarium_core.distribution.images import layer_refs  # noqa: E402
 from stellarium_core.hashing import Blake3Hasher  # noqa: E402
 from stellarium_core.nebula import ChunkStore  # noqa: E402
 from stellarium_core.plugins import Registry  # noqa: E402
+from stellarium_core.volumes import filetree  # noqa: E402
 
 MB = 1e6
 
@@ -70,8 +70,8 @@ def main() -> int:
         publish(pub, "B", site / "stellar")
         publish(pub, "A", site / "stellar-gz", gzip=True)
         publish(pub, "B", site / "stellar-gz", gzip=True)
-        refs_a = set().union(*(layer_refs(pub.layer(d)) for d in pub.image("A").layers))
-        refs_b = set().union(*(layer_refs(pub.layer(d)) for d in pub.image("B").layers))
+        refs_a = set().union(*(filetree.references(pub.layer(d)) for d in pub.image("A").layers))
+        refs_b = set().union(*(filetree.references(pub.layer(d)) for d in pub.image("B").layers))
         ideal = sum(pub.store.size(d) for d in refs_b - refs_a)
         full = sum(pub.store.size(d) for d in refs_b)
         (site / "casync").mkdir(parents=True)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from stellarium_core.distribution.images import ImageStore, layer_refs
+from stellarium_core.distribution.images import ImageStore
 from stellarium_core.fsutil import write_atomic
+from stellarium_core.volumes import filetree
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def publish(images: ImageStore, name: str, directory: str | os.PathLike[str], *,
     image = images.image(digest)
     written = skipped = nbytes = gzipped = 0
     for ld in image.layers:
-        for chunk in layer_refs(images.layer(ld)):
+        for chunk in filetree.references(images.layer(ld)):
             target = out / "blobs" / chunk.hex()
             if target.exists():
                 skipped += 1

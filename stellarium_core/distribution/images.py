@@ -81,19 +81,6 @@ class ImageManifest:
         return cls([bytes.fromhex(h) for h in layers], str(doc.get("hasher")), config)
 
 
-def layer_refs(manifest: filetree.Manifest) -> Counter[bytes]:
-    """The NEBULA references a layer holds: one per chunk per file entry, one per pack."""
-    refs: Counter[bytes] = Counter()
-    packs = set()
-    for e in manifest:
-        for digest, _ in e.chunks:
-            refs[digest] += 1
-        if e.pack is not None:
-            packs.add(e.pack)
-    refs.update(packs)
-    return refs
-
-
 class ImageStore:
     """The image index and manifests of one store."""
 
@@ -202,14 +189,13 @@ class ImageStore:
             digest = self.hasher.digest(data)
             if not self.has(digest) and digest not in todo:
                 todo[digest] = data
-                need.update(layer_refs(m))
+                need.update(filetree.references(m))
         surplus = [d for d in held if need[d] == 0]
         need.subtract(d for d in held if need[d] > 0)
         self.store.ref_many(+need)  # one durable commit for the whole layer set
         for digest, data in todo.items():
             write_atomic(self.path(digest), data)
-        for d in surplus:
-            self.store.release(d)
+        self.store.release_many(dict.fromkeys(surplus, 1))
 
     def bind(self, name: str, image: ImageManifest) -> bytes:
         """Write the image manifest and point ``name`` at it; call under :meth:`locked`."""
@@ -263,7 +249,7 @@ class ImageStore:
         facts = self._facts.get(digest)
         if facts is None:
             layer = self.layer(digest)
-            facts = (frozenset(layer_refs(layer)), len(layer),
+            facts = (frozenset(filetree.references(layer)), len(layer),
                      sum(e.size for e in layer if e.type == "file"))
             self._facts[digest] = facts
         return facts

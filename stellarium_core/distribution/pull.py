@@ -40,7 +40,6 @@ from stellarium_core.distribution.images import (
     ImageManifest,
     ImageStore,
     check_name,
-    layer_refs,
 )
 from stellarium_core.errors import UsageError
 from stellarium_core.fsutil import write_atomic
@@ -164,7 +163,7 @@ class Puller:
         refs: Counter[bytes] = Counter()
         sizes: dict[bytes, int] = {}
         for layer in new_layers.values():
-            refs.update(layer_refs(layer))
+            refs.update(filetree.references(layer))
             for e in layer:
                 sizes.update(e.chunks)
         store = self.images.store

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import stat
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,16 +279,23 @@ def capture(root: str | os.PathLike[str], store: Any, chunker: Chunker, hasher: 
     return Manifest(entries, hasher.name)
 
 
-def release(manifest: Manifest, store: Any) -> None:
-    """Give back the NEBULA references :func:`capture` took for ``manifest``."""
-    packs: set[bytes] = set()
+def references(manifest: Manifest) -> Counter[bytes]:
+    """The NEBULA references :func:`capture` takes for ``manifest``: one per chunk
+    per file entry, one per Cosmic Pack."""
+    refs: Counter[bytes] = Counter()
+    packs = set()
     for e in manifest:
         for digest, _ in e.chunks:
-            store.release(digest)
+            refs[digest] += 1
         if e.pack is not None:
             packs.add(e.pack)
-    for p in packs:
-        store.release(p)
+    refs.update(packs)
+    return refs
+
+
+def release(manifest: Manifest, store: Any) -> None:
+    """Give back the NEBULA references :func:`capture` took for ``manifest`` (one fsync)."""
+    store.release_many(references(manifest))
 
 
 def footprint(manifest: Manifest, store: Any) -> dict[str, int]:
