@@ -9,7 +9,8 @@ Public API (what image layers and Voltainer build on)::
     restore(m, store, target, hasher)               -> byte- and metadata-identical tree
     for e in m: ...                                 -> Entry, parents before children
     merged = stack([lower, ..., upper])             -> Manifest with OCI whiteouts applied
-    release(m, store)                               -> drop the references capture took
+    references(m)                                   -> Counter of the references capture took
+    release(m, store)                               -> drop them (one durable commit)
     footprint(m, store)                             -> unique chunks and 4 KiB-aligned bytes
     diff_trees(a, b)                                -> [] when identical (content + lstat + xattrs)
 
