@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--timeout", type=float, default=300.0, help="seconds before the guest is "
                    "killed (default 300)")
     r.add_argument("--memory", type=int, default=2048, metavar="MIB", help="guest RAM")
-    r.add_argument("--cpus", type=int, default=2, help="guest vCPUs")
+    r.add_argument("--cpus", type=int, default=1,
+                   help="L1 guest vCPUs (default 1: faster and steadier under TCG here)")
     r.add_argument("--cwd", help="working directory (default: the current one)")
     r.add_argument("--writable", action="append", default=[], metavar="DIR",
                    help="host directory the guest may write (repeatable); the rest of / is "
