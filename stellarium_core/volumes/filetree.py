@@ -55,7 +55,8 @@ _OVL_OPAQUE = _OVL + "opaque"
 _TYPES = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink",
           stat.S_IFCHR: "char", stat.S_IFBLK: "block", stat.S_IFIFO: "fifo",
           stat.S_IFSOCK: "socket"}
-_MODES = {v: k for k, v in _TYPES.items()}
+#: Entry type -> the S_IFMT bits of its inode (for mknod on restore, and views of the tree).
+TYPE_BITS = {v: k for k, v in _TYPES.items()}
 _KINDS = set(_TYPES.values()) | {"hardlink"}
 
 
@@ -390,7 +391,7 @@ def restore(manifest: Manifest, store: Any, target: str | os.PathLike[str],
         elif e.type == "hardlink":
             os.link(os.path.join(target, e.target), path, follow_symlinks=False)
         else:
-            os.mknod(path, _MODES[e.type] | 0o600, e.rdev or 0)
+            os.mknod(path, TYPE_BITS[e.type] | 0o600, e.rdev or 0)
     for e in reversed(entries):
         if e.type == "hardlink":
             continue

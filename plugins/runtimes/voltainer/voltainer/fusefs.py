@@ -94,11 +94,6 @@ class Tree:
             stack.extend(subdirs)
 
 
-_KIND_BITS = {"dir": stat.S_IFDIR, "file": stat.S_IFREG, "symlink": stat.S_IFLNK,
-              "char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO,
-              "socket": stat.S_IFSOCK}
-
-
 def tree_from_manifest(manifest: filetree.Manifest) -> Tree:
     """The view of a (stacked) tree manifest; hardlinks share one node, as one inode."""
     tree = Tree()
@@ -114,7 +109,7 @@ def tree_from_manifest(manifest: filetree.Manifest) -> Tree:
                 raise ManifestError(f"parent of {e.path!r} is not a directory")
             dirnode.children[name] = node
             continue
-        node = Node(mode=_KIND_BITS[e.type] | e.mode, uid=e.uid, gid=e.gid,
+        node = Node(mode=filetree.TYPE_BITS[e.type] | e.mode, uid=e.uid, gid=e.gid,
                     size=e.size if e.type == "file" else len(os.fsencode(e.target or "")),
                     mtime_ns=e.mtime_ns, rdev=e.rdev or 0, target=e.target or "",
                     chunks=e.chunks, xattrs=dict(e.xattrs))
