@@ -158,6 +158,8 @@ def build(fragment: Path = FRAGMENT, *, jobs: int | None = None, quiet: bool = T
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         log = log or work / "build.log"
+        print(f"volt: building the guest kernel from {SOURCE_PACKAGE} {version} (several "
+              f"minutes; log: {log})", file=sys.stderr)
         started = time.monotonic()
         make = ["make", "-C", str(src), f"O={work}", "ARCH=x86_64"]
         with open(log, "w") as logfh:
