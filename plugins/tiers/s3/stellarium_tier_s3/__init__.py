@@ -84,12 +84,16 @@ class S3Tier:
 
         try:
             client.head_bucket(Bucket=self.bucket)
+            return
         except ClientError as exc:
             if _code(exc) not in _MISSING and _code(exc) != "NoSuchBucket":
                 raise self._error("head_bucket", exc) from None
-            client.create_bucket(Bucket=self.bucket)
         except Exception as exc:
             raise self._error("head_bucket", exc) from None
+        try:  # outside the handlers above, so a refusal is mapped too, not raised raw
+            client.create_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            raise self._error("create_bucket", exc) from None
 
     def _key(self, key: bytes) -> str:
         h = key.hex()
