@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from stellarium_core.errors import ConfigError
 from stellarium_core.volumes import filetree
 from tests.helpers import new_store, run_cli, stellar_json
 
@@ -233,6 +234,9 @@ def test_plugin_is_found_through_its_entry_point() -> None:
 
     rt = Registry().create("runtime", "voltainer", {})
     assert rt.name == "voltainer" and callable(rt.run)
+    with pytest.raises(ConfigError) as exc:
+        Registry().create("runtime", "voltainer", {"privat_network": True})
+    assert exc.value.key == "params.privat_network"
 
 
 def test_view_reads_ranges_across_chunks_and_refuses_orphans() -> None:

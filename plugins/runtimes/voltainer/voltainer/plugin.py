@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from stellarium_core.config import validate_params
 from stellarium_core.hookspecs import hookimpl
 
 
@@ -14,7 +15,8 @@ class VoltainerRuntime:
     name = "voltainer"
 
     def __init__(self, params: dict[str, Any]) -> None:
-        self.params = dict(params)
+        # No parameters yet: a key in [runtime params] is a typo, reported as such.
+        self.params = validate_params(params, {})
 
     def run(self, spec: Mapping[str, Any]) -> int:
         from stellarium_core.host import Host
