@@ -125,6 +125,12 @@ class CDNHandler(http.server.SimpleHTTPRequestHandler):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
+        elif mode == "bad-length":
+            self.send_response(200)
+            self.send_header("Content-Length", "lots")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
         elif mode == "stall":
             time.sleep(5)
         elif mode == "flaky-503":
@@ -237,6 +243,19 @@ def test_listing_and_totals_decode_each_layer_once(src, chunker, hasher, tmp_pat
     assert len(decoded) == len(set(decoded)) == 1
     assert [r["shared_chunks"] for r in rows] == [r["chunks"] for r in rows]
     assert totals["image_chunks"] == totals["chunks_shared_between_images"] == rows[0]["chunks"]
+
+
+def test_unparsable_content_length_reads_to_close_and_verifies(src, dst, chunker, hasher,
+                                                               server, tmp_path):
+    tree = make_tree(tmp_path / "tree")
+    imported(src, chunker, hasher, tree)
+    publish(src, "app", server.root)
+    server.mode = "bad-length"
+    res = Puller(dst, server.url, workers=2, policy=FAST).pull("app", tag="app")
+    assert res.blobs_fetched > 0
+    out = tmp_path / "out"
+    filetree.restore(dst.flatten("app"), dst.store, out, hasher)
+    assert filetree.diff_trees(tree, out) == []
 
 
 @pytest.mark.parametrize("mode, message", [

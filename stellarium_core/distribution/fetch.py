@@ -103,8 +103,10 @@ class Fetcher:
                 if resp.status >= 500 or resp.status == 429:
                     raise _Retryable(msg)
                 raise FetchError(msg)
-            length = resp.getheader("Content-Length")
-            if length is not None and int(length) > limit:
+            # http.client's parse of Content-Length: None when absent or not a number,
+            # and then the body runs to the close (the hash check still applies).
+            length = resp.length
+            if length is not None and length > limit:
                 self._drop_conn()
                 raise FetchError(f"GET {url}: body of {length} bytes exceeds the "
                                  f"{limit}-byte limit")
@@ -112,7 +114,7 @@ class Fetcher:
             if len(body) > limit:
                 self._drop_conn()
                 raise FetchError(f"GET {url}: body exceeds the {limit}-byte limit")
-            if length is not None and len(body) != int(length):
+            if length is not None and len(body) != length:
                 raise _Retryable(f"GET {url}: truncated body ({len(body)} of {length} bytes)")
             if resp.will_close:
                 self._drop_conn()
