@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -119,6 +120,21 @@ def test_damaged_tree_manifest_is_rejected(tmp_path, store, chunker, hasher, dam
         with pytest.raises(ManifestError):
             Manifest.decode(data)
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("path", 7), ("type", ["file"]), ("xattrs", "user.x"), ("target", 1), ("slot", "0"),
+    ("rdev", [1]),
+])
+def test_wrongly_typed_entry_fields_are_manifest_errors(field, value):
+    """A server may hand out any JSON under a valid digest: no AttributeError/TypeError."""
+    entry = {"path": "a", "type": "symlink", "mode": 0o777, "uid": 0, "gid": 0,
+             "mtime_ns": 0, "target": "b", field: value}
+    doc = {"format": filetree.FORMAT, "version": filetree.VERSION, "hasher": "blake3",
+           "entries": [{"path": ".", "type": "dir", "mode": 0o755, "uid": 0, "gid": 0,
+                        "mtime_ns": 0}, entry]}
+    with pytest.raises(ManifestError):
+        Manifest.decode(json.dumps(doc).encode())
 
 
 def test_stack_applies_whiteouts_and_opaque_dirs(tmp_path, store, chunker, hasher):

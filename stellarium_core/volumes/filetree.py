@@ -107,13 +107,18 @@ class Entry:
                     pack=bytes.fromhex(d["pack"]) if "pack" in d else None,
                     slot=d.get("slot"), hash=bytes.fromhex(d["hash"]) if "hash" in d else None,
                     target=d.get("target"), rdev=d.get("rdev"))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ManifestError(f"bad tree manifest entry {d!r:.120}: {exc!r}") from None
         _check_entry(e)
         return e
 
 
 def _check_entry(e: Entry) -> None:
+    # A manifest may come from an untrusted server: wrong JSON types are a ManifestError.
+    if (not isinstance(e.path, str) or not isinstance(e.type, str)
+            or not isinstance(e.target, str | None) or not isinstance(e.slot, int | None)
+            or not isinstance(e.rdev, int | None)):
+        raise ManifestError(f"tree manifest entry {e.path!r:.80} has a field of the wrong type")
     parts = e.path.split("/")
     if e.path != "." and (e.path.startswith("/") or any(p in ("", ".", "..") for p in parts)):
         raise ManifestError(f"unsafe path {e.path!r} in tree manifest")
