@@ -32,8 +32,9 @@ GUEST_MIB = 128
 
 
 def in_lab(kernel: Path, initrd: Path, n: int) -> dict:
+    env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
     res = lab.run([sys.executable, str(HERE / "inlab.py"), VOLT, str(kernel), str(initrd),
-                   str(n)], timeout=300 + 120 * n)
+                   str(n)], timeout=300 + 120 * n, env=env)
     res.check()
     return json.loads(res.stdout.strip().splitlines()[-1])
 

@@ -70,3 +70,35 @@ def test_i8042_reset_and_self_test():
     assert k.read(0, 1)[0] == k.ctr
     k.write(4, b"\xfe")
     assert resets == [1]
+
+
+def test_console_sinks_file_unix_and_bad_spec(tmp_path):
+    import socket
+
+    import pytest
+    from volt.vmm import exitcodes
+    from volt.vmm.exitcodes import VoltError
+    from volt.vmm.vm import open_sink
+
+    log = tmp_path / "console.log"
+    sink = open_sink(f"file:{log}")
+    sink(b"hello ")
+    sink(b"file")
+    assert log.read_bytes() == b"hello file"
+
+    path = str(tmp_path / "console.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    sink = open_sink(f"unix:{path}")
+    conn, _ = server.accept()
+    sink(b"over a socket")
+    assert conn.recv(100) == b"over a socket"
+    conn.close()
+    server.close()
+    sink(b"peer gone")           # a vanished console must not raise into the vCPU
+
+    for bad in ("tty", f"unix:{tmp_path}/nobody-listens", "file:/proc/nope/x"):
+        with pytest.raises(VoltError) as err:
+            open_sink(bad)
+        assert err.value.exit_code == exitcodes.DEVICE

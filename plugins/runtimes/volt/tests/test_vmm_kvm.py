@@ -205,3 +205,18 @@ def test_queue_kick_through_ioeventfd_reaches_device_without_mmio_exit():
     assert dev.notified == [1]
     assert QUEUE_NOTIFY not in mmio_writes
     m.close()
+
+
+def test_halt_with_interrupts_off_ends_vm_as_poweroff_but_idle_halt_does_not():
+    """Linux without ACPI powers off by halting every CPU with interrupts disabled."""
+    m = real_mode_machine(bytes.fromhex("faf4"), lambda b: None)       # cli; hlt
+    m.start()
+    assert m.wait(60) == exitcodes.OK
+    assert m.exit_reason == "guest halted (powered off)"
+    m.close()
+    m = real_mode_machine(bytes.fromhex("fbf4ebfd"), lambda b: None)   # sti; 1: hlt; jmp 1b
+    m.start()
+    assert m.wait(3.5) is None, m.exit_reason                           # idle is not dead
+    m.stop(exitcodes.TERMINATED, "test")
+    assert m.wait(30) == exitcodes.TERMINATED
+    m.close()

@@ -119,6 +119,10 @@ class Ioeventfd(ctypes.Structure):
                 ("flags", u32), ("pad", u8 * 36)]
 
 
+class MpState(ctypes.Structure):
+    _fields_ = [("mp_state", u32)]
+
+
 class _RunIo(ctypes.Structure):
     _fields_ = [("direction", u8), ("size", u8), ("port", u16), ("count", u32),
                 ("data_offset", u64)]
@@ -184,6 +188,8 @@ GET_LAPIC = _ior(0x8E, LapicState)
 SET_LAPIC = _iow(0x8F, LapicState)
 SET_CPUID2 = _iow(0x90, Cpuid2Header)
 GET_TSC_KHZ = _io(0xA3)
+GET_MP_STATE = _ior(0x98, MpState)
+MP_STATE_HALTED = 3
 
 API_VERSION = 12
 CAP_IRQCHIP = 0
@@ -382,6 +388,11 @@ class VcpuFd:
         n = _ioctl(self.fd, GET_MSRS, buf, "KVM_GET_MSRS")
         arr = (MsrEntry * len(indices)).from_buffer(buf, ctypes.sizeof(MsrsHeader))
         return {arr[i].index: arr[i].data for i in range(n)}
+
+    def get_mp_state(self) -> int:
+        s = MpState()
+        _ioctl(self.fd, GET_MP_STATE, s, "KVM_GET_MP_STATE")
+        return s.mp_state
 
     def get_tsc_khz(self) -> int:
         return _ioctl(self.fd, GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")

@@ -28,6 +28,9 @@ from volt.vmm.memory import GuestMemory, GuestMemoryError
 
 #: Signal used to kick a vCPU thread out of KVM_RUN (its handler does nothing).
 KICK_SIGNAL = signal.SIGRTMIN
+#: How often the main thread checks whether every vCPU is dead-halted (poweroff).
+HALT_PROBE_SECONDS = 1.0
+X86_EFLAGS_IF = 0x200
 #: Signals only the main thread should see.
 MAIN_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
 COM1 = 0x3F8
@@ -131,6 +134,8 @@ class Machine:
         self._paused = False
         self._resume = threading.Condition(self._lock)
         self._parked = 0
+        self._probe = False
+        self._dead = [False] * vcpus
         self.exit_code: int | None = None
         self.exit_reason = ""
         self.first_run: float | None = None
@@ -253,13 +258,29 @@ class Machine:
             t.start()
 
     def wait(self, timeout: float | None = None) -> int | None:
-        """Wait until the VM ends (or ``timeout``); returns the exit code or None."""
+        """Wait until the VM ends (or ``timeout``); returns the exit code or None.
+
+        Meanwhile it probes, once a second, whether every vCPU sits in HLT with
+        interrupts off: that is how Linux without ACPI powers off ("System halted"),
+        and nothing but an NMI could wake it, so the VM ends with exit code OK.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        dead_probes = 0
         while not self._stopped.is_set():
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
-            self._stopped.wait(0.5 if left is None else min(left, 0.5))
+            step = HALT_PROBE_SECONDS if left is None else min(left, HALT_PROBE_SECONDS)
+            if self._stopped.wait(step):
+                break
+            dead_probes = dead_probes + 1 if all(self._dead) else 0
+            if dead_probes >= 2:
+                self.stop(exitcodes.OK, "guest halted (powered off)")
+                break
+            self._dead = [False] * len(self.vcpus)
+            if not self._paused:
+                self._probe = True
+                self._kick_all()
         for t in self._threads:
             t.join(5)
         return self.exit_code
@@ -292,6 +313,8 @@ class Machine:
                     reason = vcpu.run()
                 except InterruptedError:
                     run.immediate_exit = 0
+                    if self._probe:
+                        self._dead[index] = self._dead_halted(vcpu)
                     continue
                 if reason is not None:
                     self._handle_exit(index, vcpu, reason)
@@ -299,6 +322,12 @@ class Machine:
             self.stop(exc.exit_code, str(exc))
         except Exception as exc:  # a VMM bug: end the VM, keep the message
             self.stop(exitcodes.FAILED, f"vcpu{index}: {type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _dead_halted(vcpu: kvm.VcpuFd) -> bool:
+        """In HLT with interrupts disabled: only an NMI could ever wake this vCPU."""
+        return (vcpu.get_mp_state() == kvm.MP_STATE_HALTED
+                and not vcpu.get_regs().rflags & X86_EFLAGS_IF)
 
     def _park(self) -> None:
         with self._lock:
