@@ -229,6 +229,17 @@ def test_nspawn_line_carries_image_config_and_options(tmp_path: Path) -> None:
     assert "--private-network" in cmd and cmd[-2:] == ["--", "env"]
 
 
+def test_default_command_comes_from_a_well_formed_image_config() -> None:
+    from voltainer.runner import RunError, image_command
+
+    assert image_command({"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo hi"]}) == [
+        "/bin/sh", "-c", "echo hi"]
+    assert image_command({"Cmd": None}) == []
+    for bad in ({"Cmd": "echo hi"}, {"Entrypoint": [1]}, {"Cmd": {"a": 1}}):
+        with pytest.raises(RunError, match="not a list of strings"):
+            image_command(bad)
+
+
 def test_plugin_is_found_through_its_entry_point() -> None:
     from stellarium_core.plugins import Registry
 

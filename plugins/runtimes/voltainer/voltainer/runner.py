@@ -70,6 +70,21 @@ def _wait_mounted(d: Path, proc: subprocess.Popen[Any], log: Path) -> None:
 PIN = "voltainer/"
 
 
+def image_command(config: dict[str, Any]) -> list[str]:
+    """The image's default command: OCI ``Entrypoint`` + ``Cmd``, each a list of strings.
+
+    A config from an untrusted image may hold anything; a string here would
+    otherwise be split into characters, so it is refused.
+    """
+    out: list[str] = []
+    for key in ("Entrypoint", "Cmd"):
+        value = config.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+            raise RunError(f"the image's {key} is not a list of strings: {value!r:.80}")
+        out += value
+    return out
+
+
 def nspawn_command(root: Path, cid: str, command: list[str], *, private_network: bool,
                    config: dict[str, Any]) -> list[str]:
     """The nspawn line; the image's OCI config supplies Env and WorkingDir."""
@@ -109,8 +124,7 @@ def run(host: Host, image: str, command: list[str], *, private_network: bool = F
     images = ImageStore.for_host(host)
     digest = images.resolve(image)
     manifest = images.image(digest)
-    command = command or [*(manifest.config.get("Entrypoint") or []),
-                          *(manifest.config.get("Cmd") or [])]
+    command = command or image_command(manifest.config)
     if not command:
         raise UsageError("no command given and the image names none "
                          "(voltainer run IMAGE -- CMD [ARGS...])")
