@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stellarium_core import config as config_mod
-from stellarium_core.errors import ConfigError, PluginError
+from stellarium_core.errors import ConfigError, PluginError, StellarError
 from stellarium_core.fsutil import write_atomic
 from stellarium_core.hookspecs import Chunker, Hasher, TierBackend, TierContext
 from stellarium_core.plugins import Registry
@@ -133,7 +133,12 @@ def init_store(host: Host) -> Path:
     meta_path = root / STORE_META
     meta = {"format": 1, "hasher": host.config.hasher.name}
     if meta_path.exists():
-        have = json.loads(meta_path.read_text())
+        try:
+            have = json.loads(meta_path.read_text())
+            if not isinstance(have, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise StellarError(f"{meta_path}: unreadable store metadata: {exc}") from None
         if have.get("hasher") != meta["hasher"]:
             src = str(host.config.source) if host.config.source else None
             raise ConfigError(

@@ -160,6 +160,16 @@ def test_changing_the_hasher_of_an_existing_store_is_refused(tmp_path: Path) -> 
     assert "hasher.name" in proc.stderr and "created with hasher 'sha256'" in proc.stderr
 
 
+@pytest.mark.parametrize("junk", ["not json", "[1]"])
+def test_damaged_store_metadata_is_one_clear_error(tmp_path: Path, junk: str) -> None:
+    path = write(tmp_path, '[store]\npath = "store"\n')
+    assert run_cli(["--config", path, "host", "init"]).returncode == 0
+    (tmp_path / "store" / "stellarium.json").write_text(junk)
+    proc = run_cli(["--config", path, "host", "init"])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "stellarium.json: unreadable store metadata" in proc.stderr
+
+
 def test_show_toml_output_parses_back(tmp_path: Path) -> None:
     import tomllib
 
