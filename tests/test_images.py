@@ -168,6 +168,17 @@ def test_corrupt_oci_blob_is_refused(images, importer, tmp_path):
     assert images.index() == {}
 
 
+@pytest.mark.parametrize("junk", ["[1]", '{"images": [1]}', '{"images": {"a": 5}}',
+                                  '{"images": {"a": "zz"}}', "{"])
+def test_damaged_image_index_is_an_image_error(images, importer, tmp_path, junk):
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    importer.import_path(tree, "box")
+    (images.root / "index.json").write_text(junk)
+    with pytest.raises(ImageError, match="index.json is corrupt"):
+        images.listing()
+
+
 def test_cli_import_ls_publish_pull_rm(tmp_path):
     cfg = new_store(tmp_path)
     tree = tmp_path / "tree"

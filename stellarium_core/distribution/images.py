@@ -115,7 +115,12 @@ class ImageStore:
             return {}
         except ValueError as exc:
             raise ImageError(f"{self.root / 'index.json'} is corrupt: {exc}") from None
-        return dict(doc.get("images", {}))
+        images = doc.get("images", {}) if isinstance(doc, dict) else None
+        if not isinstance(images, dict) or not all(
+                isinstance(v, str) and _HEX.fullmatch(v) for v in images.values()):
+            raise ImageError(f"{self.root / 'index.json'} is corrupt: "
+                             "expected {\"images\": {name: manifest digest hex}}")
+        return dict(images)
 
     def _write_index(self, images: dict[str, str]) -> None:
         data = json.dumps({"images": dict(sorted(images.items()))}, indent=1) + "\n"
