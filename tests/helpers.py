@@ -18,14 +18,18 @@ def run_cli(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     timeout: float = 120,
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m <tool> ARGS`` in a subprocess, as a user would run the CLI."""
+    text: bool = True,
+) -> subprocess.CompletedProcess[Any]:
+    """Run ``python -m <tool> ARGS`` in a subprocess, as a user would run the CLI.
+
+    ``text=False`` keeps stdout and stderr as bytes (e.g. ``stellar cat``).
+    """
     full_env = dict(os.environ)
     full_env.pop("STELLAR_CONFIG", None)
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", tool, *map(str, args)],
-        capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout,
+        capture_output=True, text=text, env=full_env, cwd=cwd, timeout=timeout,
     )
 
 

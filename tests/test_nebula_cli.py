@@ -51,9 +51,8 @@ def test_ingest_cat_stats_gc_fsck(cfg: Path, tmp_path: Path) -> None:
     assert by_path["empty"]["chunks"] == [] and by_path["sub"]["type"] == "dir"
     a = by_path["a.bin"]
     assert a["chunks"] == by_path["sub/copy.bin"]["chunks"]
-    data = b"".join(
-        subprocess.run([sys.executable, "-m", "stellarium_core", "--config", str(cfg), "cat", h],
-                       capture_output=True, check=True).stdout for h, _ in a["chunks"])
+    data = b"".join(run_cli(["--config", cfg, "cat", h], text=False).stdout
+                    for h, _ in a["chunks"])
     assert data == (tree / "a.bin").read_bytes()
     st = json.loads(run_cli(["--config", cfg, "stats", "--json"]).stdout)
     assert st["dedup_ratio"] > 1.9 and st["logical_bytes"] >= 1_400_000
