@@ -22,6 +22,28 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def abandoned_tmp(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a temporary file no live writer will rename any more.
+
+    It must end in ``.tmp``; one named by :func:`write_atomic` carries its
+    writer's pid, and counts as abandoned only once that process is gone, so a
+    sweep in one process never pulls the file from under a write in another.
+    """
+    name = os.path.basename(path)
+    if not name.endswith(".tmp"):
+        return False
+    parts = name.split(".")
+    if not (name.startswith(".") and len(parts) >= 5 and parts[-3].isdigit()):
+        return True  # not ours: nobody owns it any more
+    try:
+        os.kill(int(parts[-3]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, under another user
+    return False
+
+
 def write_atomic(path: str | os.PathLike[str], data: bytes | memoryview, *,
                  exclusive: bool = False, durable: bool = True,
                  mode: int | None = None) -> None:

@@ -2,7 +2,8 @@
 
 Writes go to a temporary file that is fsync'd, renamed into place and its
 directory fsync'd, so ``put`` is durable when it returns and a crash leaves
-either the whole chunk or nothing (stray ``*.tmp`` files are swept on open).
+either the whole chunk or nothing (``*.tmp`` files whose writer is gone are swept on
+open; another process's write in flight is left alone).
 The directory is the tier's only state: usage is rebuilt by one scan.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from stellarium_core.config import Field, validate_params
 from stellarium_core.errors import ConfigError
-from stellarium_core.fsutil import write_atomic
+from stellarium_core.fsutil import abandoned_tmp, write_atomic
 from stellarium_core.hookspecs import TierContext, TierFull, TierUsage, hookimpl
 
 FIELDS = {
@@ -55,7 +56,8 @@ class NvmeTier:
                         continue
                     for f in shard.iterdir():
                         if f.suffix == ".tmp":
-                            f.unlink(missing_ok=True)
+                            if abandoned_tmp(f):
+                                f.unlink(missing_ok=True)
                             continue
                         try:
                             sizes[bytes.fromhex(f.name)] = f.stat().st_size

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -36,9 +38,21 @@ def test_a_new_instance_sees_the_chunks_and_sweeps_torn_writes(tmp_path: Path) -
     t.close()
     torn = tmp_path / "elsewhere" / K.hex()[:2] / f"{'ab' * 32}.123.tmp"
     torn.write_bytes(b"half")
+    dead = _exited_pid()
+    orphan = torn.with_name(f".{'cd' * 32}.{dead}.1.tmp")         # write_atomic's, writer gone
+    in_flight = torn.with_name(f".{'ef' * 32}.{os.getpid()}.1.tmp")  # a live writer's
+    orphan.write_bytes(b"half")
+    in_flight.write_bytes(b"half")
     t2 = make(tmp_path, path=str(tmp_path / "elsewhere"))
     assert list(t2.keys()) == [K] and t2.get(K) == b"kept"
-    assert not torn.exists()
+    assert not torn.exists() and not orphan.exists()
+    assert in_flight.exists()  # another process's put must still be able to rename it
+
+
+def _exited_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def test_path_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
