@@ -1,6 +1,6 @@
 """Run every benchmark, each printing its figures beside its peer's (``make.py bench``).
 
-Extra arguments go to every benchmark; each ``bench/<name>/run.py`` also runs alone.
+Each ``bench/<name>/run.py`` also runs alone, with its own options (``--help``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ HERE = Path(__file__).resolve().parent
 ORDER = ("ingest", "volumes", "pull", "boot")
 
 
-def main(argv: list[str]) -> int:
+def main() -> int:
     failed = []
     for name in ORDER:
         print(f"\n##### bench/{name}", flush=True)
-        rc = subprocess.run([sys.executable, str(HERE / name / "run.py"), *argv]).returncode
+        rc = subprocess.run([sys.executable, str(HERE / name / "run.py")]).returncode
         if rc:
             failed.append(f"{name} (exit {rc})")
     if failed:
@@ -26,4 +26,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
