@@ -72,11 +72,11 @@ def test_vcpu_setup_lapic_msrs_cpuid_on_two_vcpus():
     m = Machine(2 << 20, vcpus=2)
     supported = m.kvm.supported_cpuid()
     for i, v in enumerate(m.vcpus):
-        table = cpu.normalize_cpuid(supported, i, 2, 2_000_000)
+        table = cpu.normalize_cpuid(supported, i, 2, 2_000_000, tsc_deadline=True)
         cpu.configure_vcpu(v, table)
         leaf1 = next(e for e in table if e.function == 1)
         assert leaf1.ebx >> 24 == i
-        assert leaf1.ecx & cpu.LEAF1_ECX_HYPERVISOR
+        assert leaf1.ecx & cpu.LEAF1_ECX_HYPERVISOR and leaf1.ecx & cpu.LEAF1_ECX_TSC_DEADLINE
         sig = next(e for e in table if e.function == cpu.KVM_CPUID_SIGNATURE)
         assert sig.eax == cpu.KVM_CPUID_TSC_FREQ
         tsc = next(e for e in table if e.function == cpu.KVM_CPUID_TSC_FREQ)

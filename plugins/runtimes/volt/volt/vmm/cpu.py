@@ -20,6 +20,7 @@ KVM_CPUID_FEATURES = 0x40000001
 KVM_CPUID_TSC_FREQ = 0x40000010   # eax = TSC kHz, ebx = APIC bus kHz (KVM's bus: 1 GHz)
 APIC_BUS_KHZ = 1_000_000
 LEAF1_ECX_HYPERVISOR = 1 << 31
+LEAF1_ECX_TSC_DEADLINE = 1 << 24
 LEAF1_EDX_HTT = 1 << 28
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 
@@ -33,8 +34,12 @@ TEMPLATE_CLEAR: tuple[tuple[int, int, str, int], ...] = (
 
 
 def normalize_cpuid(supported: list[kvm.CpuidEntry2], index: int, ncpus: int,
-                    tsc_khz: int | None) -> list[kvm.CpuidEntry2]:
-    """KVM's supported CPUID, made into what vCPU ``index`` of ``ncpus`` should see."""
+                    tsc_khz: int | None, tsc_deadline: bool = False) -> list[kvm.CpuidEntry2]:
+    """KVM's supported CPUID, made into what vCPU ``index`` of ``ncpus`` should see.
+
+    ``tsc_deadline``: KVM emulates the LAPIC TSC-deadline timer (it is not listed in
+    the supported CPUID); offering it spares the guest calibrating the LAPIC timer.
+    """
     out = [kvm.CpuidEntry2.from_buffer_copy(e) for e in supported]
     for e in out:
         for leaf, sub, reg, mask in TEMPLATE_CLEAR:
@@ -43,7 +48,7 @@ def normalize_cpuid(supported: list[kvm.CpuidEntry2], index: int, ncpus: int,
         if e.function == 0x1:
             # APIC id, logical processor count, CLFLUSH line size (8 * 8 bytes).
             e.ebx = (index << 24) | (ncpus << 16) | (8 << 8) | (e.ebx & 0xFF)
-            e.ecx |= LEAF1_ECX_HYPERVISOR
+            e.ecx |= LEAF1_ECX_HYPERVISOR | (LEAF1_ECX_TSC_DEADLINE if tsc_deadline else 0)
             e.edx = e.edx | LEAF1_EDX_HTT if ncpus > 1 else e.edx & ~LEAF1_EDX_HTT
         elif e.function == 0x4:
             # Cache topology: one core per vCPU, caches private except the last level.
@@ -79,7 +84,6 @@ MSR_LSTAR = 0xC0000082
 MSR_CSTAR = 0xC0000083
 MSR_SYSCALL_MASK = 0xC0000084
 MSR_KERNEL_GS_BASE = 0xC0000102
-MSR_IA32_TSC = 0x10
 MSR_IA32_MISC_ENABLE = 0x1A0
 MSR_MTRR_DEF_TYPE = 0x2FF
 MISC_ENABLE_FAST_STRING = 1
@@ -89,14 +93,17 @@ MTRR_MEM_TYPE_WB = 6
 BOOT_MSRS: dict[int, int] = {
     MSR_IA32_SYSENTER_CS: 0, MSR_IA32_SYSENTER_ESP: 0, MSR_IA32_SYSENTER_EIP: 0,
     MSR_STAR: 0, MSR_CSTAR: 0, MSR_KERNEL_GS_BASE: 0, MSR_SYSCALL_MASK: 0, MSR_LSTAR: 0,
-    MSR_IA32_TSC: 0,
     MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING,
     MSR_MTRR_DEF_TYPE: MTRR_ENABLE | MTRR_MEM_TYPE_WB,
 }
 
 
 def setup_msrs(vcpu: kvm.VcpuFd) -> None:
-    """Reset-time MSRs; KVM returns how many it took, all must be."""
+    """Reset-time MSRs; KVM returns how many it took, all must be.
+
+    The TSC is left alone: KVM keeps the TSCs of vCPUs created together in sync,
+    and writing it per vCPU at different moments makes Linux distrust the TSC.
+    """
     n = vcpu.set_msrs(BOOT_MSRS)
     if n != len(BOOT_MSRS):
         bad = list(BOOT_MSRS)[n]

@@ -469,8 +469,10 @@ def build(cfg: VmConfig, serial_sink: Callable[[bytes], None] | None = None) -> 
             tsc_khz = machine.vcpus[0].get_tsc_khz()
         except kvm.KvmError:
             tsc_khz = None
+        deadline = bool(machine.kvm.check_extension(kvm.CAP_TSC_DEADLINE_TIMER))
         for i, v in enumerate(machine.vcpus):
-            cpu.configure_vcpu(v, cpu.normalize_cpuid(supported, i, cfg.vcpus, tsc_khz))
+            cpu.configure_vcpu(v, cpu.normalize_cpuid(supported, i, cfg.vcpus, tsc_khz,
+                                                      deadline))
         boot = machine.vcpus[0]
         if use_pvh:
             info = bootparams.write_pvh_start_info(mem, raw_cmdline, initrd)
