@@ -1,16 +1,20 @@
-"""``volt kernel build|import|list|show|rm``: guest kernels, built or imported, kept in NEBULA."""
+"""``volt kernel build|import|list|show|rm``: guest kernels, built or imported, kept in NEBULA.
+
+The store and kernel modules load in the handlers (``_registry``), not at import:
+every ``volt`` command, ``volt run`` included, builds this parser.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stellarium_core.cli.common import JSON, emit, table
-from stellarium_core.host import Host
-from volt.kernels import registry
-from volt.kernels.build import build
-from volt.kernels.initramfs import smoke_initramfs
+
+if TYPE_CHECKING:
+    from stellarium_core.host import Host
+    from volt.kernels.registry import KernelRecord
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +49,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     ini.set_defaults(func=_initramfs)
 
 
-def _summary(rec: registry.KernelRecord) -> dict[str, Any]:
+def _registry(args: argparse.Namespace) -> tuple[Any, Host]:
+    """The kernel registry module and this command's host."""
+    from stellarium_core.host import Host
+    from volt.kernels import registry
+
+    return registry, Host.from_config(args.config)
+
+
+def _summary(rec: KernelRecord) -> dict[str, Any]:
     return {"name": rec.name, "version": rec.data.get("version"),
             "source": rec.data.get("source"), "formats": sorted(rec.images),
             "config_hash": rec.data.get("config_hash"),
@@ -53,10 +65,13 @@ def _summary(rec: registry.KernelRecord) -> dict[str, Any]:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from volt.kernels.build import build
+
     kb = build(jobs=args.jobs, quiet=not args.verbose)
     data: dict[str, Any] = {"build": kb.to_dict()}
     if not args.no_register:
-        rec = registry.register_build(Host.from_config(args.config), kb, args.name)
+        registry, host = _registry(args)
+        rec = registry.register_build(host, kb, args.name)
         data["registered"] = _summary(rec)
 
     def human(d: dict[str, Any]) -> str:
@@ -72,14 +87,16 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    rec = registry.import_kernel(Host.from_config(args.config), args.path, args.name)
+    registry, host = _registry(args)
+    rec = registry.import_kernel(host, args.path, args.name)
     emit(args, _summary(rec), lambda d: f"imported {d['name']} ({', '.join(d['formats'])}, "
                                         f"version {d['version']})")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    recs = [_summary(r) for r in registry.list_kernels(Host.from_config(args.config))]
+    registry, host = _registry(args)
+    recs = [_summary(r) for r in registry.list_kernels(host)]
     emit(args, recs, lambda rs: table(
         [(r["name"], r["version"], r["source"], ",".join(r["formats"]),
           " ".join(v[:12] for v in r["digests"].values())) for r in rs],
@@ -88,7 +105,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    host = Host.from_config(args.config)
+    registry, host = _registry(args)
     rec = registry.find(host, args.ref)
     data = dict(rec.data)
     data["images"] = {k: {kk: vv for kk, vv in v.items() if kk != "chunks"}
@@ -115,12 +132,15 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    rec = registry.remove(Host.from_config(args.config), args.ref)
+    registry, host = _registry(args)
+    rec = registry.remove(host, args.ref)
     emit(args, {"removed": rec.name}, f"removed {rec.name}")
     return 0
 
 
 def _initramfs(args: argparse.Namespace) -> int:
+    from volt.kernels.initramfs import smoke_initramfs
+
     path = smoke_initramfs()
     emit(args, {"initramfs": str(path)}, str(path))
     return 0

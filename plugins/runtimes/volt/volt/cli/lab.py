@@ -1,4 +1,8 @@
-"""``volt lab run|prepare``: run a command where /dev/kvm is real (nested KVM lab)."""
+"""``volt lab run|prepare``: run a command where /dev/kvm is real (nested KVM lab).
+
+The lab modules are imported by the handlers, not here: every ``volt`` command,
+``volt run`` included, builds this parser, and the VMM's footprint is measured.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ import sys
 
 from stellarium_core.cli.common import JSON, emit
 from stellarium_core.errors import UsageError
-from volt import lab
-from volt.lab.image import ensure_image
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +38,8 @@ def _run(args: argparse.Namespace) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise UsageError("volt lab run: give the command after --, e.g. volt lab run -- uname -a")
+    from volt import lab
+
     res = lab.run(cmd, timeout=args.timeout, cwd=args.cwd, memory_mib=args.memory,
                   cpus=args.cpus, writable=args.writable, keep=args.keep)
     sys.stdout.write(res.stdout)
@@ -47,6 +51,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from volt.lab.image import ensure_image
+
     img = ensure_image()
     data = {"kernel": str(img.kernel), "initramfs": str(img.initramfs), "release": img.release}
     emit(args, data, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
