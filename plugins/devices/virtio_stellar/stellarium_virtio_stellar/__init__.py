@@ -1,0 +1,1 @@
+"""virtio-stellar: a standard virtio-blk device whose disk is a Stellarium volume."""

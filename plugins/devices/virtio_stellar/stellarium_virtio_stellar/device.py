@@ -1,0 +1,253 @@
+"""The virtio-blk device model over a :class:`BlockDevice` (virtio 1.x, section 5.2).
+
+The guest is untrusted: every request is checked (header present, buffers in the
+right direction, whole sectors, in range, bounded size) and answered with a status
+byte; nothing a guest puts in the queue raises into the VMM. A chain the queue
+itself rejects (loops, out-of-memory buffers) stops the queue until the driver
+resets the device, since its head can no longer be returned safely.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from stellarium_core.errors import StellarError
+from stellarium_core.virtio import (
+    VIRTIO_F_VERSION_1,
+    Descriptor,
+    DescriptorChain,
+    GuestMemory,
+    Virtqueue,
+    VirtqueueError,
+)
+from stellarium_core.volumes.blockdev import SECTOR, BlockDevice
+
+DEVICE_ID = 2
+
+VIRTIO_BLK_F_SIZE_MAX = 1 << 1
+VIRTIO_BLK_F_SEG_MAX = 1 << 2
+VIRTIO_BLK_F_RO = 1 << 5
+VIRTIO_BLK_F_BLK_SIZE = 1 << 6
+VIRTIO_BLK_F_FLUSH = 1 << 9
+VIRTIO_BLK_F_DISCARD = 1 << 13
+VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
+
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+WRITE_ZEROES_F_UNMAP = 1
+
+HEADER = struct.Struct("<IIQ")           # type, reserved, sector
+SEGMENT = struct.Struct("<QII")          # discard / write-zeroes: sector, num_sectors, flags
+ID_BYTES = 20
+
+QUEUE_SIZE = 256
+SEG_MAX = 128
+SIZE_MAX = 256 * 1024
+#: The largest data payload one request may carry (what seg_max x size_max allow).
+MAX_REQUEST = SEG_MAX * SIZE_MAX
+MAX_SEGMENTS = 64                        # discard / write-zeroes ranges per request
+MAX_RANGE_SECTORS = 0xFFFFFFFF
+
+
+class RequestError(Exception):
+    """A request the device answers with ``status`` instead of performing it."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _gather(mem: GuestMemory, descs: list[Descriptor], skip: int, length: int) -> bytes:
+    """``length`` bytes of the concatenated buffers, starting ``skip`` bytes in."""
+    out = bytearray()
+    for d in descs:
+        if skip >= d.length:
+            skip -= d.length
+            continue
+        n = min(d.length - skip, length - len(out))
+        out += mem.read(d.addr + skip, n)
+        skip = 0
+        if len(out) == length:
+            break
+    return bytes(out)
+
+
+def _scatter(mem: GuestMemory, descs: list[Descriptor], data: memoryview | bytes) -> None:
+    """Write ``data`` across the buffers in order (the caller sized it to fit)."""
+    pos = 0
+    for d in descs:
+        if pos >= len(data):
+            return
+        n = min(d.length, len(data) - pos)
+        mem.write(d.addr, data[pos:pos + n])
+        pos += n
+
+
+def _split_status(descs: list[Descriptor]) -> tuple[list[Descriptor], Descriptor]:
+    """The writable buffers minus their last byte (data), and that byte (status)."""
+    *body, last = descs
+    data = [*body, Descriptor(last.addr, last.length - 1, True)] if last.length > 1 else body
+    return data, Descriptor(last.addr + last.length - 1, 1, True)
+
+
+class VirtioStellar:
+    """A virtio-blk device over a block device; one request queue, served inline on kick."""
+
+    device_id = DEVICE_ID
+    queue_sizes = (QUEUE_SIZE,)
+
+    def __init__(self, disk: BlockDevice, *, serial: str = "",
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.disk = disk
+        self.serial = serial.encode()[:ID_BYTES]
+        self.readonly = disk.readonly
+        self._on_close = on_close
+        feats = (VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX
+                 | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH)
+        feats |= VIRTIO_BLK_F_RO if self.readonly else (VIRTIO_BLK_F_DISCARD
+                                                        | VIRTIO_BLK_F_WRITE_ZEROES)
+        self.features = feats
+        self._config = self._build_config()
+        self.reset()
+
+    def _build_config(self) -> bytes:
+        """struct virtio_blk_config up to write_zeroes_may_unmap (60 bytes)."""
+        return struct.pack(
+            "<QIIHBBIBBHIBBHIIIIIB3x",
+            self.disk.sectors, SIZE_MAX, SEG_MAX,
+            0, 0, 0,                      # geometry (not offered)
+            SECTOR,                       # blk_size
+            0, 0, 0, 0,                   # topology (not offered)
+            0, 0, 1,                      # writeback, unused, num_queues
+            MAX_RANGE_SECTORS, MAX_SEGMENTS, 1,        # discard limits, alignment
+            MAX_RANGE_SECTORS, MAX_SEGMENTS, 1)        # write-zeroes limits, may_unmap
+
+    # -- the VirtioDevice contract ------------------------------------------------
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return self._config[offset:offset + size].ljust(size, b"\0")
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """The config space is read-only (writeback toggling is not offered)."""
+
+    def activate(self, features: int, mem: GuestMemory, queues: list[Virtqueue],
+                 interrupt: Callable[[], None]) -> None:
+        self.driver_features = features
+        self.mem, self.queue, self.interrupt = mem, queues[0], interrupt
+        self.broken = False
+
+    def notify(self, queue: int) -> None:
+        if queue != 0 or self.queue is None or self.mem is None or self.broken:
+            return
+        mem, q, used = self.mem, self.queue, 0
+        try:
+            for chain in q.drain(mem):
+                q.add_used(mem, chain.head, self._serve(chain))
+                used += 1
+        except (VirtqueueError, ValueError):
+            self.broken = True            # a hostile ring: stop serving until reset
+        if used:
+            try:
+                wants = q.wants_interrupt(mem)
+            except ValueError:
+                wants = True
+            if wants:
+                self.interrupt()
+
+    def reset(self) -> None:
+        self.mem: GuestMemory | None = None
+        self.queue: Virtqueue | None = None
+        self.interrupt: Callable[[], None] = _no_interrupt
+        self.driver_features = 0
+        self.broken = False
+
+    def close(self) -> None:
+        """Flush and release the volume (the VMM is done with the device)."""
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+    # -- requests -----------------------------------------------------------------
+
+    def _serve(self, chain: DescriptorChain) -> int:
+        """Perform one request; returns the bytes written into the chain (incl. status)."""
+        mem, writable = self.mem, chain.writable
+        assert mem is not None
+        if not writable or writable[-1].length == 0:
+            return 0                      # nowhere to put a status: drop it
+        data_out, status_desc = _split_status(writable)
+        written = 0
+        try:
+            written = self._request(mem, chain.readable, data_out)
+            status = S_OK
+        except RequestError as exc:
+            status = exc.status
+        except (StellarError, ValueError, OSError, MemoryError):
+            status = S_IOERR
+        mem.write(status_desc.addr, bytes([status]))
+        return written + 1
+
+    def _request(self, mem: GuestMemory, readable: list[Descriptor],
+                 data_out: list[Descriptor]) -> int:
+        r_len = sum(d.length for d in readable)
+        w_len = sum(d.length for d in data_out)
+        if r_len < HEADER.size:
+            raise RequestError(S_IOERR)
+        rtype, _, sector = HEADER.unpack(_gather(mem, readable, 0, HEADER.size))
+        payload = r_len - HEADER.size
+        if rtype == T_IN:
+            if payload or w_len % SECTOR or w_len > MAX_REQUEST:
+                raise RequestError(S_IOERR)
+            self._check_range(sector, w_len // SECTOR)
+            buf = bytearray(w_len)
+            self.disk.readinto(sector, buf)
+            _scatter(mem, data_out, memoryview(buf))
+            return w_len
+        if rtype == T_OUT:
+            if w_len or payload % SECTOR or payload > MAX_REQUEST:
+                raise RequestError(S_IOERR)
+            if self.readonly:
+                raise RequestError(S_IOERR)
+            self._check_range(sector, payload // SECTOR)
+            self.disk.write(sector, _gather(mem, readable, HEADER.size, payload))
+            return 0
+        if rtype == T_FLUSH:
+            if not self.readonly:
+                self.disk.flush()
+            return 0
+        if rtype == T_GET_ID:
+            ident = self.serial[:w_len]
+            _scatter(mem, data_out, ident.ljust(min(w_len, ID_BYTES), b"\0"))
+            return min(w_len, ID_BYTES)
+        if rtype in (T_DISCARD, T_WRITE_ZEROES) and not self.readonly:
+            self._ranges(mem, readable, rtype, payload, w_len)
+            return 0
+        raise RequestError(S_UNSUPP)
+
+    def _ranges(self, mem: GuestMemory, readable: list[Descriptor], rtype: int,
+                payload: int, w_len: int) -> None:
+        """Discard or write-zeroes: all segments are checked before any is applied."""
+        if w_len or not payload or payload % SEGMENT.size \
+                or payload // SEGMENT.size > MAX_SEGMENTS:
+            raise RequestError(S_IOERR)
+        raw = _gather(mem, readable, HEADER.size, payload)
+        segs = [SEGMENT.unpack_from(raw, i) for i in range(0, payload, SEGMENT.size)]
+        for sector, count, flags in segs:
+            if flags & ~(WRITE_ZEROES_F_UNMAP if rtype == T_WRITE_ZEROES else 0):
+                raise RequestError(S_UNSUPP)
+            self._check_range(sector, count)
+        for sector, count, _ in segs:
+            if rtype == T_DISCARD:
+                self.disk.discard(sector, count)
+            else:
+                self.disk.write_zeroes(sector, count)
+
+    def _check_range(self, sector: int, count: int) -> None:
+        if sector + count > self.disk.sectors:
+            raise RequestError(S_IOERR)
+
+
+def _no_interrupt() -> None:
+    """Before activation there is nobody to interrupt."""
+

@@ -1,0 +1,343 @@
+"""virtio-stellar driven through the core virtqueue contract, as a guest driver would,
+against a real NEBULA ChunkStore and volume: reads, writes, flush, read-only, hostile requests."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from stellarium_virtio_stellar.device import (
+    S_IOERR,
+    S_OK,
+    S_UNSUPP,
+    T_DISCARD,
+    T_FLUSH,
+    T_GET_ID,
+    T_IN,
+    T_OUT,
+    T_WRITE_ZEROES,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_RO,
+    VirtioStellar,
+)
+
+from stellarium_core.errors import ConfigError, StellarError
+from stellarium_core.hashing import Blake3Hasher
+from stellarium_core.host import Host, init_store
+from stellarium_core.nebula import ChunkStore
+from stellarium_core.plugins import Registry
+from stellarium_core.virtio import (
+    VIRTIO_F_VERSION_1,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    DeviceState,
+    VirtioDevice,
+    Virtqueue,
+)
+from stellarium_core.volumes.blockdev import SECTOR, BlockDevice
+from stellarium_core.volumes.volume import VolumeStore
+
+DESC, AVAIL, USED, HEAP = 0x1000, 0x3000, 0x4000, 0x10000
+QSIZE = 256
+DISK = 1 << 20                      # 2048 sectors
+NSECT = DISK // SECTOR
+
+
+class FakeMemory:
+    """Guest RAM as a bytearray, bounds-checked like a VMM's."""
+
+    def __init__(self, size: int = 8 << 20) -> None:
+        self.buf = bytearray(size)
+
+    def read(self, addr: int, length: int) -> bytes:
+        if addr < 0 or addr + length > len(self.buf):
+            raise ValueError(f"{addr:#x}+{length:#x} outside guest memory")
+        return bytes(self.buf[addr:addr + length])
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        if addr < 0 or addr + len(data) > len(self.buf):
+            raise ValueError(f"{addr:#x}+{len(data):#x} outside guest memory")
+        self.buf[addr:addr + len(data)] = data
+
+
+class Guest:
+    """The driver side: negotiates, builds request chains, kicks, reads the used ring."""
+
+    def __init__(self, dev: VirtioStellar) -> None:
+        self.dev, self.mem = dev, FakeMemory()
+        self.interrupts = 0
+        self.avail_idx = self.used_seen = 0
+        q = Virtqueue(QSIZE)
+        q.desc_addr, q.avail_addr, q.used_addr, q.ready = DESC, AVAIL, USED, True
+        q.check(self.mem)
+        dev.activate(dev.features, self.mem, [q], self._irq)
+
+    def _irq(self) -> None:
+        self.interrupts += 1
+
+    def submit(self, bufs: list[tuple[bytes | int, bool]]) -> list[int]:
+        """Chain ``(data or length, device-writable)`` buffers from descriptor 0; offer; kick.
+        Returns each buffer's guest address."""
+        addr, addrs = HEAP, []
+        for i, (b, write) in enumerate(bufs):
+            n = b if isinstance(b, int) else len(b)
+            if not isinstance(b, int):
+                self.mem.write(addr, b)
+            flags = (VIRTQ_DESC_F_WRITE if write else 0) | \
+                (VIRTQ_DESC_F_NEXT if i + 1 < len(bufs) else 0)
+            self.mem.write(DESC + 16 * i, struct.pack("<QIHH", addr, n, flags, i + 1))
+            addrs.append(addr)
+            addr += max(n, 1) + 15 & ~15
+        self.mem.write(AVAIL + 4 + 2 * (self.avail_idx % QSIZE), struct.pack("<H", 0))
+        self.avail_idx += 1
+        self.mem.write(AVAIL + 2, struct.pack("<H", self.avail_idx & 0xFFFF))
+        self.dev.notify(0)
+        return addrs
+
+    def used(self) -> tuple[int, int] | None:
+        """The next (head, written) in the used ring, or None when the device returned nothing."""
+        idx = struct.unpack("<H", self.mem.read(USED + 2, 2))[0]
+        if idx == self.used_seen:
+            return None
+        slot = self.used_seen % QSIZE
+        self.used_seen += 1
+        return struct.unpack("<II", self.mem.read(USED + 4 + 8 * slot, 8))
+
+    def request(self, rtype: int, sector: int = 0, out: bytes = b"",
+                inlen: int = 0) -> tuple[int, bytes]:
+        """One well-formed request: (status, data read)."""
+        bufs: list[tuple[bytes | int, bool]] = [(struct.pack("<IIQ", rtype, 0, sector), False)]
+        if out:
+            bufs.append((out, False))
+        if inlen:
+            bufs.append((inlen, True))
+        bufs.append((1, True))
+        addrs = self.submit(bufs)
+        head, written = self.used()
+        status = self.mem.read(addrs[-1], 1)[0]
+        assert head == 0 and written == (inlen + 1 if status == S_OK else 1)
+        data = self.mem.read(addrs[-2], inlen) if inlen and status == S_OK else b""
+        return status, data
+
+
+@pytest.fixture
+def vols(tmp_path: Path) -> Iterator[VolumeStore]:
+    hasher = Blake3Hasher({})
+    with ChunkStore.open(tmp_path / "nebula", hasher, create=True) as store:
+        yield VolumeStore(tmp_path / "volumes", store, hasher)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> bytes:
+    data = os.urandom(DISK)
+    (tmp_path / "disk.raw").write_bytes(data)
+    return data
+
+
+def make(vols: VolumeStore, tmp_path: Path, *, readonly: bool = False) -> Guest:
+    if not vols.exists("disk"):
+        vols.import_raw("disk", tmp_path / "disk.raw").close()
+    vol = vols.open("disk", readonly=readonly)
+    return Guest(VirtioStellar(BlockDevice(vol), serial="disk", on_close=vol.close))
+
+
+def test_is_a_modern_virtio_blk_device_with_capacity_in_sectors(vols, tmp_path, image):
+    g = make(vols, tmp_path)
+    dev = g.dev
+    assert isinstance(dev, VirtioDevice)
+    DeviceState(dev)                                   # the transport accepts it
+    assert dev.device_id == 2 and dev.features & VIRTIO_F_VERSION_1
+    assert dev.features & VIRTIO_BLK_F_FLUSH and not dev.features & VIRTIO_BLK_F_RO
+    capacity, size_max, seg_max = struct.unpack("<QII", dev.read_config(0, 16))
+    assert capacity == NSECT and size_max > 0 and seg_max > 0
+    assert struct.unpack("<I", dev.read_config(20, 4))[0] == SECTOR     # blk_size
+    assert dev.read_config(56, 8) == b"\x01" + b"\0" * 7                # past the end: zeros
+    dev.close()
+
+
+def test_read_returns_the_volume_bytes(vols, tmp_path, image):
+    g = make(vols, tmp_path)
+    assert g.request(T_IN, 0, inlen=4096) == (S_OK, image[:4096])
+    # A read spanning a 64 KiB chunk boundary, and the last sector.
+    assert g.request(T_IN, 120, inlen=16 * SECTOR) == (S_OK, image[120 * 512:136 * 512])
+    assert g.request(T_IN, NSECT - 1, inlen=SECTOR) == (S_OK, image[-SECTOR:])
+    assert g.interrupts == 3
+    g.dev.close()
+
+
+def test_read_scatters_across_several_guest_buffers(vols, tmp_path, image):
+    g = make(vols, tmp_path)
+    addrs = g.submit([(struct.pack("<IIQ", T_IN, 0, 8), False), (1024, True), (512, True),
+                      (2049, True)])             # the last buffer also carries the status
+    assert g.used() == (0, 3585)
+    got = g.mem.read(addrs[0 + 1], 1024) + g.mem.read(addrs[2], 512) + g.mem.read(addrs[3], 2048)
+    assert got == image[8 * 512:8 * 512 + 3584] and g.mem.read(addrs[3] + 2048, 1)[0] == S_OK
+    g.dev.close()
+
+
+def test_write_read_back_and_flush_persists(vols, tmp_path, image):
+    g = make(vols, tmp_path)
+    new = os.urandom(3 * SECTOR)
+    assert g.request(T_OUT, 127, out=new) == (S_OK, b"")          # crosses a chunk boundary
+    assert g.request(T_IN, 127, inlen=len(new)) == (S_OK, new)
+    assert g.request(T_FLUSH) == (S_OK, b"")
+    # The flush made it durable: another reader of the catalog sees it while we hold the volume.
+    with vols.open("disk", readonly=True) as v:
+        assert v.read(127 * SECTOR, len(new)) == new
+        assert v.read(0, 127 * SECTOR) == image[:127 * SECTOR]
+    g.dev.close()
+
+
+def test_unflushed_writes_are_kept_when_the_device_closes(vols, tmp_path, image):
+    g = make(vols, tmp_path)
+    assert g.request(T_OUT, 5, out=b"z" * SECTOR)[0] == S_OK
+    g.dev.close()
+    with vols.open("disk", readonly=True) as v:
+        assert v.read(5 * SECTOR, SECTOR) == b"z" * SECTOR
+
+
+def test_read_only_refuses_writes_and_leaves_the_volume_unchanged(vols, tmp_path, image):
+    g = make(vols, tmp_path, readonly=True)
+    assert g.dev.features & VIRTIO_BLK_F_RO
+    assert g.request(T_OUT, 0, out=b"x" * SECTOR)[0] == S_IOERR
+    seg = struct.pack("<QII", 0, 8, 0)
+    assert g.request(T_DISCARD, out=seg)[0] == S_UNSUPP
+    assert g.request(T_WRITE_ZEROES, out=seg)[0] == S_UNSUPP
+    assert g.request(T_FLUSH)[0] == S_OK
+    assert g.request(T_IN, 0, inlen=SECTOR) == (S_OK, image[:SECTOR])
+    g.dev.close()
+    with vols.open("disk", readonly=True) as v:
+        assert v.read(0, DISK) == image
+
+
+@pytest.mark.parametrize("sector, count", [(NSECT, 1), (NSECT - 1, 2), (2**64 - 1, 1)])
+def test_out_of_range_sectors_are_io_errors(vols, tmp_path, image, sector, count):
+    g = make(vols, tmp_path)
+    assert g.request(T_IN, sector, inlen=count * SECTOR)[0] == S_IOERR
+    assert g.request(T_OUT, sector, out=b"q" * count * SECTOR)[0] == S_IOERR
+    seg = struct.pack("<QII", sector, count, 0)
+    assert g.request(T_WRITE_ZEROES, out=seg)[0] == S_IOERR
+    g.dev.close()
+    with vols.open("disk", readonly=True) as v:
+        assert v.read(0, DISK) == image
+
+
+HDR_IN, HDR_OUT = struct.pack("<IIQ", T_IN, 0, 0), struct.pack("<IIQ", T_OUT, 0, 0)
+
+
+@pytest.mark.parametrize("bufs, status", [
+    ([(b"\0" * 8, False), (1, True)], S_IOERR),                           # header too short
+    ([(1, True)], S_IOERR),                                              # no header at all
+    ([(HDR_IN, False), (b"x" * 512, False), (513, True)], S_IOERR),      # IN with data to us
+    ([(HDR_OUT, False), (b"x" * 512, False), (513, True)], S_IOERR),     # OUT into guest buffer
+    ([(HDR_IN, False), (301, True)], S_IOERR),                           # not whole sectors
+    ([(HDR_OUT, False), (b"x" * 300, False), (1, True)], S_IOERR),
+    ([(struct.pack("<IIQ", 99, 0, 0), False), (1, True)], S_UNSUPP),     # unknown type
+    ([(struct.pack("<IIQ", T_DISCARD, 0, 0), False), (b"x" * 15, False), (1, True)],
+     S_IOERR),                                                           # partial segment
+    ([(struct.pack("<IIQ", T_DISCARD, 0, 0), False), (struct.pack("<QII", 0, 1, 1), False),
+      (1, True)], S_UNSUPP),                                             # unmap on discard
+])
+def test_malformed_requests_get_a_status_not_an_exception(vols, tmp_path, image, bufs, status):
+    g = make(vols, tmp_path)
+    addrs = g.submit(bufs)
+    head, written = g.used()
+    assert head == 0 and written == 1
+    assert g.mem.read(addrs[-1] + bufs[-1][0] - 1, 1)[0] == status
+    assert g.request(T_IN, 0, inlen=SECTOR) == (S_OK, image[:SECTOR])  # still serving
+    g.dev.close()
+    with vols.open("disk", readonly=True) as v:
+        assert v.read(0, DISK) == image
+
+
+def test_chain_without_a_status_byte_is_returned_empty(vols, tmp_path, image):
+    g = make(vols, tmp_path)
+    g.submit([(HDR_OUT, False), (b"x" * 512, False)])
+    assert g.used() == (0, 0)
+    g.dev.close()
+    with vols.open("disk", readonly=True) as v:
+        assert v.read(0, SECTOR) == image[:SECTOR]
+
+
+def test_hostile_ring_stops_the_queue_until_reset(vols, tmp_path, image):
+    g = make(vols, tmp_path)
+    # Descriptor 0 points to itself: the queue rejects the chain; the device must not raise.
+    g.mem.write(DESC, struct.pack("<QIHH", HEAP, 16, VIRTQ_DESC_F_NEXT, 0))
+    g.mem.write(AVAIL + 4, struct.pack("<H", 0))
+    g.mem.write(AVAIL + 2, struct.pack("<H", 1))
+    g.dev.notify(0)
+    assert g.dev.broken and g.used() is None
+    g.dev.notify(0)                                    # further kicks are ignored quietly
+    g.dev.reset()
+    g2 = Guest(g.dev)                                  # the driver re-initialises the device
+    assert g2.request(T_IN, 0, inlen=SECTOR) == (S_OK, image[:SECTOR])
+    g.dev.close()
+
+
+def test_get_id_returns_the_serial(vols, tmp_path, image):
+    g = make(vols, tmp_path)
+    assert g.request(T_GET_ID, inlen=20) == (S_OK, b"disk".ljust(20, b"\0"))
+    g.dev.close()
+
+
+def test_discard_and_write_zeroes_read_back_as_zeros(vols, tmp_path, image):
+    g = make(vols, tmp_path)
+    segs = struct.pack("<QII", 0, 128, 0) + struct.pack("<QII", 300, 3, 0)
+    assert g.request(T_DISCARD, out=segs)[0] == S_OK
+    assert g.request(T_WRITE_ZEROES, out=struct.pack("<QII", 1000, 1, 1))[0] == S_OK
+    assert g.request(T_FLUSH)[0] == S_OK
+    g.dev.close()
+    with vols.open("disk", readonly=True) as v:
+        got = v.read(0, DISK)
+    want = bytearray(image)
+    for s, n in ((0, 128), (300, 3), (1000, 1)):
+        want[s * SECTOR:(s + n) * SECTOR] = bytes(n * SECTOR)
+    assert got == want
+
+
+# -- the plugin hook, through the registry and a real host config ----------------------
+
+
+@pytest.fixture
+def host_cfg(tmp_path: Path, image: bytes) -> Path:
+    cfg = tmp_path / "host.toml"
+    cfg.write_text('[store]\npath = "store"\n')
+    host = Host.from_config(cfg)
+    init_store(host)
+    with host.store as store:
+        VolumeStore(host.store_path / "volumes", store, host.hasher) \
+            .import_raw("root", tmp_path / "disk.raw").close()
+    return cfg
+
+
+def test_plugin_opens_the_named_volume_from_the_host_store(host_cfg, image):
+    dev = Registry().create("device", "virtio-stellar",
+                            {"volume": "root", "config": str(host_cfg), "readonly": "true"})
+    assert isinstance(dev, VirtioStellar) and dev.features & VIRTIO_BLK_F_RO
+    g = Guest(dev)
+    assert g.request(T_IN, 2, inlen=SECTOR) == (S_OK, image[2 * SECTOR:3 * SECTOR])
+    dev.close()
+
+
+@pytest.mark.parametrize("params, error, match", [
+    ({}, ConfigError, "volume: missing required key"),
+    ({"volume": "root", "readonly": "maybe"}, ConfigError, "true or false"),
+    ({"volume": "root", "size": "1"}, ConfigError, "unknown key"),
+    ({"volume": "nope"}, StellarError, "no volume named 'nope'"),
+    ({"volume": "../x"}, StellarError, "bad volume name"),
+])
+def test_plugin_rejects_bad_params_clearly(host_cfg, params, error, match):
+    with pytest.raises(error, match=match):
+        Registry().create("device", "virtio-stellar", {"config": str(host_cfg), **params})
+
+
+def test_writable_plugin_holds_the_writer_lock(host_cfg):
+    params = {"volume": "root", "config": str(host_cfg)}
+    dev = Registry().create("device", "virtio-stellar", params)
+    with pytest.raises(StellarError, match="open for writing elsewhere"):
+        Registry().create("device", "virtio-stellar", params)
+    dev.close()
+    Registry().create("device", "virtio-stellar", params).close()
