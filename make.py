@@ -23,6 +23,7 @@ APT_PACKAGES = [
     "systemd-container", "busybox-static", "cpio", "xz-utils", "zstd", "kmod",
     "linux-source-6.1", "linux-image-amd64", "bc", "bison", "flex", "libelf-dev",
     "libssl-dev", "nginx", "erofs-utils", "squashfs-tools", "fuse3", "e2fsprogs",
+    "rsync",  # a second opinion in the rootfs round-trip test
     "libfuse2",  # Voltainer's FUSE view (fusepy loads it through ctypes)
 ]
 ENVS = {"demo": "demo", "test": "test", "lint": "lint", "bench": "bench"}
