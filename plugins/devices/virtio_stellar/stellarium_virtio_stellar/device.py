@@ -10,7 +10,7 @@ resets the device, since its head can no longer be returned safely.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from stellarium_core.errors import StellarError
 from stellarium_core.virtio import (
@@ -82,6 +82,21 @@ def _scatter(mem: GuestMemory, descs: list[Descriptor], data: memoryview | bytes
         n = min(d.length, len(data) - pos)
         mem.write(d.addr, data[pos:pos + n])
         pos += n
+
+
+def _copy_out(mem: GuestMemory, descs: list[Descriptor],
+              views: Iterator[memoryview]) -> None:
+    """Copy consecutive source views into the buffers: one copy, chunk to guest RAM."""
+    it = iter(descs)
+    d = next(it, None)
+    done = 0                              # bytes of ``d`` already filled
+    for v in views:
+        while len(v) and d is not None:
+            n = min(len(v), d.length - done)
+            mem.write(d.addr + done, v[:n])
+            v, done = v[n:], done + n
+            if done == d.length:
+                d, done = next(it, None), 0
 
 
 def _split_status(descs: list[Descriptor]) -> tuple[list[Descriptor], Descriptor]:
@@ -200,9 +215,7 @@ class VirtioStellar:
             if payload or w_len % SECTOR or w_len > MAX_REQUEST:
                 raise RequestError(S_IOERR)
             self._check_range(sector, w_len // SECTOR)
-            buf = bytearray(w_len)
-            self.disk.readinto(sector, buf)
-            _scatter(mem, data_out, memoryview(buf))
+            _copy_out(mem, data_out, self.disk.read_views(sector, w_len // SECTOR))
             return w_len
         if rtype == T_OUT:
             if w_len or payload % SECTOR or payload > MAX_REQUEST:

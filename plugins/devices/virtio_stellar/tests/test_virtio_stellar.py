@@ -170,11 +170,12 @@ def test_read_returns_the_volume_bytes(vols, tmp_path, image):
 
 def test_read_scatters_across_several_guest_buffers(vols, tmp_path, image):
     g = make(vols, tmp_path)
-    addrs = g.submit([(struct.pack("<IIQ", T_IN, 0, 8), False), (1024, True), (512, True),
-                      (2049, True)])             # the last buffer also carries the status
+    # Sector 125: the 64 KiB chunk boundary at sector 128 falls inside the second buffer.
+    addrs = g.submit([(struct.pack("<IIQ", T_IN, 0, 125), False), (1024, True), (1024, True),
+                      (0, True), (1537, True)])  # the last buffer also carries the status
     assert g.used() == (0, 3585)
-    got = g.mem.read(addrs[0 + 1], 1024) + g.mem.read(addrs[2], 512) + g.mem.read(addrs[3], 2048)
-    assert got == image[8 * 512:8 * 512 + 3584] and g.mem.read(addrs[3] + 2048, 1)[0] == S_OK
+    got = g.mem.read(addrs[1], 1024) + g.mem.read(addrs[2], 1024) + g.mem.read(addrs[4], 1536)
+    assert got == image[125 * 512:125 * 512 + 3584] and g.mem.read(addrs[4] + 1536, 1)[0] == S_OK
     g.dev.close()
 
 
