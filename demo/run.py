@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from devtools.net import free_port, wait_listening  # noqa: E402
 from devtools.rootfs import debian_rootfs  # noqa: E402
 
 WORK = Path("/var/tmp/volt-stellarium-demo")
@@ -60,12 +61,12 @@ def host_config(name: str) -> Path:
 @contextmanager
 def http_server(directory: Path):
     """A plain static file server on loopback: the 'CDN'."""
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1",
-                             "--directory", str(directory)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N ..."
-    port = int(line.split(" port ")[1].split()[0])
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                             "127.0.0.1", "--directory", str(directory)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        wait_listening(port, proc)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
