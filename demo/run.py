@@ -27,6 +27,21 @@ WORK = Path("/var/tmp/volt-stellarium-demo")
 BIN = Path(sys.executable).parent
 
 
+#: /init for the VM-root step: mount the virtio-stellar disk and run Debian's own binaries.
+ROOT_INIT = """#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s /bin
+mount -t devtmpfs devtmpfs /dev
+if mount -t ext4 -o ro /dev/vda /mnt; then
+  chroot /mnt /bin/sh -c 'echo "guest: Debian $(cat /etc/debian_version) root on /dev/vda,"\
+" $(ls /usr/bin | wc -l) programs in /usr/bin, $(/usr/bin/uname -r) kernel"'
+else
+  echo "guest: mounting /dev/vda failed"
+fi
+reboot -f
+"""
+
+
 def step(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
@@ -130,6 +145,15 @@ def main() -> int:
     step("Volt boots the guest to /init under real KVM inside the nested lab")
     sh("volt", "lab", "run", "--", str(BIN / "volt"), "run", "--kernel", built["bzimage"],
        "--initrd", initrd, "--vcpus", "2", "--mem", "128", "--timing", timeout=900)
+
+    step("Volt boots a VM whose root disk is the Stellarium volume vm0-root (virtio-stellar)")
+    from volt.kernels.initramfs import base_archive
+
+    initrd = base_archive(ROOT_INIT).write(WORK / "root-init.cpio")
+    sh("volt", "lab", "run", "--writable", WORK / "a-store", "--", str(BIN / "volt"), "run",
+       "--kernel", built["bzimage"], "--initrd", initrd, "--mem", "256",
+       "--device", f"virtio-stellar,volume=vm0-root,readonly=true,config={a}",
+       "--cmdline", "console=ttyS0 reboot=k panic=-1 pci=off quiet", timeout=900, tail=6)
     print("\ndemo: done")
     return 0
 
