@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from volt.kernels.build import cached
 from volt.vmm import exitcodes, layout
 from volt.vmm.exitcodes import VoltError
 from volt.vmm.loader import bootparams, bzimage, elf, mptable
@@ -125,14 +124,8 @@ def test_guest_memory_bounds():
         m.close()
 
 
-real_kernel = pytest.mark.skipif(cached() is None,
-                                 reason="Volt's guest kernel is not built yet "
-                                        "(python -m volt.kernels.build / the guest_kernel fixture)")
-
-
-@real_kernel
-def test_real_vmlinux_has_64bit_and_pvh_entries():
-    kb = cached()
+def test_real_vmlinux_has_64bit_and_pvh_entries(guest_kernel):
+    kb = guest_kernel
     m = GuestMemory(128 << 20)
     try:
         k = load(open_kernel(str(kb.vmlinux)), m)
@@ -142,9 +135,8 @@ def test_real_vmlinux_has_64bit_and_pvh_entries():
         m.close()
 
 
-@real_kernel
-def test_real_bzimage_loads_with_its_setup_header():
-    kb = cached()
+def test_real_bzimage_loads_with_its_setup_header(guest_kernel):
+    kb = guest_kernel
     m = GuestMemory(128 << 20)
     try:
         image = open_kernel(str(kb.bzimage))
