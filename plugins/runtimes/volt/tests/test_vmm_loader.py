@@ -20,9 +20,8 @@ from tinyguest import make_elf  # noqa: E402
 
 @pytest.fixture
 def mem():
-    m = GuestMemory(32 << 20)
-    yield m
-    m.close()
+    with GuestMemory(32 << 20) as m:
+        yield m
 
 
 def test_elf_loads_segment_zeroes_bss_and_finds_pvh(mem):
@@ -48,13 +47,9 @@ def test_bad_elf_is_a_kernel_error(mem, blob, message):
 
 
 def test_elf_bigger_than_memory_is_a_memory_error():
-    small = GuestMemory(8 << 20)
-    try:
-        with pytest.raises(VoltError, match="too small") as err:
-            elf.load_elf(io.BytesIO(make_elf()), small)
-        assert err.value.exit_code == exitcodes.MEMORY
-    finally:
-        small.close()
+    with GuestMemory(8 << 20) as small, pytest.raises(VoltError, match="too small") as err:
+        elf.load_elf(io.BytesIO(make_elf()), small)
+    assert err.value.exit_code == exitcodes.MEMORY
 
 
 def test_zero_page_carries_cmdline_initrd_and_e820(mem):
@@ -114,44 +109,29 @@ def test_mptable_checksums_and_entries():
 
 
 def test_guest_memory_bounds():
-    m = GuestMemory(1 << 20)
-    try:
+    with GuestMemory(1 << 20) as m:
         with pytest.raises(GuestMemoryError):
             m.read((1 << 20) - 2, 4)
         m.write_u32(0x100, 0xDEADBEEF)
         assert m.read_u32(0x100) == 0xDEADBEEF
-    finally:
-        m.close()
 
 
 def test_real_vmlinux_has_64bit_and_pvh_entries(guest_kernel):
-    kb = guest_kernel
-    m = GuestMemory(128 << 20)
-    try:
-        k = load(open_kernel(str(kb.vmlinux)), m)
+    with GuestMemory(128 << 20) as m:
+        k = load(open_kernel(str(guest_kernel.vmlinux)), m)
         assert k.entry >= 0x1000000 and k.pvh_entry is not None and k.end < 128 << 20
         assert m.read(k.entry, 16) != bytes(16)
-    finally:
-        m.close()
 
 
 def test_real_bzimage_loads_with_its_setup_header(guest_kernel):
-    kb = guest_kernel
-    m = GuestMemory(128 << 20)
-    try:
-        image = open_kernel(str(kb.bzimage))
+    with GuestMemory(128 << 20) as m:
+        image = open_kernel(str(guest_kernel.bzimage))
         assert image.kind == "bzimage" and image.cmdline_limit >= 2048
         k = load(image, m)
         assert k.entry == 0x100200 and k.setup_header[0x202 - 0x1F1:0x206 - 0x1F1] == b"HdrS"
-    finally:
-        m.close()
-    small = GuestMemory(8 << 20)
-    try:
-        with pytest.raises(VoltError) as err:
-            load(open_kernel(str(kb.bzimage)), small)
-        assert err.value.exit_code == exitcodes.MEMORY
-    finally:
-        small.close()
+    with GuestMemory(8 << 20) as small, pytest.raises(VoltError) as err:
+        load(open_kernel(str(guest_kernel.bzimage)), small)
+    assert err.value.exit_code == exitcodes.MEMORY
 
 
 def _free_hugepages() -> int:
@@ -165,10 +145,9 @@ def _free_hugepages() -> int:
 def test_hugepages_map_or_fail_clearly_at_setup():
     """Huge pages fail at mmap time when none are reserved, never later with SIGBUS."""
     if _free_hugepages() >= 2:
-        m = GuestMemory(4 << 20, hugepages=True)
-        m.write(0x1000, b"x")
-        assert m.read(0x1000, 1) == b"x"
-        m.close()
+        with GuestMemory(4 << 20, hugepages=True) as m:
+            m.write(0x1000, b"x")
+            assert m.read(0x1000, 1) == b"x"
     else:
         with pytest.raises(GuestMemoryError, match="huge pages"):
             GuestMemory(4 << 20, hugepages=True)

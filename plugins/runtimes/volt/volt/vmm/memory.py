@@ -79,7 +79,14 @@ class GuestMemory:
         view = memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
         return Region(guest_addr, length, addr, view)
 
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Unmap all guest RAM; views handed out before are released."""
         for r in self.regions:
             r.view.release()
             _libc.munmap(r.host_addr, r.size)
