@@ -42,6 +42,25 @@ reboot -f
 """
 
 
+#: /init for the image-root step: switch root to the image's VM form (EROFS), so Debian's
+#: own sh is PID 1; it prints what it sees, then Debian's perl asks the kernel to restart
+#: (reboot(2); Volt exits on the guest's reset).
+IMAGE_INIT = """#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s /bin
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /newroot
+if mount -t erofs -o ro /dev/vda /newroot; then
+  umount /proc
+  exec switch_root /newroot /bin/sh -c 'echo "guest: PID $$ is the image /bin/sh,"\\
+" / is $(stat -f -c %T /), Debian $(cat /etc/debian_version)";\\
+ exec perl -e "syscall(169, 0xfee1dead, 672274793, 0x01234567)"'
+fi
+echo "guest: mounting the image's VM form failed"
+reboot -f
+"""
+
+
 def step(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
@@ -127,6 +146,10 @@ def main() -> int:
         sh("stellar", "pull", f"{url}/tags/debian", "debian", config=b)
     sh("stellar", "image", "ls", config=b)
 
+    step("One store for VMs and containers: the image's VM form is EROFS over its own chunks")
+    sh("stellar", "image", "vmdisk", "debian", config=a)
+    sh("stellar", "stats", config=a, tail=12)
+
     step("Voltainer: the pulled image runs under systemd-nspawn, never extracted")
     sh("voltainer", "run", "--private-network", "debian", "--", "cat", "/etc/debian_version",
        config=b)
@@ -153,6 +176,13 @@ def main() -> int:
     sh("volt", "lab", "run", "--writable", WORK / "a-store", "--", str(BIN / "volt"), "run",
        "--kernel", built["bzimage"], "--initrd", initrd, "--mem", "256",
        "--device", f"virtio-stellar,volume=vm0-root,readonly=true,config={a}",
+       "--cmdline", "console=ttyS0 reboot=k panic=-1 pci=off quiet", timeout=900, tail=6)
+
+    step("Volt boots a VM whose root filesystem is the image debian's VM form (image=debian)")
+    initrd = base_archive(IMAGE_INIT).write(WORK / "image-init.cpio")
+    sh("volt", "lab", "run", "--writable", WORK / "a-store", "--", str(BIN / "volt"), "run",
+       "--kernel", built["bzimage"], "--initrd", initrd, "--mem", "256",
+       "--device", f"virtio-stellar,image=debian,config={a}",
        "--cmdline", "console=ttyS0 reboot=k panic=-1 pci=off quiet", timeout=900, tail=6)
     print("\ndemo: done")
     return 0

@@ -17,8 +17,8 @@ from volt.kernels.initramfs import base_archive  # noqa: E402
 
 BEGIN, END = "STELLAR-IMAGE-ROOT-BEGIN", "STELLAR-IMAGE-ROOT-END"
 
-#: Busybox mounts /dev/vda and hands over PID 1 to the image's /bin/sh (dash); when it
-#: exits the kernel panics on the dead init and panic=-1 reboots, which ends Volt.
+#: Busybox mounts /dev/vda and hands PID 1 over to the image's /bin/sh (dash), which runs
+#: Debian's cat and stat, then has Debian's perl call reboot(2) (Volt exits on the reset).
 INIT = f"""#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox --install -s /bin
@@ -27,7 +27,8 @@ mkdir -p /newroot
 if mount -t erofs -o ro /dev/vda /newroot; then
   umount /proc
   exec switch_root /newroot /bin/sh -c \\
-    'echo {BEGIN}; cat /etc/debian_version; stat -f -c %T /; echo pid $$; echo {END}'
+    'echo {BEGIN}; cat /etc/debian_version; stat -f -c %T /; echo pid $$; echo {END};\\
+     exec perl -e "syscall(169, 0xfee1dead, 672274793, 0x01234567)"'
 fi
 echo "STELLAR-IMAGE-ROOT-MOUNT-FAILED"
 reboot -f
