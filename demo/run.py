@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from devtools.guest import image_root_init  # noqa: E402
 from devtools.net import free_port, wait_listening  # noqa: E402
 from devtools.rootfs import debian_rootfs  # noqa: E402
 
@@ -42,23 +43,9 @@ reboot -f
 """
 
 
-#: /init for the image-root step: switch root to the image's VM form (EROFS), so Debian's
-#: own sh is PID 1; it prints what it sees, then Debian's perl asks the kernel to restart
-#: (reboot(2); Volt exits on the guest's reset).
-IMAGE_INIT = """#!/bin/busybox sh
-/bin/busybox mount -t proc proc /proc
-/bin/busybox --install -s /bin
-mount -t devtmpfs devtmpfs /dev
-mkdir -p /newroot
-if mount -t erofs -o ro /dev/vda /newroot; then
-  umount /proc
-  exec switch_root /newroot /bin/sh -c 'echo "guest: PID $$ is the image /bin/sh,"\\
-" / is $(stat -f -c %T /), Debian $(cat /etc/debian_version)";\\
- exec perl -e "syscall(169, 0xfee1dead, 672274793, 0x01234567)"'
-fi
-echo "guest: mounting the image's VM form failed"
-reboot -f
-"""
+#: What the image-root VM runs from the image: Debian's own sh as PID 1, stat and cat.
+IMAGE_SCRIPT = ('echo "guest: PID $$ is the image /bin/sh, / is $(stat -f -c %T /),'
+                ' Debian $(cat /etc/debian_version)"')
 
 
 def step(title: str) -> None:
@@ -169,21 +156,19 @@ def main() -> int:
     sh("volt", "lab", "run", "--", str(BIN / "volt"), "run", "--kernel", built["bzimage"],
        "--initrd", initrd, "--vcpus", "2", "--mem", "128", "--timing", timeout=900)
 
-    step("Volt boots a VM whose root disk is the Stellarium volume vm0-root (virtio-stellar)")
     from volt.kernels.initramfs import base_archive
 
-    initrd = base_archive(ROOT_INIT).write(WORK / "root-init.cpio")
-    sh("volt", "lab", "run", "--writable", WORK / "a-store", "--", str(BIN / "volt"), "run",
-       "--kernel", built["bzimage"], "--initrd", initrd, "--mem", "256",
-       "--device", f"virtio-stellar,volume=vm0-root,readonly=true,config={a}",
-       "--cmdline", "console=ttyS0 reboot=k panic=-1 pci=off quiet", timeout=900, tail=6)
-
-    step("Volt boots a VM whose root filesystem is the image debian's VM form (image=debian)")
-    initrd = base_archive(IMAGE_INIT).write(WORK / "image-init.cpio")
-    sh("volt", "lab", "run", "--writable", WORK / "a-store", "--", str(BIN / "volt"), "run",
-       "--kernel", built["bzimage"], "--initrd", initrd, "--mem", "256",
-       "--device", f"virtio-stellar,image=debian,config={a}",
-       "--cmdline", "console=ttyS0 reboot=k panic=-1 pci=off quiet", timeout=900, tail=6)
+    for title, init, device in (
+            ("Volt boots a VM whose root disk is the Stellarium volume vm0-root "
+             "(virtio-stellar)", ROOT_INIT, "volume=vm0-root,readonly=true"),
+            ("Volt boots a VM whose root filesystem is the image debian's VM form",
+             image_root_init(IMAGE_SCRIPT), "image=debian")):
+        step(title)
+        initrd = base_archive(init).write(WORK / "root-init.cpio")
+        sh("volt", "lab", "run", "--writable", WORK / "a-store", "--", str(BIN / "volt"), "run",
+           "--kernel", built["bzimage"], "--initrd", initrd, "--mem", "256",
+           "--device", f"virtio-stellar,{device},config={a}",
+           "--cmdline", "console=ttyS0 reboot=k panic=-1 pci=off quiet", timeout=900, tail=6)
     print("\ndemo: done")
     return 0
 

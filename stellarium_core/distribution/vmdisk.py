@@ -44,10 +44,7 @@ def vm_disk(images: ImageStore, disks: ImageDisks, name: str) -> VmDisk:
     """
     with images.locked():
         digest = images.resolve(name)
-        if disks.has(digest):
-            disk, built = disks.load(digest), False
-        else:
-            disk, built = disks.ensure(digest, images.flatten(digest))
+        disk, built = disks.ensure(digest, lambda: images.flatten(digest))
         _prune(images, disks)
         own = _image_chunks(images, digest)
     size = images.store.size

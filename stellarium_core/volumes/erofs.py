@@ -37,6 +37,7 @@ BLOCK_BITS = 12
 SUPER_OFFSET = 1024
 MAGIC = 0xE0F5E1E2
 NAME_MAX = 255
+LABEL = b"stellarium".ljust(16, b"\0")
 #: magic, checksum, feature_compat, blkszbits, sb_extslots, root_nid, inos, build_time,
 #: build_time_nsec, blocks, meta_blkaddr, xattr_blkaddr, uuid, volume_name,
 #: feature_incompat, available_compr_algs, extra_devices, devt_slotoff
@@ -109,7 +110,6 @@ class Layout:
     size: int
     meta: bytearray
     extents: list[tuple[int, bytes, int, int]]
-    inodes: int
 
 
 def _name(e: Entry) -> bytes:
@@ -254,7 +254,7 @@ def _place(nodes: list[_Inode]) -> tuple[int, int]:
 
 
 def build(manifest: Manifest, pieces: Callable[[Entry], Pieces], *,
-          uuid: bytes = bytes(16), label: bytes = b"stellarium") -> Layout:
+          uuid: bytes = bytes(16)) -> Layout:
     """The EROFS disk of ``manifest``: metadata bytes plus file data extents.
 
     ``pieces(entry)`` says where a regular file's bytes are. Raises
@@ -311,13 +311,11 @@ def build(manifest: Manifest, pieces: Callable[[Entry], Pieces], *,
         record = (INODE.pack(fmt, icount, mode, 0, size, i_u, node.ino, e.uid, e.gid, sec,
                              nsec, node.nlink) + node.xattrs + node.inline)
         meta[pos:pos + len(record)] = record
-    root = nodes[0]
-    if root.nid >= 1 << 16:
-        raise ErofsError("the root inode does not fit a 16-bit nid")
+    root = nodes[0]                      # placed first: nid 36, fits the 16-bit root_nid
     if data_block >= 1 << 32:
         raise ErofsError(f"the disk needs {data_block} blocks; EROFS addresses 2^32")
     sec, nsec = divmod(root.entry.mtime_ns, 10**9)
     meta[SUPER_OFFSET:SUPER_OFFSET + SUPER.size] = SUPER.pack(
         MAGIC, 0, 0, BLOCK_BITS, 0, root.nid, len(nodes), max(sec, 0), nsec, data_block,
-        0, 0, uuid[:16].ljust(16, b"\0"), label[:16].ljust(16, b"\0"), 0, 0, 0, 0)
-    return Layout(size=data_block * BLOCK, meta=meta, extents=extents, inodes=len(nodes))
+        0, 0, uuid[:16].ljust(16, b"\0"), LABEL, 0, 0, 0, 0)
+    return Layout(size=data_block * BLOCK, meta=meta, extents=extents)

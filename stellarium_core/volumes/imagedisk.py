@@ -24,7 +24,7 @@ import bisect
 import fcntl
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -186,16 +186,15 @@ class ImageDisks:
 
     # -- building -------------------------------------------------------------------
 
-    def ensure(self, image: bytes, manifest: Manifest) -> tuple[ExtentMap, bool]:
-        """The disk of ``image`` (whose flattened tree is ``manifest``), built if missing;
-        returns it and whether it was built now."""
+    def ensure(self, image: bytes, tree: Callable[[], Manifest]) -> tuple[ExtentMap, bool]:
+        """The disk of ``image``, built from its flattened tree (``tree()``, only called
+        when the disk is missing); returns it and whether it was built now."""
         with self._locked():
             if self.has(image):
                 return self.load(image), False
-            disk = self._build(image, manifest)
-            return disk, True
+            return self._build(image, tree()), True
 
-    def _pieces(self) -> Any:
+    def _pieces(self) -> Callable[[Entry], erofs.Pieces]:
         """``pieces(entry)`` for :func:`erofs.build`, checked against the store."""
         packs: dict[bytes, list[tuple[bytes, int, int]]] = {}
         sizes: dict[bytes, int] = {}
