@@ -179,7 +179,7 @@ def decode_header(data: bytes) -> TinyVol:
 def decode(data: bytes) -> TinyVol:
     """Parse and verify a whole manifest; raise :class:`ManifestError` on any damage."""
     vol = decode_header(data)
-    count = _header(data, VERSION)[3]
+    count = struct.unpack_from("<I", data, 56)[0]
     _check_body(data, count)
     mv = memoryview(data)
     prev = -1
