@@ -377,6 +377,8 @@ def test_socket_dropped_mid_message_is_logged_and_others_are_served(serve, host_
      "vring 5 does not exist"),
     (vu.HEADER.pack(vu.SET_VRING_NUM, vu.VERSION, 8) + vu.STATE.pack(0, 100),
      "size 100 is not a power of two"),
+    (vu.HEADER.pack(vu.SET_VRING_NUM, vu.VERSION, 8) + vu.STATE.pack(0, 65536),
+     "size 65536 is not a power of two <= 32768"),
     (vu.HEADER.pack(vu.SET_FEATURES, vu.VERSION, 8) + vu.U64.pack(1 << 63),
      "were not offered"),
     (vu.HEADER.pack(vu.SET_FEATURES, vu.VERSION, 4) + b"\0" * 4, "need 8"),
@@ -470,4 +472,4 @@ def test_read_only_export_serves_clients_side_by_side_despite_a_stalled_one(
 def test_server_log_names_the_client(serve, caplog):
     sock, _ = serve
     served_ok(sock)
-    wait_for(lambda: "client 1: memory table: 0x0+2MiB" in caplog.text, "the log line")
+    wait_for(lambda: "client 1: memory table: 0x0+0x200000" in caplog.text, "the log line")

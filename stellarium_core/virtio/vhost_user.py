@@ -33,7 +33,7 @@ from stellarium_core.virtio.mapped_memory import (
     MemoryTableError,
     RegionSpec,
 )
-from stellarium_core.virtio.queue import Virtqueue
+from stellarium_core.virtio.queue import MAX_QUEUE_SIZE, Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,9 @@ class Client:
                  stop_fd: int) -> None:
         self.sock, self.device, self.name, self._stop_fd = sock, device, name, stop_fd
         self.mem = MappedMemory()
-        self.rings = [_Ring(Virtqueue(n)) for n in device.queue_sizes]
+        # A front-end may size a ring up to the virtio maximum: vhost-user has no way
+        # to tell it the device's preferred maximum (virtio-mmio's QueueNumMax).
+        self.rings = [_Ring(Virtqueue(MAX_QUEUE_SIZE)) for _ in device.queue_sizes]
         self.features = 0
         self.protocol_features = 0
         self.active = False
@@ -293,7 +295,7 @@ class Client:
                  for i in range(count)]
         self.mem.load(specs, fds)      # the fds are closed after the message; maps stay
         log.info("%s: memory table: %s", self.name, ", ".join(
-            f"{s.guest_addr:#x}+{s.size >> 20}MiB" for s in specs))
+            f"{s.guest_addr:#x}+{s.size:#x}" for s in specs))
         for r in self.rings:
             if r.started:
                 self._place(r)
