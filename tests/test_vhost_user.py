@@ -143,9 +143,11 @@ class Frontend:
         return self.driver.request(rtype, sector, out, inlen)
 
     def _wait_call(self) -> None:
-        r, _, _ = select.select([self.call], [], [], WAIT)
-        assert r, "no used-buffer notification on the call eventfd"
-        os.eventfd_read(self.call)
+        """Until the used ring moved; every wait is woken by the call eventfd."""
+        while struct.unpack_from("<H", self.ram, USED + 2)[0] == self.driver.used_seen & 0xFFFF:
+            r, _, _ = select.select([self.call], [], [], WAIT)
+            assert r, "no used-buffer notification on the call eventfd"
+            os.eventfd_read(self.call)
 
 
 # -- fixtures: a real store, a volume, a running server ----------------------------------
@@ -473,3 +475,20 @@ def test_server_log_names_the_client(serve, caplog):
     sock, _ = serve
     served_ok(sock)
     wait_for(lambda: "client 1: memory table: 0x0+0x200000" in caplog.text, "the log line")
+
+
+def test_reset_device_then_restart_and_config_writes(serve, caplog):
+    sock, _ = serve
+    fe = Frontend(sock)
+    fe.start()
+    assert fe.request(T_IN, 0, inlen=SECTOR)[0] == 0
+    assert fe.ask(vu.SET_CONFIG, vu.CONFIG_HDR.pack(250, 16, 0) + bytes(16)) == 1
+    assert "SET_CONFIG of 16 bytes at 250 does not fit" in caplog.text
+    fe.send(vu.GET_CONFIG, vu.CONFIG_HDR.pack(250, 16, 0) + bytes(16))
+    assert vu.CONFIG_HDR.unpack(fe.reply(vu.GET_CONFIG)) == (250, 0, 0)   # the spec's error
+    assert fe.ask(vu.RESET_DEVICE) == 0
+    fe.driver = BlkDriver(fe.ram, fe.driver.kick, fe._wait_call)           # a fresh ring
+    fe.ram[:] = bytes(MEM)
+    fe.start()
+    assert fe.request(T_IN, 0, inlen=SECTOR)[0] == 0
+    fe.close()

@@ -205,12 +205,13 @@ class Client:
         try:
             reply = handler(payload, fds)
         except (ProtocolError, ValueError, OSError) as exc:   # incl. bad tables and rings
+            fatal = exc.fatal if isinstance(exc, ProtocolError) else True
+            if not fatal:
+                log.error("%s: request %d refused: %s", self.name, request, exc)
             if ack:
                 self._reply(request, U64.pack(1))
-            fatal = exc.fatal if isinstance(exc, ProtocolError) else True
             if fatal:
                 raise ProtocolError(f"request {request}: {exc}") from None
-            log.error("%s: request %d refused: %s", self.name, request, exc)
             return
         if reply is not None:
             self._reply(request, reply)
@@ -380,6 +381,7 @@ class Client:
         for r in self.rings:
             self._stop_ring(r)
             r.queue.reset()
+            r.enabled = False
         if self.active:
             self.device.reset()
             self.active = False
