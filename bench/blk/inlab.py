@@ -6,7 +6,8 @@ starts from the same content: the raw file is copied from the pristine one, the
 volume is a fresh clone of the one imported from it.
 
 Prints one JSON object: {"systems": {name: {"lines": [[seconds, text], ...], "exit": rc}},
-"profile": {"stacks": [...], "exit": rc} | null, "errors": [...]}.
+"profiles": {name: [collapsed py-spy stacks...]}, "errors": [...]}. The profiled runs of
+Volt come after the measured ones, so py-spy never competes with a measurement.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ CMDLINE = "console=ttyS0 panic=-1 quiet"
 def run_vmm(argv: list[str], timeout: float, profile_out: Path | None = None,
             py_spy: str = "") -> tuple[list[tuple[float, str]], int, str]:
     """Run a VMM; each console line with the L1 monotonic time it arrived."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    errf = open(WORK / "vmm.stderr", "w+b")       # a file: a chatty VMM never blocks on it
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errf,
                             stdin=subprocess.DEVNULL)
     spy = None
     if profile_out is not None:
@@ -55,9 +57,15 @@ def run_vmm(argv: list[str], timeout: float, profile_out: Path | None = None,
             break
         buf += chunk
         *done, buf = buf.split(b"\n")
-        lines += [(now, ln.decode(errors="replace").rstrip("\r")) for ln in done]
-    err = proc.stderr.read().decode(errors="replace")
+        for ln in done:
+            text = ln.decode(errors="replace").rstrip("\r")
+            lines.append((now, text))
+            if text.startswith("BENCH-"):
+                print(f"{now:10.3f} {text}", file=sys.stderr, flush=True)   # progress
     rc = proc.wait(timeout=60)
+    errf.seek(0)
+    err = errf.read().decode(errors="replace")
+    errf.close()
     if spy is not None:
         spy.wait(timeout=120)
     return lines, rc, err[-2000:]
@@ -69,7 +77,7 @@ def stellar(cfg: Path, *args: str) -> None:
 
 
 def main() -> int:
-    volt, kernel, initrd, size_mib, ops, profile, py_spy = sys.argv[1:8]
+    volt, kernel, initrd, size_mib, ops, profile, py_spy, timeout = sys.argv[1:9]
     size_mib_i = int(size_mib)
     WORK.mkdir(parents=True, exist_ok=True)
     tmpfs_mib = 3 * size_mib_i + 512
@@ -102,23 +110,26 @@ def main() -> int:
         "volt-blk": [*volt_args, "--device", f"virtio-blk,path={raw}"],
         "volt-stellar": [*volt_args, "--device", f"virtio-stellar,volume=run,config={cfg}"],
     }
-    out: dict = {"systems": {}, "profile": None, "errors": [], "tmpfs_mib": tmpfs_mib}
-    runs = list(systems.items())
+    out: dict = {"systems": {}, "profiles": {}, "errors": [], "tmpfs_mib": tmpfs_mib}
+    runs = [(name, argv, False) for name, argv in systems.items()]
     if profile == "1":
-        runs.append(("profile", systems["volt-stellar"]))
-    for name, argv in runs:
+        runs += [(name, systems[name], True) for name in ("volt-stellar", "volt-blk")]
+    for name, argv, profiled in runs:
         shutil.copy(pristine, raw)
         stellar(cfg, "vol", "clone", "bench", "run")
-        spy_out = WORK / "profile.txt" if name == "profile" else None
-        lines, rc, err = run_vmm(argv, timeout=1800, profile_out=spy_out, py_spy=py_spy)
+        spy_out = WORK / "profile.txt" if profiled else None
+        print(f"{time.monotonic():10.3f} start {name}{' (py-spy)' if profiled else ''}",
+              file=sys.stderr, flush=True)
+        lines, rc, err = run_vmm(argv, timeout=float(timeout), profile_out=spy_out,
+                                 py_spy=py_spy)
         stellar(cfg, "vol", "rm", "run")
         if rc != 0:
             out["errors"].append(f"{name}: exit {rc}: {err}")
         if spy_out is None:
             out["systems"][name] = {"lines": lines, "exit": rc}
         else:
-            stacks = spy_out.read_text().splitlines() if spy_out.exists() else []
-            out["profile"] = {"stacks": stacks, "exit": rc}
+            out["profiles"][name] = spy_out.read_text().splitlines() if spy_out.exists() else []
+            spy_out.unlink(missing_ok=True)
     raw.unlink()
     print(json.dumps(out))
     return 0

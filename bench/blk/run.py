@@ -12,10 +12,10 @@ output) and is subtracted, so the figure is known bytes (ops) / (t_full - t_sing
 fio's own figures (guest clock) are printed as a secondary column. Goal (issue 11):
 (a) and (b) at least 0.8x of (c) on every figure.
 
-A further, unmeasured run of (a) under ``py-spy record`` gives the profile summary of
-Volt's device (I/O) thread.
+Further, unmeasured runs of (a) and (b) under ``py-spy record`` give the profile summary
+of Volt's threads, the device (I/O) thread in detail.
 
-Usage: python bench/blk/run.py [--size-mib 128] [--rand-ops 2000] [--no-profile]
+Usage: python bench/blk/run.py [--size-mib 256] [--rand-ops 2000] [--no-profile]
 """
 
 from __future__ import annotations
@@ -128,18 +128,22 @@ def figures(lines: list[list], size_mib: int, ops: int) -> dict[str, dict[str, f
             amount, single = ops, (32 if name.endswith("32") else 1)
         f = terse.get(name, [])
         fio = float(f[47 if write else 6]) * 1024 / 1e6 if unit == "MB/s" and f else \
-            float(f[48 if write else 7]) if f else float("nan")
-        out[name] = {"value": (amount - single) / net if net > 0 else float("nan"),
+            float(f[48 if write else 7]) if f else None
+        out[name] = {"value": (amount - single) / net if net > 0 else None,
                      "seconds": took[name], "single_seconds": took[f"{name}.single"],
                      "fio_guest_clock": fio}
     return out
 
 
 def profile_summary(stacks: list[str], top: int = 12) -> dict:
-    """Where Volt's threads spend their samples, from py-spy's collapsed stacks."""
+    """Where Volt's threads spend their samples, from py-spy's collapsed stacks.
+
+    The I/O thread is idle when its innermost Python frame is ``_io_loop`` (blocked
+    in epoll); a vCPU thread is in the guest when it is inside KVM_RUN.
+    """
     per_thread: collections.Counter = collections.Counter()
     idle: collections.Counter = collections.Counter()
-    self_io: collections.Counter = collections.Counter()
+    leaves: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     incl_io: collections.Counter = collections.Counter()
     for line in stacks:
         stack, _, count = line.rpartition(" ")
@@ -147,32 +151,32 @@ def profile_summary(stacks: list[str], top: int = 12) -> dict:
         if len(frames) < 2 or not count.isdigit():
             continue
         n = int(count)
-        thread = frames[0].split(": ", 1)[-1] or "?"
+        thread = frames[0].split(": ", 1)[-1]
         per_thread[thread] += n
         leaf = frames[-1].split(" (")[0]
-        if leaf.endswith(("_io_loop", "_vcpu_loop")) or "poll" in leaf or "wait" in leaf:
+        if leaf.endswith("_io_loop"):
             idle[thread] += n
-            if thread == "io":
-                continue
+            continue
+        leaves[thread][frames[-1]] += n
         if thread == "io":
-            self_io[frames[-1]] += n
             for fr in set(frames[1:]):
                 incl_io[fr.split(" (")[0]] += n
-    busy_io = per_thread["io"] - idle["io"]
     return {
-        "threads": {t: {"samples": c, "idle": idle[t]} for t, c in per_thread.items()},
-        "io_busy_samples": busy_io,
-        "io_self": [(f, c) for f, c in self_io.most_common(top)],
-        "io_inclusive": [(f, c) for f, c in incl_io.most_common(top * 2)],
+        "threads": {t: {"samples": c, "idle": idle[t],
+                        "top": leaves[t].most_common(3 if t != "io" else top)}
+                    for t, c in per_thread.items()},
+        "io_busy_samples": per_thread["io"] - idle["io"],
+        "io_inclusive": incl_io.most_common(top * 2),
     }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mib", type=int, default=128, help="disk size, and bytes per "
+    ap.add_argument("--size-mib", type=int, default=256, help="disk size, and bytes per "
                     "sequential pass")
     ap.add_argument("--rand-ops", type=int, default=2000, help="4 KiB reads per random run")
-    ap.add_argument("--no-profile", action="store_true", help="skip the py-spy run")
+    ap.add_argument("--no-profile", action="store_true", help="skip the py-spy runs")
+    ap.add_argument("--vm-timeout", type=int, default=900, help="seconds per VM run")
     args = ap.parse_args()
     kb = build()
     initrd = fio_initramfs()
@@ -180,7 +184,8 @@ def main() -> int:
     env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
     res = lab.run([sys.executable, str(HERE / "inlab.py"), VOLT, str(kb.bzimage), str(initrd),
                    str(args.size_mib), str(args.rand_ops), "0" if args.no_profile else "1",
-                   PY_SPY], timeout=3600, memory_mib=2048 + 4 * args.size_mib, env=env)
+                   PY_SPY, str(args.vm_timeout)], timeout=900 + 4 * args.vm_timeout,
+                  memory_mib=2048 + 4 * args.size_mib, env=env)
     res.check()
     data = json.loads(res.stdout.strip().splitlines()[-1])
     figs = {name: figures(data["systems"].get(name, {}).get("lines", []), args.size_mib,
@@ -205,7 +210,7 @@ def main() -> int:
         cells = "".join(f"{v:>11.1f} {unit:<4}" if v is not None else f"{'-':>16}"
                         for v in vals.values())
         rs = "  ".join(f"{ratios[s].get(metric, float('nan')):>9.3f}" for s in ratios)
-        fio = " / ".join(f"{figs[s].get(name, {}).get('fio_guest_clock', float('nan')):.1f}"
+        fio = " / ".join(f"{figs[s].get(name, {}).get('fio_guest_clock') or float('nan'):.1f}"
                          for s in SYSTEMS)
         print(f"{name:<12}{cells}   {rs}   {fio}")
     missed = [f"{s} {m} {r:.2f}x" for s, rr in ratios.items() for m, r in rr.items() if r < GOAL]
@@ -214,29 +219,29 @@ def main() -> int:
              else "NOT met (" + ", ".join(missed) + ")"))
     for e in data["errors"]:
         print(f"error: {e}")
-    profile = None
-    if data.get("profile"):
-        profile = profile_summary(data["profile"]["stacks"])
-        print_profile(profile)
+    for name, stacks in data["profiles"].items():
+        print_profile(name, profile_summary(stacks))
     print(json.dumps({"bench": "blk", "peer": PEER, "systems": systems,
                       "higher_is_better": {m: True for m, _, _ in WORKLOADS.values()},
                       "ratios_to_peer": ratios, "goal_ratio": GOAL,
                       "size_mib": args.size_mib, "rand_ops": args.rand_ops,
-                      "host_load": [round(x, 2) for x in load],
+                      "host_load": [round(x, 2) for x in load], "detail": figs,
                       "errors": data["errors"]}))
     return 0
 
 
-def print_profile(p: dict) -> None:
-    print("py-spy profile of volt-stellar (a separate, unmeasured run of the same workloads):")
+def print_profile(system: str, p: dict) -> None:
+    print(f"py-spy profile of {system} (a separate, unmeasured run of the same workloads; "
+          "100 Hz, all threads):")
     for t, c in sorted(p["threads"].items(), key=lambda kv: -kv[1]["samples"]):
-        busy = c["samples"] - c["idle"]
-        print(f"  thread {t:<12} {c['samples']:>7} samples, busy {busy:>7} "
-              f"({100 * busy / max(c['samples'], 1):.0f}%)")
+        total = max(c["samples"], 1)
+        print(f"  thread {t:<14} {c['samples']:>7} samples, {c['idle']:>7} idle in epoll; "
+              "innermost frames:")
+        for f, n in c["top"] if t != "io" else c["top"][:3]:
+            print(f"      {100 * n / total:5.1f}%  {f}")
     busy = max(p["io_busy_samples"], 1)
-    print(f"  device (io) thread, {p['io_busy_samples']} busy samples; top functions by self "
-          "time:")
-    for f, c in p["io_self"]:
+    print(f"  device (io) thread, {p['io_busy_samples']} busy samples; innermost frames:")
+    for f, c in p["threads"].get("io", {}).get("top", []):
         print(f"    {100 * c / busy:5.1f}%  {f}")
     print("  inclusive (time under each function):")
     for f, c in p["io_inclusive"]:
