@@ -214,7 +214,7 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
 
     from stellarium_core.plugins import Registry
-    from stellarium_core.virtio.vhost_user import VhostUserServer
+    from stellarium_core.virtio.vhost_user import VhostUserServer, release
 
     params: dict[str, Any] = {"volume": args.name, "readonly": args.readonly}
     if args.config:
@@ -224,7 +224,7 @@ def _serve(args: argparse.Namespace) -> int:
     def device() -> Any:
         return registry.create("device", "virtio-stellar", params)
 
-    _release(device())              # a missing or locked volume fails here, with exit 1
+    release(device())               # a missing or locked volume fails here, with exit 1
     logging.basicConfig(level=logging.INFO, format="stellar vol serve: %(message)s")
     server = VhostUserServer(args.vhost_user, device)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -234,9 +234,3 @@ def _serve(args: argparse.Namespace) -> int:
           flush=True)
     server.serve_forever()
     return 0
-
-
-def _release(device: Any) -> None:
-    close = getattr(device, "close", None)
-    if close is not None:
-        close()

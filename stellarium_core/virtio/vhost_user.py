@@ -439,15 +439,20 @@ class Client:
         try:
             if self.active:
                 self.device.reset()
-            close = getattr(self.device, "close", None)
-            if close is not None:
-                close()
+            release(self.device)
         finally:
             self._sel.close()
             self.mem.close()
             for r in self.rings:
                 r.close_fds()
             self.sock.close()
+
+
+def release(device: VirtioDevice) -> None:
+    """Close a device that holds resources (a volume's writer lock, a file), if it has any."""
+    close = getattr(device, "close", None)
+    if close is not None:
+        close()
 
 
 class VhostUserServer:
