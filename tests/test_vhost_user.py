@@ -224,6 +224,14 @@ def served_ok(sock: Path) -> None:
         fe.close()
 
 
+def dropped(fe: Frontend, sock: Path, caplog: pytest.LogCaptureFixture, message: str) -> None:
+    """The back-end closed ``fe``'s connection, logged ``message``, and serves the next client."""
+    assert fe.closed_by_backend()
+    fe.close()
+    wait_for(lambda: message in caplog.text, f"the logged error {message!r}")
+    served_ok(sock)
+
+
 # -- the good path ---------------------------------------------------------------------
 
 
@@ -323,10 +331,7 @@ def test_bad_memory_table_is_refused_and_others_are_still_served(serve, host_cfg
         assert fe.ask(vu.SET_MEM_TABLE, fe.mem_table(*regions), fds) != 0
     finally:
         os.close(fd)
-    assert fe.closed_by_backend()
-    fe.close()
-    wait_for(lambda: message in caplog.text, f"the logged error {message!r}")
-    served_ok(sock)
+    dropped(fe, sock, caplog, message)
     assert volume_bytes(host_cfg) == before
 
 
@@ -336,17 +341,16 @@ def test_fd_count_must_match_the_table(serve, caplog):
     fe.negotiate()
     table = fe.mem_table((0, MEM, USER_BASE, 0), (MEM, MEM, USER_BASE + MEM, 0))
     assert fe.ask(vu.SET_MEM_TABLE, table, (fe.memfd,)) != 0
-    assert fe.closed_by_backend()
-    fe.close()
-    wait_for(lambda: "2 regions but 1 file descriptors" in caplog.text, "the logged error")
-    served_ok(sock)
+    dropped(fe, sock, caplog, "2 regions but 1 file descriptors")
 
 
 def test_unknown_requests_are_refused_and_the_client_carries_on(serve, caplog):
     sock, _ = serve
     fe = Frontend(sock)
     fe.negotiate()
-    assert fe.ask(999, b"junk" * 4, (os.eventfd(0),)) == 1
+    efd = os.eventfd(0)
+    assert fe.ask(999, b"junk" * 4, (efd,)) == 1
+    os.close(efd)
     fe.send(77)                                        # no reply asked: just logged
     fe.start()
     assert fe.request(T_IN, 0, inlen=SECTOR)[0] == 0
@@ -389,10 +393,7 @@ def test_malformed_messages_end_that_client_only(serve, caplog, header, message)
     sock, _ = serve
     fe = Frontend(sock)
     fe.sock.sendall(header)
-    assert fe.closed_by_backend()
-    fe.close()
-    wait_for(lambda: message in caplog.text, f"the logged error {message!r}")
-    served_ok(sock)
+    dropped(fe, sock, caplog, message)
 
 
 def test_kick_that_is_not_an_eventfd_is_refused(serve, caplog):
@@ -403,10 +404,7 @@ def test_kick_that_is_not_an_eventfd_is_refused(serve, caplog):
     fe.send(vu.SET_VRING_KICK, vu.U64.pack(0), (r,))
     os.close(r)
     os.close(w)
-    assert fe.closed_by_backend()
-    fe.close()
-    wait_for(lambda: "not an eventfd" in caplog.text, "the logged error")
-    served_ok(sock)
+    dropped(fe, sock, caplog, "not an eventfd")
 
 
 def test_ring_outside_guest_memory_is_refused(serve, caplog):
@@ -417,10 +415,7 @@ def test_ring_outside_guest_memory_is_refused(serve, caplog):
     fe.send(vu.SET_VRING_ADDR, vu.ADDR.pack(0, 0, USER_BASE + MEM - 16, USER_BASE + USED,
                                             USER_BASE + AVAIL, 0))
     fe.send(vu.SET_VRING_KICK, vu.U64.pack(0), (fe.kick,))
-    assert fe.closed_by_backend()
-    fe.close()
-    wait_for(lambda: "in no memory region" in caplog.text, "the logged error")
-    served_ok(sock)
+    dropped(fe, sock, caplog, "in no memory region")
 
 
 def test_dropping_the_socket_mid_request_leaves_the_volume_consistent(serve, host_cfg, caplog):
