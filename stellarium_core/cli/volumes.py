@@ -40,6 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add("rm", _rm, "delete a volume and release its chunks", ("name", "volume name"))
     add("ls", _ls, "list volumes")
     add("info", _info, "show a volume's manifest facts", ("name", "volume name"))
+    sv = vs.add_parser("serve", help="serve a volume to other VMMs as a vhost-user-blk disk")
+    sv.add_argument("name", help="volume name")
+    sv.add_argument("--vhost-user", required=True, metavar="SOCKET",
+                    help="unix socket to listen on (QEMU: -chardev socket,path=SOCKET)")
+    sv.add_argument("--readonly", action="store_true", help="refuse the guests' writes")
+    sv.set_defaults(func=_serve)
 
     t = sub.add_parser("tree", help="file-tree manifests (image layers)")
     ts = t.add_subparsers(dest="tree_command", metavar="ACTION", required=True)
@@ -194,4 +200,37 @@ def _restore(args: argparse.Namespace) -> int:
     filetree.restore(m, host.store, args.dir, host.hasher)
     emit(args, {"restored": args.dir, "entries": len(m)},
          f"restored {len(m)} entries to {args.dir}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; each client gets its own virtio-stellar device.
+
+    The device comes from the plugin registry, so the request logic is the very
+    one Volt runs in-process. A writable volume takes one client at a time (the
+    volume's writer lock); a read-only one any number.
+    """
+    import logging
+    import signal
+
+    from stellarium_core.plugins import Registry
+    from stellarium_core.virtio.vhost_user import VhostUserServer, release
+
+    params: dict[str, Any] = {"volume": args.name, "readonly": args.readonly}
+    if args.config:
+        params["config"] = str(args.config)
+    registry = Registry()
+
+    def device() -> Any:
+        return registry.create("device", "virtio-stellar", params)
+
+    release(device())               # a missing or locked volume fails here, with exit 1
+    logging.basicConfig(level=logging.INFO, format="stellar vol serve: %(message)s")
+    server = VhostUserServer(args.vhost_user, device)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stop())
+    mode = "read-only" if args.readonly else "read-write"
+    print(f"serving volume {args.name} ({mode}) as vhost-user-blk on {args.vhost_user}",
+          flush=True)
+    server.serve_forever()
     return 0

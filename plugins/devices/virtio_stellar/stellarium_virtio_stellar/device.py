@@ -1,4 +1,4 @@
-"""The virtio-blk device model over a :class:`BlockDevice` (virtio 1.x, section 5.2).
+"""The virtio-blk device model over a :class:`Disk` (virtio 1.x, section 5.2).
 
 The guest is untrusted: every request is checked (header present, buffers in the
 right direction, whole sectors, in range, bounded size) and answered with a status
@@ -21,7 +21,8 @@ from stellarium_core.virtio import (
     Virtqueue,
     VirtqueueError,
 )
-from stellarium_core.volumes.blockdev import SECTOR, BlockDevice
+from stellarium_core.volumes.blockdev import SECTOR
+from stellarium_virtio_stellar.disks import Disk
 
 DEVICE_ID = 2
 
@@ -107,12 +108,12 @@ def _split_status(descs: list[Descriptor]) -> tuple[list[Descriptor], Descriptor
 
 
 class VirtioStellar:
-    """A virtio-blk device over a block device; one request queue, served inline on kick."""
+    """A virtio-blk device over a :class:`Disk`; one request queue, served inline on kick."""
 
     device_id = DEVICE_ID
     queue_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, disk: BlockDevice, *, serial: str = "",
+    def __init__(self, disk: Disk, *, serial: str = "",
                  on_close: Callable[[], None] | None = None) -> None:
         self.disk = disk
         self.serial = serial.encode()[:ID_BYTES]

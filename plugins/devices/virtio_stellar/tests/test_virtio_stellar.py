@@ -24,6 +24,7 @@ from stellarium_virtio_stellar.device import (
     VirtioStellar,
 )
 
+from devtools.virtio_driver import AVAIL, DESC, HEAP, QSIZE, USED, BlkDriver, BufferMemory
 from stellarium_core.distribution import ImageStore, Importer
 from stellarium_core.errors import ConfigError, StellarError
 from stellarium_core.hashing import Blake3Hasher
@@ -33,7 +34,6 @@ from stellarium_core.plugins import Registry
 from stellarium_core.virtio import (
     VIRTIO_F_VERSION_1,
     VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
     DeviceState,
     VirtioDevice,
     Virtqueue,
@@ -41,87 +41,24 @@ from stellarium_core.virtio import (
 from stellarium_core.volumes.blockdev import SECTOR, BlockDevice
 from stellarium_core.volumes.volume import VolumeStore
 
-DESC, AVAIL, USED, HEAP = 0x1000, 0x3000, 0x4000, 0x10000
-QSIZE = 256
 DISK = 1 << 20                      # 2048 sectors
 NSECT = DISK // SECTOR
 
 
-class FakeMemory:
-    """Guest RAM as a bytearray, bounds-checked like a VMM's."""
-
-    def __init__(self, size: int = 8 << 20) -> None:
-        self.buf = bytearray(size)
-
-    def read(self, addr: int, length: int) -> bytes:
-        if addr < 0 or addr + length > len(self.buf):
-            raise ValueError(f"{addr:#x}+{length:#x} outside guest memory")
-        return bytes(self.buf[addr:addr + length])
-
-    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        if addr < 0 or addr + len(data) > len(self.buf):
-            raise ValueError(f"{addr:#x}+{len(data):#x} outside guest memory")
-        self.buf[addr:addr + len(data)] = data
-
-
-class Guest:
-    """The driver side: negotiates, builds request chains, kicks, reads the used ring."""
+class Guest(BlkDriver):
+    """The driver side over bytearray guest RAM; the device serves each kick inline."""
 
     def __init__(self, dev: VirtioStellar) -> None:
-        self.dev, self.mem = dev, FakeMemory()
+        self.dev, self.mem = dev, BufferMemory()
         self.interrupts = 0
-        self.avail_idx = self.used_seen = 0
         q = Virtqueue(QSIZE)
         q.desc_addr, q.avail_addr, q.used_addr, q.ready = DESC, AVAIL, USED, True
         q.check(self.mem)
         dev.activate(dev.features, self.mem, [q], self._irq)
+        super().__init__(self.mem.buf, lambda: dev.notify(0))
 
     def _irq(self) -> None:
         self.interrupts += 1
-
-    def submit(self, bufs: list[tuple[bytes | int, bool]]) -> list[int]:
-        """Chain ``(data or length, device-writable)`` buffers from descriptor 0; offer; kick.
-        Returns each buffer's guest address."""
-        addr, addrs = HEAP, []
-        for i, (b, write) in enumerate(bufs):
-            n = b if isinstance(b, int) else len(b)
-            if not isinstance(b, int):
-                self.mem.write(addr, b)
-            flags = (VIRTQ_DESC_F_WRITE if write else 0) | \
-                (VIRTQ_DESC_F_NEXT if i + 1 < len(bufs) else 0)
-            self.mem.write(DESC + 16 * i, struct.pack("<QIHH", addr, n, flags, i + 1))
-            addrs.append(addr)
-            addr += max(n, 1) + 15 & ~15
-        self.mem.write(AVAIL + 4 + 2 * (self.avail_idx % QSIZE), struct.pack("<H", 0))
-        self.avail_idx += 1
-        self.mem.write(AVAIL + 2, struct.pack("<H", self.avail_idx & 0xFFFF))
-        self.dev.notify(0)
-        return addrs
-
-    def used(self) -> tuple[int, int] | None:
-        """The next (head, written) in the used ring, or None when the device returned nothing."""
-        idx = struct.unpack("<H", self.mem.read(USED + 2, 2))[0]
-        if idx == self.used_seen:
-            return None
-        slot = self.used_seen % QSIZE
-        self.used_seen += 1
-        return struct.unpack("<II", self.mem.read(USED + 4 + 8 * slot, 8))
-
-    def request(self, rtype: int, sector: int = 0, out: bytes = b"",
-                inlen: int = 0) -> tuple[int, bytes]:
-        """One well-formed request: (status, data read)."""
-        bufs: list[tuple[bytes | int, bool]] = [(struct.pack("<IIQ", rtype, 0, sector), False)]
-        if out:
-            bufs.append((out, False))
-        if inlen:
-            bufs.append((inlen, True))
-        bufs.append((1, True))
-        addrs = self.submit(bufs)
-        head, written = self.used()
-        status = self.mem.read(addrs[-1], 1)[0]
-        assert head == 0 and written == (inlen + 1 if status == S_OK else 1)
-        data = self.mem.read(addrs[-2], inlen) if inlen and status == S_OK else b""
-        return status, data
 
 
 @pytest.fixture

@@ -1,0 +1,139 @@
+"""Runs inside the lab (L1): fio in an L2 guest under each VMM, timed from L1's clock.
+
+Everything lives on one tmpfs mounted here (not the 9p share): the raw disk file,
+its pristine copy, the Stellarium store, the kernel and the initramfs. Each system
+starts from the same content: the raw file is copied from the pristine one, the
+volume is a fresh clone of the one imported from it.
+
+Prints one JSON object: {"systems": {name: {"lines": [[seconds, text], ...], "exit": rc}},
+"profiles": {name: [collapsed py-spy stacks...]}, "errors": [...]}. The profiled runs of
+Volt come after the measured ones, so py-spy never competes with a measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORK = Path("/var/tmp/blkbench")
+GUEST_MIB = 512
+CMDLINE = "console=ttyS0 panic=-1 quiet"
+
+
+def run_vmm(argv: list[str], timeout: float, profile_out: Path | None = None,
+            py_spy: str = "") -> tuple[list[tuple[float, str]], int, str]:
+    """Run a VMM; each console line with the L1 monotonic time it arrived."""
+    errf = open(WORK / "vmm.stderr", "w+b")       # a file: a chatty VMM never blocks on it
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errf,
+                            stdin=subprocess.DEVNULL)
+    spy = None
+    if profile_out is not None:
+        spy = subprocess.Popen([py_spy, "record", "--pid", str(proc.pid), "--format", "raw",
+                                "--threads", "--idle", "--nonblocking", "--rate", "100",
+                                "-o", str(profile_out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lines: list[tuple[float, str]] = []
+    buf = b""
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            lines.append((time.monotonic(), "BENCH-TIMEOUT"))
+            break
+        r, _, _ = select.select([fd], [], [], min(left, 5))
+        if not r:
+            continue
+        chunk = os.read(fd, 65536)
+        now = time.monotonic()
+        if not chunk:
+            break
+        buf += chunk
+        *done, buf = buf.split(b"\n")
+        for ln in done:
+            text = ln.decode(errors="replace").rstrip("\r")
+            lines.append((now, text))
+            if text.startswith("BENCH-"):
+                print(f"{now:10.3f} {text}", file=sys.stderr, flush=True)   # progress
+    rc = proc.wait(timeout=60)
+    errf.seek(0)
+    err = errf.read().decode(errors="replace")
+    errf.close()
+    if spy is not None:
+        spy.wait(timeout=120)
+    return lines, rc, err[-2000:]
+
+
+def stellar(cfg: Path, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "stellarium_core", "--config", str(cfg), *args],
+                   check=True, capture_output=True, timeout=900)
+
+
+def main() -> int:
+    volt, kernel, initrd, size_mib, ops, profile, py_spy, timeout = sys.argv[1:9]
+    size_mib_i = int(size_mib)
+    WORK.mkdir(parents=True, exist_ok=True)
+    tmpfs_mib = 3 * size_mib_i + 512
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={tmpfs_mib}m", "tmpfs", str(WORK)],
+                   check=True)
+    k, i = WORK / "kernel", WORK / "initrd"
+    shutil.copy(kernel, k)
+    shutil.copy(initrd, i)
+    pristine, raw = WORK / "pristine.raw", WORK / "disk.raw"
+    with open(pristine, "wb") as f:
+        for _ in range(size_mib_i):
+            f.write(os.urandom(1 << 20))
+    cfg = WORK / "host.toml"
+    cfg.write_text('[store]\npath = "store"\n')
+    stellar(cfg, "host", "init")
+    stellar(cfg, "vol", "import", "bench", str(pristine))
+    cmdline = f"{CMDLINE} bench.size={size_mib} bench.ops={ops}"
+    volt_args = [volt, "run", "--kernel", str(k), "--initrd", str(i), "--mem", str(GUEST_MIB),
+                 "--cmdline", cmdline + " reboot=k"]
+    systems = {
+        "qemu-microvm": ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,"
+                         "isa-serial=on,acpi=off", "-enable-kvm", "-cpu", "host",
+                         "-m", str(GUEST_MIB), "-nodefaults", "-no-user-config", "-nographic",
+                         "-serial", "stdio", "-no-reboot",
+                         "-global", "virtio-mmio.force-legacy=false",
+                         "-drive", f"id=d0,file={raw},format=raw,if=none",
+                         "-device", "virtio-blk-device,drive=d0",
+                         "-kernel", str(k), "-initrd", str(i),
+                         "-append", cmdline + " reboot=t"],
+        "volt-blk": [*volt_args, "--device", f"virtio-blk,path={raw}"],
+        "volt-stellar": [*volt_args, "--device", f"virtio-stellar,volume=run,config={cfg}"],
+    }
+    out: dict = {"systems": {}, "profiles": {}, "errors": [], "tmpfs_mib": tmpfs_mib}
+    runs = [(name, argv, False) for name, argv in systems.items()]
+    if profile == "1":
+        runs += [(name, systems[name], True) for name in ("volt-stellar", "volt-blk")]
+    for name, argv, profiled in runs:
+        shutil.copy(pristine, raw)
+        stellar(cfg, "vol", "clone", "bench", "run")
+        spy_out = WORK / "profile.txt" if profiled else None
+        print(f"{time.monotonic():10.3f} start {name}{' (py-spy)' if profiled else ''}",
+              file=sys.stderr, flush=True)
+        lines, rc, err = run_vmm(argv, timeout=float(timeout), profile_out=spy_out,
+                                 py_spy=py_spy)
+        stellar(cfg, "vol", "rm", "run")
+        if rc != 0:
+            out["errors"].append(f"{name}: exit {rc}: {err}")
+        if spy_out is None:
+            out["systems"][name] = {"lines": lines, "exit": rc}
+        else:
+            out["profiles"][name] = spy_out.read_text().splitlines() if spy_out.exists() else []
+            spy_out.unlink(missing_ok=True)
+    raw.unlink()
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
