@@ -80,3 +80,43 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | memoryview, *,
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Delete a directory tree without recursion and without following symlinks.
+
+    shutil.rmtree recurses once per level (a crafted tar of a few thousand nested
+    directories makes it fail with RecursionError) and holds a descriptor per
+    level. This holds one: it descends into the first subdirectory left, and
+    climbs back through ``..`` once a directory is empty. A missing ``path`` is fine.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return
+    names: list[str] = []          # the path from ``path`` down to where fd is
+    try:
+        while True:
+            sub = None
+            with os.scandir(fd) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        sub = sub or e.name
+                    else:
+                        os.unlink(e.name, dir_fd=fd)
+            if sub is not None:
+                child = os.open(sub, flags, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                names.append(sub)
+                continue
+            if not names:
+                break
+            parent = os.open("..", flags, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            os.rmdir(names.pop(), dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(path)

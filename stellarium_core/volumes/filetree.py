@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stellarium_core.confined import ConfinedDir
 from stellarium_core.errors import StellarError
 from stellarium_core.fsutil import write_atomic
 from stellarium_core.hookspecs import Chunker, Hasher
@@ -126,6 +127,9 @@ def _check_entry(e: Entry) -> None:
         raise ManifestError(f"unknown entry type {e.type!r} for {e.path!r}")
     if e.type in ("symlink", "hardlink") and e.target is None:
         raise ManifestError(f"{e.type} {e.path!r} has no target")
+    if e.type == "hardlink" and (e.target == "." or e.target.startswith("/")
+                                 or any(p in ("", ".", "..") for p in e.target.split("/"))):
+        raise ManifestError(f"hardlink {e.path!r} has an unsafe target {e.target!r}")
     if e.type == "file" and e.pack is None and sum(n for _, n in e.chunks) != e.size:
         raise ManifestError(f"chunks of {e.path!r} do not add up to its size {e.size}")
 
@@ -362,12 +366,32 @@ class _PackCache:
         return cosmic.read_slot(self.data, e.slot, self.hasher, expect=e.hash)
 
 
+def _check_tree(entries: list[Entry]) -> None:
+    """A restorable tree: the root first, each path once, each under a directory
+    listed before it, each hardlink to a non-directory listed before it."""
+    if not entries or entries[0].path != "." or entries[0].type != "dir":
+        raise ManifestError("tree manifest does not start with its root directory")
+    kinds = {".": "dir"}
+    for e in entries[1:]:
+        if e.path in kinds:
+            raise ManifestError(f"tree manifest lists {e.path!r} twice")
+        parent = e.path.rpartition("/")[0] or "."
+        if kinds.get(parent) != "dir":
+            raise ManifestError(f"{e.path!r} is not under a directory listed before it")
+        if e.type == "hardlink" and kinds.get(e.target or "", "dir") == "dir":
+            raise ManifestError(f"hardlink {e.path!r} -> {e.target!r}: the target is not a "
+                                "file listed before it")
+        kinds[e.path] = e.type
+
+
 def restore(manifest: Manifest, store: Any, target: str | os.PathLike[str],
             hasher: Hasher) -> None:
     """Recreate the tree at ``target`` (absent or empty), contents and metadata.
 
     Every chunk is read through NEBULA (verified), packed files against their own
-    hash. Metadata is applied children-first, so directory mtimes survive.
+    hash. Every path is created beneath ``target`` and never through a symlink
+    (a manifest may come from a pull), and hardlinks must name a file inside it.
+    Metadata is applied children-first, so directory mtimes survive.
     """
     target = os.fspath(target)
     if os.path.lexists(target) and (not os.path.isdir(target) or os.listdir(target)):
@@ -376,37 +400,32 @@ def restore(manifest: Manifest, store: Any, target: str | os.PathLike[str],
         raise ManifestError(f"tree manifest was made with hasher {manifest.hasher!r}, "
                             f"this store uses {hasher.name!r}")
     entries = list(manifest)
-    if not entries or entries[0].path != "." or entries[0].type != "dir":
-        raise ManifestError("tree manifest does not start with its root directory")
+    _check_tree(entries)
     os.makedirs(target, exist_ok=True)
     packs = _PackCache(store, hasher)
-    for e in entries[1:]:
-        path = os.path.join(target, e.path)
-        if e.type == "dir":
-            os.mkdir(path, 0o700)
-        elif e.type == "file":
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with open(fd, "wb") as fh:
-                if e.pack is not None:
-                    fh.write(packs.read(e))
-                for digest, _ in e.chunks:
-                    fh.write(store.get(digest))
-        elif e.type == "symlink":
-            os.symlink(e.target, path)
-        elif e.type == "hardlink":
-            os.link(os.path.join(target, e.target), path, follow_symlinks=False)
-        else:
-            os.mknod(path, TYPE_BITS[e.type] | 0o600, e.rdev or 0)
-    for e in reversed(entries):
-        if e.type == "hardlink":
-            continue
-        path = os.path.join(target, e.path)
-        os.chown(path, e.uid, e.gid, follow_symlinks=False)
-        if e.type != "symlink":
-            os.chmod(path, e.mode)  # after chown, which clears set-id bits
-        for k, v in e.xattrs.items():
-            os.setxattr(path, k, v, follow_symlinks=False)
-        os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+    with ConfinedDir(target) as root:
+        for e in entries[1:]:
+            if e.type == "dir":
+                root.mkdir(e.path)
+            elif e.type == "file":
+                with open(root.create(e.path), "wb") as fh:
+                    if e.pack is not None:
+                        fh.write(packs.read(e))
+                    for digest, _ in e.chunks:
+                        fh.write(store.get(digest))
+            elif e.type == "symlink":
+                assert e.target is not None
+                root.symlink(e.target, e.path)
+            elif e.type == "hardlink":
+                assert e.target is not None
+                root.link(e.target, e.path)
+            else:
+                root.mknod(e.path, TYPE_BITS[e.type] | 0o600, e.rdev or 0)
+        for e in reversed(entries):
+            if e.type != "hardlink":
+                root.set_attrs(e.path, uid=e.uid, gid=e.gid,
+                               mode=None if e.type == "symlink" else e.mode,
+                               mtime_ns=e.mtime_ns, xattrs=e.xattrs)
 
 
 # -- stacking ---------------------------------------------------------------------
