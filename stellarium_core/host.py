@@ -92,7 +92,7 @@ class Host:
 
 
 #: Top-level directories of a store; each subsystem owns one.
-STORE_DIRS = ("nebula", "volumes", "images", "kernels", "tiers")
+STORE_DIRS = ("nebula", "volumes", "images", "records", "tiers")
 STORE_META = "stellarium.json"
 
 

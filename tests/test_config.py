@@ -137,7 +137,7 @@ def test_host_init_creates_layout_and_show_fills_defaults(tmp_path: Path) -> Non
     proc = run_cli(["--config", path, "host", "init"])
     assert proc.returncode == 0, proc.stderr
     store = tmp_path / "store"
-    assert {p.name for p in store.iterdir()} >= {"nebula", "volumes", "images", "kernels",
+    assert {p.name for p in store.iterdir()} >= {"nebula", "volumes", "images", "records",
                                                    "stellarium.json"}
     shown = json.loads(run_cli(["--config", path, "host", "show", "--json"]).stdout)
     assert shown["chunker"]["params"] == {"min_size": 16384, "avg_size": 32768,

@@ -16,20 +16,23 @@ import os
 import shutil
 import stat
 import tarfile
-import tempfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from stellarium_core.confined import ConfinedDir, UnsafePathError
 from stellarium_core.distribution.images import ImageError, ImageManifest, ImageStore, check_name
 from stellarium_core.errors import UsageError
-from stellarium_core.fsutil import remove_tree
+from stellarium_core.fsutil import claim, remove_tree, sweep_unclaimed
 from stellarium_core.hookspecs import Chunker, Hasher
+from stellarium_core.nebula.pending import RefJournal
 from stellarium_core.volumes import filetree
 
 _OCI_CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User")
+#: Prefix of scratch trees under ``<store>/images`` (``stellar gc`` sweeps dead ones too).
+SCRATCH = ".import-"
 #: Index, manifest and config documents are small; a bigger one is not what it claims.
 MAX_JSON = 16 << 20
 
@@ -107,54 +110,73 @@ class Importer:
 
     def __init__(self, images: ImageStore, chunker: Chunker, hasher: Hasher) -> None:
         self.images, self.chunker, self.hasher = images, chunker, hasher
+        self._journal: RefJournal | None = None  # the running import's, see import_path
 
-    def _scratch(self) -> str:
-        return tempfile.mkdtemp(prefix=".import-", dir=self.images.root)
+    @contextmanager
+    def _scratch(self) -> Iterator[str]:
+        """A scratch tree, claimed while in use (see :func:`fsutil.claim`)."""
+        path, fd = claim(self.images.root, SCRATCH, directory=True)
+        try:
+            yield str(path)
+        finally:
+            remove_tree(path)
+            os.close(fd)
 
     def _capture(self, root: str) -> filetree.Manifest:
-        return filetree.capture(root, self.images.store, self.chunker, self.hasher)
+        return filetree.capture(root, self.images.store, self.chunker, self.hasher,
+                                journal=self._journal)
 
     def _capture_tar(self, tarball: str | os.PathLike[str] | BinaryIO) -> filetree.Manifest:
-        scratch = self._scratch()
-        try:
+        with self._scratch() as scratch:
             _unpack(tarball, scratch)
             os.chmod(scratch, 0o755)
             return self._capture(scratch)
-        finally:
-            remove_tree(scratch)
-
-    def _bind(self, name: str, layers: list[filetree.Manifest],
-              config: dict[str, Any]) -> bytes:
-        with self.images.locked():
-            digests = [self.images.add_captured(m) for m in layers]
-            return self.images.bind(name, ImageManifest(digests, self.hasher.name, config))
 
     def import_path(self, source: str | os.PathLike[str], name: str) -> bytes:
-        """Import whatever ``source`` is; returns the image manifest digest."""
+        """Import whatever ``source`` is; returns the image manifest digest.
+
+        Layers are captured first, their references journaled (so a killed
+        import leaks nothing ``gc`` cannot release); the journal is dropped just
+        before the layer manifests take the references over and the name is bound.
+        """
         check_name(name)
-        src = Path(source)
-        if src.is_dir():
+        sweep_unclaimed(self.images.root, SCRATCH)  # what killed imports left
+        with self.images.store.pending() as journal:
+            self._journal = journal
+            try:
+                layers, config = self._layers(Path(source))
+            finally:
+                self._journal = None
+            journal.settle()
+            with self.images.locked():
+                digests = [self.images.add_captured(m) for m in layers]
+                return self.images.bind(name, ImageManifest(digests, self.hasher.name, config))
+
+    def _layers(self, src: Path) -> tuple[list[filetree.Manifest], dict[str, Any]]:
+        """The captured layers of ``src`` (bottom first) and its run config."""
+        try:
+            st = src.stat()
+        except FileNotFoundError:
+            raise UsageError(f"{src}: no such file or directory") from None
+        if stat.S_ISDIR(st.st_mode):
             if (src / "oci-layout").exists() and (src / "index.json").exists():
                 with ConfinedDir(src) as layout:
-                    return self._import_oci(layout, name)
-            return self._bind(name, [self._capture(str(src))], {})
-        if not src.is_file():
-            raise UsageError(f"{src}: no such file or directory")
+                    return self._oci(layout)
+            return [self._capture(str(src))], {}
+        if not stat.S_ISREG(st.st_mode):
+            kind = _KIND_NAMES.get(stat.S_IFMT(st.st_mode), "special file")
+            raise UsageError(f"{src} is a {kind}, not a directory or a tar archive")
         if not tarfile.is_tarfile(src):
             raise UsageError(f"{src}: not a directory or a tar archive")
         with tarfile.open(src, "r:*") as tar:
             top = set(tar.getnames())
         if "manifest.json" in top or "./manifest.json" in top or "oci-layout" in top:
-            scratch = self._scratch()
-            try:
+            with self._scratch() as scratch, ConfinedDir(scratch) as archive:
                 _unpack(src, scratch)
-                with ConfinedDir(scratch) as archive:
-                    if (Path(scratch) / "oci-layout").exists():
-                        return self._import_oci(archive, name)
-                    return self._import_docker(archive, name)
-            finally:
-                remove_tree(scratch)
-        return self._bind(name, [self._capture_tar(src)], {})
+                if (Path(scratch) / "oci-layout").exists():
+                    return self._oci(archive)
+                return self._docker(archive)
+        return [self._capture_tar(src)], {}
 
     # -- OCI and docker-save ---------------------------------------------------------
     # Every path these formats name (index, manifest, config, layers) is opened
@@ -202,47 +224,92 @@ class Importer:
     def _blob_json(self, layout: ConfinedDir, digest: str) -> Any:
         return self._load_json(self._blob(layout, digest), f"OCI blob {digest}")
 
-    def _import_oci(self, layout: ConfinedDir, name: str) -> bytes:
+    def _oci(self, layout: ConfinedDir) -> tuple[list[filetree.Manifest], dict[str, Any]]:
         index = self._json(layout, "index.json", "OCI index")
-        manifests = index.get("manifests") or []
+        manifests = _field(index, "manifests", list, "OCI index.json", [])
         if not manifests:
             raise ImageError(f"{layout.path}/index.json lists no image")
-        desc = manifests[0]
-        man = self._blob_json(layout, desc["digest"])
+        man = self._blob_json(layout, _digest(manifests[0], "OCI index.json manifest"))
         if "manifests" in man:  # an image index: take the first (platform) manifest
-            man = self._blob_json(layout, man["manifests"][0]["digest"])
-        for layer in man.get("layers", []):
-            if "zstd" in layer.get("mediaType", ""):
-                raise ImageError(f"layer {layer['digest']}: zstd layers are not supported")
-        config = self._blob_json(layout, man["config"]["digest"])
-        return self._import_layers(
-            [lambda d=layer["digest"]: self._blob(layout, d) for layer in man.get("layers", [])],
-            config.get("config") or {}, name)
+            platforms = _field(man, "manifests", list, "OCI image index")
+            if not platforms:
+                raise ImageError("OCI image index lists no manifest")
+            man = self._blob_json(layout, _digest(platforms[0], "OCI image index entry"))
+        layers = _field(man, "layers", list, "OCI manifest", [])
+        for layer in layers:
+            if "zstd" in _field(layer, "mediaType", str, "OCI layer descriptor", ""):
+                raise ImageError(f"layer {_digest(layer, 'OCI layer')}: zstd layers are not "
+                                 "supported")
+        config = self._blob_json(layout, _digest(_field(man, "config", dict, "OCI manifest"),
+                                                 "OCI config descriptor"))
+        return self._capture_layers(
+            [lambda d=_digest(layer, "OCI layer"): self._blob(layout, d) for layer in layers],
+            config)
 
-    def _import_docker(self, root: ConfinedDir, name: str) -> bytes:
+    def _docker(self, root: ConfinedDir) -> tuple[list[filetree.Manifest], dict[str, Any]]:
         manifest = self._json(root, "manifest.json", "docker-save manifest")
         if not isinstance(manifest, list) or not manifest:
             raise ImageError("docker-save manifest.json lists no image")
         entry = manifest[0]
-        config = self._json(root, entry["Config"], "docker-save config")
-        layers = entry.get("Layers", [])
-        return self._import_layers(
+        config = self._json(root, _field(entry, "Config", str, "docker-save manifest entry"),
+                            "docker-save config")
+        layers = _field(entry, "Layers", list, "docker-save manifest entry", [])
+        if not all(isinstance(rel, str) for rel in layers):
+            raise ImageError("docker-save manifest entry: 'Layers' must list paths (strings)")
+        return self._capture_layers(
             [lambda rel=rel: self._open(root, rel, "docker-save layer") for rel in layers],
-            config.get("config") or {}, name)
+            config)
 
-    def _import_layers(self, layers: list[Callable[[], BinaryIO]], config: dict[str, Any],
-                       name: str) -> bytes:
-        """Capture each layer (opened one at a time) and bind them as ``name``."""
+    def _capture_layers(self, layers: list[Callable[[], BinaryIO]],
+                        config: Any) -> tuple[list[filetree.Manifest], dict[str, Any]]:
+        """Capture each layer (opened one at a time); the run config's kept keys."""
         if not layers:
             raise ImageError("the image has no layers")
+        run = _field(config, "config", dict, "image config", None) or {}
+        keep = {k: run[k] for k in _OCI_CONFIG_KEYS if run.get(k)}
+        for k, v in keep.items():
+            ok = isinstance(v, str) if k in ("WorkingDir", "User") else (
+                isinstance(v, list) and all(isinstance(x, str) for x in v))
+            if not ok:
+                raise ImageError(f"image config: {k!r} has the wrong type "
+                                 f"({type(v).__name__}: {v!r:.80})")
         captured: list[filetree.Manifest] = []
         try:
             for open_layer in layers:
                 with open_layer() as fh:
                     captured.append(self._capture_tar(fh))
         except BaseException:
+            if self._journal is not None:
+                self._journal.settle()  # first: a crash now leaks, never releases twice
             for m in captured:
                 filetree.release(m, self.images.store)
             raise
-        keep = {k: config[k] for k in _OCI_CONFIG_KEYS if config.get(k)}
-        return self._bind(name, captured, keep)
+        return captured, keep
+
+
+_REQUIRED = object()
+_KIND_NAMES = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device",
+               stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket"}
+
+
+def _field(doc: Any, key: str, kind: type, what: str, default: Any = _REQUIRED) -> Any:
+    """``doc[key]`` of the JSON type ``kind`` (or ``default`` when absent or null);
+    anything else is one ImageError naming the document and the key."""
+    if not isinstance(doc, dict):
+        raise ImageError(f"{what} is not a JSON object ({type(doc).__name__})")
+    value = doc.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ImageError(f"{what} has no {key!r}")
+        return default
+    if not isinstance(value, kind):
+        raise ImageError(f"{what}: {key!r} must be a JSON {_JSON_NAMES[kind]}, got "
+                         f"{type(value).__name__} {value!r:.60}")
+    return value
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string"}
+
+
+def _digest(descriptor: Any, what: str) -> str:
+    return _field(descriptor, "digest", str, what)

@@ -102,8 +102,9 @@ class Puller:
         return check
 
     def _manifest(self, digest: bytes) -> bytes:
-        if self.images.has(digest):
-            return self.images.read_bytes(digest)
+        kept = self.images.intact(digest)
+        if kept is not None:
+            return kept
         return self.fetcher.get(f"manifests/{digest.hex()}.json", self._verified(digest),
                                 limit=MAX_MANIFEST)
 
@@ -154,8 +155,8 @@ class Puller:
                 raise ImageError(f"image {digest.hex()} is hashed with {image.hasher!r}; "
                                  f"this store uses {self.hasher.name!r}")
             new_layers: dict[bytes, filetree.Manifest] = {}
-            for ld in image.layers:
-                if not self.images.has(ld) and ld not in new_layers:
+            for ld in image.layers:  # missing, or kept but damaged since (rewritten)
+                if self.images.intact(ld) is None and ld not in new_layers:
                     new_layers[ld] = filetree.Manifest.decode(self._manifest(ld))
         except ManifestError as exc:
             raise ImageError(f"{self.fetcher.base_url}: {exc}") from None

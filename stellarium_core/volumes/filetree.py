@@ -4,7 +4,7 @@ Public API (what image layers and Voltainer build on)::
 
     m = capture(root, store, chunker, hasher)       -> Manifest (chunks put into NEBULA)
     capture(upper, ..., overlay_upper=True)         -> an overlayfs upper dir as an OCI layer
-    digest = save(m, directory, hasher)             -> digest of the canonical JSON bytes
+    digest = save(m, directory, hasher, store, held=True) -> digest; the file holds m's refs
     m = load(path_or_bytes)                         -> Manifest (ManifestError when damaged)
     restore(m, store, target, hasher)               -> byte- and metadata-identical tree
     for e in m: ...                                 -> Entry, parents before children
@@ -40,8 +40,9 @@ from typing import Any
 
 from stellarium_core.confined import ConfinedDir
 from stellarium_core.errors import StellarError
-from stellarium_core.fsutil import write_atomic
+from stellarium_core.fsutil import claim, remove_tree, sweep_unclaimed, write_atomic
 from stellarium_core.hookspecs import Chunker, Hasher
+from stellarium_core.nebula.pending import RefJournal
 from stellarium_core.nebula.store import align
 from stellarium_core.volumes import cosmic
 from stellarium_core.volumes.tinyvol import ManifestError
@@ -143,16 +144,24 @@ def canonical_json(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
+def parse_json(data: bytes, what: str) -> Any:
+    """JSON from an untrusted source; anything else (truncated, not JSON, nested
+    deeper than the parser's stack) is a ManifestError naming ``what``."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{what} is truncated or corrupt: {exc}") from None
+    except RecursionError:
+        raise ManifestError(f"{what} is nested too deeply to be a manifest") from None
+
+
 def parse_document(data: bytes, fmt: str, version: int, what: str) -> dict[str, Any]:
     """The JSON object in ``data`` if it is a ``fmt`` document of ``version``.
 
     Anything else (truncated, not JSON, another format or version) is a
     ManifestError naming ``what``, never a JSON or attribute error.
     """
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{what} is truncated or corrupt: {exc}") from None
+    doc = parse_json(data, what)
     if not isinstance(doc, dict) or doc.get("format") != fmt:
         raise ManifestError(f"not a Stellarium {what}")
     if doc.get("version") != version:
@@ -219,14 +228,16 @@ def _walk(root: str, rel: str = ".") -> Iterator[tuple[str, str]]:
 
 
 def capture(root: str | os.PathLike[str], store: Any, chunker: Chunker, hasher: Hasher,
-            *, cosmic_packs: bool = True, overlay_upper: bool = False) -> Manifest:
+            *, cosmic_packs: bool = True, overlay_upper: bool = False,
+            journal: RefJournal | None = None) -> Manifest:
     """Store the tree at ``root`` in NEBULA and return its manifest.
 
     Files under 4 KiB go into Cosmic Packs unless ``cosmic_packs`` is False, in
     which case every file is chunked alone. With ``overlay_upper`` the tree is an
     overlayfs upper directory (a container's writes) and its whiteouts become OCI
     ones: a 0/0 character device NAME becomes ``.wh.NAME``, and a directory marked
-    ``trusted.overlay.opaque=y`` gets a ``.wh..wh..opq`` entry.
+    ``trusted.overlay.opaque=y`` gets a ``.wh..wh..opq`` entry. The references
+    taken are recorded in ``journal`` (if given) until the caller keeps them.
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
@@ -234,7 +245,7 @@ def capture(root: str | os.PathLike[str], store: Any, chunker: Chunker, hasher: 
     inodes: dict[tuple[int, int], str] = {}
     entries: list[Entry] = []
     pending: list[tuple[Entry, cosmic.PackSlot]] = []
-    with store.batch() as batch:  # one durable commit per 64 MiB, not per file
+    with store.batch(journal=journal) as batch:  # one durable commit per 64 MiB
         packer = cosmic.Packer(batch, hasher)
         for rel, path in _walk(root):
             st = os.lstat(path)
@@ -322,13 +333,39 @@ def footprint(manifest: Manifest, store: Any) -> dict[str, int]:
             "aligned_bytes": sum(align(n) for n in sizes.values())}
 
 
-def save(manifest: Manifest, directory: str | os.PathLike[str], hasher: Hasher) -> bytes:
-    """Write ``<directory>/<digest>.json`` atomically; returns the digest."""
+def save(manifest: Manifest, directory: str | os.PathLike[str], hasher: Hasher, store: Any,
+         *, held: bool) -> bytes:
+    """Keep ``<directory>/<digest>.json``, holding the manifest's references once.
+
+    ``held``: the caller already holds one set (:func:`capture` took them), else
+    they are taken here, before the file is written. A file already there holds
+    its set (even when damaged: its references were taken when it was written),
+    so a held set is given back, and a damaged file is rewritten with the
+    right bytes. Returns the digest.
+    """
     data = manifest.encode()
     digest = hasher.digest(data)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    write_atomic(d / f"{digest.hex()}.json", data)
+    path = d / f"{digest.hex()}.json"
+    try:
+        present = path.read_bytes()
+    except FileNotFoundError:
+        if not held:
+            store.ref_many(references(manifest))
+        try:
+            write_atomic(path, data, exclusive=True)
+        except FileExistsError:  # kept by someone else meanwhile
+            release(manifest, store)
+        except BaseException:
+            if not held:
+                release(manifest, store)
+            raise
+        return digest
+    if held:
+        release(manifest, store)
+    if present != data:
+        write_atomic(path, data)
     return digest
 
 
@@ -391,9 +428,18 @@ def restore(manifest: Manifest, store: Any, target: str | os.PathLike[str],
     Every chunk is read through NEBULA (verified), packed files against their own
     hash. Every path is created beneath ``target`` and never through a symlink
     (a manifest may come from a pull), and hardlinks must name a file inside it.
-    Metadata is applied children-first, so directory mtimes survive.
+    Metadata is applied children-first, so directory mtimes survive. The tree
+    appears at ``target`` only once complete.
     """
-    target = os.fspath(target)
+    target = os.path.abspath(target)
+    # Built under a claimed name and moved into place when complete, so a failed
+    # or killed restore never leaves a partial tree at the target: beside it and
+    # renamed, or, when the target is a mount point, inside it and moved in.
+    mounted = os.path.ismount(target)
+    parent = target if mounted else os.path.dirname(target)
+    prefix = ".restore-" if mounted else f".{os.path.basename(target)}.restore-"
+    if os.path.isdir(parent):
+        sweep_unclaimed(parent, prefix)
     if os.path.lexists(target) and (not os.path.isdir(target) or os.listdir(target)):
         raise StellarError(f"restore target {target} exists and is not an empty directory")
     if manifest.hasher != hasher.name:
@@ -401,7 +447,28 @@ def restore(manifest: Manifest, store: Any, target: str | os.PathLike[str],
                             f"this store uses {hasher.name!r}")
     entries = list(manifest)
     _check_tree(entries)
-    os.makedirs(target, exist_ok=True)
+    os.makedirs(parent, exist_ok=True)
+    work, fd = claim(parent, prefix, directory=True)
+    try:
+        _restore_into(entries, store, work, hasher)
+        if not mounted:
+            os.rename(work, target)
+            return
+        for name in os.listdir(work):
+            os.rename(work / name, os.path.join(target, name))
+        os.rmdir(work)
+        root = entries[0]
+        with ConfinedDir(target) as top:
+            top.set_attrs(".", uid=root.uid, gid=root.gid, mode=root.mode,
+                          mtime_ns=root.mtime_ns, xattrs=root.xattrs)
+    except BaseException:
+        remove_tree(work)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _restore_into(entries: list[Entry], store: Any, target: Path, hasher: Hasher) -> None:
     packs = _PackCache(store, hasher)
     with ConfinedDir(target) as root:
         for e in entries[1:]:

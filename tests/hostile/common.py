@@ -8,8 +8,10 @@ import hashlib
 import io
 import os
 import stat
+import sys
 import tarfile
 import tempfile
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +20,7 @@ from hypothesis import HealthCheck, settings
 
 from stellarium_core.distribution import ImageStore, Importer
 from stellarium_core.hashing import Blake3Hasher
+from stellarium_core.host import Host, init_store
 from stellarium_core.nebula import ChunkStore
 from stellarium_core.plugins import Registry
 
@@ -116,3 +119,58 @@ def leftovers(root: Path) -> list[str]:
     """Scratch or temporary names an operation left in ``root`` (recursively)."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")
                   if p.name.startswith(".import-") or p.name.endswith(".tmp"))
+
+
+def new_host(cfg: Path) -> None:
+    """A host config at ``cfg`` with its store beside it, initialised in-process."""
+    cfg.write_text('[store]\npath = "store"\n')
+    init_store(Host.from_config(cfg))
+
+
+@contextmanager
+def open_host(cfg: Path) -> Iterator[Host]:
+    """A Host for ``cfg``; its store (if opened) is closed afterwards, so the next
+    phase of a test (or ``fsck --repair``) finds the store to itself."""
+    host = Host.from_config(cfg)
+    try:
+        yield host
+    finally:
+        if "store" in host.__dict__:
+            host.store.close()
+
+
+TRACEBACK = 99  # the exit code :func:`stellar` reports when an exception escaped the CLI
+
+
+def stellar(*args: object) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the ``stellar`` CLI run in a forked child.
+
+    Isolated like a subprocess (the child's open store dies with it) and fast
+    like a call, so generated tests can run many commands. An exception that
+    escapes the CLI, which a user would see as a traceback, exits TRACEBACK.
+    """
+    from stellarium_core.cli import main
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = TRACEBACK
+        try:
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), line_buffering=True)
+            sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), line_buffering=True)
+            code = main([str(a) for a in args])
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(out_w)
+    os.close(err_w)
+    with os.fdopen(out_r, "rb") as o, os.fdopen(err_r, "rb") as e:
+        out, err = o.read(), e.read()  # small outputs: no pipe fills up before exit
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out.decode(), err.decode()
