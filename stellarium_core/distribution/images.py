@@ -113,7 +113,7 @@ class ImageStore:
             doc = json.loads((self.root / "index.json").read_text())
         except FileNotFoundError:
             return {}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ImageError(f"{self.root / 'index.json'} is corrupt: {exc}") from None
         images = doc.get("images", {}) if isinstance(doc, dict) else None
         if not isinstance(images, dict) or not all(

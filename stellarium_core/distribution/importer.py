@@ -77,10 +77,16 @@ def _unpack(tarball: str | os.PathLike[str] | BinaryIO, dest: str) -> None:
               else tarfile.open(fileobj=tarball, mode="r:*")) as tar, \
                 ConfinedDir(dest, make_parents=True) as root:
             attrs: dict[str, tarfile.TarInfo] = {}
+            # The tree is captured from here by path, so no path may outgrow the system's.
+            room = os.pathconf(dest, "PC_PATH_MAX") - len(os.fsencode(dest)) - 2
             for m in tar:
                 rel = _relative(m.name, "tar member")
                 if rel == ".":
                     continue
+                if len(os.fsencode(rel)) > room:
+                    raise ImageError(f"{what}: tar member {m.name[:60]!r}... is a path of "
+                                     f"{len(os.fsencode(rel))} bytes, nested deeper than a "
+                                     f"path can reach here ({room} bytes)")
                 try:
                     if _extract(tar, m, rel, root):
                         attrs[rel] = m

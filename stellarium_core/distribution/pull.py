@@ -30,11 +30,10 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from stellarium_core.distribution.fetch import Fetcher, FetchError, FetchPolicy
+from stellarium_core.distribution.fetch import Fetcher, FetchError, FetchPolicy, split_url
 from stellarium_core.distribution.images import (
     ImageError,
     ImageManifest,
@@ -67,8 +66,7 @@ class PullResult:
 
 def parse_url(url: str) -> tuple[str, str | None, bytes | None]:
     """``BASE/manifests/<hex>.json`` (pinned) or ``BASE/tags/<name>`` -> (base, tag, digest)."""
-    if urlsplit(url).scheme not in ("http", "https"):
-        raise UsageError(f"not an http(s) URL: {url!r}")
+    split_url(url)
     m = _MANIFEST_URL.match(url)
     if m:
         return m["base"], None, bytes.fromhex(m["hex"])

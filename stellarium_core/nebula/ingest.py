@@ -146,10 +146,10 @@ def load_manifest(store: ChunkStore, digest: bytes) -> dict[str, Any]:
     """The manifest an ingest recorded (parts reassembled)."""
     try:
         doc = json.loads(store.get(digest))
-    except ValueError:
+        if isinstance(doc, dict) and doc.get("format") == PARTS_FORMAT:
+            doc = json.loads(b"".join(store.get(bytes.fromhex(h)) for h, _ in doc["parts"]))
+    except (ValueError, TypeError, KeyError, RecursionError):
         raise ChunkError(f"chunk {digest.hex()} is not an ingest manifest") from None
-    if isinstance(doc, dict) and doc.get("format") == PARTS_FORMAT:
-        doc = json.loads(b"".join(store.get(bytes.fromhex(h)) for h, _ in doc["parts"]))
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ChunkError(f"chunk {digest.hex()} is not an ingest manifest")
     return doc

@@ -44,6 +44,7 @@ from stellarium_core.fsutil import claim, remove_tree, sweep_unclaimed, write_at
 from stellarium_core.hookspecs import Chunker, Hasher
 from stellarium_core.nebula.pending import RefJournal
 from stellarium_core.nebula.store import align
+from stellarium_core.nebula.table import MAX_LEN
 from stellarium_core.volumes import cosmic
 from stellarium_core.volumes.tinyvol import ManifestError
 
@@ -60,6 +61,9 @@ _TYPES = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink",
 #: Entry type -> the S_IFMT bits of its inode (for mknod on restore, and views of the tree).
 TYPE_BITS = {v: k for k, v in _TYPES.items()}
 _KINDS = set(_TYPES.values()) | {"hardlink"}
+_ID_MAX = (1 << 32) - 2          # uid/gid -1 means "unchanged" to chown
+_INT64_MAX = (1 << 63) - 1
+_DEV_MAX = (1 << 64) - 1
 
 
 @dataclass
@@ -109,7 +113,7 @@ class Entry:
                     pack=bytes.fromhex(d["pack"]) if "pack" in d else None,
                     slot=d.get("slot"), hash=bytes.fromhex(d["hash"]) if "hash" in d else None,
                     target=d.get("target"), rdev=d.get("rdev"))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ManifestError(f"bad tree manifest entry {d!r:.120}: {exc!r}") from None
         _check_entry(e)
         return e
@@ -122,8 +126,21 @@ def _check_entry(e: Entry) -> None:
             or not isinstance(e.rdev, int | None)):
         raise ManifestError(f"tree manifest entry {e.path!r:.80} has a field of the wrong type")
     parts = e.path.split("/")
-    if e.path != "." and (e.path.startswith("/") or any(p in ("", ".", "..") for p in parts)):
+    if e.path != "." and (e.path.startswith("/") or any(p in ("", ".", "..") for p in parts)
+                          or "\0" in e.path):
         raise ManifestError(f"unsafe path {e.path!r} in tree manifest")
+    numbers = [("mode", e.mode, 0o7777), ("uid", e.uid, _ID_MAX), ("gid", e.gid, _ID_MAX),
+               ("size", e.size, _INT64_MAX), ("slot", e.slot or 0, _ID_MAX),
+               ("rdev", e.rdev or 0, _DEV_MAX)]
+    numbers += [("chunk length", n, MAX_LEN) for _, n in e.chunks]
+    for name, value, top in numbers:
+        if not 0 <= value <= top:
+            raise ManifestError(f"{e.path!r}: {name} {value} is outside 0..{top}")
+    if not -_INT64_MAX <= e.mtime_ns <= _INT64_MAX:
+        raise ManifestError(f"{e.path!r}: mtime_ns {e.mtime_ns} is out of range")
+    if (e.target is not None and "\0" in e.target) or not all(
+            isinstance(k, str) and k and "\0" not in k for k in e.xattrs):
+        raise ManifestError(f"{e.path!r}: a link target or xattr name holds a NUL byte")
     if e.type not in _KINDS:
         raise ManifestError(f"unknown entry type {e.type!r} for {e.path!r}")
     if e.type in ("symlink", "hardlink") and e.target is None:
@@ -213,18 +230,30 @@ def _xattrs(path: str) -> dict[str, bytes]:
     return {n: os.getxattr(path, n, follow_symlinks=False) for n in sorted(names)}
 
 
-def _walk(root: str, rel: str = ".") -> Iterator[tuple[str, str]]:
-    """(relative path, absolute path) parents-first, names in sorted order."""
-    yield rel, root
-    with os.scandir(root) as it:
-        names = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
-    for name, is_dir in names:
-        child_rel = name if rel == "." else f"{rel}/{name}"
-        child = os.path.join(root, name)
-        if is_dir:
-            yield from _walk(child, child_rel)
-        else:
+def _listing(path: str) -> Iterator[tuple[str, bool]]:
+    with os.scandir(path) as it:
+        return iter(sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it))
+
+
+def _walk(root: str) -> Iterator[tuple[str, str]]:
+    """(relative path, absolute path) parents-first, names in sorted order.
+
+    Depth-first with an explicit stack, not recursion: a crafted tar nests
+    directories thousands deep, past Python's recursion limit.
+    """
+    yield ".", root
+    stack = [(".", root, _listing(root))]
+    while stack:
+        rel, path, names = stack[-1]
+        for name, is_dir in names:
+            child_rel = name if rel == "." else f"{rel}/{name}"
+            child = os.path.join(path, name)
             yield child_rel, child
+            if is_dir:
+                stack.append((child_rel, child, _listing(child)))
+                break  # its subtree first; this directory's listing resumes after it
+        else:
+            stack.pop()
 
 
 def capture(root: str | os.PathLike[str], store: Any, chunker: Chunker, hasher: Hasher,
