@@ -6,12 +6,17 @@ filesystem, removed afterwards) and captured from there, so owners, modes,
 device nodes and xattrs go through the one capture path that also serves
 directories. Each OCI layer becomes its own tree manifest; its ``.wh.`` files
 are kept as they are and applied when layers are stacked.
+
+Archives are hostile input: every member, and every path an OCI or docker-save
+document names, is resolved beneath its root and never through a symlink
+(:mod:`stellarium_core.confined`), and every document field is type-checked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import stat
@@ -33,6 +38,8 @@ from stellarium_core.volumes import filetree
 _OCI_CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User")
 #: Prefix of scratch trees under ``<store>/images`` (``stellar gc`` sweeps dead ones too).
 SCRATCH = ".import-"
+#: What reading a truncated or corrupt (gzip, bzip2, xz) tar raises.
+_DAMAGED_ARCHIVE = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
 #: Index, manifest and config documents are small; a bigger one is not what it claims.
 MAX_JSON = 16 << 20
 
@@ -107,7 +114,7 @@ def _unpack(tarball: str | os.PathLike[str] | BinaryIO, dest: str) -> None:
                 except (OSError, ValueError, OverflowError) as exc:
                     raise ImageError(f"{what}: cannot set the attributes of {m.name!r}: "
                                      f"{getattr(exc, 'strerror', None) or exc}") from None
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
+    except _DAMAGED_ARCHIVE as exc:
         raise ImageError(f"{what}: cannot unpack: {exc}") from None
 
 
@@ -172,10 +179,13 @@ class Importer:
         if not stat.S_ISREG(st.st_mode):
             kind = _KIND_NAMES.get(stat.S_IFMT(st.st_mode), "special file")
             raise UsageError(f"{src} is a {kind}, not a directory or a tar archive")
-        if not tarfile.is_tarfile(src):
-            raise UsageError(f"{src}: not a directory or a tar archive")
-        with tarfile.open(src, "r:*") as tar:
-            top = set(tar.getnames())
+        try:
+            if not tarfile.is_tarfile(src):
+                raise UsageError(f"{src}: not a directory or a tar archive")
+            with tarfile.open(src, "r:*") as tar:
+                top = set(tar.getnames())
+        except _DAMAGED_ARCHIVE as exc:
+            raise ImageError(f"{src}: cannot read the archive: {exc}") from None
         if "manifest.json" in top or "./manifest.json" in top or "oci-layout" in top:
             with self._scratch() as scratch, ConfinedDir(scratch) as archive:
                 _unpack(src, scratch)

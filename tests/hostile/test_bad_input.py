@@ -4,10 +4,12 @@ never a traceback, a hang or unbounded work."""
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import socket
 import subprocess
@@ -101,6 +103,34 @@ def test_json_nested_deeper_than_the_parser_is_a_manifest_error(tmp_path):
     deep.write_text("[" * 100_000 + "]" * 100_000)
     err = one_line(run_cli(["--config", cfg, "tree", "restore", deep, tmp_path / "t"]), 1)
     assert "nested too deeply" in err
+
+
+# -- damaged archives ---------------------------------------------------------------------
+
+
+@HOSTILE
+@given(packer=st.sampled_from(["", "gz", "bz2", "xz"]), how=st.sampled_from(["truncate", "flip"]),
+       where=st.floats(0, 1), xor=st.integers(1, 255))
+def test_a_damaged_tarball_is_an_image_error(packer, how, where, xor):
+    data = tar_of([("etc", "dir", None, 0o755)] + [
+        (f"etc/f{i}", "file", bytes([i]) * 3000, 0o644) for i in range(8)], Path("/"))
+    pack = {"": bytes, "gz": lambda d: gzip.compress(d, mtime=0), "bz2": bz2.compress,
+            "xz": lzma.compress}[packer]
+    data = bytearray(pack(data))
+    at = int(where * (len(data) - 1))
+    if how == "truncate":
+        del data[at:]
+    else:
+        data[at] ^= xor
+    with sandbox() as tmp:
+        t = tmp / "layer.tar"
+        t.write_bytes(bytes(data))
+        with image_store(tmp / "store") as images:
+            try:
+                importer(images).import_path(t, "x")
+            except (ImageError, UsageError):
+                assert images.index() == {}
+            assert leftovers(tmp / "store") == []
 
 
 # -- wrongly typed OCI and docker-save fields ---------------------------------------------

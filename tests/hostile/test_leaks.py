@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import new_store, run_cli
+from tests.helpers import new_store, run_cli, tmpfs
 from tests.helpers import stellar_json as stellar
 
 #: Bigger than one NEBULA batch (64 MiB), so an operation commits, journals, and is
@@ -112,13 +112,17 @@ def test_gc_leaves_a_live_ingest_alone(tmp_path):
     fsck_clean(cfg)
 
 
-def test_killed_image_import_leaves_nothing_after_gc(tmp_path):
-    cfg = new_store(tmp_path / "h")
-    store = tmp_path / "h" / "store"
-    tar = tmp_path / "rootfs.tar"
+def start_import(tmp: Path) -> tuple[Path, Path, subprocess.Popen]:
+    """(config, store, process) of `stellar image import` of a big rootfs tar."""
+    cfg = new_store(tmp / "h")
+    tar = tmp / "rootfs.tar"
     with tarfile.open(tar, "w") as t:
-        t.add(big_files(tmp_path / "tree"), arcname="data")
-    p = start(cfg, "image", "import", tar, "img")
+        t.add(big_files(tmp / "tree"), arcname="data")
+    return cfg, tmp / "h" / "store", start(cfg, "image", "import", tar, "img")
+
+
+def test_killed_image_import_leaves_nothing_after_gc(tmp_path):
+    cfg, store, p = start_import(tmp_path)
     wait_for("a journaled batch", journaled(store), p)
     kill(p)
     assert list((store / "images").glob(".import-*"))   # what the kill left
@@ -130,12 +134,7 @@ def test_killed_image_import_leaves_nothing_after_gc(tmp_path):
 
 
 def test_scratch_of_an_import_killed_while_unpacking_is_swept_by_the_next(tmp_path):
-    cfg = new_store(tmp_path / "h")
-    store = tmp_path / "h" / "store"
-    tar = tmp_path / "rootfs.tar"
-    with tarfile.open(tar, "w") as t:
-        t.add(big_files(tmp_path / "tree"), arcname="data")
-    p = start(cfg, "image", "import", tar, "img")
+    cfg, store, p = start_import(tmp_path)
     wait_for("unpacking", lambda: any(s.stat().st_size for s in
                                       (store / "images").glob(".import-*/data/*")), p)
     kill(p)
@@ -192,14 +191,8 @@ def test_failed_restore_leaves_no_partial_tree(tmp_path):
 
 @pytest.fixture
 def mountpoint(tmp_path: Path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "mnt", "16m") as mnt:
+        yield mnt
 
 
 def test_restore_into_a_mount_point_is_all_or_nothing(tmp_path, mountpoint):
