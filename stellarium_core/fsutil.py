@@ -8,8 +8,11 @@ a mix, and with ``durable`` the change also survives a power cut.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 
@@ -80,3 +83,98 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | memoryview, *,
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Delete a directory tree without recursion and without following symlinks.
+
+    shutil.rmtree recurses once per level (a crafted tar of a few thousand nested
+    directories makes it fail with RecursionError) and holds a descriptor per
+    level. This holds one: it descends into the first subdirectory left, and
+    climbs back through ``..`` once a directory is empty. A missing ``path`` is fine.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return
+    names: list[str] = []          # the path from ``path`` down to where fd is
+    try:
+        while True:
+            sub = None
+            with os.scandir(fd) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        sub = sub or e.name
+                    else:
+                        os.unlink(e.name, dir_fd=fd)
+            if sub is not None:
+                child = os.open(sub, flags, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                names.append(sub)
+                continue
+            if not names:
+                break
+            parent = os.open("..", flags, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            os.rmdir(names.pop(), dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(path)
+
+
+def claim(parent: str | os.PathLike[str], prefix: str, *,
+          directory: bool) -> tuple[Path, int]:
+    """A new file or directory ``<parent>/<prefix><random>`` for work in progress.
+
+    The returned descriptor (the caller closes it when done) holds an exclusive
+    ``flock`` on it, so :func:`sweep_unclaimed` removes it only once its owner is
+    gone, even after a ``kill -9``. It is locked before it gets its name.
+    """
+    if directory:
+        tmp = tempfile.mkdtemp(prefix=".claim-", dir=parent)
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=".claim-", dir=parent)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        path = Path(parent) / f"{prefix}{uuid.uuid4().hex}"
+        os.rename(tmp, path)
+    except BaseException:
+        os.close(fd)
+        (remove_tree if directory else os.unlink)(tmp)
+        raise
+    return path, fd
+
+
+def sweep_unclaimed(parent: str | os.PathLike[str], prefix: str) -> int:
+    """Remove what :func:`claim` made under ``parent`` whose owner is gone; how many."""
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for name in names:
+        path = os.path.join(parent, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                remove_tree(path)
+            else:
+                os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+    return removed

@@ -7,6 +7,7 @@ so "which hasher, which chunker, which tiers" is decided in one place.
 from __future__ import annotations
 
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from stellarium_core import config as config_mod
 from stellarium_core.errors import ConfigError, PluginError, StellarError
 from stellarium_core.fsutil import write_atomic
 from stellarium_core.hookspecs import Chunker, Hasher, TierBackend, TierContext
+from stellarium_core.nebula.table import MAX_LEN
 from stellarium_core.plugins import Registry
 
 if TYPE_CHECKING:
@@ -53,7 +55,13 @@ class Host:
     @cached_property
     def chunker(self) -> Chunker:
         c = self.config.chunker
-        return self._placed("chunker", self.registry.create, "chunker", c.name, c.params)
+        chunker = self._placed("chunker", self.registry.create, "chunker", c.name, c.params)
+        if not 0 < chunker.max_size <= MAX_LEN:  # whatever the plugin allows
+            raise ConfigError(f"chunker {c.name!r} cuts chunks of up to {chunker.max_size} "
+                              f"bytes; NEBULA stores chunks of at most {MAX_LEN}",
+                              file=str(self.config.source) if self.config.source else None,
+                              key="chunker")
+        return chunker
 
     @cached_property
     def tiers(self) -> dict[str, TierBackend]:
@@ -75,6 +83,8 @@ class Host:
         if hook.get_hookimpls():
             def on_stored(digest: bytes, size: int, new: bool) -> None:
                 hook(digest=digest, size=size, new=new)
+        if not (self.store_path / "nebula").exists():
+            check_store_fs(self.config)  # a store under /proc: bad config, not a missing store
         return ChunkStore.open(self.store_path / "nebula", self.hasher,
                                compression=self.config.compression,
                                verify_reads=self.config.verify_reads, on_stored=on_stored)
@@ -92,7 +102,7 @@ class Host:
 
 
 #: Top-level directories of a store; each subsystem owns one.
-STORE_DIRS = ("nebula", "volumes", "images", "kernels", "tiers")
+STORE_DIRS = ("nebula", "volumes", "images", "records", "tiers")
 STORE_META = "stellarium.json"
 
 
@@ -102,9 +112,45 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+#: Kernel filesystems that present kernel state, not storage: a store there is a mistake.
+PSEUDO_FS = frozenset({"proc", "sysfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
+                       "securityfs", "pstore", "bpf", "configfs", "fusectl", "mqueue",
+                       "binfmt_misc", "efivarfs", "nsfs", "autofs"})
+
+
+def _fs_type(path: Path) -> str | None:
+    """Type of the filesystem ``path`` (absolute, resolved) is on, from mountinfo."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    best, kind = "", None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+        inside = str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best):
+            best, kind = mnt, right.split()[0]
+    return kind
+
+
+def check_store_fs(cfg: config_mod.HostConfig) -> None:
+    """Fail with a ConfigError if the store path lies on a kernel pseudo filesystem."""
+    anchor = _nearest_existing(cfg.store_path)
+    kind = _fs_type(anchor)
+    if kind in PSEUDO_FS:
+        raise ConfigError(f"{cfg.store_path} is on the kernel's {kind} filesystem, which "
+                          "cannot hold a store", file=str(cfg.source) if cfg.source else None,
+                          key="store.path")
+
+
 def check_store_path(cfg: config_mod.HostConfig) -> None:
     """Fail with a ConfigError if the store path cannot be created or written."""
     path, src = cfg.store_path, str(cfg.source) if cfg.source else None
+    check_store_fs(cfg)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path} exists and is not a directory", file=src, key="store.path")
     anchor = _nearest_existing(path)
@@ -137,7 +183,7 @@ def init_store(host: Host) -> Path:
             have = json.loads(meta_path.read_text())
             if not isinstance(have, dict):
                 raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise StellarError(f"{meta_path}: unreadable store metadata: {exc}") from None
         if have.get("hasher") != meta["hasher"]:
             src = str(host.config.source) if host.config.source else None

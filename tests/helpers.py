@@ -6,9 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 
 def run_cli(
@@ -48,3 +51,18 @@ def stellar_json(cfg: Path, *args: object, timeout: float = 120) -> Any:
     r = run_cli(["--config", cfg, *map(str, args), "--json"], timeout=timeout)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
+
+
+@contextmanager
+def tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``mnt`` (created), unmounted afterwards; skips
+    the test, saying why, where mounting is not allowed (it needs root)."""
+    mnt.mkdir(exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -75,10 +75,17 @@ BAD_CONFIGS = {
                             "tiers.hot.plugin: missing required key"),
     "bad size": ('[tiers.hot]\nplugin = "memory"\ncapacity = "lots"\n', "tiers.hot.capacity:"),
     "plugin param unknown": ("[chunker.params]\nfoo = 1\n", "chunker.params.foo: unknown key"),
+    "chunk size too small": ("[chunker.params]\nmin_size = 64\navg_size = 256\n",
+                             "chunker.params.min_size: must be at least 1024 (1 KiB), got 64: "
+                             "NEBULA gives every chunk its own 4 KiB page"),
+    "chunk size too big": ('[chunker.params]\nmax_size = "1TiB"\n',
+                           "chunker.params.max_size: must be at most 8388608 (8 MiB)"),
+    "fixed chunk too big": ('[chunker]\nname = "fixed"\n[chunker.params]\nsize = "64MiB"\n',
+                            "chunker.params.size: must be 4 KiB..8 MiB, got 67108864"),
     "plugin param impossible": ("[chunker.params]\navg_size = 1000\n",
                                 "chunker.params.avg_size: must be a power of two"),
     "plugin param order": ('[chunker.params]\nmin_size = "128KiB"\nmax_size = "64KiB"\n',
-                           "chunker.params.min_size: need 64 <= min_size"),
+                           "chunker.params.min_size: need min_size <= avg_size"),
     "plugin missing": ('[hasher]\nname = "md4"\n', "hasher: no hasher plugin named 'md4'"),
 }
 
@@ -137,7 +144,7 @@ def test_host_init_creates_layout_and_show_fills_defaults(tmp_path: Path) -> Non
     proc = run_cli(["--config", path, "host", "init"])
     assert proc.returncode == 0, proc.stderr
     store = tmp_path / "store"
-    assert {p.name for p in store.iterdir()} >= {"nebula", "volumes", "images", "kernels",
+    assert {p.name for p in store.iterdir()} >= {"nebula", "volumes", "images", "records",
                                                    "stellarium.json"}
     shown = json.loads(run_cli(["--config", path, "host", "show", "--json"]).stdout)
     assert shown["chunker"]["params"] == {"min_size": 16384, "avg_size": 32768,

@@ -60,7 +60,7 @@ def test_round_trip_is_identical(tmp_path, store, chunker, hasher):
     assert first.pack is not None and first.pack == by["etc/dup"].pack
     assert first.slot == by["etc/dup"].slot
     assert by["edge4096"].pack is None and by["edge4096"].chunks
-    digest = filetree.save(m, tmp_path / "trees", hasher)
+    digest = filetree.save(m, tmp_path / "trees", hasher, store, held=True)
     loaded = filetree.load(tmp_path / "trees" / f"{digest.hex()}.json", hasher)
     restore(loaded, store, tmp_path / "dst", hasher)
     assert diff_trees(src, tmp_path / "dst") == []
@@ -102,7 +102,8 @@ def test_restore_refuses_non_empty_target(tmp_path, store, chunker, hasher):
 @pytest.mark.parametrize("damage", ["truncate", "flip", "unsafe-path", "not-json"])
 def test_damaged_tree_manifest_is_rejected(tmp_path, store, chunker, hasher, damage):
     src = make_tree(tmp_path / "src")
-    digest = filetree.save(capture(src, store, chunker, hasher), tmp_path / "t", hasher)
+    digest = filetree.save(capture(src, store, chunker, hasher), tmp_path / "t", hasher, store,
+                           held=True)
     p = tmp_path / "t" / f"{digest.hex()}.json"
     data = p.read_bytes()
     if damage == "truncate":

@@ -264,17 +264,19 @@ def root_entry() -> filetree.Entry:
     (filetree.Entry("n" * 300, "file", 0o644, 0, 0, 0), "name is 300 bytes"),
     (filetree.Entry("dev", "char", 0o644, 0, 0, 0, rdev=os.makedev(5000, 1)), "32-bit dev_t"),
     (filetree.Entry("l", "symlink", 0o777, 0, 0, 0, target="t" * 5000), "symlink target"),
-    (filetree.Entry("h", "hardlink", 0o644, 0, 0, 0, target="."), "hardlink target"),
+    (filetree.Entry("h", "hardlink", 0o644, 0, 0, 0, target="."), "unsafe target"),
     (filetree.Entry("a/b", "file", 0o644, 0, 0, 0), "parent directory"),
-    (filetree.Entry("f", "file", 0o644, 1 << 33, 0, 0), "out of range"),
+    (filetree.Entry("f", "file", 0o644, 1 << 33, 0, 0), "outside 0"),
     (filetree.Entry("f", "file", 0o644, 0, 0, 0, size=10, chunks=[(b"\1" * 32, 10)]),
      "not in the store"),
 ])
 def test_unbuildable_image_names_the_entry(images, disks, store, entry, reason):
+    """The EROFS builder, or the tree-manifest checks before it, refuse the entry by name."""
     bind(images, [root_entry(), entry])
     chunks = len(store)
-    with pytest.raises(ErofsError, match=f"entry {entry.path!r}.*{reason}"):
+    with pytest.raises((ErofsError, ManifestError)) as err:
         vm_disk(images, disks, "bad")
+    assert repr(entry.path) in str(err.value) and reason in str(err.value), err.value
     assert disks.images() == [] and len(store) == chunks  # nothing kept, nothing leaked
 
 

@@ -91,7 +91,7 @@ def test_rootfs_tarball_keeps_owners_modes_and_links(images, importer, tmp_path)
 @pytest.mark.parametrize("members, message", [
     ([("../evil", b"x", {})], "escapes the image root"),
     ([("etc", b"", {"type": tarfile.SYMTYPE, "linkname": "/tmp"}),
-      ("etc/passwd", b"x", {})], "through a symlink outside"),
+      ("etc/passwd", b"x", {})], "through a symlink"),
 ])
 def test_unsafe_tarballs_are_refused(images, importer, tmp_path, members, message):
     t = tmp_path / "bad.tar"

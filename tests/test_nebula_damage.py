@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkError, ChunkStore, CorruptChunkError, MissingChunkError
 from stellarium_core.nebula.ingest import ingest
 from stellarium_core.nebula.store import LOG_HEADER, LOG_SIZE
+from tests.helpers import tmpfs
 
 HASHER = Blake3Hasher({})
 
@@ -126,16 +126,8 @@ def test_missing_and_truncated_pack_files(tmp_path: Path) -> None:
 @pytest.fixture
 def tiny_fs(tmp_path: Path):
     """A 1 MiB tmpfs, so the disk really fills up."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "tiny", "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_fails_cleanly(tiny_fs: Path, tmp_path: Path) -> None:

@@ -19,6 +19,9 @@ from stellarium_core.errors import UsageError
 from stellarium_core.host import Host
 from stellarium_core.volumes.imagedisk import ImageDisks
 
+#: Parallel GETs: one keep-alive connection and thread each; more only hurts the origin.
+MAX_WORKERS = 64
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("image", help="container images (layered file-tree manifests)")
@@ -53,9 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="fetch an image over HTTP(S), only the chunks this store lacks")
     pull.add_argument("url", help="BASE/tags/NAME or BASE/manifests/HASH.json")
     pull.add_argument("name", help="local name to bind when everything is present")
-    pull.add_argument("--workers", type=int, default=8, help="parallel GETs (default 8)")
+    pull.add_argument("--workers", type=int, default=8,
+                      help=f"parallel GETs (default 8, at most {MAX_WORKERS})")
     pull.add_argument("--timeout", type=float, default=30.0,
-                      help="seconds without data before a GET fails (default 30)")
+                      help="seconds one GET may take in all, however the server trickles "
+                           "(default 30)")
     pull.add_argument("--attempts", type=int, default=4,
                       help="tries per object, with exponential backoff (default 4)")
     pull.set_defaults(func=_pull)
@@ -128,11 +133,11 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    if args.workers < 1 or args.attempts < 1 or args.timeout <= 0:
-        raise UsageError("--workers and --attempts must be >= 1, --timeout > 0")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be 1..{MAX_WORKERS}, got {args.workers}")
+    policy = FetchPolicy(timeout=args.timeout, attempts=args.attempts)  # checks both
     base, tag, digest = parse_url(args.url)
     host = Host.from_config(args.config)
-    policy = FetchPolicy(timeout=args.timeout, attempts=args.attempts)
     res = Puller(ImageStore.for_host(host), base, workers=args.workers, policy=policy).pull(
         args.name, tag=tag, digest=digest)
     data = {"name": args.name, "digest": res.digest.hex(), "blobs_needed": res.blobs_needed,

@@ -26,12 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="logical/unique bytes, dedup, compression, VM/image sharing")
     p.set_defaults(func=_stats)
     p = sub.add_parser("gc", parents=[JSON],
-                       help="drop VM disks of removed images, reclaim unreferenced chunks, "
-                            "compact packs")
+                       help="drop VM disks of removed images, reclaim unreferenced chunks "
+                            "and what dead operations left, compact packs")
     p.set_defaults(func=_gc)
-    p = sub.add_parser("fsck", parents=[JSON], help="re-hash every chunk, check index and packs")
+    p = sub.add_parser("fsck", parents=[JSON],
+                       help="re-hash every chunk; check index, packs, manifests and counts")
     p.add_argument("--repair", action="store_true",
-                   help="re-index intact chunks found in packs but missing from the index")
+                   help="re-index chunks found in packs, recount every reference from the "
+                        "manifests, set unreadable manifests aside (needs the store to itself)")
     p.set_defaults(func=_fsck)
 
 
@@ -89,22 +91,29 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
+    from stellarium_core import upkeep
+
     host = Host.from_config(args.config)
     images, _, disks = _catalogs(host)
     pruned = prune_vm_disks(images, disks)  # disks of removed images hold chunks too
-    out = {**host.store.gc(), "vm_disks_removed": len(pruned)}
+    out = {**upkeep.gc(host), "vm_disks_removed": len(pruned)}
     emit(args, out, lambda d: table(sorted(d.items()), ("gc", "count")))
     return 0
 
 
 def _fsck(args: argparse.Namespace) -> int:
-    rep = Host.from_config(args.config).store.fsck(repair=args.repair)
+    from stellarium_core import upkeep
+
+    rep = upkeep.fsck(Host.from_config(args.config), repair=args.repair)
 
     def human(_: object) -> str:
         lines = [str(p) for p in rep.problems]
         lines.append(f"{rep.chunks} chunks, {rep.bytes} bytes checked: "
                      f"{len(rep.errors)} errors"
                      + (f", {rep.repaired} repaired" if rep.repaired else ""))
+        if rep.remaining is not None:
+            lines += [f"after repair: {p}" for p in rep.remaining]
+            lines.append(f"after repair: {len(rep.remaining)} errors")
         return "\n".join(lines)
 
     emit(args, rep.to_dict(), human)

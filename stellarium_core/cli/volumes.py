@@ -165,9 +165,12 @@ def _trees(host: Host) -> Path:
 
 def _capture(args: argparse.Namespace) -> int:
     host = Host.from_config(args.config)
-    m = filetree.capture(args.dir, host.store, host.chunker, host.hasher,
-                         cosmic_packs=not args.no_cosmic, overlay_upper=args.overlay_upper)
-    digest = filetree.save(m, _trees(host), host.hasher)
+    with host.store.pending() as journal:  # a killed capture leaks nothing gc cannot find
+        m = filetree.capture(args.dir, host.store, host.chunker, host.hasher,
+                             cosmic_packs=not args.no_cosmic, overlay_upper=args.overlay_upper,
+                             journal=journal)
+        journal.settle()
+        digest = filetree.save(m, _trees(host), host.hasher, host.store, held=True)
     fp = filetree.footprint(m, host.store)
     data = {"digest": digest.hex(), "entries": len(m),
             "manifest": str(_trees(host) / f"{digest.hex()}.json"), **fp}
@@ -189,7 +192,7 @@ def _load_tree(host: Host, ref: str) -> filetree.Manifest:
 def _stack(args: argparse.Namespace) -> int:
     host = Host.from_config(args.config)
     merged = filetree.stack(_load_tree(host, ref) for ref in args.layers)
-    digest = filetree.save(merged, _trees(host), host.hasher)
+    digest = filetree.save(merged, _trees(host), host.hasher, host.store, held=False)
     emit(args, {"digest": digest.hex(), "entries": len(merged)}, digest.hex())
     return 0
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stellarium_core.errors import StellarError, UsageError
-from stellarium_core.fsutil import write_atomic
+from stellarium_core.fsutil import fsync_dir, write_atomic
 from stellarium_core.hookspecs import Hasher
 from stellarium_core.volumes import filetree
 from stellarium_core.volumes.tinyvol import ManifestError
@@ -113,7 +113,7 @@ class ImageStore:
             doc = json.loads((self.root / "index.json").read_text())
         except FileNotFoundError:
             return {}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ImageError(f"{self.root / 'index.json'} is corrupt: {exc}") from None
         images = doc.get("images", {}) if isinstance(doc, dict) else None
         if not isinstance(images, dict) or not all(
@@ -141,7 +141,16 @@ class ImageStore:
         return self.manifests / f"{digest.hex()}.json"
 
     def has(self, digest: bytes) -> bool:
+        """Whether the manifest is kept (its references held), intact or not."""
         return self.path(digest).exists()
+
+    def intact(self, digest: bytes) -> bytes | None:
+        """The kept manifest's bytes if they still match their digest, else None."""
+        try:
+            data = self.path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data if self.hasher.digest(data) == digest else None
 
     def read_bytes(self, digest: bytes) -> bytes:
         """A stored manifest's bytes, checked against its digest."""
@@ -170,31 +179,31 @@ class ImageStore:
     def add_captured(self, manifest: filetree.Manifest) -> bytes:
         """Keep a layer whose references capture took; call under :meth:`locked`.
 
-        If the same layer is already kept, the duplicate references are given back.
+        If the same layer is already kept, the duplicate references are given back
+        (and a damaged copy of it is rewritten: re-importing heals it).
         """
-        data = manifest.encode()
-        digest = self.hasher.digest(data)
-        if self.has(digest):
-            filetree.release(manifest, self.store)
-        else:
-            write_atomic(self.path(digest), data)
-        return digest
+        return filetree.save(manifest, self.manifests, self.hasher, self.store, held=True)
 
     def keep_pulled(self, layers: list[filetree.Manifest], held: set[bytes]) -> None:
         """Keep fetched layers; call under :meth:`locked`.
 
         ``held``: chunks that already carry one reference each for this pull (a
         fetch put them). They count towards the layers' references, and any the
-        layers do not need (another pull kept the layer first) are released.
+        layers do not need (another pull kept the layer first) are released. A
+        layer kept before but damaged since is rewritten (its references stand).
         """
         need: Counter[bytes] = Counter()
         todo: dict[bytes, bytes] = {}
         for m in layers:
             data = m.encode()
             digest = self.hasher.digest(data)
-            if not self.has(digest) and digest not in todo:
+            if digest in todo:
+                continue
+            if not self.has(digest):
                 todo[digest] = data
                 need.update(filetree.references(m))
+            elif self.intact(digest) is None:
+                write_atomic(self.path(digest), data)
         surplus = [d for d in held if need[d] == 0]
         need.subtract(d for d in held if need[d] > 0)
         self.store.ref_many(+need)  # one durable commit for the whole layer set
@@ -210,38 +219,85 @@ class ImageStore:
                 raise ImageError(f"layer {d.hex()} of image {name!r} is not in the store")
         data = image.encode()
         digest = self.hasher.digest(data)
-        if not self.has(digest):
+        if self.intact(digest) is None:
             write_atomic(self.path(digest), data)
         images = self.index()
         images[name] = digest.hex()
         self._write_index(images)
-        self._collect(images)
+        self._drop(self._garbage(images, strict=False))
         return digest
 
     def remove(self, name: str) -> None:
-        """Unbind ``name``; layers no other image uses are released and deleted."""
+        """Unbind ``name``; layers no other image uses are released and deleted.
+
+        All or nothing: if a layer that would be released cannot be read (so its
+        references cannot be known), nothing changes and the error says so.
+        """
         with self.locked():
             images = self.index()
             if name not in images:
                 raise ImageError(f"no image named {name!r}")
-            del images[name]
+            gone = images.pop(name)
+            drop = self._garbage(images, strict=True, image=gone)
             self._write_index(images)
-            self._collect(images)
+            self._drop(drop)
 
-    def _collect(self, images: dict[str, str]) -> None:
-        """Release and delete manifests no bound name reaches (caller holds the lock)."""
+    def _garbage(self, images: dict[str, str], strict: bool,
+                 image: str = "") -> list[tuple[Path, filetree.Manifest | None]]:
+        """Manifests no bound name reaches, each with its layer (None: an image manifest).
+
+        An unreadable manifest cannot be released: ``strict`` makes that an error,
+        else it is left in place for ``fsck`` to report. So is everything when a
+        bound image itself is unreadable (what it reaches is then unknown).
+        ``image`` is the hex of an image manifest just unbound: it holds no
+        references, so it goes even when damaged.
+        """
         live: set[str] = set()
-        for hexd in set(images.values()):
-            live.add(hexd)
-            live.update(d.hex() for d in self.image(bytes.fromhex(hexd)).layers)
-        for p in self.manifests.glob("*.json"):
+        try:
+            for hexd in set(images.values()):
+                live.add(hexd)
+                live.update(d.hex() for d in self.image(bytes.fromhex(hexd)).layers)
+        except (ImageError, ManifestError) as exc:
+            if strict:
+                raise ImageError(f"{exc}; nothing was removed (re-import or re-pull that "
+                                 "image, or run `stellar fsck --repair`)") from None
+            return []
+        out: list[tuple[Path, filetree.Manifest | None]] = []
+        for p in sorted(self.manifests.glob("*.json")):
             hexd = p.name.removesuffix(".json")
             if hexd in live or not _HEX.fullmatch(hexd):
                 continue
-            data = p.read_bytes()
-            if json.loads(data).get("format") == filetree.FORMAT:
-                filetree.release(filetree.Manifest.decode(data), self.store)
+            if hexd == image:
+                out.append((p, None))
+                continue
+            try:
+                data = self.read_bytes(bytes.fromhex(hexd))
+                doc = filetree.parse_json(data, "manifest")
+                layer = (filetree.Manifest.decode(data)
+                         if isinstance(doc, dict) and doc.get("format") == filetree.FORMAT
+                         else None)
+            except (ImageError, ManifestError) as exc:
+                if strict:
+                    raise ImageError(f"layer manifest {p.name} cannot be read ({exc}), so the "
+                                     "references it holds are unknown; nothing was removed "
+                                     "(re-import or re-pull the image to rewrite it, or run "
+                                     "`stellar fsck --repair` to set it aside)") from None
+                continue
+            out.append((p, layer))
+        return out
+
+    def _drop(self, garbage: list[tuple[Path, filetree.Manifest | None]]) -> None:
+        """Delete manifests, durably, then release what their layers held: a crash in
+        between leaks references, never frees a chunk a manifest still lists."""
+        if not garbage:
+            return
+        refs: Counter[bytes] = Counter()
+        for p, layer in garbage:
             p.unlink()
+            if layer is not None:
+                refs.update(filetree.references(layer))
+        fsync_dir(self.manifests)
+        self.store.release_many(refs)
 
     # -- queries ---------------------------------------------------------------------------
 

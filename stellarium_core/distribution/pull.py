@@ -30,11 +30,10 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from stellarium_core.distribution.fetch import Fetcher, FetchError, FetchPolicy
+from stellarium_core.distribution.fetch import Fetcher, FetchError, FetchPolicy, split_url
 from stellarium_core.distribution.images import (
     ImageError,
     ImageManifest,
@@ -67,8 +66,7 @@ class PullResult:
 
 def parse_url(url: str) -> tuple[str, str | None, bytes | None]:
     """``BASE/manifests/<hex>.json`` (pinned) or ``BASE/tags/<name>`` -> (base, tag, digest)."""
-    if urlsplit(url).scheme not in ("http", "https"):
-        raise UsageError(f"not an http(s) URL: {url!r}")
+    split_url(url)
     m = _MANIFEST_URL.match(url)
     if m:
         return m["base"], None, bytes.fromhex(m["hex"])
@@ -102,8 +100,9 @@ class Puller:
         return check
 
     def _manifest(self, digest: bytes) -> bytes:
-        if self.images.has(digest):
-            return self.images.read_bytes(digest)
+        kept = self.images.intact(digest)
+        if kept is not None:
+            return kept
         return self.fetcher.get(f"manifests/{digest.hex()}.json", self._verified(digest),
                                 limit=MAX_MANIFEST)
 
@@ -154,8 +153,8 @@ class Puller:
                 raise ImageError(f"image {digest.hex()} is hashed with {image.hasher!r}; "
                                  f"this store uses {self.hasher.name!r}")
             new_layers: dict[bytes, filetree.Manifest] = {}
-            for ld in image.layers:
-                if not self.images.has(ld) and ld not in new_layers:
+            for ld in image.layers:  # missing, or kept but damaged since (rewritten)
+                if self.images.intact(ld) is None and ld not in new_layers:
                     new_layers[ld] = filetree.Manifest.decode(self._manifest(ld))
         except ManifestError as exc:
             raise ImageError(f"{self.fetcher.base_url}: {exc}") from None

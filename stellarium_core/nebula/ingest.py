@@ -7,7 +7,12 @@ one exists so an ingest can be named by one digest and read back.
 
 All chunks of an ingest go through one :class:`~stellarium_core.nebula.store.Batch`,
 so many small files share fsyncs. If anything fails, the references the ingest
-already made durable are released again: no manifest, no leaked references.
+already made durable are released again: no manifest, no leaked references. If
+the process dies instead, its reference journal lets ``gc`` release them.
+
+What an ingest holds is recorded in ``<nebula>/ingests/<manifest hex>.refs``
+(its journal, renamed there when the manifest is durable), so ``fsck`` can
+count every reference; ingesting the same tree again holds nothing more.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ FORMAT = "nebula-tree/1"
 PARTS_FORMAT = "nebula-tree-parts/1"
 #: Manifests larger than this are stored in chunks, named by a small parts document.
 INLINE_MANIFEST = 4 << 20
+#: ``<nebula>/ingests``: one record per ingested manifest, the references it holds.
+RECORDS = "ingests"
 
 
 @dataclass
@@ -89,39 +96,49 @@ def ingest(store: ChunkStore, path: str | os.PathLike[str], chunker: Chunker,
         progress.total = sum(st.st_size for _, _, st in listing if stat.S_ISREG(st.st_mode))
     entries: list[dict[str, Any]] = []
     files = total = chunks = 0
-    batch = store.batch()
-    try:
-        for rel, full, st in listing:
-            mode = st.st_mode
-            e: dict[str, Any] = {"path": rel, "mode": stat.S_IMODE(mode), "uid": st.st_uid,
-                                 "gid": st.st_gid, "mtime_ns": st.st_mtime_ns}
-            if stat.S_ISREG(mode):
-                parts = batch.put_stream(full, chunker)
-                e.update(type="file", size=st.st_size,
-                         chunks=[[d.hex(), n] for d, n in parts])
-                files += 1
-                total += st.st_size
-                chunks += len(parts)
-                if progress is not None:
-                    progress.update(st.st_size)
-            elif stat.S_ISDIR(mode):
-                e["type"] = "dir"
-            elif stat.S_ISLNK(mode):
-                e.update(type="symlink", target=os.readlink(full))
-            else:
-                e.update(type="special", kind=stat.S_IFMT(mode), rdev=st.st_rdev)
-            entries.append(e)
-        blob = json.dumps({"format": FORMAT, "entries": entries}, sort_keys=True,
-                          separators=(",", ":")).encode()
-        if len(blob) > INLINE_MANIFEST:
-            parts = batch.put_stream(io.BytesIO(blob), chunker)
-            blob = json.dumps({"format": PARTS_FORMAT,
-                               "parts": [[d.hex(), n] for d, n in parts]}).encode()
-        digest = batch.put(blob)
-        batch.commit()
-    except BaseException:
-        batch.rollback()
-        raise
+    with store.pending() as journal:
+        batch = store.batch(journal=journal)
+        try:
+            for rel, full, st in listing:
+                mode = st.st_mode
+                e: dict[str, Any] = {"path": rel, "mode": stat.S_IMODE(mode), "uid": st.st_uid,
+                                     "gid": st.st_gid, "mtime_ns": st.st_mtime_ns}
+                if stat.S_ISREG(mode):
+                    parts = batch.put_stream(full, chunker)
+                    got = sum(n for _, n in parts)
+                    if got != st.st_size:
+                        raise ChunkError(f"{full} changed size while being ingested "
+                                         f"({st.st_size} bytes listed, {got} read); nothing "
+                                         "was stored")
+                    e.update(type="file", size=st.st_size,
+                             chunks=[[d.hex(), n] for d, n in parts])
+                    files += 1
+                    total += st.st_size
+                    chunks += len(parts)
+                    if progress is not None:
+                        progress.update(st.st_size)
+                elif stat.S_ISDIR(mode):
+                    e["type"] = "dir"
+                elif stat.S_ISLNK(mode):
+                    e.update(type="symlink", target=os.readlink(full))
+                else:
+                    e.update(type="special", kind=stat.S_IFMT(mode), rdev=st.st_rdev)
+                entries.append(e)
+            blob = json.dumps({"format": FORMAT, "entries": entries}, sort_keys=True,
+                              separators=(",", ":")).encode()
+            if len(blob) > INLINE_MANIFEST:
+                parts = batch.put_stream(io.BytesIO(blob), chunker)
+                blob = json.dumps({"format": PARTS_FORMAT,
+                                   "parts": [[d.hex(), n] for d, n in parts]}).encode()
+            digest = batch.put(blob)
+            batch.commit()
+        except BaseException:
+            batch.rollback()
+            raise
+        if not journal.hand_over(store.root / RECORDS / f"{digest.hex()}.refs"):
+            # The same tree was ingested before; its record holds the references.
+            journal.settle()  # first: a crash now leaks, never releases twice
+            batch.rollback()
     return IngestResult(digest, files, total, chunks)
 
 
@@ -129,10 +146,10 @@ def load_manifest(store: ChunkStore, digest: bytes) -> dict[str, Any]:
     """The manifest an ingest recorded (parts reassembled)."""
     try:
         doc = json.loads(store.get(digest))
-    except ValueError:
+        if isinstance(doc, dict) and doc.get("format") == PARTS_FORMAT:
+            doc = json.loads(b"".join(store.get(bytes.fromhex(h)) for h, _ in doc["parts"]))
+    except (ValueError, TypeError, KeyError, RecursionError):
         raise ChunkError(f"chunk {digest.hex()} is not an ingest manifest") from None
-    if isinstance(doc, dict) and doc.get("format") == PARTS_FORMAT:
-        doc = json.loads(b"".join(store.get(bytes.fromhex(h)) for h, _ in doc["parts"]))
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ChunkError(f"chunk {digest.hex()} is not an ingest manifest")
     return doc

@@ -12,16 +12,21 @@ import ctypes.util
 import mmap
 import os
 from collections import defaultdict
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import lz4.block
 
 from stellarium_core.fsutil import fsync_dir
+from stellarium_core.nebula.errors import ChunkError
+from stellarium_core.nebula.pending import sweep
 from stellarium_core.nebula.store import (
     DEL,
     PAGE,
+    PENDING,
     PUT,
+    REF,
     TRAILER_MAGIC,
     TRAILER_SIZE,
     align,
@@ -77,11 +82,22 @@ def _punch(s: ChunkStore, e: Entry) -> None:
     os.pwrite(fd, bytes(TRAILER_SIZE), e.offset + e.stored)
 
 
-def collect(s: ChunkStore) -> dict[str, int]:
-    """Forget chunks with no references, rewrite packs that are >= 20% garbage."""
+def collect(s: ChunkStore, keep: Callable[[], Collection[bytes]] | None = None
+            ) -> dict[str, int]:
+    """Release dead operations' journals, forget chunks with no references (never
+    one ``keep()``, asked after that release, returns), rewrite packs that are
+    >= 20% garbage."""
     with s._lock():
+        damage = s.damaged() or [f"{f}: {what}" for f, _, what in s.log_damage]
+        if damage:
+            raise ChunkError(f"gc refused: the index of {s.root} was damaged ({damage[0]}) and "
+                             "is not repaired; gc would drop chunks it forgot. Run "
+                             "`stellar fsck --repair` first")
+        released = sweep(s, s.root / PENDING)
+        named = keep() if keep is not None else ()
         t = s._table
-        dead = [(d, e) for d, e in t.items() if e.refs == 0]
+        dead = [(d, e) for d, e in t.items() if e.refs == 0 and d not in named]
+        kept = sum(1 for d, e in t.items() if e.refs == 0 and d in named)
         if dead:
             s._append_log([log_record(DEL, d) for d, _ in dead])
             for _, e in dead:
@@ -130,7 +146,8 @@ def collect(s: ChunkStore) -> dict[str, int]:
         if removed:
             fsync_dir(s.root / "packs")
         return {"chunks_removed": len(dead), "chunks_moved": moved,
-                "packs_removed": removed, "bytes_reclaimed": reclaimed}
+                "packs_removed": removed, "bytes_reclaimed": reclaimed,
+                "journals_released": released, "unreferenced_but_named": kept}
 
 
 @dataclass(frozen=True)
@@ -151,12 +168,15 @@ class Problem:
 
 @dataclass
 class FsckReport:
-    """What fsck checked and found; only ``error`` problems make it not ``ok`` (exit 1)."""
+    """What fsck checked and found; only ``error`` problems (after a repair: the ones
+    it did not fix) make it not ``ok`` (exit 1)."""
 
     chunks: int = 0
     bytes: int = 0
     problems: list[Problem] = field(default_factory=list)
     repaired: int = 0
+    #: After a repair: the errors a second check still found (None: no repair ran).
+    remaining: list[Problem] | None = None
 
     @property
     def errors(self) -> list[Problem]:
@@ -164,16 +184,30 @@ class FsckReport:
 
     @property
     def ok(self) -> bool:
-        return not self.errors
+        return not (self.errors if self.remaining is None else self.remaining)
 
     def to_dict(self) -> dict[str, object]:
-        return {"ok": self.ok, "chunks": self.chunks, "bytes": self.bytes,
-                "repaired": self.repaired,
-                "problems": [p.__dict__ for p in self.problems]}
+        out: dict[str, object] = {"ok": self.ok, "chunks": self.chunks, "bytes": self.bytes,
+                                  "repaired": self.repaired,
+                                  "problems": [p.__dict__ for p in self.problems]}
+        if self.remaining is not None:
+            out["remaining"] = [p.__dict__ for p in self.remaining]
+        return out
 
 
-def fsck(s: ChunkStore, repair: bool = False) -> FsckReport:
-    """Re-hash every indexed chunk; cross-check index records, pack trailers and files."""
+def fsck(s: ChunkStore, repair: bool = False, held: Mapping[bytes, int] | None = None,
+         complete: bool = True) -> FsckReport:
+    """Re-hash every indexed chunk; cross-check index records, pack trailers and files.
+
+    ``held`` is what every manifest and record of the store accounts for, per
+    chunk: then a chunk it names that the index lacks, or that has fewer
+    references than that, is an error, and one with more is a leak (reported
+    only when the census is ``complete``, i.e. no holder was unreadable). With
+    ``repair``, intact chunks found in packs are indexed again and every count
+    set to ``held`` (raised always, lowered only from a complete census), and
+    the index damage mark is cleared; without ``held`` a re-indexed chunk gets
+    one reference and the mark stays, so ``gc`` keeps refusing.
+    """
     rep = FsckReport()
     add = rep.problems.append
     log = "index.log"
@@ -182,11 +216,11 @@ def fsck(s: ChunkStore, repair: bool = False) -> FsckReport:
         s._catch_up()
         for file, off, what in s.log_damage:
             add(Problem("error", file, what, offset=off))
-        size = os.fstat(s._log_fd).st_size
-        if s._log_stale:
-            add(Problem("warning", log, "older than index.snap (a compaction was interrupted); "
-                        "ignored, and replaced by the next write"))
-        elif size > s._log_pos:
+        if s._log_stale:         # missing or damaged header: reported as damage above
+            if not any(f == log for f, _, _ in s.log_damage):
+                add(Problem("warning", log, "older than index.snap (a compaction was "
+                            "interrupted); ignored, and replaced by the next write"))
+        elif (size := os.fstat(s._log_fd).st_size) > s._log_pos:
             add(Problem("warning", log, f"{size - s._log_pos} bytes of torn records at the end "
                         "(an interrupted append; ignored)", offset=s._log_pos))
         entries = list(s._table.items())
@@ -212,6 +246,8 @@ def fsck(s: ChunkStore, repair: bool = False) -> FsckReport:
             add(Problem("note", log, f"{unreferenced} chunks have no references left "
                         "(`stellar gc` reclaims them)"))
         found = _scan_packs(s, packs, regions, rep)
+        if held is not None:
+            _check_counts(s, held, complete, found, rep)
         repair_records = []
         for d, (pack, off, stored, raw, flags) in found.items():
             if d in bad:
@@ -222,18 +258,66 @@ def fsck(s: ChunkStore, repair: bool = False) -> FsckReport:
                             + ("; index now points to it" if repair else
                                " (`stellar fsck --repair` re-points the index)"), d.hex(), off))
             elif s._table.get(d) is None:
+                refs = 1 if held is None else held.get(d, 0)
                 if repair:
-                    repair_records.append(log_record(PUT, d, pack, off, stored, raw, 1, flags))
-                add(Problem("warning", f"packs/{pack_name(pack)}",
-                            "unindexed chunk, left by an interrupted write or a lost index record"
-                            + ("; indexed again with 1 reference" if repair else
-                               " (`stellar fsck --repair` indexes it)"), d.hex(), off))
+                    repair_records.append(log_record(PUT, d, pack, off, stored, raw, refs, flags))
+                if held is None or d not in held:  # else reported as missing above
+                    add(Problem("warning", f"packs/{pack_name(pack)}",
+                                "unindexed chunk, left by an interrupted write or a lost index "
+                                "record" + (f"; indexed again with {refs} references" if repair
+                                            else " (`stellar fsck --repair` indexes it)"),
+                                d.hex(), off))
         if repair_records:
             s._append_log(repair_records)
             rep.repaired = len(repair_records)
-        if repair and (repair_records or s.log_damage):
+        if repair and held is not None:
+            rep.repaired += _recount(s, held, complete)
+        if repair and (rep.repaired or s.log_damage):
             s.compact_index()   # a fresh snapshot: the damaged index files are replaced
+        if repair and held is not None:
+            s.damage_path.unlink(missing_ok=True)
     return rep
+
+
+def _check_counts(s: ChunkStore, held: Mapping[bytes, int], complete: bool,
+                  found: dict[bytes, tuple[int, int, int, int, int]], rep: FsckReport) -> None:
+    """Compare the index's reference counts with what the holders account for."""
+    add = rep.problems.append
+    table = s._table
+    for d, n in held.items():
+        e = table.get(d)
+        if e is None:
+            copy = found.get(d)
+            add(Problem("error", "index", (
+                f"named by a manifest but not in the index; an intact copy is in "
+                f"packs/{pack_name(copy[0])} (`stellar fsck --repair` indexes it)" if copy else
+                "named by a manifest but in no index entry and no pack: its data is lost"),
+                d.hex()))
+        elif e.refs < n:
+            add(Problem("error", "index", f"{e.refs} references but manifests account for "
+                        f"{n}: releasing one would free it while still in use "
+                        "(`stellar fsck --repair` recounts)", d.hex()))
+    if not complete:
+        return
+    extra = [(d, e.refs - held.get(d, 0)) for d, e in table.items() if e.refs > held.get(d, 0)]
+    if extra:
+        orphans = sum(1 for d, _ in extra if d not in held)
+        add(Problem("warning", "index", f"{len(extra)} chunks hold {sum(n for _, n in extra)} "
+                    f"references no manifest accounts for ({orphans} named by none): leaked by "
+                    "interrupted operations; `stellar fsck --repair` recounts, then `stellar "
+                    "gc` reclaims what nothing uses"))
+
+
+def _recount(s: ChunkStore, held: Mapping[bytes, int], complete: bool) -> int:
+    """Set every count to what the holders account for; how many changed."""
+    records = []
+    for d, e in s._table.items():
+        want = held.get(d, 0)
+        if e.refs < want or (e.refs > want and complete):
+            records.append(log_record(REF, d, delta=want - e.refs))
+    if records:
+        s._append_log(records)
+    return len(records)
 
 
 def _check_chunk(s: ChunkStore, d: bytes, e: Entry, sizes: dict[int, int],

@@ -12,6 +12,13 @@ On disk, under ``root`` (``<store>/nebula``):
   blocks), written via tmp + rename when the log passes 64 MiB and by ``gc``; the log
   then restarts empty with the snapshot's generation. Opening = load snapshot + replay.
 - ``lock``: ``flock``-ed around every change, so processes can share a store.
+- ``users``: ``flock``-ed shared by every open store, exclusive by a reference
+  recount (``fsck --repair``), which must not race an operation elsewhere.
+- ``pending/``, ``ingests/``: reference journals of unfinished operations (gc
+  releases those of dead processes) and the records of ingests (see
+  :mod:`~stellarium_core.nebula.pending`).
+- ``DAMAGED``: written when loading finds index entries lost; ``gc`` refuses to
+  run until ``fsck --repair`` has rebuilt the index and recounted references.
 
 Durability order for an insert: chunk bytes to the pack, fsync pack, append index
 records, fsync index, then return. A crash in between leaves unindexed pack bytes,
@@ -29,7 +36,8 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,6 +47,7 @@ from stellarium_core.errors import UsageError
 from stellarium_core.fsutil import fsync_dir, write_atomic
 from stellarium_core.hookspecs import Chunker, Hasher
 from stellarium_core.nebula.errors import ChunkError, CorruptChunkError, MissingChunkError
+from stellarium_core.nebula.pending import RefJournal
 from stellarium_core.nebula.table import COMPRESSED, MAX_LEN, PAGE, RECORD, ChunkTable, Entry
 
 LOG_MAGIC = b"NEBLOG1\0"
@@ -59,6 +68,8 @@ PACK_MAX = 1 << 30
 BATCH_BYTES = 64 << 20
 WHOLE_FILE = 64 << 20    # files up to this are read in one go, larger ones in windows
 META = "nebula.json"
+DAMAGED = "DAMAGED"
+PENDING = "pending"
 _PACK_RE = re.compile(r"pack-(\d{6})\.dat$")
 _ZEROS = bytes(PAGE)
 
@@ -116,9 +127,11 @@ class Batch:
     ingest of many small files, where per-file fsyncs would dominate the time.
     """
 
-    def __init__(self, store: ChunkStore, limit: int = BATCH_BYTES) -> None:
+    def __init__(self, store: ChunkStore, limit: int = BATCH_BYTES,
+                 journal: RefJournal | None = None) -> None:
         self._store = store
         self._limit = limit
+        self._journal = journal
         self._new: dict[bytes, _Pending] = {}
         self._refs: dict[bytes, _Pending] = {}
         self._bytes = 0
@@ -161,11 +174,14 @@ class Batch:
         self._new, self._refs, self._bytes = {}, {}, 0
         if new or refs:
             self._store._commit(new, refs)
-            durable = self._durable
-            for d, p in new.items():
-                durable[d] = durable.get(d, 0) + p.refs
+            counts = {d: p.refs for d, p in new.items()}
             for d, p in refs.items():
-                durable[d] = durable.get(d, 0) + p.refs
+                counts[d] = counts.get(d, 0) + p.refs
+            durable = self._durable
+            for d, n in counts.items():
+                durable[d] = durable.get(d, 0) + n
+            if self._journal is not None:
+                self._journal.record(counts)
 
     def abandon(self) -> None:
         """Drop what is queued; what earlier commits made durable stays."""
@@ -175,9 +191,12 @@ class Batch:
         """Drop what is queued and release every reference this batch made durable.
 
         Best effort: it runs while another error propagates, and if the release fails
-        too (disk still full) the chunks merely keep extra references.
+        too (disk still full) the chunks merely keep extra references. The batch's
+        journal is dropped first, so its references are never released twice.
         """
         self.abandon()
+        if self._journal is not None:
+            self._journal.settle()  # first: a crash now leaks, never releases twice
         durable, self._durable = self._durable, {}
         if durable:
             try:
@@ -220,7 +239,17 @@ def _chunks(src: str | os.PathLike[str] | IO[bytes], chunker: Chunker,
     try:
         size = os.fstat(fd).st_size
         if size > WHOLE_FILE:
-            yield from _windows(lambda n: os.read(fd, n), chunker, src)
+            left = size
+
+            def read(n: int) -> bytes:  # at most ``size`` bytes: a growing file has no end
+                nonlocal left
+                data = os.read(fd, min(n, left)) if left else b""
+                left -= len(data)
+                if not left and os.pread(fd, 1, size):
+                    raise ChunkError(f"{src} grew while being read (it was {size} bytes)")
+                return data
+
+            yield from _windows(read, chunker, src)
             return
         try:
             buf = memoryview(os.pread(fd, size, 0))
@@ -283,6 +312,10 @@ class ChunkStore:
         self._maps: dict[int, mmap.mmap] = {}
         self._pack_fds: dict[int, int] = {}
         self._lock_fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        # Every open holds this shared; a recount of references needs it exclusive
+        # (see :meth:`exclusive`), so it never races an operation in another process.
+        self._users_fd = os.open(root / "users", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self._users_fd, fcntl.LOCK_SH)
         self._log_fd = -1
         self._log_ino = -1
         self._log_pos = 0
@@ -292,6 +325,7 @@ class ChunkStore:
         self._log_stale = False
         self.compact_log_bytes = COMPACT_LOG_BYTES
         self._locked = 0
+        self._marked = False
         with self._mu:
             self._catch_up()
 
@@ -301,27 +335,48 @@ class ChunkStore:
     def open(cls, root: str | os.PathLike[str], hasher: Hasher, *, compression: str = "lz4",
              verify_reads: bool = True, create: bool = False,
              on_stored: Callable[[bytes, int, bool], None] | None = None,
-             pack_max: int = PACK_MAX) -> ChunkStore:
-        """Open the store at ``root``; ``create`` makes the layout if it is absent."""
+             pack_max: int = PACK_MAX, check_meta: bool = True) -> ChunkStore:
+        """Open the store at ``root``; ``create`` makes the layout if it is absent.
+
+        ``check_meta=False`` opens a store whose ``nebula.json`` is damaged (fsck
+        does, to say what else is wrong and to rewrite it under ``--repair``).
+        """
         root = Path(root)
         if compression not in ("lz4", "none"):
             raise UsageError(f"compression must be lz4 or none, got {compression!r}")
         if hasher.digest_size != 32:
             raise UsageError(f"the chunk store needs a 32-byte digest; hasher {hasher.name!r} "
                              f"gives {hasher.digest_size} bytes")
-        meta_path = root / META
-        if not meta_path.exists():
+        if not (root / META).exists() and not (root / "index.log").exists():
             if not create:
                 raise ChunkError(f"no chunk store at {root} (run `stellar host init`)")
             cls._create(root, hasher)
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ChunkError(f"{meta_path}: unreadable store metadata: {exc}") from None
-        if meta.get("hasher") != hasher.name:
-            raise UsageError(f"store {root} holds chunks hashed with {meta.get('hasher')!r}, "
-                             f"not {hasher.name!r}; chunk identities cannot change")
+        problem = cls.meta_problem(root, hasher)
+        if problem and check_meta:
+            raise ChunkError(f"{root / META}: {problem} (`stellar fsck --repair` rewrites it)")
         return cls(root, hasher, compression, verify_reads, on_stored, pack_max)
+
+    @staticmethod
+    def meta_problem(root: Path, hasher: Hasher) -> str | None:
+        """What is wrong with ``nebula.json``, or None; a store of another hasher is a
+        UsageError (its chunk identities cannot change)."""
+        try:
+            meta = json.loads((root / META).read_bytes())
+        except FileNotFoundError:
+            return "the store metadata is missing"
+        except (OSError, ValueError, RecursionError) as exc:
+            return f"unreadable store metadata: {exc}"
+        if not isinstance(meta, dict) or not isinstance(meta.get("hasher"), str):
+            return "damaged store metadata: expected {\"format\": 1, \"hasher\": NAME}"
+        if meta["hasher"] != hasher.name:
+            raise UsageError(f"store {root} holds chunks hashed with {meta['hasher']!r}, "
+                             f"not {hasher.name!r}; chunk identities cannot change")
+        return None
+
+    @staticmethod
+    def write_meta(root: Path, hasher: Hasher) -> None:
+        write_atomic(root / META, (json.dumps({"format": 1, "hasher": hasher.name})
+                                   + "\n").encode())
 
     @staticmethod
     def _create(root: Path, hasher: Hasher) -> None:
@@ -329,8 +384,7 @@ class ChunkStore:
         log = root / "index.log"
         if not log.exists():
             write_atomic(log, LOG_HEADER.pack(LOG_MAGIC, 32, 0))
-        write_atomic(root / META, (json.dumps({"format": 1, "hasher": hasher.name})
-                                   + "\n").encode())
+        ChunkStore.write_meta(root, hasher)
         fsync_dir(root / "packs")
 
     # -- the index log ---------------------------------------------------------------
@@ -363,14 +417,21 @@ class ChunkStore:
                                     "it held is lost (the chunks stay in the packs)"))
             return 0, ChunkTable()
         _, gen, count, nslots = SNAP_HEADER.unpack(head)
+        nblocks = -(-count // SNAP_BLOCK)
+        want = hs + 4 + count * RECORD + 4 * nblocks + 4 * nslots + 4
+        if len(data) != want:
+            self.log_damage.append(("index.snap", 0, f"is {len(data)} bytes, its header says "
+                                    f"{want}: every index entry it held is lost (the chunks "
+                                    "stay in the packs)"))
+            return 0, ChunkTable()
         pos = hs + 4
         recs = memoryview(data)[pos:pos + count * RECORD]
-        nblocks = -(-count // SNAP_BLOCK)
         crcs = struct.unpack_from(f"<{nblocks}I", data, pos + count * RECORD)
         pos += count * RECORD + 4 * nblocks
         slots = data[pos:pos + 4 * nslots]
-        slots_ok = (len(slots) == 4 * nslots and
-                    zlib.crc32(slots) == int.from_bytes(data[pos + 4 * nslots:][:4], "little"))
+        slots_ok = (nslots >= 1024 and nslots & (nslots - 1) == 0 and nslots * 2 >= count * 3
+                    and zlib.crc32(slots) == int.from_bytes(data[pos + 4 * nslots:][:4],
+                                                            "little"))
         size = SNAP_BLOCK * RECORD
         bad = [i for i in range(nblocks) if zlib.crc32(recs[i * size:(i + 1) * size]) != crcs[i]]
         if not bad and slots_ok:
@@ -397,19 +458,27 @@ class ChunkStore:
             if self._log_fd >= 0:
                 os.close(self._log_fd)
                 self._log_fd = -1
+            self._table, self._snap_gen = table, gen
             try:
                 fd = os.open(self.log_path, os.O_RDWR)
+            except FileNotFoundError:
+                # The next writer starts a new log; fsck --repair re-indexes from the packs.
+                self.log_damage.append(("index.log", 0, "is missing: every index record "
+                                        "since the snapshot is lost"))
+                self._log_ino, self._log_pos, self._log_stale = 0, 0, True
+                return
             except OSError as exc:
                 raise ChunkError(f"{self.log_path}: cannot open the index: "
                                  f"{exc.strerror}") from None
             head = os.pread(fd, LOG_HEADER.size, 0)
-            if len(head) < LOG_HEADER.size or LOG_HEADER.unpack(head)[0] != LOG_MAGIC:
-                os.close(fd)
-                raise ChunkError(f"{self.log_path}: not a chunk index (bad header)")
-            log_gen = LOG_HEADER.unpack(head)[2]
             self._log_fd, self._log_ino = fd, os.fstat(fd).st_ino
-            self._table, self._snap_gen = table, gen
             self._log_pos = LOG_HEADER.size
+            if len(head) < LOG_HEADER.size or LOG_HEADER.unpack(head)[0] != LOG_MAGIC:
+                self.log_damage.append(("index.log", 0, "header is damaged: every index "
+                                        "record in it is lost (the chunks stay in the packs)"))
+                log_gen = -1
+            else:
+                log_gen = LOG_HEADER.unpack(head)[2]
             # A log older than the snapshot was already folded into it (a compaction
             # stopped between its two renames): skip it; the next writer replaces it.
             self._log_stale = log_gen < gen
@@ -427,10 +496,14 @@ class ChunkStore:
         """Apply records other processes appended (or reload after a compaction)."""
         try:
             ino = os.stat(self.log_path).st_ino
+        except FileNotFoundError:
+            ino = 0
         except OSError as exc:
-            raise ChunkError(f"{self.log_path}: the index is gone: {exc.strerror}") from None
+            raise ChunkError(f"{self.log_path}: cannot read the index: {exc.strerror}") from None
         if ino != self._log_ino:
             self._reload()
+        if self.log_damage and not self._marked:
+            self._mark_damaged()
         if self._log_stale:
             return
         size = os.fstat(self._log_fd).st_size
@@ -439,10 +512,39 @@ class ChunkStore:
         data = os.pread(self._log_fd, size - self._log_pos, self._log_pos)
         self._log_pos += self._apply(data, self._log_pos)
 
+    @property
+    def damage_path(self) -> Path:
+        return self.root / DAMAGED
+
+    def _mark_damaged(self) -> None:
+        """Record that the index lost entries, until ``fsck --repair`` has run.
+
+        The damage is seen only while loading; once a writer compacts, the files
+        look whole again. Until the index is rebuilt from the packs and the
+        references recounted, ``gc`` must not trust it (it would drop chunks the
+        index forgot), so the finding is kept on disk.
+        """
+        self._marked = True
+        if self.damage_path.exists():
+            return
+        text = "".join(f"{f} @{off}: {what}\n" for f, off, what in self.log_damage)
+        try:
+            write_atomic(self.damage_path, text.encode())
+        except OSError:
+            pass  # a read-only store: every opener sees the damage again anyway
+
+    def damaged(self) -> list[str]:
+        """Index damage found by any opener and not yet repaired (``DAMAGED``)."""
+        try:
+            return self.damage_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
     def _write_log(self, gen: int) -> None:
         """Start a fresh, empty log of generation ``gen`` (tmp + rename; caller holds the lock)."""
         write_atomic(self.log_path, LOG_HEADER.pack(LOG_MAGIC, 32, gen))
-        os.close(self._log_fd)
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
         self._log_fd = os.open(self.log_path, os.O_RDWR)
         self._log_ino = os.fstat(self._log_fd).st_ino
         self._log_pos, self._log_stale = LOG_HEADER.size, False
@@ -690,9 +792,15 @@ class ChunkStore:
             return packed, COMPRESSED
         return data, 0
 
-    def batch(self, limit: int = BATCH_BYTES) -> Batch:
-        """A :class:`Batch`: many puts, one durable commit (auto-commits every ``limit`` bytes)."""
-        return Batch(self, limit)
+    def batch(self, limit: int = BATCH_BYTES, journal: RefJournal | None = None) -> Batch:
+        """A :class:`Batch`: many puts, one durable commit (auto-commits every ``limit``
+        bytes); each commit's references are also recorded in ``journal``."""
+        return Batch(self, limit, journal)
+
+    def pending(self) -> RefJournal:
+        """A journal for an operation whose references outlive one batch (see
+        :mod:`~stellarium_core.nebula.pending`)."""
+        return RefJournal(self.root / PENDING)
 
     def _commit(self, new: dict[bytes, _Pending], refs: dict[bytes, _Pending]) -> None:
         with self._lock():
@@ -944,24 +1052,45 @@ class ChunkStore:
             "index_memory_bytes": self._table.nbytes(),
         }
 
-    def gc(self) -> dict[str, int]:
-        """Drop unreferenced chunks, rewrite packs with garbage, compact the index."""
+    def gc(self, keep: Callable[[], Collection[bytes]] | None = None) -> dict[str, int]:
+        """Release what dead operations' journals hold, drop unreferenced chunks (never
+        one ``keep()`` names: asked after that release), rewrite packs with garbage,
+        compact the index."""
         from stellarium_core.nebula.maintenance import collect
         try:
-            return collect(self)
+            return collect(self, keep)
         except OSError as exc:
             raise ChunkError(f"gc of {self.root} stopped: {exc.strerror or exc} "
                              f"({exc.filename or 'pack or index'}); what it did so far "
                              "is consistent, run it again when the cause is fixed") from None
 
-    def fsck(self, repair: bool = False) -> Any:
-        """Re-hash every chunk and cross-check index and packs (see ``maintenance.fsck``)."""
+    def fsck(self, repair: bool = False, held: Mapping[bytes, int] | None = None,
+             complete: bool = True) -> Any:
+        """Re-hash every chunk and cross-check index and packs (see ``maintenance.fsck``);
+        with ``held`` (references every holder accounts for) also the reference counts."""
         from stellarium_core.nebula.maintenance import fsck
         try:
-            return fsck(self, repair=repair)
+            return fsck(self, repair=repair, held=held, complete=complete)
         except OSError as exc:
             raise ChunkError(f"fsck of {self.root} could not read "
                              f"{exc.filename or 'the store'}: {exc.strerror or exc}") from None
+
+    @contextmanager
+    def exclusive(self) -> Iterator[bool]:
+        """Whether no other process has the store open; while True, none can open it.
+
+        A recount of references is only sound when no operation is between taking
+        references and writing the manifest that holds them.
+        """
+        try:
+            fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(self._users_fd, fcntl.LOCK_SH)
 
     def close(self) -> None:
         with self._mu:
@@ -980,6 +1109,9 @@ class ChunkStore:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
+            if self._users_fd >= 0:
+                os.close(self._users_fd)
+                self._users_fd = -1
 
     def __enter__(self) -> ChunkStore:
         return self

@@ -30,7 +30,7 @@ def load(path: Path) -> dict[str, dict[str, int]]:
     """The totals in ``path`` (empty if the file is absent or unreadable)."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(data, dict):
         return {}

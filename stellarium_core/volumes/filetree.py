@@ -4,7 +4,7 @@ Public API (what image layers and Voltainer build on)::
 
     m = capture(root, store, chunker, hasher)       -> Manifest (chunks put into NEBULA)
     capture(upper, ..., overlay_upper=True)         -> an overlayfs upper dir as an OCI layer
-    digest = save(m, directory, hasher)             -> digest of the canonical JSON bytes
+    digest = save(m, directory, hasher, store, held=True) -> digest; the file holds m's refs
     m = load(path_or_bytes)                         -> Manifest (ManifestError when damaged)
     restore(m, store, target, hasher)               -> byte- and metadata-identical tree
     for e in m: ...                                 -> Entry, parents before children
@@ -38,10 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stellarium_core.confined import ConfinedDir
 from stellarium_core.errors import StellarError
-from stellarium_core.fsutil import write_atomic
+from stellarium_core.fsutil import claim, remove_tree, sweep_unclaimed, write_atomic
 from stellarium_core.hookspecs import Chunker, Hasher
+from stellarium_core.nebula.pending import RefJournal
 from stellarium_core.nebula.store import align
+from stellarium_core.nebula.table import MAX_LEN
 from stellarium_core.volumes import cosmic
 from stellarium_core.volumes.tinyvol import ManifestError
 
@@ -58,6 +61,9 @@ _TYPES = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink",
 #: Entry type -> the S_IFMT bits of its inode (for mknod on restore, and views of the tree).
 TYPE_BITS = {v: k for k, v in _TYPES.items()}
 _KINDS = set(_TYPES.values()) | {"hardlink"}
+_ID_MAX = (1 << 32) - 2          # uid/gid -1 means "unchanged" to chown
+_INT64_MAX = (1 << 63) - 1
+_DEV_MAX = (1 << 64) - 1
 
 
 @dataclass
@@ -107,7 +113,7 @@ class Entry:
                     pack=bytes.fromhex(d["pack"]) if "pack" in d else None,
                     slot=d.get("slot"), hash=bytes.fromhex(d["hash"]) if "hash" in d else None,
                     target=d.get("target"), rdev=d.get("rdev"))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ManifestError(f"bad tree manifest entry {d!r:.120}: {exc!r}") from None
         _check_entry(e)
         return e
@@ -120,12 +126,28 @@ def _check_entry(e: Entry) -> None:
             or not isinstance(e.rdev, int | None)):
         raise ManifestError(f"tree manifest entry {e.path!r:.80} has a field of the wrong type")
     parts = e.path.split("/")
-    if e.path != "." and (e.path.startswith("/") or any(p in ("", ".", "..") for p in parts)):
+    if e.path != "." and (e.path.startswith("/") or any(p in ("", ".", "..") for p in parts)
+                          or "\0" in e.path):
         raise ManifestError(f"unsafe path {e.path!r} in tree manifest")
+    numbers = [("mode", e.mode, 0o7777), ("uid", e.uid, _ID_MAX), ("gid", e.gid, _ID_MAX),
+               ("size", e.size, _INT64_MAX), ("slot", e.slot or 0, _ID_MAX),
+               ("rdev", e.rdev or 0, _DEV_MAX)]
+    numbers += [("chunk length", n, MAX_LEN) for _, n in e.chunks]
+    for name, value, top in numbers:
+        if not 0 <= value <= top:
+            raise ManifestError(f"{e.path!r}: {name} {value} is outside 0..{top}")
+    if not -_INT64_MAX <= e.mtime_ns <= _INT64_MAX:
+        raise ManifestError(f"{e.path!r}: mtime_ns {e.mtime_ns} is out of range")
+    if (e.target is not None and "\0" in e.target) or not all(
+            isinstance(k, str) and k and "\0" not in k for k in e.xattrs):
+        raise ManifestError(f"{e.path!r}: a link target or xattr name holds a NUL byte")
     if e.type not in _KINDS:
         raise ManifestError(f"unknown entry type {e.type!r} for {e.path!r}")
     if e.type in ("symlink", "hardlink") and e.target is None:
         raise ManifestError(f"{e.type} {e.path!r} has no target")
+    if e.type == "hardlink" and (e.target == "." or e.target.startswith("/")
+                                 or any(p in ("", ".", "..") for p in e.target.split("/"))):
+        raise ManifestError(f"hardlink {e.path!r} has an unsafe target {e.target!r}")
     if e.type == "file" and e.pack is None and sum(n for _, n in e.chunks) != e.size:
         raise ManifestError(f"chunks of {e.path!r} do not add up to its size {e.size}")
 
@@ -139,16 +161,24 @@ def canonical_json(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
+def parse_json(data: bytes, what: str) -> Any:
+    """JSON from an untrusted source; anything else (truncated, not JSON, nested
+    deeper than the parser's stack) is a ManifestError naming ``what``."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{what} is truncated or corrupt: {exc}") from None
+    except RecursionError:
+        raise ManifestError(f"{what} is nested too deeply to be a manifest") from None
+
+
 def parse_document(data: bytes, fmt: str, version: int, what: str) -> dict[str, Any]:
     """The JSON object in ``data`` if it is a ``fmt`` document of ``version``.
 
     Anything else (truncated, not JSON, another format or version) is a
     ManifestError naming ``what``, never a JSON or attribute error.
     """
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{what} is truncated or corrupt: {exc}") from None
+    doc = parse_json(data, what)
     if not isinstance(doc, dict) or doc.get("format") != fmt:
         raise ManifestError(f"not a Stellarium {what}")
     if doc.get("version") != version:
@@ -200,29 +230,43 @@ def _xattrs(path: str) -> dict[str, bytes]:
     return {n: os.getxattr(path, n, follow_symlinks=False) for n in sorted(names)}
 
 
-def _walk(root: str, rel: str = ".") -> Iterator[tuple[str, str]]:
-    """(relative path, absolute path) parents-first, names in sorted order."""
-    yield rel, root
-    with os.scandir(root) as it:
-        names = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
-    for name, is_dir in names:
-        child_rel = name if rel == "." else f"{rel}/{name}"
-        child = os.path.join(root, name)
-        if is_dir:
-            yield from _walk(child, child_rel)
-        else:
+def _listing(path: str) -> Iterator[tuple[str, bool]]:
+    with os.scandir(path) as it:
+        return iter(sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it))
+
+
+def _walk(root: str) -> Iterator[tuple[str, str]]:
+    """(relative path, absolute path) parents-first, names in sorted order.
+
+    Depth-first with an explicit stack, not recursion: a crafted tar nests
+    directories thousands deep, past Python's recursion limit.
+    """
+    yield ".", root
+    stack = [(".", root, _listing(root))]
+    while stack:
+        rel, path, names = stack[-1]
+        for name, is_dir in names:
+            child_rel = name if rel == "." else f"{rel}/{name}"
+            child = os.path.join(path, name)
             yield child_rel, child
+            if is_dir:
+                stack.append((child_rel, child, _listing(child)))
+                break  # its subtree first; this directory's listing resumes after it
+        else:
+            stack.pop()
 
 
 def capture(root: str | os.PathLike[str], store: Any, chunker: Chunker, hasher: Hasher,
-            *, cosmic_packs: bool = True, overlay_upper: bool = False) -> Manifest:
+            *, cosmic_packs: bool = True, overlay_upper: bool = False,
+            journal: RefJournal | None = None) -> Manifest:
     """Store the tree at ``root`` in NEBULA and return its manifest.
 
     Files under 4 KiB go into Cosmic Packs unless ``cosmic_packs`` is False, in
     which case every file is chunked alone. With ``overlay_upper`` the tree is an
     overlayfs upper directory (a container's writes) and its whiteouts become OCI
     ones: a 0/0 character device NAME becomes ``.wh.NAME``, and a directory marked
-    ``trusted.overlay.opaque=y`` gets a ``.wh..wh..opq`` entry.
+    ``trusted.overlay.opaque=y`` gets a ``.wh..wh..opq`` entry. The references
+    taken are recorded in ``journal`` (if given) until the caller keeps them.
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
@@ -230,7 +274,7 @@ def capture(root: str | os.PathLike[str], store: Any, chunker: Chunker, hasher: 
     inodes: dict[tuple[int, int], str] = {}
     entries: list[Entry] = []
     pending: list[tuple[Entry, cosmic.PackSlot]] = []
-    with store.batch() as batch:  # one durable commit per 64 MiB, not per file
+    with store.batch(journal=journal) as batch:  # one durable commit per 64 MiB
         packer = cosmic.Packer(batch, hasher)
         for rel, path in _walk(root):
             st = os.lstat(path)
@@ -318,13 +362,39 @@ def footprint(manifest: Manifest, store: Any) -> dict[str, int]:
             "aligned_bytes": sum(align(n) for n in sizes.values())}
 
 
-def save(manifest: Manifest, directory: str | os.PathLike[str], hasher: Hasher) -> bytes:
-    """Write ``<directory>/<digest>.json`` atomically; returns the digest."""
+def save(manifest: Manifest, directory: str | os.PathLike[str], hasher: Hasher, store: Any,
+         *, held: bool) -> bytes:
+    """Keep ``<directory>/<digest>.json``, holding the manifest's references once.
+
+    ``held``: the caller already holds one set (:func:`capture` took them), else
+    they are taken here, before the file is written. A file already there holds
+    its set (even when damaged: its references were taken when it was written),
+    so a held set is given back, and a damaged file is rewritten with the
+    right bytes. Returns the digest.
+    """
     data = manifest.encode()
     digest = hasher.digest(data)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    write_atomic(d / f"{digest.hex()}.json", data)
+    path = d / f"{digest.hex()}.json"
+    try:
+        present = path.read_bytes()
+    except FileNotFoundError:
+        if not held:
+            store.ref_many(references(manifest))
+        try:
+            write_atomic(path, data, exclusive=True)
+        except FileExistsError:  # kept by someone else meanwhile
+            release(manifest, store)
+        except BaseException:
+            if not held:
+                release(manifest, store)
+            raise
+        return digest
+    if held:
+        release(manifest, store)
+    if present != data:
+        write_atomic(path, data)
     return digest
 
 
@@ -362,51 +432,96 @@ class _PackCache:
         return cosmic.read_slot(self.data, e.slot, self.hasher, expect=e.hash)
 
 
+def _check_tree(entries: list[Entry]) -> None:
+    """A restorable tree: the root first, each path once, each under a directory
+    listed before it, each hardlink to a non-directory listed before it."""
+    if not entries or entries[0].path != "." or entries[0].type != "dir":
+        raise ManifestError("tree manifest does not start with its root directory")
+    kinds = {".": "dir"}
+    for e in entries[1:]:
+        if e.path in kinds:
+            raise ManifestError(f"tree manifest lists {e.path!r} twice")
+        parent = e.path.rpartition("/")[0] or "."
+        if kinds.get(parent) != "dir":
+            raise ManifestError(f"{e.path!r} is not under a directory listed before it")
+        if e.type == "hardlink" and kinds.get(e.target or "", "dir") == "dir":
+            raise ManifestError(f"hardlink {e.path!r} -> {e.target!r}: the target is not a "
+                                "file listed before it")
+        kinds[e.path] = e.type
+
+
 def restore(manifest: Manifest, store: Any, target: str | os.PathLike[str],
             hasher: Hasher) -> None:
     """Recreate the tree at ``target`` (absent or empty), contents and metadata.
 
     Every chunk is read through NEBULA (verified), packed files against their own
-    hash. Metadata is applied children-first, so directory mtimes survive.
+    hash. Every path is created beneath ``target`` and never through a symlink
+    (a manifest may come from a pull), and hardlinks must name a file inside it.
+    Metadata is applied children-first, so directory mtimes survive. The tree
+    appears at ``target`` only once complete.
     """
-    target = os.fspath(target)
+    target = os.path.abspath(target)
+    # Built under a claimed name and moved into place when complete, so a failed
+    # or killed restore never leaves a partial tree at the target: beside it and
+    # renamed, or, when the target is a mount point, inside it and moved in.
+    mounted = os.path.ismount(target)
+    parent = target if mounted else os.path.dirname(target)
+    prefix = ".restore-" if mounted else f".{os.path.basename(target)}.restore-"
+    if os.path.isdir(parent):
+        sweep_unclaimed(parent, prefix)
     if os.path.lexists(target) and (not os.path.isdir(target) or os.listdir(target)):
         raise StellarError(f"restore target {target} exists and is not an empty directory")
     if manifest.hasher != hasher.name:
         raise ManifestError(f"tree manifest was made with hasher {manifest.hasher!r}, "
                             f"this store uses {hasher.name!r}")
     entries = list(manifest)
-    if not entries or entries[0].path != "." or entries[0].type != "dir":
-        raise ManifestError("tree manifest does not start with its root directory")
-    os.makedirs(target, exist_ok=True)
+    _check_tree(entries)
+    os.makedirs(parent, exist_ok=True)
+    work, fd = claim(parent, prefix, directory=True)
+    try:
+        _restore_into(entries, store, work, hasher)
+        if not mounted:
+            os.rename(work, target)
+            return
+        for name in os.listdir(work):
+            os.rename(work / name, os.path.join(target, name))
+        os.rmdir(work)
+        root = entries[0]
+        with ConfinedDir(target) as top:
+            top.set_attrs(".", uid=root.uid, gid=root.gid, mode=root.mode,
+                          mtime_ns=root.mtime_ns, xattrs=root.xattrs)
+    except BaseException:
+        remove_tree(work)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _restore_into(entries: list[Entry], store: Any, target: Path, hasher: Hasher) -> None:
     packs = _PackCache(store, hasher)
-    for e in entries[1:]:
-        path = os.path.join(target, e.path)
-        if e.type == "dir":
-            os.mkdir(path, 0o700)
-        elif e.type == "file":
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with open(fd, "wb") as fh:
-                if e.pack is not None:
-                    fh.write(packs.read(e))
-                for digest, _ in e.chunks:
-                    fh.write(store.get(digest))
-        elif e.type == "symlink":
-            os.symlink(e.target, path)
-        elif e.type == "hardlink":
-            os.link(os.path.join(target, e.target), path, follow_symlinks=False)
-        else:
-            os.mknod(path, TYPE_BITS[e.type] | 0o600, e.rdev or 0)
-    for e in reversed(entries):
-        if e.type == "hardlink":
-            continue
-        path = os.path.join(target, e.path)
-        os.chown(path, e.uid, e.gid, follow_symlinks=False)
-        if e.type != "symlink":
-            os.chmod(path, e.mode)  # after chown, which clears set-id bits
-        for k, v in e.xattrs.items():
-            os.setxattr(path, k, v, follow_symlinks=False)
-        os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+    with ConfinedDir(target) as root:
+        for e in entries[1:]:
+            if e.type == "dir":
+                root.mkdir(e.path)
+            elif e.type == "file":
+                with open(root.create(e.path), "wb") as fh:
+                    if e.pack is not None:
+                        fh.write(packs.read(e))
+                    for digest, _ in e.chunks:
+                        fh.write(store.get(digest))
+            elif e.type == "symlink":
+                assert e.target is not None
+                root.symlink(e.target, e.path)
+            elif e.type == "hardlink":
+                assert e.target is not None
+                root.link(e.target, e.path)
+            else:
+                root.mknod(e.path, TYPE_BITS[e.type] | 0o600, e.rdev or 0)
+        for e in reversed(entries):
+            if e.type != "hardlink":
+                root.set_attrs(e.path, uid=e.uid, gid=e.gid,
+                               mode=None if e.type == "symlink" else e.mode,
+                               mtime_ns=e.mtime_ns, xattrs=e.xattrs)
 
 
 # -- stacking ---------------------------------------------------------------------

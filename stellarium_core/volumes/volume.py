@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from stellarium_core.errors import StellarError, UsageError
-from stellarium_core.fsutil import fsync_dir, write_atomic
+from stellarium_core.fsutil import claim, fsync_dir, sweep_unclaimed, write_atomic
 from stellarium_core.hookspecs import Hasher
 from stellarium_core.volumes import tinyvol
 from stellarium_core.volumes.tinyvol import NO_BASE, REF_ZERO, ChunkRef, ManifestError, TinyVol
@@ -426,27 +426,34 @@ class VolumeStore:
 
     def import_raw(self, name: str, src: str | os.PathLike[str] | BinaryIO,
                    *, shift: int = tinyvol.DEFAULT_SHIFT) -> Volume:
-        """A new volume holding a raw disk image; all-zero slots are not stored."""
+        """A new volume holding a raw disk image; all-zero slots are not stored.
+
+        The references taken are journaled until the manifest holds them, so a
+        killed import leaks nothing ``gc`` cannot release.
+        """
         check_name(name)
         if self.exists(name):
             raise VolumeError(f"volume {name!r} already exists")
         fh = open(src, "rb") if isinstance(src, (str, os.PathLike)) else src
         err: BaseException | None = None
-        try:
-            m = TinyVol(size=os.fstat(fh.fileno()).st_size, shift=shift)
-            with self.store.batch() as batch:  # one durable commit per 64 MiB, not per chunk
-                for idx in range(m.slots):
-                    want = m.slot_len(idx)
-                    data = fh.read(want)
-                    if len(data) != want:
-                        err = VolumeError(f"image shrank while importing "
-                                          f"(slot {idx}: {len(data)} of {want} bytes)")
-                        break
-                    if not _is_zero(data):
-                        m.refs[idx] = ChunkRef(batch.put(data), want)
-        finally:
-            if fh is not src:
-                fh.close()
+        with self.store.pending() as journal:
+            try:
+                m = TinyVol(size=os.fstat(fh.fileno()).st_size, shift=shift)
+                # one durable commit per 64 MiB, not per chunk
+                with self.store.batch(journal=journal) as batch:
+                    for idx in range(m.slots):
+                        want = m.slot_len(idx)
+                        data = fh.read(want)
+                        if len(data) != want:
+                            err = VolumeError(f"image shrank while importing "
+                                              f"(slot {idx}: {len(data)} of {want} bytes)")
+                            break
+                        if not _is_zero(data):
+                            m.refs[idx] = ChunkRef(batch.put(data), want)
+            finally:
+                if fh is not src:
+                    fh.close()
+            journal.settle()  # the manifest takes the references over (or they go back)
         if err is None:
             try:
                 self._write_manifest(name, m, new=True)
@@ -457,16 +464,39 @@ class VolumeStore:
         raise err
 
     def export_raw(self, name: str, dest: str | os.PathLike[str]) -> int:
-        """Write the volume as a sparse raw image; returns the bytes of data written."""
+        """Write the volume as a sparse raw image; returns the bytes of data written.
+
+        The image appears at ``dest`` only when complete (written under a claimed
+        temporary name, then renamed); one a killed export left is swept by the next.
+        """
+        dest = Path(dest)
+        if not dest.parent.is_dir():
+            raise VolumeError(f"{dest}: No such file or directory ({dest.parent} is not a "
+                              "directory)")
+        if dest.exists() and not dest.is_file():
+            raise UsageError(f"{dest} exists and is not a regular file")
+        prefix = f".{dest.name}.export-"
+        sweep_unclaimed(dest.parent, prefix)
+        tmp, fd = claim(dest.parent, prefix, directory=False)
         written = 0
-        with self.open(name, readonly=True) as vol, open(dest, "wb") as fh:
-            for idx in range(vol.manifest.slots):
-                if vol._current(idx) is None:
-                    continue
-                fh.seek(idx << vol.manifest.shift)
-                fh.write(vol.slot_view(idx))
-                written += vol.manifest.slot_len(idx)
-            fh.truncate(vol.size)
+        try:
+            with self.open(name, readonly=True) as vol, open(fd, "wb", closefd=False) as fh:
+                for idx in range(vol.manifest.slots):
+                    if vol._current(idx) is None:
+                        continue
+                    fh.seek(idx << vol.manifest.shift)
+                    fh.write(vol.slot_view(idx))
+                    written += vol.manifest.slot_len(idx)
+                fh.truncate(vol.size)
+                fh.flush()
+                os.fsync(fd)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
         return written
 
     def _copy(self, src: str, dst: str, readonly: bool) -> None:

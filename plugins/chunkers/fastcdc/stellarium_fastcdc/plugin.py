@@ -14,6 +14,16 @@ from stellarium_core.config import Field, validate_params
 from stellarium_core.errors import ConfigError, PluginError
 from stellarium_core.hookspecs import hookimpl
 
+#: Bounds on chunk sizes, so a config that passes `host init` cannot make an ingest
+#: exhaust memory or run for hours (see the reasons below).
+MIN_CHUNK = 1 << 10
+MIN_AVG = 4 << 10
+MAX_CHUNK = 8 << 20
+_TOO_SMALL = ("NEBULA gives every chunk its own 4 KiB page and index entry, so smaller "
+              "chunks multiply disk use and ingest time")
+_TOO_BIG = ("a chunk must fit NEBULA's 16 MiB chunk limit, and streams are read in windows "
+            "of four times the largest chunk")
+
 
 def _compiled_fastcdc() -> Any:
     """The compiled FastCDC kernel; the pure-Python fallback is ~100x slower."""
@@ -42,12 +52,19 @@ class FastCDCChunker:
             "avg_size": Field("size", 64 * 1024, _power_of_two),
             "max_size": Field("size", 256 * 1024),
         })
-        if not 64 <= p["min_size"] <= p["avg_size"] <= p["max_size"]:
+        if not p["min_size"] <= p["avg_size"] <= p["max_size"]:
             raise ConfigError(
-                f"need 64 <= min_size <= avg_size <= max_size, got "
+                f"need min_size <= avg_size <= max_size, got "
                 f"{p['min_size']}/{p['avg_size']}/{p['max_size']}", key="min_size")
-        if p["max_size"] < 1024 or p["avg_size"] < 256:
-            raise ConfigError("max_size must be >= 1024 and avg_size >= 256", key="max_size")
+        if p["min_size"] < MIN_CHUNK:
+            raise ConfigError(f"must be at least {MIN_CHUNK} (1 KiB), got {p['min_size']}: "
+                              f"{_TOO_SMALL}", key="min_size")
+        if p["avg_size"] < MIN_AVG:
+            raise ConfigError(f"must be at least {MIN_AVG} (4 KiB), got {p['avg_size']}: "
+                              f"{_TOO_SMALL}", key="avg_size")
+        if p["max_size"] > MAX_CHUNK:
+            raise ConfigError(f"must be at most {MAX_CHUNK} (8 MiB), got {p['max_size']}: "
+                              f"{_TOO_BIG}", key="max_size")
         self._params = p
         self.max_size = p["max_size"]
         self._cut = _compiled_fastcdc()
@@ -69,7 +86,10 @@ class FixedChunker:
 
     def __init__(self, params: dict[str, Any]) -> None:
         self._params = validate_params(params, {"size": Field("size", 64 * 1024, _power_of_two)})
-        self.max_size = self._params["size"]
+        size = self.max_size = self._params["size"]
+        if not MIN_AVG <= size <= MAX_CHUNK:
+            raise ConfigError(f"must be 4 KiB..8 MiB, got {size}: "
+                              f"{_TOO_SMALL if size < MIN_AVG else _TOO_BIG}", key="size")
 
     @property
     def params(self) -> dict[str, Any]:

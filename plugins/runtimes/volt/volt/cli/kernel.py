@@ -107,9 +107,8 @@ def _list(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     registry, host = _registry(args)
     rec = registry.find(host, args.ref)
-    data = dict(rec.data)
-    data["images"] = {k: {kk: vv for kk, vv in v.items() if kk != "chunks"}
-                      | {"chunks": len(v["chunks"])} for k, v in rec.images.items()}
+    data = {k: v for k, v in rec.data.items() if k != "chunks"}
+    data["images"] = {k: v | {"chunks": len(rec.chunks(k))} for k, v in rec.images.items()}
     if args.verify or args.extract:
         for slot in rec.images:
             if args.extract:

@@ -1,10 +1,12 @@
 """The kernel registry: kernel images stored in NEBULA, described by small JSON records.
 
-A record ``<store>/kernels/<name>.json`` names one kernel and holds, per boot
-format it has (``vmlinux``, ``bzImage``), the image's whole-file digest and the
-FastCDC chunk list it was stored as. Chunks are reference counted, so two
-kernels that share most bytes share most chunks, and replacing or removing a
-record releases exactly the references it held.
+A record ``<store>/records/kernels/<name>.json`` names one kernel and holds, per
+boot format it has (``vmlinux``, ``bzImage``), the image's whole-file digest,
+and under ``"chunks"`` the FastCDC chunk list it was stored as. That is the
+core's contract for plugin records that hold references
+(:mod:`stellarium_core.holders`), so ``stellar fsck`` counts them. Chunks are
+reference counted, so two kernels that share most bytes share most chunks, and
+replacing or removing a record releases exactly the references it held.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from stellarium_core.errors import StellarError, UsageError
+from stellarium_core.fsutil import fsync_dir, write_atomic
+from stellarium_core.holders import RECORDS
 from stellarium_core.host import Host
+from stellarium_core.nebula import Batch
 from volt.kernels.build import KernelBuild
 from volt.kernels.formats import KernelInfo, inspect
 
@@ -41,14 +47,23 @@ class KernelRecord:
     def images(self) -> dict[str, dict[str, Any]]:
         return self.data["images"]
 
+    def chunks(self, slot: str) -> list[list[Any]]:
+        """[[digest hex, length], ...] of one image."""
+        return self.data["chunks"][slot]
+
+    def references(self) -> Counter[bytes]:
+        return Counter(bytes.fromhex(d) for slot in self.images for d, _n in self.chunks(slot))
+
     def digests(self) -> list[str]:
         return [img["digest"] for img in self.images.values()]
 
 
 def _dir(host: Host) -> Path:
-    d = host.store_path / "kernels"
-    if not d.is_dir():
-        raise StellarError(f"no kernel registry at {d} (run `stellar host init`)")
+    top = host.store_path / RECORDS
+    if not top.is_dir():
+        raise StellarError(f"no record directory at {top} (run `stellar host init`)")
+    d = top / "kernels"
+    d.mkdir(exist_ok=True)
     return d
 
 
@@ -67,41 +82,45 @@ def check_name(name: str) -> str:
     return name
 
 
-def _store_image(host: Host, path: Path, info: KernelInfo) -> dict[str, Any]:
-    chunks = host.store.put_stream(path, host.chunker)
+def _store_image(host: Host, batch: Batch, path: Path,
+                 info: KernelInfo) -> tuple[dict[str, Any], list[list[Any]]]:
+    chunks = batch.put_stream(path, host.chunker)
     h = host.hasher.new()
     with open(path, "rb") as fh:
         while block := fh.read(1 << 20):
             h.update(block)
-    return {"digest": h.digest().hex(), "size": path.stat().st_size,
-            "chunks": [[d.hex(), n] for d, n in chunks], **info.to_dict()}
+    return ({"digest": h.digest().hex(), "size": sum(n for _, n in chunks), **info.to_dict()},
+            [[d.hex(), n] for d, n in chunks])
 
 
 def register(host: Host, name: str, images: dict[str, Path], meta: dict[str, Any]) -> KernelRecord:
     """Store ``images`` (slot -> file) in NEBULA and write the record ``name``.
 
-    Re-registering a name replaces it; the old record's chunk references are released.
+    Re-registering a name replaces it; the old record's chunk references are
+    released. Until the record holds them, the references are journaled, so a
+    killed import leaks nothing ``stellar gc`` cannot release.
     """
     check_name(name)
-    stored = {}
-    for slot, path in images.items():
-        stored[slot] = _store_image(host, path, inspect(path))
+    stored, chunks = {}, {}
+    with host.store.pending() as journal:
+        with host.store.batch(journal=journal) as batch:
+            for slot, path in images.items():
+                stored[slot], chunks[slot] = _store_image(host, batch, path, inspect(path))
+        journal.settle()
     record = {"name": name, "registered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "hasher": host.hasher.name, **meta, "images": stored}
-    with _locked(host) as d:
-        old = _read(d / f"{name}.json")
-        tmp = d / f".{name}.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, d / f"{name}.json")
-        if old is not None:
-            _release(host, old)
-    return KernelRecord(name, record)
-
-
-def _release(host: Host, rec: KernelRecord) -> None:
-    for img in rec.images.values():
-        for digest, _n in img["chunks"]:
-            host.store.release(bytes.fromhex(digest))
+              "hasher": host.hasher.name, **meta, "images": stored, "chunks": chunks}
+    rec = KernelRecord(name, record)
+    try:
+        with _locked(host) as d:
+            old = _read(d / f"{name}.json")
+            write_atomic(d / f"{name}.json",
+                         (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    except BaseException:
+        host.store.release_many(rec.references())
+        raise
+    if old is not None:
+        host.store.release_many(old.references())
+    return rec
 
 
 def _read(path: Path) -> KernelRecord | None:
@@ -109,8 +128,13 @@ def _read(path: Path) -> KernelRecord | None:
         return None
     try:
         data = json.loads(path.read_text())
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise StellarError(f"{path}: damaged kernel record: {exc}") from None
+    if (not isinstance(data, dict) or not isinstance(data.get("name"), str)
+            or not isinstance(data.get("images"), dict)
+            or not isinstance(data.get("chunks"), dict)
+            or set(data["images"]) != set(data["chunks"])):
+        raise StellarError(f"{path}: damaged kernel record: not a kernel record")
     return KernelRecord(data["name"], data)
 
 
@@ -157,7 +181,7 @@ def read_image(host: Host, rec: KernelRecord, slot: str) -> bytes:
         raise UsageError(f"kernel {rec.name} has no {slot} (it has: "
                          f"{', '.join(rec.images)})")
     img = rec.images[slot]
-    data = b"".join(host.store.get(bytes.fromhex(d)) for d, _n in img["chunks"])
+    data = b"".join(host.store.get(bytes.fromhex(d)) for d, _n in rec.chunks(slot))
     if len(data) != img["size"] or host.hasher.digest(data).hex() != img["digest"]:
         raise StellarError(f"kernel {rec.name} {slot}: reassembled image does not match its "
                            "recorded digest")
@@ -178,5 +202,6 @@ def remove(host: Host, ref: str) -> KernelRecord:
     with _locked(host) as d:
         rec = find(host, ref)
         (d / f"{rec.name}.json").unlink()
-        _release(host, rec)
+        fsync_dir(d)  # durable before the references go
+    host.store.release_many(rec.references())
     return rec

@@ -11,6 +11,7 @@ import struct
 from volt.vmm import layout
 from volt.vmm.exitcodes import CMDLINE, INITRD, MEMORY, VoltError
 from volt.vmm.loader.elf import LoadedKernel
+from volt.vmm.loader.kernel import open_regular
 from volt.vmm.memory import GuestMemory
 
 ZERO_PAGE_SIZE = 4096
@@ -95,7 +96,7 @@ def write_pvh_start_info(mem: GuestMemory, cmdline: bytes,
 
 def read_initrd(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "initrd", INITRD) as f:
             data = f.read()
     except OSError as exc:
         raise VoltError(f"initrd {path}: {exc.strerror}", INITRD) from None

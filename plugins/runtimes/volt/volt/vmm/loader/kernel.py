@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -23,11 +25,29 @@ class KernelImage:
     initrd_addr_max: int
 
 
-def open_kernel(path: str) -> KernelImage:
+def open_regular(path: str, what: str, code: int) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file, else a VoltError(``code``).
+
+    Opened non-blocking first, so a FIFO cannot hang the open, and checked on the
+    open descriptor: a FIFO never ends and /dev/zero never stops, so reading one
+    as a kernel or initrd would hang or fill memory.
+    """
     try:
-        f = open(path, "rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise VoltError(f"kernel {path}: {exc.strerror}", KERNEL) from None
+        raise VoltError(f"{what} {path}: {exc.strerror}", code) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+        raise VoltError(f"{what} {path} is {kind}, not a regular file", code)
+    os.set_blocking(fd, True)
+    return open(fd, "rb")
+
+
+def open_kernel(path: str) -> KernelImage:
+    f = open_regular(path, "kernel", KERNEL)
     head = f.read(0x1000)
     if elf.is_elf(head):
         return KernelImage(path, f, "elf", layout.CMDLINE_MAX, 0xFFFF_FFFF)
