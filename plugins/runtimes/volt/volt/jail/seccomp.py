@@ -34,10 +34,10 @@ PYTHON = ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "futex", "ge
           "exit", "exit_group", "set_robust_list", "rseq", "close", "fstat", "newfstatat",
           "lseek", "read", "write", "tgkill")
 #: What device models do with host files (Stellarium stores) and eventfds.
-DEVICE = ("openat", "pread64", "pwrite64", "preadv", "pwritev", "readv", "writev", "fsync",
-          "fdatasync", "flock", "fcntl", "ftruncate", "fallocate", "statx", "getdents64",
-          "rename", "renameat", "renameat2", "unlink", "unlinkat", "mkdir", "mkdirat",
-          "eventfd2", "ioctl:FIONREAD")
+DEVICE = ("openat", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
+          "readv", "writev", "fsync", "fdatasync", "flock", "fcntl", "ftruncate", "fallocate",
+          "statx", "getdents64", "rename", "renameat", "renameat2", "unlink", "unlinkat",
+          "mkdir", "mkdirat", "eventfd2", "ioctl:FIONREAD")
 #: KVM ioctls a vCPU thread makes while the guest runs (exits, pause probes, irq lines).
 VCPU_IOCTLS = ("RUN", "GET_REGS", "SET_REGS", "GET_SREGS", "SET_SREGS", "GET_MP_STATE",
                "IRQ_LINE")
