@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 import socket
 import struct
 import threading
@@ -57,6 +58,10 @@ def _ptrace_sibling(p: dict[str, Any]) -> None:
     _c(_libc.ptrace(PTRACE_ATTACH, int(p["pid"]), None, None))
 
 
+def _signal_sibling(p: dict[str, Any]) -> None:
+    os.kill(int(p["pid"]), signal.SIGCONT)
+
+
 def _write_outside(p: dict[str, Any]) -> None:
     with open(p["path"], "wb") as fh:
         fh.write(b"escaped")
@@ -78,7 +83,8 @@ def _mount(p: dict[str, Any]) -> None:
 
 ATTEMPTS: dict[str, Callable[[dict[str, Any]], None]] = {
     "read-shadow": _read_shadow, "exec-sh": _exec_sh, "connect-tcp": _connect_tcp,
-    "ptrace-sibling": _ptrace_sibling, "write-outside": _write_outside,
+    "ptrace-sibling": _ptrace_sibling, "signal-sibling": _signal_sibling,
+    "write-outside": _write_outside,
     "open-dev-mem": _open_dev_mem, "load-module": _load_module, "mount": _mount,
 }
 
@@ -135,7 +141,7 @@ def stellarium_device(name: str, params: dict[str, Any]) -> EscapeDevice | None:
         "thread": Field(str, "vcpu", check=one_of("vcpu", "io"),
                         doc="vcpu (config read) or io (queue notify)"),
         "port": Field(str, "0", doc="connect-tcp: a listening loopback port"),
-        "pid": Field(str, "0", doc="ptrace-sibling: the process to attach to"),
+        "pid": Field(str, "0", doc="ptrace-/signal-sibling: the target process"),
         "path": Field(str, "", doc="write-outside / mount / open-dev-mem (a copy of the "
                                      "node where the host has none): the target path"),
     }))

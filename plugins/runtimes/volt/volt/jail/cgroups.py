@@ -26,11 +26,10 @@ class CgroupError(OSError):
 
 @dataclass
 class Cgroups:
-    """The cgroup directories made for one VM, and the files written in them."""
+    """The cgroup directories made for one VM."""
 
     version: int
     dirs: list[Path] = field(default_factory=list)
-    written: dict[str, str] = field(default_factory=dict)
 
     def add(self, pid: int) -> None:
         """Move ``pid`` (the VMM, before it execs) into every directory."""
@@ -122,7 +121,6 @@ def _setup_v2(root: Path, limits: dict[str, str], controllers: set[str], parent:
     for key, value in limits.items():
         v = _bytes(value) if key == "memory.max" else value
         _write(d / key, v)
-        cg.written[str(d / key)] = v
     cg.dirs.append(d)
     return cg
 
@@ -139,7 +137,6 @@ def _setup_v1(limits: dict[str, str], parent: str, vm_id: str) -> Cgroups:
             d = Path(mnt, _own(ctrl), parent, vm_id)
             d.mkdir(parents=True, exist_ok=True)
             _write(d / name, v)
-            cg.written[str(d / name)] = v
             if d not in cg.dirs:
                 cg.dirs.append(d)
     return cg

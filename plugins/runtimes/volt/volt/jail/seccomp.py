@@ -32,7 +32,7 @@ PYTHON = ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "futex", "ge
           "gettid", "getrandom", "rt_sigprocmask", "rt_sigreturn", "sigaltstack",
           "clock_gettime", "clock_nanosleep", "nanosleep", "sched_yield", "restart_syscall",
           "exit", "exit_group", "set_robust_list", "rseq", "close", "fstat", "newfstatat",
-          "lseek", "read", "write", "tgkill")
+          "lseek", "read", "write", "tgkill:SELF")
 #: What device models do with host files (Stellarium stores) and eventfds.
 DEVICE = ("openat", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
           "readv", "writev", "fsync", "fdatasync", "flock", "fcntl", "ftruncate", "fallocate",
@@ -45,8 +45,8 @@ VCPU_IOCTLS = ("RUN", "GET_REGS", "SET_REGS", "GET_SREGS", "SET_SREGS", "GET_MP_
 IO_LOOP = ("epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait")
 #: An API server thread on a unix socket (the REST API): accept, read, answer.
 API = ("accept4", "recvfrom", "recvmsg", "sendto", "sendmsg", "shutdown", "getsockopt",
-       "setsockopt", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "poll",
-       "ppoll")
+       "setsockopt", "getsockname", "getpeername", "epoll_create1", "epoll_ctl", "epoll_wait",
+       "epoll_pwait", "poll", "ppoll")
 #: The main thread: starts threads (clone with CLONE_THREAD only), loads their filters,
 #: handles signals and kicks vCPUs, opens unix sockets; the process exit path.
 MAIN = ("clone:THREAD", "seccomp", "prctl", "rt_sigaction", "tgkill", "wait4", "poll",
@@ -57,8 +57,11 @@ CLONE_THREAD = 0x10000
 FIONREAD = 0x541B
 U32 = 0xFFFFFFFF
 #: The argument checks named after a colon above.
+#: SELF is this process's pid, filled in when the filters are built: signals (vCPU
+#: kicks) may go to the VMM's own threads only.
+SELF = -1
 CHECKS = {"clone:THREAD": (0, CLONE_THREAD, CLONE_THREAD), "socket:AF_UNIX": (0, U32, 1),
-          "ioctl:FIONREAD": (1, U32, FIONREAD)}
+          "ioctl:FIONREAD": (1, U32, FIONREAD), "tgkill:SELF": (0, U32, SELF)}
 
 
 def _rules(names: Iterable[str]) -> list[Rule]:
@@ -97,6 +100,8 @@ def build_all(mode: str) -> dict[str, Any]:
     for kind, rules in KINDS.items():
         f = sc.SyscallFilter(default)
         for call, check in rules:
+            if check and check[2] == SELF:
+                check = (check[0], check[1], os.getpid())
             args = [sc.Arg(check[0], sc.MASKED_EQ, check[1], check[2])] if check else []
             f.add_rule(sc.ALLOW, call, *args)
         if kind == "main":
