@@ -104,11 +104,20 @@ class Confinement:
         self.report.append(enforced.describe())
 
     def enter_thread(self, kind: str) -> None:
-        """First thing in a new thread: name it after its Python name, stack its filter."""
-        name = threading.current_thread().name.encode()[:15]
-        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+        """First thing in a new thread: name it after its Python name, stack its filter.
+
+        A thread that cannot be confined ends the process: it must not run unconfined,
+        and the VM could not go on without it.
+        """
+        name = threading.current_thread().name
+        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
         if self.filters:
-            self.filters[kind].load()
+            try:
+                self.filters[kind].load()
+            except (OSError, KeyError) as exc:
+                os.write(2, f"volt: error: cannot confine thread {name} ({kind}): "
+                            f"{exc}\n".encode())
+                os._exit(exitcodes.CONFINE)
 
 
 def _other_threads() -> list[str]:
