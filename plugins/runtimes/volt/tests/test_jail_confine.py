@@ -81,6 +81,18 @@ def test_unconfined_only_when_asked_and_never_silently(hello):
     assert "volt: confined: landlock ABI" in default.stderr and "seccomp kill" in default.stderr
 
 
+@needs_kvm
+@pytest.mark.parametrize("landlock", ["on", "best-effort", "off"])
+@pytest.mark.parametrize("mode", ["kill", "log", "off"])
+def test_every_mode_runs_a_guest_to_its_end(hello, landlock, mode):
+    """Each combination gets through a VM's whole life, exit path included (a first
+    version killed the main thread there: Python's open() asks every file for TCGETS)."""
+    res = volt_run(hello, f"--landlock={landlock}", f"--seccomp={mode}", "--timing")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.replace("\r", "") == "Hi\n"
+    assert "volt: setup " in res.stderr
+
+
 def _child(code: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

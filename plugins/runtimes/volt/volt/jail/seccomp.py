@@ -33,11 +33,12 @@ PYTHON = ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "futex", "ge
           "clock_gettime", "clock_nanosleep", "nanosleep", "sched_yield", "restart_syscall",
           "exit", "exit_group", "set_robust_list", "rseq", "close", "fstat", "newfstatat",
           "lseek", "read", "write", "tgkill:SELF")
-#: What device models do with host files (Stellarium stores) and eventfds.
+#: What device models do with host files (Stellarium stores) and eventfds. Python's
+#: open() asks every file whether it is a terminal (TCGETS) to pick its buffering.
 DEVICE = ("openat", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
           "readv", "writev", "fsync", "fdatasync", "flock", "fcntl", "ftruncate", "fallocate",
           "statx", "getdents64", "rename", "renameat", "renameat2", "unlink", "unlinkat",
-          "mkdir", "mkdirat", "eventfd2", "ioctl:FIONREAD")
+          "mkdir", "mkdirat", "eventfd2", "ioctl:FIONREAD", "ioctl:TCGETS")
 #: KVM ioctls a vCPU thread makes while the guest runs (exits, pause probes, irq lines).
 VCPU_IOCTLS = ("RUN", "GET_REGS", "SET_REGS", "GET_SREGS", "SET_SREGS", "GET_MP_STATE",
                "IRQ_LINE")
@@ -54,14 +55,15 @@ MAIN = ("clone:THREAD", "seccomp", "prctl", "rt_sigaction", "tgkill", "wait4", "
         "getsockname", "sysinfo", "uname", "getcwd", "dup", "dup3")
 
 CLONE_THREAD = 0x10000
-FIONREAD = 0x541B
+FIONREAD, TCGETS = 0x541B, 0x5401
 U32 = 0xFFFFFFFF
 #: The argument checks named after a colon above.
 #: SELF is this process's pid, filled in when the filters are built: signals (vCPU
 #: kicks) may go to the VMM's own threads only.
 SELF = -1
 CHECKS = {"clone:THREAD": (0, CLONE_THREAD, CLONE_THREAD), "socket:AF_UNIX": (0, U32, 1),
-          "ioctl:FIONREAD": (1, U32, FIONREAD), "tgkill:SELF": (0, U32, SELF)}
+          "ioctl:FIONREAD": (1, U32, FIONREAD), "ioctl:TCGETS": (1, U32, TCGETS),
+          "tgkill:SELF": (0, U32, SELF)}
 
 
 def _rules(names: Iterable[str]) -> list[Rule]:
