@@ -77,7 +77,8 @@ def test_confined_and_jailed_vms_boot_debian_from_a_writable_stellarium_root(
             "--cgroup", "pids.max=32", "--cgroup", "cpu.max=100000 100000", "--",
             *run_args("jailed")]
     cg = "/sys/fs/cgroup/volt/lab-1"
-    # The jailed VM first: the root-run one may add store files its uid could not write.
+    # A confined VMM has no CAP_DAC_OVERRIDE, so even as root it writes only store files
+    # it owns: the store changes hands between the jailed (uid 1000) and the root run.
     script = f"""
 mount -t cgroup2 none /sys/fs/cgroup
 {shlex.join(jail)} & J=$!
@@ -85,7 +86,8 @@ for i in $(seq 1 300); do [ -s {cg}/cgroup.procs ] && break; sleep 0.2; done
 echo "VOLT-CG $(cat {cg}/memory.max) $(cat {cg}/pids.max) $(cat {cg}/cpu.max)" \
      "uid=$(awk '/^Uid/{{print $2}}' /proc/$(head -1 {cg}/cgroup.procs)/status)"
 wait $J; echo JAIL-RC=$?
-echo "VOLT-CG-LEFT $(ls /sys/fs/cgroup/volt | tr '\\n' ' ')"
+echo "VOLT-CG-LEFT $(ls -d /sys/fs/cgroup/volt/*/ | tr '\\n' ' ')"
+chown -R 0:0 {tmp_path / "store"}
 {shlex.join([volt, "run", *run_args("confined")])}; echo VOLT-RC=$?
 """
     res = lab.run(["sh", "-c", script], timeout=1200, writable=[tmp_path])
