@@ -185,3 +185,25 @@ def test_policy_grants_the_vm_inputs_and_its_stores(tmp_path):
     assert pol.write == [str(tmp_path / "store-b")]             # one writable device is enough
     assert all(os.path.exists(d) for d in pol.devices)
     assert ("/dev/kvm" in pol.devices) == os.path.exists("/dev/kvm")
+
+
+@needs_kvm
+def test_a_writable_store_the_confined_vmm_could_not_write_is_refused_up_front(hello, tmp_path):
+    """Without CAP_DAC_OVERRIDE root cannot write another uid's files: say so before the
+    guest runs, instead of failing its disk writes later. Read-only use still works."""
+    cfg = tmp_path / "host.toml"
+    cfg.write_text('[store]\npath = "store"\n')
+    for args in (["host", "init"], ["vol", "create", "v1", "1MiB"]):
+        r = subprocess.run([sys.executable, "-m", "stellarium_core", "--config", str(cfg), *args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    for p in [tmp_path / "store", *(tmp_path / "store").rglob("*")]:
+        os.chown(p, 4321, 4321)
+    dev = f"virtio-stellar,volume=v1,config={cfg}"
+    res = volt_run(hello, "--device", dev)
+    assert res.returncode == 15, res.stderr
+    assert "is not writable by uid 0 without capabilities (owner uid 4321)" in res.stderr
+    assert res.stdout == ""
+    ro = volt_run(hello, "--device", dev + ",readonly=true")
+    assert ro.returncode == 0, ro.stderr
+    assert ro.stdout.replace("\r", "") == "Hi\n"

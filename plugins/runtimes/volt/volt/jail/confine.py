@@ -79,6 +79,13 @@ class Confinement:
         self._landlock(policy)
         caps.drop_all()
         self.report.append("capabilities dropped")
+        for tree in policy.write:
+            bad = _unwritable(tree)
+            if bad:
+                raise VoltError(f"cannot confine: {bad} is not writable by uid {os.getuid()} "
+                                f"without capabilities (owner uid {os.stat(bad).st_uid}); "
+                                f"a writable store must belong to the VMM's uid",
+                                exitcodes.CONFINE)
         if self.filters:
             self.filters["main"].load()
             counts = ", ".join(f"{k} {seccomp.rule_count(k)}" for k in seccomp.KINDS)
@@ -128,6 +135,15 @@ def _other_threads() -> list[str]:
     except OSError:
         native = len(names)
     return names or ([f"{native} native"] if native else [])
+
+
+def _unwritable(tree: str) -> str | None:
+    """The first directory or file under ``tree`` this process may not write, if any."""
+    for top, _dirs, files in os.walk(tree):
+        for p in [top, *(os.path.join(top, f) for f in files)]:
+            if not os.access(p, os.W_OK):
+                return p
+    return None
 
 
 def _check(ret: int, what: str) -> None:
