@@ -185,10 +185,13 @@ def test_a_jailer_that_cannot_drop_privileges_says_so(tmp_path, kernel):
     (["--cgroup", "memory"], "CONTROLLER.FILE=VALUE"),
     (["--resource-limit", "cores=1"], "no-file=N or fsize=N"),
     (["--netns", "/nonexistent/netns"], "no such network namespace"),
+    (["--", "--mem", "32"], "the following arguments are required: --kernel"),
+    (["--", "--kernel", "/nonexistent/vmlinux"], "/nonexistent/vmlinux: no such file"),
 ])
 def test_malformed_jail_options_are_refused_before_anything_is_made(tmp_path, kernel, args,
                                                                      why):
-    res = subprocess.run(jail(tmp_path, *args, "--", "--kernel", str(kernel)),
-                         capture_output=True, text=True, timeout=60)
+    run_args = [] if "--" in args else ["--", "--kernel", str(kernel)]
+    res = subprocess.run(jail(tmp_path, *args, *run_args), capture_output=True, text=True,
+                         timeout=60)
     assert res.returncode == 2 and why in res.stderr, res.stderr
     assert not (tmp_path / "volt").exists()

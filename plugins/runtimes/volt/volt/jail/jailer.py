@@ -131,6 +131,13 @@ def _link_in(src: str, root: Path, uid: int, gid: int) -> str:
     return "/" + name
 
 
+class _RunArgs(argparse.ArgumentParser):
+    """The ``volt run`` options after ``--``; mistakes are one-line usage errors."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"volt jail: the volt run arguments after --: {message}")
+
+
 def vmm_inputs(spec: JailSpec) -> tuple[Policy, dict[str, str]]:
     """Check the ``volt run`` arguments; what the VMM reads/writes besides its kernel and
     initrd (stores, host configs), and its environment in the jail."""
@@ -138,12 +145,9 @@ def vmm_inputs(spec: JailSpec) -> tuple[Policy, dict[str, str]]:
     from volt.cli.run import add_arguments
     from volt.vmm.devices.virtio_mmio import parse_device_option
 
-    parser = argparse.ArgumentParser(prog="volt jail -- ", add_help=False, exit_on_error=False)
+    parser = _RunArgs(prog="volt jail --", add_help=False)
     add_arguments(parser)
-    try:
-        args = parser.parse_args(spec.vmm_args)
-    except (argparse.ArgumentError, SystemExit) as exc:
-        raise UsageError(f"volt jail: the volt run arguments after --: {exc}") from None
+    args = parser.parse_args(spec.vmm_args)
     for p in (args.kernel, args.initrd):
         if p and not os.path.isfile(p):
             raise UsageError(f"volt jail: {p}: no such file")
