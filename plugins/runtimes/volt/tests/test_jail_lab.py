@@ -10,7 +10,6 @@ from the Stellarium volume.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -22,6 +21,8 @@ import pytest
 from volt.kernels.initramfs import base_archive
 
 UID = 1000
+#: Where the store is copied inside the lab's L1 (its tmpfs, not the 9p share).
+LOCAL = "/tmp/volt-jail-lab"
 INIT = """#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox --install -s /bin
@@ -61,15 +62,13 @@ def test_confined_and_jailed_vms_boot_debian_from_a_writable_stellarium_root(
     _stellar(cfg, "host", "init")
     _stellar(cfg, "vol", "import", "vm-root", img)
     img.unlink()
-    for p in [tmp_path, *(tmp_path / "store").rglob("*")]:
-        os.chown(p, UID, UID)                  # the jailed VMM's uid writes the store
     cfg.chmod(0o644)
     initrd = base_archive(INIT).write(tmp_path / "init.cpio")
     volt = str(Path(sys.executable).with_name("volt"))
 
     def run_args(tag: str) -> list[str]:
         return ["--kernel", str(guest_kernel.bzimage), "--initrd", str(initrd), "--mem", "256",
-                "--device", f"virtio-stellar,volume=vm-root,config={cfg}",
+                "--device", f"virtio-stellar,volume=vm-root,config={LOCAL}/host.toml",
                 "--cmdline", f"console=ttyS0 reboot=k panic=-1 pci=off quiet volt_tag={tag}"]
 
     jail = [volt, "jail", "--id", "lab-1", "--uid", str(UID), "--gid", str(UID),
@@ -77,18 +76,23 @@ def test_confined_and_jailed_vms_boot_debian_from_a_writable_stellarium_root(
             "--cgroup", "pids.max=32", "--cgroup", "cpu.max=100000 100000", "--",
             *run_args("jailed")]
     cg = "/sys/fs/cgroup/volt/lab-1"
-    # A confined VMM has no CAP_DAC_OVERRIDE, so even as root it writes only store files
-    # it owns: the store changes hands between the jailed (uid 1000) and the root run.
+    # The store is copied to L1's own tmpfs (a VM store lives on a local filesystem;
+    # the share is 9p). A confined VMM has no CAP_DAC_OVERRIDE, so even as root it
+    # writes only store files it owns: the store changes hands between the jailed
+    # (uid 1000) and the root-run VM. The volume is exported back to the share.
+    stellar = [sys.executable, "-m", "stellarium_core", "--config", f"{LOCAL}/host.toml"]
     script = f"""
+mkdir -p {LOCAL} && cp -a {tmp_path / "store"} {cfg} {LOCAL}/ && chown -R {UID}:{UID} {LOCAL}
 mount -t cgroup2 none /sys/fs/cgroup
 {shlex.join(jail)} & J=$!
-for i in $(seq 1 300); do [ -s {cg}/cgroup.procs ] && break; sleep 0.2; done
+for i in $(seq 1 600); do grep -qs . {cg}/cgroup.procs && break; sleep 0.1; done
 echo "VOLT-CG $(cat {cg}/memory.max) $(cat {cg}/pids.max) $(cat {cg}/cpu.max)" \
      "uid=$(awk '/^Uid/{{print $2}}' /proc/$(head -1 {cg}/cgroup.procs)/status)"
 wait $J; echo JAIL-RC=$?
 echo "VOLT-CG-LEFT $(ls -d /sys/fs/cgroup/volt/*/ | tr '\\n' ' ')"
-chown -R 0:0 {tmp_path / "store"}
+chown -R 0:0 {LOCAL}
 {shlex.join([volt, "run", *run_args("confined")])}; echo VOLT-RC=$?
+{shlex.join([*stellar, "vol", "export", "vm-root", str(tmp_path / "export.ext4")])}
 """
     res = lab.run(["sh", "-c", script], timeout=1200, writable=[tmp_path])
     out = res.stdout.replace("\r\n", "\n")
@@ -101,7 +105,6 @@ chown -R 0:0 {tmp_path / "store"}
     assert "lab-1" not in out.split("VOLT-CG-LEFT", 1)[1].splitlines()[0], tail
 
     export = tmp_path / "export.ext4"
-    _stellar(cfg, "vol", "export", "vm-root", export)
     want = (root / "etc/debian_version").read_text().strip()
     for tag in ("confined", "jailed"):
         got = subprocess.run(["debugfs", "-R", f"cat /var/volt-{tag}", str(export)],
