@@ -165,6 +165,8 @@ def test_every_thread_kind_is_a_subset_of_main():
     assert sockets == [(0, seccomp.U32, socket.AF_UNIX)]          # no AF_INET, no netlink
     clones = [chk for call, chk in seccomp.KINDS["main"] if call == "clone"]
     assert clones == [(0, seccomp.CLONE_THREAD, seccomp.CLONE_THREAD)]  # threads only
+    for call in ("tgkill", "prctl", "ioctl"):          # never without an argument check
+        assert all(chk for c, chk in seccomp.KINDS["main"] if c == call), call
 
 
 def test_policy_grants_the_vm_inputs_and_its_stores(tmp_path):

@@ -48,11 +48,13 @@ IO_LOOP = ("epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait")
 API = ("accept4", "recvfrom", "recvmsg", "sendto", "sendmsg", "shutdown", "getsockopt",
        "setsockopt", "getsockname", "getpeername", "epoll_create1", "epoll_ctl", "epoll_wait",
        "epoll_pwait", "poll", "ppoll")
-#: The main thread: starts threads (clone with CLONE_THREAD only), loads their filters,
-#: handles signals and kicks vCPUs, opens unix sockets; the process exit path.
-MAIN = ("clone:THREAD", "seccomp", "prctl", "rt_sigaction", "tgkill", "wait4", "poll",
-        "ppoll", "select", "pselect6", "socket:AF_UNIX", "connect", "bind", "listen",
-        "getsockname", "sysinfo", "uname", "getcwd", "dup", "dup3")
+#: The main thread: starts threads (clone with CLONE_THREAD only) which name themselves
+#: and load their filters (prctl and seccomp run under main's filter), handles signals,
+#: opens unix sockets; the process exit path.
+MAIN = ("clone:THREAD", "seccomp", "prctl:SET_NAME", "prctl:SET_NO_NEW_PRIVS",
+        "prctl:SET_SECCOMP", "rt_sigaction", "wait4", "poll", "ppoll", "select", "pselect6",
+        "socket:AF_UNIX", "connect", "bind", "listen", "getsockname", "sysinfo", "uname",
+        "getcwd", "dup", "dup3")
 
 CLONE_THREAD = 0x10000
 FIONREAD, TCGETS = 0x541B, 0x5401
@@ -62,6 +64,8 @@ U32 = 0xFFFFFFFF
 #: kicks) may go to the VMM's own threads only.
 SELF = -1
 CHECKS = {"clone:THREAD": (0, CLONE_THREAD, CLONE_THREAD), "socket:AF_UNIX": (0, U32, 1),
+          "prctl:SET_NAME": (0, U32, 15), "prctl:SET_SECCOMP": (0, U32, 22),
+          "prctl:SET_NO_NEW_PRIVS": (0, U32, 38),
           "ioctl:FIONREAD": (1, U32, FIONREAD), "ioctl:TCGETS": (1, U32, TCGETS),
           "tgkill:SELF": (0, U32, SELF)}
 
