@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("ingest", "volumes", "pull", "boot")
+ORDER = ("ingest", "volumes", "unify", "pull", "boot")
 
 
 def main() -> int:

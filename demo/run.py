@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from devtools.guest import image_root_init  # noqa: E402
 from devtools.net import free_port, wait_listening  # noqa: E402
 from devtools.rootfs import debian_rootfs  # noqa: E402
 
@@ -40,6 +41,11 @@ else
 fi
 reboot -f
 """
+
+
+#: What the image-root VM runs from the image: Debian's own sh as PID 1, stat and cat.
+IMAGE_SCRIPT = ('echo "guest: PID $$ is the image /bin/sh, / is $(stat -f -c %T /),'
+                ' Debian $(cat /etc/debian_version)"')
 
 
 def step(title: str) -> None:
@@ -127,6 +133,10 @@ def main() -> int:
         sh("stellar", "pull", f"{url}/tags/debian", "debian", config=b)
     sh("stellar", "image", "ls", config=b)
 
+    step("One store for VMs and containers: the image's VM form is EROFS over its own chunks")
+    sh("stellar", "image", "vmdisk", "debian", config=a)
+    sh("stellar", "stats", config=a, tail=12)
+
     step("Voltainer: the pulled image runs under systemd-nspawn, never extracted")
     sh("voltainer", "run", "--private-network", "debian", "--", "cat", "/etc/debian_version",
        config=b)
@@ -146,14 +156,19 @@ def main() -> int:
     sh("volt", "lab", "run", "--", str(BIN / "volt"), "run", "--kernel", built["bzimage"],
        "--initrd", initrd, "--vcpus", "2", "--mem", "128", "--timing", timeout=900)
 
-    step("Volt boots a VM whose root disk is the Stellarium volume vm0-root (virtio-stellar)")
     from volt.kernels.initramfs import base_archive
 
-    initrd = base_archive(ROOT_INIT).write(WORK / "root-init.cpio")
-    sh("volt", "lab", "run", "--writable", WORK / "a-store", "--", str(BIN / "volt"), "run",
-       "--kernel", built["bzimage"], "--initrd", initrd, "--mem", "256",
-       "--device", f"virtio-stellar,volume=vm0-root,readonly=true,config={a}",
-       "--cmdline", "console=ttyS0 reboot=k panic=-1 pci=off quiet", timeout=900, tail=6)
+    for title, init, device in (
+            ("Volt boots a VM whose root disk is the Stellarium volume vm0-root "
+             "(virtio-stellar)", ROOT_INIT, "volume=vm0-root,readonly=true"),
+            ("Volt boots a VM whose root filesystem is the image debian's VM form",
+             image_root_init(IMAGE_SCRIPT), "image=debian")):
+        step(title)
+        initrd = base_archive(init).write(WORK / "root-init.cpio")
+        sh("volt", "lab", "run", "--writable", WORK / "a-store", "--", str(BIN / "volt"), "run",
+           "--kernel", built["bzimage"], "--initrd", initrd, "--mem", "256",
+           "--device", f"virtio-stellar,{device},config={a}",
+           "--cmdline", "console=ttyS0 reboot=k panic=-1 pci=off quiet", timeout=900, tail=6)
     print("\ndemo: done")
     return 0
 

@@ -1,4 +1,4 @@
-"""``stellar image import|ls|rm``, ``stellar publish`` and ``stellar pull``."""
+"""``stellar image import|ls|rm|vmdisk``, ``stellar publish`` and ``stellar pull``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from stellarium_core.distribution import (
     publish,
     shared_chunks,
 )
+from stellarium_core.distribution.vmdisk import prune_vm_disks, vm_disk
 from stellarium_core.errors import UsageError
 from stellarium_core.host import Host
+from stellarium_core.volumes.imagedisk import ImageDisks
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     rm = s.add_parser("rm", parents=[JSON], help="remove an image name (and unused layers)")
     rm.add_argument("name")
     rm.set_defaults(func=_rm)
+    vm = s.add_parser("vmdisk", parents=[JSON],
+                      help="the image's VM form: a read-only EROFS disk over the image's own "
+                           "chunks (built once per image content)")
+    vm.add_argument("name")
+    vm.add_argument("--export", metavar="FILE",
+                    help="also write the disk as a sparse raw image (e.g. to loop-mount)")
+    vm.set_defaults(func=_vmdisk)
 
     pub = sub.add_parser("publish", parents=[JSON],
                          help="write an image as static CDN files (manifests/, blobs/, tags/)")
@@ -77,8 +86,32 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    ImageStore.for_host(Host.from_config(args.config)).remove(args.name)
-    emit(args, {"removed": args.name}, f"removed {args.name}")
+    host = Host.from_config(args.config)
+    images = ImageStore.for_host(host)
+    images.remove(args.name)
+    pruned = prune_vm_disks(images, ImageDisks.for_host(host))
+    emit(args, {"removed": args.name, "vm_disks_removed": len(pruned)},
+         f"removed {args.name}" + (f" and {len(pruned)} VM disk(s)" if pruned else ""))
+    return 0
+
+
+def _vmdisk(args: argparse.Namespace) -> int:
+    host = Host.from_config(args.config)
+    disks = ImageDisks.for_host(host)
+    res = vm_disk(ImageStore.for_host(host), disks, args.name)
+    if args.export:
+        disks.export_raw(res.image, args.export)
+    data = {"name": args.name, "image": res.image.hex(), "built": res.built,
+            "path": str(disks.path(res.image)), "size": res.disk.size,
+            "extents": len(res.disk.extents), "chunks": len(res.disk.digests()),
+            "manifest_bytes": disks.path(res.image).stat().st_size,
+            "image_bytes": res.image_bytes, "added_bytes": res.added_bytes,
+            "added_pct": round(100 * res.added_bytes / max(res.image_bytes, 1), 3),
+            "exported": args.export}
+    emit(args, data, f"{args.name}: VM disk {'built' if res.built else 'up to date'}, "
+                     f"{res.disk.size} bytes, {data['extents']} extents over "
+                     f"{data['chunks']} chunks; adds {res.added_bytes} bytes of metadata "
+                     f"({data['added_pct']}% over the image's {res.image_bytes} bytes)")
     return 0
 
 

@@ -6,8 +6,12 @@ import argparse
 import sys
 
 from stellarium_core.cli.common import JSON, emit, table
+from stellarium_core.distribution import ImageStore
+from stellarium_core.distribution.vmdisk import prune_vm_disks, sharing
 from stellarium_core.errors import UsageError
 from stellarium_core.host import Host
+from stellarium_core.volumes.imagedisk import ImageDisks
+from stellarium_core.volumes.volume import VolumeStore
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,9 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cat", help="write a chunk's bytes to stdout")
     p.add_argument("hash", help="chunk digest, 64 hex digits")
     p.set_defaults(func=_cat)
-    p = sub.add_parser("stats", parents=[JSON], help="logical/unique bytes, dedup, compression")
+    p = sub.add_parser("stats", parents=[JSON],
+                       help="logical/unique bytes, dedup, compression, VM/image sharing")
     p.set_defaults(func=_stats)
-    p = sub.add_parser("gc", parents=[JSON], help="reclaim unreferenced chunks, compact packs")
+    p = sub.add_parser("gc", parents=[JSON],
+                       help="drop VM disks of removed images, reclaim unreferenced chunks, "
+                            "compact packs")
     p.set_defaults(func=_gc)
     p = sub.add_parser("fsck", parents=[JSON], help="re-hash every chunk, check index and packs")
     p.add_argument("--repair", action="store_true",
@@ -62,14 +69,30 @@ def _cat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _catalogs(host: Host) -> tuple[ImageStore, VolumeStore, ImageDisks]:
+    return (ImageStore.for_host(host),
+            VolumeStore(host.store_path / "volumes", host.store, host.hasher),
+            ImageDisks.for_host(host))
+
+
 def _stats(args: argparse.Namespace) -> int:
-    st = Host.from_config(args.config).store.stats()
-    emit(args, st, lambda d: table(sorted(d.items()), ("stat", "value")))
+    host = Host.from_config(args.config)
+    st = host.store.stats()
+    share = sharing(*_catalogs(host))
+
+    def human(_: object) -> str:
+        return (table(sorted(st.items()), ("stat", "value")) + "\n\n"
+                + table(sorted(share.items()), ("sharing: VM volumes / images", "value")))
+
+    emit(args, {**st, "sharing": share}, human)
     return 0
 
 
 def _gc(args: argparse.Namespace) -> int:
-    out = Host.from_config(args.config).store.gc()
+    host = Host.from_config(args.config)
+    images, _, disks = _catalogs(host)
+    pruned = prune_vm_disks(images, disks)  # disks of removed images hold chunks too
+    out = {**host.store.gc(), "vm_disks_removed": len(pruned)}
     emit(args, out, lambda d: table(sorted(d.items()), ("gc", "count")))
     return 0
 

@@ -2,22 +2,25 @@
 
 Everything is addressed in 512-byte sectors, like virtio-blk requests. Reads can
 hand out memoryviews straight over NEBULA's pack mappings (``read_views``), so a
-device can copy once, from the shared chunk into guest memory.
+device can copy once, from the shared chunk into guest memory. The disk is a
+writable :class:`Volume` or a read-only :class:`ImageDisk` (an image's VM form).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+from stellarium_core.volumes.imagedisk import ImageDisk
 from stellarium_core.volumes.volume import Volume, VolumeError
 
 SECTOR = 512
 
 
 class BlockDevice:
-    """Sector-addressed read, write, flush, discard and write-zeroes over a :class:`Volume`."""
+    """Sector-addressed read, write, flush, discard and write-zeroes over a volume
+    (reads only over an image disk)."""
 
-    def __init__(self, volume: Volume) -> None:
+    def __init__(self, volume: Volume | ImageDisk) -> None:
         if volume.size % SECTOR:
             raise VolumeError(f"volume {volume.name} is {volume.size} bytes, "
                               f"not a whole number of {SECTOR}-byte sectors")
@@ -44,16 +47,22 @@ class BlockDevice:
         """Zero-copy views covering the sectors (over the chunk mmap where possible)."""
         return self.volume.views(sector * SECTOR, count * SECTOR)
 
+    def _writable(self) -> Volume:
+        if not isinstance(self.volume, Volume) or self.volume.readonly:
+            raise VolumeError(f"{self.volume.name} is read-only")
+        return self.volume
+
     def write(self, sector: int, data: bytes | bytearray | memoryview) -> int:
         if len(data) % SECTOR:
             raise VolumeError(f"write of {len(data)} bytes is not whole sectors")
-        return self.volume.write(sector * SECTOR, data)
+        return self._writable().write(sector * SECTOR, data)
 
     def flush(self) -> None:
-        self.volume.flush()
+        if not self.readonly:
+            self._writable().flush()
 
     def discard(self, sector: int, count: int) -> None:
-        self.volume.discard(sector * SECTOR, count * SECTOR)
+        self._writable().discard(sector * SECTOR, count * SECTOR)
 
     def write_zeroes(self, sector: int, count: int) -> None:
-        self.volume.write_zeroes(sector * SECTOR, count * SECTOR)
+        self._writable().write_zeroes(sector * SECTOR, count * SECTOR)

@@ -22,6 +22,21 @@ An empty volume of any size is therefore exactly 64 bytes, and each chunk that
 differs from the base costs 48 bytes. The file length must be 64 + 48 * count
 (truncation) and the CRC must match (corruption); both fail with
 :class:`ManifestError` before anything is used.
+
+Version 2 is an *extent map*: a read-only disk composed of byte ranges of chunks
+that were stored for something else (an image's file data, a Cosmic Pack slot),
+so the disk adds no data of its own. Same 64-byte header and CRC; the flags must
+say read-only and carry the disk's block size (log2), ``base`` is the digest of
+the image manifest the disk was built from, and each 48-byte entry is::
+
+      0  hash          32  chunk digest
+     32  offset        u48 byte offset of the extent in the disk
+     38  chunk_offset  u32 where the extent starts inside the chunk
+     42  length        u32 extent length in bytes
+     46  flags         u16 0 (reserved)
+
+Entries are sorted by offset and never overlap; bytes no extent covers read as
+zeros (so a file's last block needs no padding chunk).
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ from stellarium_core.errors import StellarError
 
 MAGIC = b"TINYVOL\0"
 VERSION = 1
+VERSION_EXTENTS = 2
 HEADER = struct.Struct("<8sII32sQII")
 HEADER_SIZE = HEADER.size  # 64
 ENTRY_SIZE = 48
@@ -48,6 +64,7 @@ _KNOWN_HEADER_FLAGS = _SHIFT_MASK | FLAG_READONLY
 REF_ZERO = 1
 _KNOWN_REF_FLAGS = REF_ZERO
 _MAX_OFFSET = (1 << 48) - 1
+_EXTENT_TAIL = struct.Struct("<IIH")
 
 assert HEADER_SIZE == 64
 
@@ -122,36 +139,51 @@ def encode(vol: TinyVol) -> bytes:
     return head + struct.pack("<I", crc) + bytes(body)
 
 
-def decode_header(data: bytes) -> TinyVol:
-    """Decode only the 64-byte header (no entries, CRC unchecked): cheap catalog scans."""
+def _header(data: bytes, version: int) -> tuple[int, bytes, int, int]:
+    """(flags, base, size, count) from the 64-byte header of a ``version`` manifest
+    (magic, version, flags and geometry checked; not the length or CRC)."""
     if len(data) < HEADER_SIZE:
         raise ManifestError(f"manifest is truncated: {len(data)} bytes, header needs 64")
-    magic, version, flags, base, size, _count, _crc = HEADER.unpack_from(data)
+    magic, got, flags, base, size, count, _crc = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise ManifestError("not a TinyVol manifest (bad magic)")
-    if version != VERSION:
-        raise ManifestError(f"TinyVol version {version} is not supported (this reads {VERSION})")
+    if got != version:
+        what = {VERSION: "a grid volume", VERSION_EXTENTS: "an image disk (extent map)"}
+        raise ManifestError(f"TinyVol version {got} ({what.get(got, 'unknown')}) where "
+                            f"version {version} ({what[version]}) was expected")
     if flags & ~_KNOWN_HEADER_FLAGS:
         raise ManifestError(f"unknown TinyVol header flags {flags:#x}")
-    shift = flags & _SHIFT_MASK
-    _check_geometry(size, shift)
-    return TinyVol(size=size, shift=shift, base=base, readonly=bool(flags & FLAG_READONLY))
+    _check_geometry(size, flags & _SHIFT_MASK)
+    return flags, base, size, count
 
 
-def decode(data: bytes) -> TinyVol:
-    """Parse and verify a whole manifest; raise :class:`ManifestError` on any damage."""
-    vol = decode_header(data)
-    count, crc = struct.unpack_from("<II", data, 56)
+def _check_body(data: bytes, count: int) -> None:
+    """The file holds exactly ``count`` entries and its CRC matches."""
     want = HEADER_SIZE + count * ENTRY_SIZE
     if len(data) != want:
         raise ManifestError(
             f"manifest is {'truncated' if len(data) < want else 'too long'}: "
             f"{len(data)} bytes, header says {count} entries ({want} bytes)")
+    crc = struct.unpack_from("<I", data, 60)[0]
     if zlib.crc32(data[HEADER_SIZE:], zlib.crc32(data[:60])) != crc:
         raise ManifestError("manifest checksum mismatch (corrupt)")
+
+
+def decode_header(data: bytes) -> TinyVol:
+    """Decode only the 64-byte header (no entries, CRC unchecked): cheap catalog scans."""
+    flags, base, size, _ = _header(data, VERSION)
+    return TinyVol(size=size, shift=flags & _SHIFT_MASK, base=base,
+                   readonly=bool(flags & FLAG_READONLY))
+
+
+def decode(data: bytes) -> TinyVol:
+    """Parse and verify a whole manifest; raise :class:`ManifestError` on any damage."""
+    vol = decode_header(data)
+    count = struct.unpack_from("<I", data, 56)[0]
+    _check_body(data, count)
     mv = memoryview(data)
     prev = -1
-    for pos in range(HEADER_SIZE, want, ENTRY_SIZE):
+    for pos in range(HEADER_SIZE, HEADER_SIZE + count * ENTRY_SIZE, ENTRY_SIZE):
         digest = bytes(mv[pos:pos + 32])
         off = int.from_bytes(mv[pos + 32:pos + 38], "little")
         len_m1, rflags = struct.unpack_from("<HQ", mv, pos + 38)
@@ -165,6 +197,86 @@ def decode(data: bytes) -> TinyVol:
         vol.refs[idx] = ChunkRef(digest, len_m1 + 1, rflags)
         prev = idx
     return vol
+
+
+# -- version 2: extent maps -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Disk bytes ``offset .. offset+length`` are chunk bytes ``chunk_offset ..``."""
+
+    offset: int
+    digest: bytes
+    chunk_offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass
+class ExtentMap:
+    """A decoded version-2 manifest: a read-only disk made of chunk byte ranges."""
+
+    size: int
+    image: bytes
+    extents: list[Extent] = field(default_factory=list)
+    shift: int = 12
+
+    def encode(self) -> bytes:
+        return encode_extents(self)
+
+    def digests(self) -> set[bytes]:
+        """The distinct chunks the disk reads from."""
+        return {x.digest for x in self.extents}
+
+
+def encode_extents(disk: ExtentMap) -> bytes:
+    """Serialise ``disk``; extents must already be sorted and disjoint."""
+    _check_geometry(disk.size, disk.shift)
+    if len(disk.image) != 32:
+        raise ManifestError("image digest must be 32 bytes")
+    body = bytearray()
+    end = 0
+    for x in disk.extents:
+        if x.offset < end or x.end > disk.size or x.length < 1 or len(x.digest) != 32:
+            raise ManifestError(f"extent at {x.offset} (length {x.length}) overlaps its "
+                                "predecessor or lies outside the disk")
+        if x.chunk_offset + x.length > 0xFFFFFFFF:
+            raise ManifestError(f"extent at {x.offset} reaches past 4 GiB into its chunk")
+        body += x.digest
+        body += x.offset.to_bytes(6, "little")
+        body += _EXTENT_TAIL.pack(x.chunk_offset, x.length, 0)
+        end = x.end
+    flags = disk.shift | FLAG_READONLY
+    head = HEADER.pack(MAGIC, VERSION_EXTENTS, flags, disk.image, disk.size,
+                       len(disk.extents), 0)[:60]
+    crc = zlib.crc32(body, zlib.crc32(head))
+    return head + struct.pack("<I", crc) + bytes(body)
+
+
+def decode_extents(data: bytes) -> ExtentMap:
+    """Parse and verify a version-2 manifest; raise :class:`ManifestError` on any damage."""
+    flags, image, size, count = _header(data, VERSION_EXTENTS)
+    _check_body(data, count)
+    if not flags & FLAG_READONLY:
+        raise ManifestError("an image disk manifest must be read-only")
+    disk = ExtentMap(size=size, image=image, shift=flags & _SHIFT_MASK)
+    mv = memoryview(data)
+    end = 0
+    for pos in range(HEADER_SIZE, HEADER_SIZE + count * ENTRY_SIZE, ENTRY_SIZE):
+        off = int.from_bytes(mv[pos + 32:pos + 38], "little")
+        chunk_off, length, xflags = _EXTENT_TAIL.unpack_from(mv, pos + 38)
+        if xflags:
+            raise ManifestError(f"unknown extent flags {xflags:#x} at offset {off}")
+        if off < end or length < 1 or off + length > size:
+            raise ManifestError(f"extent at offset {off} (length {length}) is out of order, "
+                                "empty or past the end of the disk")
+        disk.extents.append(Extent(off, bytes(mv[pos:pos + 32]), chunk_off, length))
+        end = off + length
+    return disk
 
 
 def merged(base: Mapping[int, ChunkRef], delta: Mapping[int, ChunkRef]) -> dict[int, ChunkRef]:

@@ -536,6 +536,15 @@ class VolumeStore:
         _refs(self.store, _listed(m), release=True)
         self._drop_base_if_unused(m.base)
 
+    def chunks(self) -> set[bytes]:
+        """Every chunk a volume or a base of this catalog lists."""
+        out: set[bytes] = set()
+        for name in self.names():
+            out.update(_listed(self._read_manifest(name)))
+        for p in self.bases.glob("*" + SUFFIX):
+            out.update(_listed(tinyvol.decode(p.read_bytes())))
+        return out
+
     def info(self, name: str) -> dict[str, Any]:
         m = self._read_manifest(name)
         stored = [r for r in m.refs.values() if not r.zero]

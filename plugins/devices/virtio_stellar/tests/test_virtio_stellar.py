@@ -24,6 +24,7 @@ from stellarium_virtio_stellar.device import (
     VirtioStellar,
 )
 
+from stellarium_core.distribution import ImageStore, Importer
 from stellarium_core.errors import ConfigError, StellarError
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.host import Host, init_store
@@ -324,7 +325,10 @@ def test_plugin_opens_the_named_volume_from_the_host_store(host_cfg, image):
 
 
 @pytest.mark.parametrize("params, error, match", [
-    ({}, ConfigError, "volume: missing required key"),
+    ({}, ConfigError, "exactly one of volume=NAME or image=NAME"),
+    ({"volume": "root", "image": "debian"}, ConfigError, "exactly one of"),
+    ({"image": "debian", "readonly": "false"}, ConfigError, "always read-only"),
+    ({"image": "nope"}, StellarError, "no image named 'nope'"),
     ({"volume": "root", "readonly": "maybe"}, ConfigError, "true or false"),
     ({"volume": "root", "size": "1"}, ConfigError, "unknown key"),
     ({"volume": "nope"}, StellarError, "no volume named 'nope'"),
@@ -342,3 +346,20 @@ def test_writable_plugin_holds_the_writer_lock(host_cfg):
         Registry().create("device", "virtio-stellar", params)
     dev.close()
     Registry().create("device", "virtio-stellar", params).close()
+
+
+def test_plugin_serves_an_image_vm_form_read_only(host_cfg, tmp_path):
+    """image=NAME: the EROFS disk over the image's own chunks, built on first use."""
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/debian_version").write_text("12.99\n")
+    host = Host.from_config(host_cfg)
+    with host.store:
+        Importer(ImageStore.for_host(host), host.chunker, host.hasher).import_path(tree, "deb")
+    dev = Registry().create("device", "virtio-stellar", {"image": "deb", "config": str(host_cfg)})
+    assert dev.features & VIRTIO_BLK_F_RO and dev.serial == b"deb"
+    g = Guest(dev)
+    status, sb = g.request(T_IN, 2, inlen=SECTOR)        # bytes 1024..1535: the superblock
+    assert status == S_OK and sb[:4] == (0xE0F5E1E2).to_bytes(4, "little")
+    assert g.request(T_OUT, 0, out=bytes(SECTOR))[0] == S_IOERR
+    dev.close()

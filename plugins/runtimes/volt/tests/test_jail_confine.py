@@ -180,6 +180,7 @@ def test_policy_grants_the_vm_inputs_and_its_stores(tmp_path):
     kernel.write_bytes(b"k")
     pol = Policy.for_vm(str(kernel), None, [
         ("virtio-stellar", {"volume": "root", "readonly": "true", "config": str(stores["a"])}),
+        ("virtio-stellar", {"image": "debian", "config": str(stores["a"])}),   # read-only
         ("virtio-stellar", {"volume": "data", "config": str(stores["b"])}),
         ("virtio-stellar", {"volume": "base", "readonly": "true", "config": str(stores["b"])}),
     ])

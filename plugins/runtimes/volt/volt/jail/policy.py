@@ -39,8 +39,9 @@ class Policy:
         """The policy of a VM booting ``kernel``/``initrd`` with these ``--device`` specs.
 
         Stellarium device plugins take the host config as ``config=`` (default: the
-        usual lookup) and ``readonly=``; the store of that config is granted when it
-        exists (a device that does not use a store has none to be granted).
+        usual lookup), ``readonly=``, and ``image=`` (an image's VM form, always
+        read-only); the store of that config is granted when it exists (a device that
+        does not use a store has none to be granted).
         """
         from stellarium_core import config
 
@@ -50,7 +51,8 @@ class Policy:
             store = str(config.load(params.get("config")).store_path)
             if not os.path.isdir(store):
                 continue
-            writable = str(params.get("readonly", "")).strip().lower() not in TRUE_WORDS
+            writable = "image" not in params and \
+                str(params.get("readonly", "")).strip().lower() not in TRUE_WORDS
             stores[store] = stores.get(store, False) or writable
         for store, writable in stores.items():
             (pol.write if writable else pol.read).append(store)

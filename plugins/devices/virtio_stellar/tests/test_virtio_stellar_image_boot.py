@@ -1,0 +1,56 @@
+"""End to end: one Debian image, imported once, becomes a VM's root filesystem. A real
+Linux guest under Volt on real KVM (the lab) gets the image's VM form (EROFS over the
+image's own chunks) as a virtio-stellar disk (``image=NAME``), switches root to it and
+runs Debian's own binaries from it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("volt.lab.pytest_plugin", reason="the volt runtime plugin is not installed")
+
+from volt.kernels.initramfs import base_archive  # noqa: E402
+
+BEGIN, END = "STELLAR-IMAGE-ROOT-BEGIN", "STELLAR-IMAGE-ROOT-END"
+
+#: Run by the image's own /bin/sh as PID 1, with the image's EROFS as the root.
+SCRIPT = f"echo {BEGIN}; cat /etc/debian_version; stat -f -c %T /; echo pid $$; echo {END}"
+
+
+def stellar(cfg: Path, *args: object) -> str:
+    r = subprocess.run([sys.executable, "-m", "stellarium_core", "--config", str(cfg),
+                        *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.lab
+def test_linux_guest_boots_into_an_image_vm_form(lab, guest_kernel, tmp_path):
+    from devtools.guest import image_root_init
+    from devtools.rootfs import debian_rootfs
+
+    src = debian_rootfs()
+    cfg = tmp_path / "host.toml"
+    cfg.write_text('[store]\npath = "store"\n')
+    stellar(cfg, "host", "init")
+    stellar(cfg, "image", "import", src, "debian")
+    stellar(cfg, "image", "vmdisk", "debian")  # the device would build it too; do it ahead
+    initrd = base_archive(image_root_init(SCRIPT)).write(tmp_path / "init.cpio")
+
+    volt = Path(sys.executable).with_name("volt")
+    res = lab.run([str(volt), "run", "--kernel", str(guest_kernel.bzimage),
+                   "--initrd", str(initrd), "--mem", "256",
+                   "--device", f"virtio-stellar,image=debian,config={cfg}",
+                   "--cmdline", "console=ttyS0 reboot=k panic=-1 pci=off"],
+                  timeout=300, writable=[tmp_path / "store"])
+    out = res.stdout.replace("\r\n", "\n")
+    assert BEGIN in out and END in out, (res.stderr[-2000:], out[-3000:])
+    got = out.split(BEGIN + "\n", 1)[1].split(END, 1)[0].splitlines()
+    assert got[0].encode() + b"\n" == (src / "etc/debian_version").read_bytes()
+    assert got[1] == "erofs"                   # Debian's stat: / is the image's EROFS
+    assert got[2] == "pid 1"                   # the image's own /bin/sh is init
+    assert res.returncode == 0, (res.stderr[-2000:], out[-3000:])
