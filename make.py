@@ -25,6 +25,7 @@ APT_PACKAGES = [
     "libssl-dev", "nginx", "erofs-utils", "squashfs-tools", "fuse3", "e2fsprogs",
     "rsync",  # a second opinion in the rootfs round-trip test
     "libfuse2",  # Voltainer's FUSE view (fusepy loads it through ctypes)
+    "libseccomp2",  # Volt's seccomp filters (pyseccomp loads it through ctypes)
 ]
 ENVS = {"demo": "demo", "test": "test", "lint": "lint", "bench": "bench"}
 

@@ -1,8 +1,10 @@
 """Runs inside the lab: time VMM process start -> init marker on the console, N times each.
 
-Prints one JSON object on stdout: {"volt": [seconds...], "volt-vmm": [...], "qemu": [...],
-"errors": [...]}. ``volt`` is the full CLI (``volt run``), ``volt-vmm`` the lean VMM entry
-(``python -m volt.vmm``), ``qemu`` the peer.
+Prints one JSON object on stdout: {"volt": [seconds...], "volt-vmm": [...],
+"volt-unconfined": [...], "qemu": [...], "errors": [...]}. ``volt`` is the full CLI
+(``volt run``, confined by default), ``volt-vmm`` the lean VMM entry (``python -m volt.vmm``),
+``volt-unconfined`` the CLI with ``--landlock=off --seccomp=off`` (the cost of confinement),
+``qemu`` the peer.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main() -> int:
     runs = {
         "volt": [volt, "run", *args],
         "volt-vmm": [sys.executable, "-m", "volt.vmm", *args],
+        "volt-unconfined": [volt, "run", *args, "--landlock=off", "--seccomp=off"],
         "qemu": ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on",
                  "-enable-kvm", "-cpu", "host", "-m", "128", "-nodefaults", "-no-user-config",
                  "-nographic", "-serial", "stdio", "-no-reboot", "-kernel", kernel,

@@ -6,6 +6,9 @@ Figures:
   not hardware timings; only the ratio against the peer is meaningful);
 - on the bare machine: Volt's host-side setup time (process start to first
   KVM_RUN) and its RSS excluding guest memory.
+Volt runs confined (its default: Landlock + seccomp, applied before the first
+KVM_RUN, so inside both figures) and, as ``volt-unconfined``, with
+``--landlock=off --seccomp=off``: the difference is the cost of confinement.
 
 Usage: .venv/bin/python bench/boot/run.py [-n 5] [--json]
 """
@@ -56,7 +59,8 @@ def rss_excluding_guest(pid: int, guest_bytes: int) -> tuple[int, int]:
     return total, outside
 
 
-ENTRIES = {"volt": [VOLT, "run"], "volt-vmm": [sys.executable, "-m", "volt.vmm"]}
+ENTRIES = {"volt": [VOLT, "run"], "volt-vmm": [sys.executable, "-m", "volt.vmm"],
+           "volt-unconfined": [VOLT, "run", "--landlock=off", "--seccomp=off"]}
 
 
 def bare_setup(entry: list[str], kernel: Path, initrd: Path, n: int) -> dict:
@@ -91,7 +95,8 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    labels = {"volt": "volt run", "volt-vmm": "python -m volt.vmm", "qemu": "qemu -M microvm"}
+    labels = {"volt": "volt run", "volt-vmm": "python -m volt.vmm",
+              "volt-unconfined": "volt run, unconfined", "qemu": "qemu -M microvm"}
     q = lab_fig["qemu"]
     print(f"boot to init marker, inside the lab, {args.n} interleaved runs each (seconds):")
     for name, label in labels.items():

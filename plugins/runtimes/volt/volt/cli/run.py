@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from volt.cli.timing import process_start  # imported early: its fallback clock starts here
+from volt.jail import confine
 from volt.vmm import exitcodes
 from volt.vmm.exitcodes import VoltError
 
@@ -50,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add a virtio-mmio device from an installed device plugin")
     p.add_argument("--timing", action="store_true",
                    help="print setup time (process start to first KVM_RUN) to stderr")
+    confine.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cmdline is not None:
         cfg.cmdline = args.cmdline
     machine = build(cfg)
+    confine.apply(args, cfg, machine)      # after the build, before the first guest instruction
     if cfg.serial == "stdout":
         try:
             machine.feed_console(sys.stdin.fileno())

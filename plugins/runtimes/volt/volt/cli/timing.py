@@ -9,8 +9,7 @@ import time
 _IMPORTED = time.monotonic()
 
 
-def process_start() -> float:
-    """Process start as a ``time.monotonic()`` value, from /proc/self/stat if mounted."""
+def _process_start() -> float:
     try:
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -20,3 +19,12 @@ def process_start() -> float:
         return _IMPORTED
     age = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
     return time.monotonic() - age
+
+
+#: Read at import, before the VMM confines itself (Landlock then hides /proc).
+_START = _process_start()
+
+
+def process_start() -> float:
+    """Process start as a ``time.monotonic()`` value, from /proc/self/stat if mounted."""
+    return _START

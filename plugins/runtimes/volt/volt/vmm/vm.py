@@ -141,6 +141,8 @@ class Machine:
         self.first_run: float | None = None
         self.boot_mode = ""
         self.serial: Serial | None = None
+        #: Called first in every thread the VM starts, with its kind (volt.jail confines).
+        self.enter_thread: Callable[[str], None] = lambda kind: None
 
     # -- interrupts ---------------------------------------------------------------
 
@@ -175,6 +177,7 @@ class Machine:
 
     def _io_loop(self) -> None:
         """The I/O thread: dispatches ioeventfd kicks to device handlers."""
+        self.enter_thread("io")
         signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_SIGNALS | {KICK_SIGNAL})
         poller = select.epoll()
         for fd in (*self._fd_handlers, self._wake):
@@ -300,6 +303,7 @@ class Machine:
     # -- the vCPU thread -------------------------------------------------------------
 
     def _vcpu_loop(self, index: int, vcpu: kvm.VcpuFd) -> None:
+        self.enter_thread("vcpu")
         signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_SIGNALS)
         run = vcpu.run_struct
         try:
@@ -396,6 +400,7 @@ class Machine:
     def feed_console(self, fd: int) -> None:
         """Forward bytes read from ``fd`` (stdin) to the guest's serial port, in a thread."""
         def pump() -> None:
+            self.enter_thread("io")
             while not self._stopped.is_set():
                 try:
                     data = os.read(fd, 64)
