@@ -150,9 +150,9 @@ def main() -> int:
     from volt.kernels.initramfs import base_archive
 
     initrd = base_archive(ROOT_INIT).write(WORK / "root-init.cpio")
-    sh("volt", "lab", "run", "--writable", WORK / "a-store", "--", str(BIN / "volt"), "run",
-       "--kernel", built["bzimage"], "--initrd", initrd, "--mem", "256",
-       "--device", f"virtio-stellar,volume=vm0-root,readonly=true,config={a}",
+    sh("volt", "lab", "run", "--writable", WORK / "a-store", "--", str(BIN / "volt"),
+       "--config", a, "run", "--kernel", built["bzimage"], "--initrd", initrd, "--mem", "256",
+       "--device", "virtio-stellar,volume=vm0-root,readonly=true",
        "--cmdline", "console=ttyS0 reboot=k panic=-1 pci=off quiet", timeout=900, tail=6)
     print("\ndemo: done")
     return 0

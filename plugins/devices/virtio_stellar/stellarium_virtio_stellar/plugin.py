@@ -1,18 +1,18 @@
 """The ``virtio-stellar`` device plugin: ``volt run --device virtio-stellar,volume=NAME``.
 
-It opens the named volume from the host's store (``config`` or the default host
-config lookup) and serves it to the guest as a standard virtio-blk disk, so an
-unmodified Linux ``virtio_blk`` driver reads and writes Stellarium storage.
+It opens the named volume from the store of the host the VMM runs for (its
+``--config``, handed over in the :class:`DeviceContext`) and serves it to the guest
+as a standard virtio-blk disk, so an unmodified Linux ``virtio_blk`` driver reads
+and writes Stellarium storage.
 """
 
 from __future__ import annotations
 
-import atexit
 from typing import Any
 
 from stellarium_core.config import Field, validate_params
 from stellarium_core.errors import ConfigError
-from stellarium_core.hookspecs import hookimpl
+from stellarium_core.hookspecs import DeviceContext, hookimpl
 from stellarium_core.host import Host
 from stellarium_core.volumes.blockdev import BlockDevice
 from stellarium_core.volumes.volume import VolumeStore
@@ -33,14 +33,12 @@ def _boolean(value: Any) -> bool:
     raise ConfigError(f"must be true or false, got {value!r}", key="readonly")
 
 
-def open_device(volume: str, *, readonly: bool = False,
-                config: str | None = None) -> VirtioStellar:
-    """A device over ``volume`` of the host configured by ``config``.
+def open_device(host: Host, volume: str, *, readonly: bool = False) -> VirtioStellar:
+    """A device over ``volume`` in ``host``'s store.
 
-    A writable device holds the volume's writer lock; its writes are flushed
-    when the guest sends FLUSH, and at interpreter exit.
+    A writable device holds the volume's writer lock; its writes are flushed when
+    the guest sends FLUSH and when the VMM closes the device.
     """
-    host = Host.from_config(config)
     vols = VolumeStore(host.store_path / "volumes", host.store, host.hasher)
     vol = vols.open(volume, readonly=readonly)
     try:
@@ -48,18 +46,16 @@ def open_device(volume: str, *, readonly: bool = False,
     except BaseException:
         vol.close()
         raise
-    dev = VirtioStellar(disk, serial=volume, on_close=vol.close)
-    atexit.register(dev.close)
-    return dev
+    return VirtioStellar(disk, serial=volume, on_close=vol.close)
 
 
 @hookimpl
-def stellarium_device(name: str, params: dict[str, Any]) -> VirtioStellar | None:
+def stellarium_device(name: str, params: dict[str, Any],
+                      context: DeviceContext) -> VirtioStellar | None:
     if name != NAME:
         return None
     p = validate_params(params, {
         "volume": Field(str, doc="volume name in the host's store"),
         "readonly": Field(object, False, doc="serve the volume read-only"),
-        "config": Field(str, None, doc="host config path (default: the usual lookup)"),
     })
-    return open_device(p["volume"], readonly=_boolean(p["readonly"]), config=p["config"])
+    return open_device(context.host, p["volume"], readonly=_boolean(p["readonly"]))

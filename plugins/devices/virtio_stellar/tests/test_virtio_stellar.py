@@ -26,9 +26,9 @@ from stellarium_virtio_stellar.device import (
 
 from stellarium_core.errors import ConfigError, StellarError
 from stellarium_core.hashing import Blake3Hasher
+from stellarium_core.hookspecs import DeviceContext
 from stellarium_core.host import Host, init_store
 from stellarium_core.nebula import ChunkStore
-from stellarium_core.plugins import Registry
 from stellarium_core.virtio import (
     VIRTIO_F_VERSION_1,
     VIRTQ_DESC_F_NEXT,
@@ -314,9 +314,14 @@ def host_cfg(tmp_path: Path, image: bytes) -> Path:
     return cfg
 
 
+def create(cfg: Path, params: dict) -> VirtioStellar:
+    """The device through the registry, as a VMM makes it for the host ``cfg`` configures."""
+    host = Host.from_config(cfg)
+    return host.registry.create("device", "virtio-stellar", params, context=DeviceContext(host))
+
+
 def test_plugin_opens_the_named_volume_from_the_host_store(host_cfg, image):
-    dev = Registry().create("device", "virtio-stellar",
-                            {"volume": "root", "config": str(host_cfg), "readonly": "true"})
+    dev = create(host_cfg, {"volume": "root", "readonly": "true"})
     assert isinstance(dev, VirtioStellar) and dev.features & VIRTIO_BLK_F_RO
     g = Guest(dev)
     assert g.request(T_IN, 2, inlen=SECTOR) == (S_OK, image[2 * SECTOR:3 * SECTOR])
@@ -327,18 +332,19 @@ def test_plugin_opens_the_named_volume_from_the_host_store(host_cfg, image):
     ({}, ConfigError, "volume: missing required key"),
     ({"volume": "root", "readonly": "maybe"}, ConfigError, "true or false"),
     ({"volume": "root", "size": "1"}, ConfigError, "unknown key"),
+    ({"volume": "root", "config": "/x.toml"}, ConfigError, "params.config: unknown key"),
     ({"volume": "nope"}, StellarError, "no volume named 'nope'"),
     ({"volume": "../x"}, StellarError, "bad volume name"),
 ])
 def test_plugin_rejects_bad_params_clearly(host_cfg, params, error, match):
     with pytest.raises(error, match=match):
-        Registry().create("device", "virtio-stellar", {"config": str(host_cfg), **params})
+        create(host_cfg, params)
 
 
 def test_writable_plugin_holds_the_writer_lock(host_cfg):
-    params = {"volume": "root", "config": str(host_cfg)}
-    dev = Registry().create("device", "virtio-stellar", params)
+    params = {"volume": "root"}
+    dev = create(host_cfg, params)
     with pytest.raises(StellarError, match="open for writing elsewhere"):
-        Registry().create("device", "virtio-stellar", params)
+        create(host_cfg, params)
     dev.close()
-    Registry().create("device", "virtio-stellar", params).close()
+    create(host_cfg, params).close()

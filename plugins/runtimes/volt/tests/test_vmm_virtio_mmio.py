@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
+import time
 
 import pytest
 from volt.vmm import exitcodes
+from volt.vmm.config import DeviceSpec, parse_device_option
 from volt.vmm.devices import virtio_mmio as vm
 from volt.vmm.devices.bus import Bus, BusConflict
+from volt.vmm.devices.event_loop import EventLoop
+from volt.vmm.devices.manager import create_devices
 from volt.vmm.exitcodes import VoltError
 from volt.vmm.memory import GuestMemory
 
+from stellarium_core import config as config_mod
+from stellarium_core.host import Host
 from stellarium_core.virtio import VIRTIO_F_VERSION_1, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 BASE = 0xD0000000
@@ -49,13 +57,31 @@ class Echo:
 
 @pytest.fixture
 def setup():
+    """The transport on a bus, with the I/O thread's loop running as in a VM."""
     mem = GuestMemory(1 << 20)
     irqs: list[int] = []
     bus = Bus("mmio")
-    t = vm.VirtioMmio(Echo(), mem, lambda: irqs.append(1))
+    loop = EventLoop()
+    kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    t = vm.VirtioMmio(Echo(), mem, lambda: irqs.append(1), loop, [kick])
     bus.add(BASE, 0x1000, t)
+    io = threading.Thread(target=loop.run, daemon=True)
+    io.start()
     yield mem, bus, irqs
+    loop.stop()
+    io.join(10)
+    loop.close()
+    os.close(kick)
     mem.close()
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def r32(bus: Bus, off: int) -> int:
@@ -93,7 +119,8 @@ def test_probe_negotiate_and_echo(setup):
     mem.write(DESC + 16, struct.pack("<QIHH", 0x21000, 64, VIRTQ_DESC_F_WRITE, 0))
     mem.write(AVAIL + 4, struct.pack("<H", 0))
     mem.write(AVAIL + 2, struct.pack("<H", 1))
-    w32(bus, vm.QUEUE_NOTIFY, 0)
+    w32(bus, vm.QUEUE_NOTIFY, 0)             # served by the I/O thread
+    assert wait_for(lambda: irqs)
     assert mem.read(0x21000, 12) == b"hello virtio"
     assert struct.unpack("<HHII", mem.read(USED, 12)) == (0, 1, 0, 12)
     assert irqs == [1] and r32(bus, vm.INTERRUPT_STATUS) == vm.INT_VRING
@@ -124,12 +151,12 @@ def test_bus_rejects_overlap_and_unclaimed_reads_are_all_ones():
 @pytest.mark.parametrize("spec", ["", "x,novalue", "x,=1"])
 def test_malformed_device_option(spec):
     with pytest.raises(VoltError) as err:
-        vm.parse_device_option(spec)
+        parse_device_option(spec)
     assert err.value.exit_code == exitcodes.DEVICE
 
 
 def test_unknown_device_name_is_a_device_error():
     with pytest.raises(VoltError) as err:
-        vm.create_devices([("no-such-device", {})])
+        create_devices([DeviceSpec("no-such-device", {}, "d0")], Host(config_mod.parse({})))
     assert err.value.exit_code == exitcodes.DEVICE
     assert "no-such-device" in str(err.value)

@@ -52,7 +52,7 @@ class Region:
 class GuestMemory:
     """All guest RAM; below 3 GiB in one region, the rest above 4 GiB."""
 
-    def __init__(self, size: int, hugepages: bool = False) -> None:
+    def __init__(self, size: int, *, hugepages: bool = False, ksm: bool = False) -> None:
         if size <= 0 or size % mmap.PAGESIZE:
             raise GuestMemoryError(f"guest memory size {size} is not a positive page multiple")
         self.size = size
@@ -62,6 +62,9 @@ class GuestMemory:
             layout.append((MMIO_GAP_END, size - MMIO_GAP_START))
         for guest_addr, length in layout:
             self.regions.append(self._map(guest_addr, length, hugepages))
+            if ksm:
+                r = self.regions[-1]
+                _libc.madvise(r.host_addr, r.size, MADV_MERGEABLE)
 
     @staticmethod
     def _map(guest_addr: int, length: int, hugepages: bool) -> Region:

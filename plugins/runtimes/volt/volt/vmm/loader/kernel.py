@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -28,6 +29,16 @@ def open_kernel(path: str) -> KernelImage:
         f = open(path, "rb")
     except OSError as exc:
         raise VoltError(f"kernel {path}: {exc.strerror}", KERNEL) from None
+    return recognise(path, f)
+
+
+def kernel_from_bytes(label: str, data: bytes) -> KernelImage:
+    """An image already in memory (reassembled from NEBULA); ``label`` names it in errors."""
+    return recognise(label, io.BytesIO(data))
+
+
+def recognise(path: str, f: BinaryIO) -> KernelImage:
+    """Tell an ELF vmlinux from a bzImage by their headers; anything else is refused."""
     head = f.read(0x1000)
     if elf.is_elf(head):
         return KernelImage(path, f, "elf", layout.CMDLINE_MAX, 0xFFFF_FFFF)
