@@ -34,6 +34,7 @@ from stellarium_core.virtio import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     DeviceState,
+    RegionMemory,
     VirtioDevice,
     Virtqueue,
 )
@@ -46,28 +47,11 @@ DISK = 1 << 20                      # 2048 sectors
 NSECT = DISK // SECTOR
 
 
-class FakeMemory:
-    """Guest RAM as a bytearray, bounds-checked like a VMM's."""
-
-    def __init__(self, size: int = 8 << 20) -> None:
-        self.buf = bytearray(size)
-
-    def read(self, addr: int, length: int) -> bytes:
-        if addr < 0 or addr + length > len(self.buf):
-            raise ValueError(f"{addr:#x}+{length:#x} outside guest memory")
-        return bytes(self.buf[addr:addr + length])
-
-    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        if addr < 0 or addr + len(data) > len(self.buf):
-            raise ValueError(f"{addr:#x}+{len(data):#x} outside guest memory")
-        self.buf[addr:addr + len(data)] = data
-
-
 class Guest:
     """The driver side: negotiates, builds request chains, kicks, reads the used ring."""
 
     def __init__(self, dev: VirtioStellar) -> None:
-        self.dev, self.mem = dev, FakeMemory()
+        self.dev, self.mem = dev, RegionMemory.over(bytearray(8 << 20))
         self.interrupts = 0
         self.avail_idx = self.used_seen = 0
         q = Virtqueue(QSIZE)

@@ -1,24 +1,40 @@
 """The virtio-mmio transport, modern layout (version 2), driving any ``VirtioDevice``.
 
 Registers are served in the vCPU thread that touched them. Device work happens in
-the I/O thread only: a queue notification arrives on that queue's kick eventfd
-(a KVM ioeventfd, or written here when the guest's MMIO write exits instead), and
-the loop calls ``device.notify``. The lifecycle lock serialises status changes
-(activation, reset) against a notification being served; the interrupt-status
-register has its own small lock, so the guest's interrupt handler never waits for
-a drain.
+the I/O thread: a queue notification arrives on that queue's kick eventfd (a KVM
+ioeventfd, or written here when the guest's MMIO write exits instead) and the loop
+calls ``device.notify``. The lifecycle lock serialises status changes (activation,
+reset) against a notification being served; the interrupt-status register has its
+own small lock, so the guest's interrupt handler never waits for a drain.
+
+The transport is also the device's :class:`~stellarium_core.virtio.DeviceLink`:
+fds it registers run under a guard, and a device that raises (in ``notify``,
+``activate`` or an fd callback) is marked NEEDS_RESET with a logged reason, while
+the VM and the other devices carry on. A queue handed over as eventfds makes the
+used-ring bit of InterruptStatus permanent: the backend's irqfd interrupts the
+guest directly, and Linux's handler then checks its rings.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import select
 import struct
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from stellarium_core.virtio import STATUS_DRIVER_OK, DeviceState, GuestMemory, VirtioDevice
+from stellarium_core.virtio import (
+    STATUS_NEEDS_RESET,
+    DeviceState,
+    GuestMemory,
+    QueueEventfds,
+    VirtioDevice,
+)
 from volt.vmm.devices.event_loop import EventLoop
+
+log = logging.getLogger(__name__)
 
 MAGIC = 0x74726976          # "virt"
 VERSION = 2
@@ -36,11 +52,39 @@ CONFIG_SPACE = 0x100
 _U32 = struct.Struct("<I")
 
 
+class DeviceEvents:
+    """The event loop as one device sees it: its callbacks run guarded, its fds are its own."""
+
+    def __init__(self, loop: EventLoop, fail: Callable[[str], None]) -> None:
+        self._loop, self._fail = loop, fail
+        self.fds: set[int] = set()
+
+    def add(self, fd: int, callback: Callable[[int], None],
+            events: int = select.EPOLLIN) -> None:
+        def guarded(ev: int) -> None:
+            try:
+                callback(ev)
+            except Exception as exc:
+                self.remove(fd)
+                self._fail(f"callback for fd {fd} raised {type(exc).__name__}: {exc}")
+        self._loop.add(fd, guarded, events)
+        self.fds.add(fd)
+
+    def modify(self, fd: int, events: int) -> None:
+        self._loop.modify(fd, events)
+
+    def remove(self, fd: int) -> None:
+        self._loop.remove(fd)
+        self.fds.discard(fd)
+
+
 class VirtioMmio:
-    """One device behind the virtio-mmio register window (a bus device)."""
+    """One device behind the virtio-mmio register window (a bus device), and its link."""
 
     def __init__(self, device: VirtioDevice, mem: GuestMemory, irq: Callable[[], None],
                  loop: EventLoop, kick_fds: Sequence[int], name: str = "") -> None:
+        """``irq`` pulses the device's interrupt; its ``fd`` attribute, when there is one,
+        is the irqfd a handed-over queue's backend writes."""
         self.state = DeviceState(device)
         self.device = device
         self.mem = mem
@@ -49,22 +93,66 @@ class VirtioMmio:
         self._lock = threading.RLock()           # lifecycle vs. notifications being served
         self._isr_lock = threading.Lock()        # interrupt status (device and vCPU threads)
         self.interrupt_status = 0
+        #: Interrupt-status bits that stay set (INT_VRING once a queue is handed over).
+        self.sticky_status = 0
         self.features_sel = 0
         self.driver_features_sel = 0
         self.queue_sel = 0
         self.kick_fds = list(kick_fds)
+        self.handed_over: set[int] = set()
+        self._loop = loop
+        self._events = DeviceEvents(loop, self.needs_reset)
         for q, fd in enumerate(self.kick_fds):
             loop.add(fd, lambda _ev, q=q: self._kicked(q))
+        attach = getattr(device, "attach", None)
+        if attach is not None:
+            attach(self)
+
+    # -- the DeviceLink the device gets ----------------------------------------------------
+
+    @property
+    def loop(self) -> DeviceEvents:
+        return self._events
 
     def signal_used(self) -> None:
-        """What the device calls after adding used buffers."""
+        """What the device calls after adding used buffers (``activate``'s ``interrupt``)."""
         with self._isr_lock:
             self.interrupt_status |= INT_VRING
         self._irq()
 
-    def _queue(self):  # -> Virtqueue | None
-        qs = self.state.queues
-        return qs[self.queue_sel] if self.queue_sel < len(qs) else None
+    def config_changed(self) -> None:
+        with self._lock:
+            self.state.config_changed()
+        self._config_interrupt()
+
+    def needs_reset(self, reason: str) -> None:
+        """The device gives up until the driver resets it; its notifications stop."""
+        log.error("device %s needs a reset: %s", self.name, reason)
+        with self._lock:
+            self.state.needs_reset()
+        self._config_interrupt()
+
+    def _config_interrupt(self) -> None:
+        with self._isr_lock:
+            self.interrupt_status |= INT_CONFIG
+        self._irq()
+
+    def queue_eventfds(self, queue: int) -> QueueEventfds:
+        if not 0 <= queue < len(self.kick_fds):
+            raise ValueError(f"device {self.name} has no queue {queue}")
+        call = getattr(self._irq, "fd", None)
+        if call is None:
+            raise RuntimeError("KVM has no irqfd here, so a backend cannot interrupt the "
+                               "guest by itself")
+        with self._lock:
+            if queue not in self.handed_over:
+                self._loop.remove(self.kick_fds[queue])
+                self.handed_over.add(queue)
+            with self._isr_lock:
+                self.sticky_status |= INT_VRING
+        return QueueEventfds(self.kick_fds[queue], call)
+
+    # -- notifications (I/O thread) --------------------------------------------------------
 
     def _kicked(self, queue: int) -> None:
         """The I/O thread saw queue ``queue``'s kick eventfd."""
@@ -75,10 +163,20 @@ class VirtioMmio:
         self.kick(queue)
 
     def kick(self, queue: int) -> None:
-        """Serve queue ``queue`` (called in the I/O thread)."""
+        """Serve queue ``queue`` unless the device waits for a reset."""
         with self._lock:
-            if self.state.status & STATUS_DRIVER_OK:
+            if not self.state.live:
+                return
+            try:
                 self.device.notify(queue)
+            except Exception as exc:
+                self.needs_reset(f"notify({queue}) raised {type(exc).__name__}: {exc}")
+
+    # -- registers (vCPU threads) ----------------------------------------------------------
+
+    def _queue(self) -> Any:
+        qs = self.state.queues
+        return qs[self.queue_sel] if self.queue_sel < len(qs) else None
 
     def read(self, offset: int, size: int) -> bytes:
         if offset >= CONFIG_SPACE:
@@ -102,7 +200,7 @@ class VirtioMmio:
         elif offset == QUEUE_READY:
             v = int(q.ready) if q else 0
         elif offset == INTERRUPT_STATUS:
-            v = self.interrupt_status
+            v = self.interrupt_status | self.sticky_status
         elif offset == STATUS:
             v = self.state.status
         elif offset == CONFIG_GENERATION:
@@ -119,7 +217,7 @@ class VirtioMmio:
             return
         v = _U32.unpack(data)[0]
         if offset == QUEUE_NOTIFY:
-            if v < len(self.kick_fds):            # the I/O thread serves it
+            if v < len(self.kick_fds):            # the I/O thread (or a backend) serves it
                 os.eventfd_write(self.kick_fds[v], 1)
         elif offset == INTERRUPT_ACK:
             with self._isr_lock:
@@ -139,13 +237,24 @@ class VirtioMmio:
         elif offset == QUEUE_SEL:
             self.queue_sel = v
         elif offset == STATUS:
-            self.state.set_status(v, self.mem, self.signal_used)
-            if v == 0:
-                with self._isr_lock:
-                    self.interrupt_status = 0
-                self.queue_sel = self.features_sel = self.driver_features_sel = 0
+            self._set_status(v)
         elif q is not None and not q.ready or offset == QUEUE_READY:
             self._write_queue(q, offset, v)
+
+    def _set_status(self, v: int) -> None:
+        failed_before = self.state.status & STATUS_NEEDS_RESET
+        try:
+            self.state.set_status(v, self.mem, self.signal_used)
+        except Exception as exc:
+            self.needs_reset(f"activate raised {type(exc).__name__}: {exc}")
+            return
+        if v == 0:
+            with self._isr_lock:
+                self.interrupt_status = 0
+            self.queue_sel = self.features_sel = self.driver_features_sel = 0
+        elif self.state.status & STATUS_NEEDS_RESET and not failed_before:
+            log.error("device %s needs a reset: the driver's rings are unusable", self.name)
+            self._config_interrupt()
 
     def _write_queue(self, q: Any, offset: int, v: int) -> None:
         if q is None:
