@@ -31,7 +31,7 @@ def test_reader_unpacks_a_header_split_anywhere_and_hands_out_windows() -> None:
     mem.write(0x1000, raw[:5])                      # header split 5 | 11, payload after
     mem.write(0x2000, raw[5:16])
     mem.write(0x3000, raw[16:])
-    r = Reader(mem, readable((0x1000, 5), (0x2000, 11), (0x3000, 8)))
+    r = Reader.of(mem, readable((0x1000, 5), (0x2000, 11), (0x3000, 8)))
     assert r.remaining == 24 and r.unpack(HDR) == (1, 0, 77)
     views = r.views()
     assert [bytes(v) for v in views] == [b"payload!"] and r.remaining == 0
@@ -45,7 +45,7 @@ def test_reader_take_is_zero_copy_within_a_buffer_and_gathers_across() -> None:
     mem = ram()
     mem.write(0x100, b"abcdef")
     mem.write(0x200, b"ghij")
-    r = Reader(mem, readable((0x100, 6), (0x200, 4)))
+    r = Reader.of(mem, readable((0x100, 6), (0x200, 4)))
     first = r.take(4)
     assert isinstance(first, memoryview) and bytes(first) == b"abcd"
     assert r.take(4) == b"efgh" and r.remaining == 2
@@ -55,7 +55,7 @@ def test_reader_take_is_zero_copy_within_a_buffer_and_gathers_across() -> None:
 
 def test_writer_fills_across_buffers_and_refuses_overflow_whole() -> None:
     mem = ram()
-    w = Writer(mem, writable((0x100, 3), (0x200, 0), (0x300, 5)))
+    w = Writer.of(mem, writable((0x100, 3), (0x200, 0), (0x300, 5)))
     w.write_from([b"ab", memoryview(b"cdef"), b""])
     assert w.written == 6 and w.remaining == 2
     assert mem.read(0x100, 3) == b"abc" and mem.read(0x300, 3) == b"def"
@@ -73,7 +73,7 @@ def test_writer_fills_across_buffers_and_refuses_overflow_whole() -> None:
 ])
 def test_split_tail_keeps_the_status_byte_out_of_reach(parts) -> None:
     mem = ram()
-    w = Writer(mem, writable(*parts))
+    w = Writer.of(mem, writable(*parts))
     status = w.split_tail(1)
     assert (w.remaining, status.remaining) == (512, 1)
     w.write(b"\x11" * 512)
@@ -84,12 +84,12 @@ def test_split_tail_keeps_the_status_byte_out_of_reach(parts) -> None:
     assert mem.read(last_addr + last_len - 1, 1) == b"\x07"
     assert w.written == 512 and status.written == 1
     with pytest.raises(ChainTooShort):
-        Writer(mem, writable((0x100, 0))).split_tail(1)
+        Writer.of(mem, writable((0x100, 0))).split_tail(1)
 
 
 def test_writer_views_are_for_filling_in_place() -> None:
     mem = ram()
-    w = Writer(mem, writable((0x100, 4), (0x200, 4)))
+    w = Writer.of(mem, writable((0x100, 4), (0x200, 4)))
     views = w.views(6)
     assert [len(v) for v in views] == [4, 2] and w.written == 6
     views[1][:] = b"zz"

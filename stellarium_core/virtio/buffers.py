@@ -2,12 +2,12 @@
 :class:`Writer` (device to driver).
 
 A request's header, payload and status are spread over descriptors however the
-driver liked. These helpers walk them in order and hand out windows onto guest
-memory (memoryviews, no copy): a device reads a header with :meth:`Reader.unpack`,
-passes payload windows to ``os.pwritev`` / ``preadv``, or copies chunk views into
-the guest with :meth:`Writer.write_from`, one copy from source to guest RAM.
-Running past the end of the buffers is a :class:`ChainTooShort` (a ValueError),
-never a partial write.
+driver liked. These helpers walk them in order over windows onto guest memory
+(memoryviews, taken once when the queue validated the chain): a device reads a
+header with :meth:`Reader.unpack`, passes payload windows to ``os.pwritev`` /
+``preadv``, or copies chunk views into the guest with :meth:`Writer.write_from`,
+one copy from source to guest RAM. Running past the end of the buffers is a
+:class:`ChainTooShort` (a ValueError), never a partial write.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from stellarium_core.virtio.queue import Descriptor
 
 Buffer = bytes | bytearray | memoryview
+_EMPTY = memoryview(b"")
 
 
 class ChainTooShort(ValueError):
@@ -29,49 +30,58 @@ class ChainTooShort(ValueError):
 
 
 class _Cursor:
-    """A position in a list of guest buffers; windows are made one buffer at a time."""
+    """A position in a list of windows onto guest memory."""
 
-    __slots__ = ("_mem", "_descs", "_i", "_off", "remaining")
+    __slots__ = ("_wins", "_i", "_off", "remaining")
 
-    def __init__(self, mem: GuestMemory, descriptors: Sequence[Descriptor]) -> None:
-        self._mem, self._descs = mem, descriptors
+    def __init__(self, windows: list[memoryview]) -> None:
+        """Over ``windows`` (the list is taken, not copied)."""
+        self._wins = windows
         self._i = self._off = 0
-        self.remaining = sum(d.length for d in descriptors)
+        self.remaining = sum(map(len, windows))
+
+    @classmethod
+    def of(cls, mem: GuestMemory, descriptors: Sequence[Descriptor]):  # noqa: ANN206
+        """Over ``descriptors``' buffers in ``mem`` (each range checked)."""
+        return cls([mem.view(d.addr, d.length) for d in descriptors])
+
+    def _short(self, n: int) -> ChainTooShort:
+        return ChainTooShort(f"request needs {n} bytes, the chain has {self.remaining} left")
 
     def _windows(self, n: int) -> list[memoryview]:
-        """Consume ``n`` bytes (all when negative) as windows onto guest memory."""
+        """Consume ``n`` bytes (all when negative) as windows."""
         if n < 0:
             n = self.remaining
         elif n > self.remaining:
-            raise ChainTooShort(f"request needs {n} bytes, the chain has {self.remaining} left")
+            raise self._short(n)
         self.remaining -= n
-        descs, mem, out = self._descs, self._mem, []
+        out = []
         while n:
-            d = descs[self._i]
-            take = min(n, d.length - self._off)
+            w = self._wins[self._i]
+            take = min(n, len(w) - self._off)
             if take:
-                out.append(mem.view(d.addr + self._off, take))
+                out.append(w[self._off:self._off + take])
             n -= take
             self._off += take
-            if self._off == d.length:
+            if self._off == len(w):
                 self._i, self._off = self._i + 1, 0
         return out
 
     def _contiguous(self, n: int) -> memoryview | None:
         """The next ``n`` bytes as one window when they lie in one buffer (consumed)."""
         if n > self.remaining:
-            raise ChainTooShort(f"request needs {n} bytes, the chain has {self.remaining} left")
-        while self._i < len(self._descs) and self._off == self._descs[self._i].length:
-            self._i, self._off = self._i + 1, 0
-        if self._i == len(self._descs):
-            return memoryview(b"") if n == 0 else None
-        d = self._descs[self._i]
-        if d.length - self._off < n:
+            raise self._short(n)
+        wins, i, off = self._wins, self._i, self._off
+        while i < len(wins) and off == len(wins[i]):
+            i, off = i + 1, 0
+        if i == len(wins):
+            return _EMPTY if n == 0 else None
+        w = wins[i]
+        if len(w) - off < n:
             return None
-        view = self._mem.view(d.addr + self._off, n)
-        self._off += n
+        self._i, self._off = i, off + n
         self.remaining -= n
-        return view
+        return w[off:off + n]
 
 
 class Reader(_Cursor):
@@ -95,7 +105,7 @@ class Reader(_Cursor):
     def readinto(self, buf: bytearray | memoryview) -> int:
         """Fill ``buf`` from the chain; returns how many bytes that took (all of ``buf``)."""
         out, pos = memoryview(buf).cast("B"), 0
-        for w in self._windows(len(buf)):
+        for w in self._windows(len(out)):
             out[pos:pos + len(w)] = w
             pos += len(w)
         return pos
@@ -112,8 +122,8 @@ class Writer(_Cursor):
 
     __slots__ = ("written",)
 
-    def __init__(self, mem: GuestMemory, descriptors: Sequence[Descriptor]) -> None:
-        super().__init__(mem, descriptors)
+    def __init__(self, windows: list[memoryview]) -> None:
+        super().__init__(windows)
         self.written = 0
 
     def views(self, n: int = -1) -> list[memoryview]:
@@ -125,11 +135,16 @@ class Writer(_Cursor):
 
     def write(self, data: Buffer) -> None:
         """Copy ``data`` in; ChainTooShort (and nothing written) when it does not fit."""
-        src = memoryview(data).cast("B")
-        pos = 0
-        for w in self.views(len(src)):
-            w[:] = src[pos:pos + len(w)]
-            pos += len(w)
+        n = len(data)
+        view = self._contiguous(n)
+        if view is None:                        # spans buffers: copy piece by piece
+            src, pos = memoryview(data).cast("B"), 0
+            for w in self._windows(n):
+                w[:] = src[pos:pos + len(w)]
+                pos += len(w)
+        else:
+            view[:] = data
+        self.written += n
 
     def write_from(self, sources: Iterable[Buffer]) -> None:
         """Copy consecutive sources in (each byte copied once, source to guest RAM)."""
@@ -151,22 +166,22 @@ class Writer(_Cursor):
         so filling this one can never overwrite them."""
         if n > self.remaining:
             raise ChainTooShort(f"need {n} bytes at the end, the chain has {self.remaining}")
-        descs = list(self._descs[self._i:])
-        if descs and self._off:
-            d = descs[0]
-            descs[0] = type(d)(d.addr + self._off, d.length - self._off, d.write)
-        head, tail, cut = [], [], n
-        for d in reversed(descs):
-            if cut >= d.length:
-                tail.insert(0, d)
-                cut -= d.length
-            elif cut:
-                keep = d.length - cut
-                head.insert(0, type(d)(d.addr, keep, d.write))
-                tail.insert(0, type(d)(d.addr + keep, cut, d.write))
-                cut = 0
+        wins = self._wins
+        last = wins[-1] if wins else _EMPTY
+        if len(last) > n:                       # the usual case: cut inside the last buffer
+            wins[-1] = last[:len(last) - n]
+            self.remaining -= n
+            return Writer([last[len(last) - n:]])
+        tail: list[memoryview] = []
+        cut = n
+        while cut:
+            w = wins[-1]
+            if len(w) <= cut:
+                tail.insert(0, wins.pop())
+                cut -= len(w)
             else:
-                head.insert(0, d)
-        self._descs, self._i, self._off = head, 0, 0
+                tail.insert(0, w[len(w) - cut:])
+                wins[-1] = w[:len(w) - cut]
+                cut = 0
         self.remaining -= n
-        return Writer(self._mem, tail)
+        return Writer(tail)

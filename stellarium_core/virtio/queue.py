@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stellarium_core.virtio.buffers import Reader, Writer
 from stellarium_core.virtio.memory import GuestMemory
@@ -36,6 +36,7 @@ _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 _FENCE = threading.Lock()
+_EMPTY = memoryview(b"")
 
 
 def _fence() -> None:
@@ -52,7 +53,7 @@ class VirtqueueError(ValueError):
     """The driver put something impossible or hostile in a queue."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Descriptor:
     """One buffer of a chain: guest address, length, and whether the device writes it."""
 
@@ -63,10 +64,17 @@ class Descriptor:
 
 @dataclass(slots=True)
 class DescriptorChain:
-    """A request popped from the available ring: validated buffers in order."""
+    """A request popped from the available ring: validated buffers in order.
+
+    ``windows`` are the buffers as windows onto guest memory, taken when the queue
+    checked them (readable ones first, then ``writable_from`` on); empty for a chain
+    built by hand, whose windows are then taken from ``mem``.
+    """
 
     head: int
     descriptors: list[Descriptor]
+    windows: list[memoryview] = field(default_factory=list)
+    writable_from: int = 0
 
     @property
     def readable(self) -> list[Descriptor]:
@@ -78,11 +86,15 @@ class DescriptorChain:
 
     def reader(self, mem: GuestMemory) -> Reader:
         """The driver-to-device bytes as a stream (no copy until asked)."""
-        return Reader(mem, self.readable)
+        if self.windows:
+            return Reader(self.windows[:self.writable_from])
+        return Reader.of(mem, self.readable)
 
     def writer(self, mem: GuestMemory) -> Writer:
         """The device-to-driver buffers as a stream."""
-        return Writer(mem, self.writable)
+        if self.windows:
+            return Writer(self.windows[self.writable_from:])
+        return Writer.of(mem, self.writable)
 
     def read_all(self, mem: GuestMemory) -> bytes:
         """The concatenated driver-to-device bytes."""
@@ -137,13 +149,13 @@ class Virtqueue:
         if self._mem is not mem:
             self.check(mem)
 
-    def avail_idx(self, mem: GuestMemory) -> int:
-        self._bound(mem)
-        return _U16.unpack_from(self._avail, 2)[0]
-
     def pending(self, mem: GuestMemory) -> int:
         """How many chains the driver has made available that we have not popped."""
-        n = (self.avail_idx(mem) - self.last_avail) & 0xFFFF
+        self._bound(mem)
+        return self._pending()
+
+    def _pending(self) -> int:
+        n = (_U16.unpack_from(self._avail, 2)[0] - self.last_avail) & 0xFFFF
         if n > self.size:
             raise VirtqueueError(f"available index moved by {n}, more than the queue size "
                                  f"{self.size}")
@@ -158,48 +170,65 @@ class Virtqueue:
         """
         if not self.ready:
             return None
-        if not self.pending(mem):
+        if self._mem is not mem:
+            self.check(mem)
+        if not self._pending():
             if not self.event_idx:
                 return None
             _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail)
             _fence()
-            if not self.pending(mem):
+            if not self._pending():
                 return None
         slot = self.last_avail & (self.size - 1)
         head = _U16.unpack_from(self._avail, 4 + 2 * slot)[0]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
-        return DescriptorChain(head, self._walk(mem, head))
+        return self._walk(mem, head)
 
     def drain(self, mem: GuestMemory) -> Iterator[DescriptorChain]:
         """Pop chains until the ring is empty."""
         while (chain := self.pop(mem)) is not None:
             yield chain
 
-    def _walk(self, mem: GuestMemory, head: int) -> list[Descriptor]:
-        index, size, table = head, self.size, self._desc
-        out: list[Descriptor] = []
-        writable_seen = False
+    def _walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
+        index, size, table, view = head, self.size, self._desc, mem.view
+        descs: list[Descriptor] = []
+        wins: list[memoryview] = []
+        writable_from = -1
         seen = 0                                   # bitmask of visited descriptors
         while True:
             if index >= size:
                 raise VirtqueueError(f"descriptor index {index} is outside the queue "
                                      f"(size {size})")
-            if seen >> index & 1:
+            bit = 1 << index
+            if seen & bit:
                 raise VirtqueueError(f"descriptor chain from {head} loops back to {index}")
-            seen |= 1 << index
-            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * index)
+            seen |= bit
+            addr, length, flags, nxt = _DESC.unpack_from(table, index << 4)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 raise VirtqueueError(f"descriptor {index}: indirect descriptors were not "
                                      "negotiated")
-            if length:
-                _window(mem, addr, length, f"descriptor {index} buffer")
-            write = bool(flags & VIRTQ_DESC_F_WRITE)
-            if writable_seen and not write:
+            if not length:
+                wins.append(_EMPTY)
+            elif length > MAX_BUFFER:
+                raise VirtqueueError(f"descriptor {index} buffer {addr:#x}+{length:#x} is "
+                                     "larger than 1 GiB")
+            else:
+                try:
+                    wins.append(view(addr, length))
+                except ValueError:
+                    raise VirtqueueError(f"descriptor {index} buffer {addr:#x}+{length:#x} is "
+                                         "outside guest memory") from None
+            if flags & VIRTQ_DESC_F_WRITE:
+                if writable_from < 0:
+                    writable_from = len(descs)
+                descs.append(Descriptor(addr, length, True))
+            elif writable_from >= 0:
                 raise VirtqueueError(f"descriptor {index}: readable buffer after a writable one")
-            writable_seen |= write
-            out.append(Descriptor(addr, length, write))
+            else:
+                descs.append(Descriptor(addr, length, False))
             if not flags & VIRTQ_DESC_F_NEXT:
-                return out
+                return DescriptorChain(head, descs, wins,
+                                       writable_from if writable_from >= 0 else len(descs))
             index = nxt
 
     def add_used(self, mem: GuestMemory, head: int, written: int) -> None:
