@@ -189,20 +189,29 @@ class Recorder:
         pass
 
 
-def test_queue_kick_through_ioeventfd_reaches_device_without_mmio_exit():
-    from volt.vmm.devices.virtio_mmio import QUEUE_NOTIFY
+def test_kick_and_interrupt_ack_cost_no_exit_and_the_status_read_one():
+    """Per request the guest reads InterruptStatus (one exit); its ACK of the used-ring
+    bit and its queue kick are absorbed by KVM (ioeventfds)."""
+    from volt.vmm.devices.virtio_mmio import (
+        INT_VRING,
+        INTERRUPT_ACK,
+        INTERRUPT_STATUS,
+        QUEUE_NOTIFY,
+    )
 
     m = Machine(1 << 20)
     m.add_legacy_devices(lambda b: None)
     dev = Recorder()
     t = m.devices.attach("rec", dev)
     t.state.status = 1 | 2 | 8 | 4
-    mmio_writes = []
-    inner = t.write
-    t.write = lambda off, data: (mmio_writes.append(off), inner(off, data))
-    # 32-bit flat mode: mov dword [0xd0000050], 1 ; mov al, 0xfe ; out 0x64, al
-    code = bytes.fromhex("c705") + struct.pack("<II", 0xD0000000 + QUEUE_NOTIFY, 1) + \
-        bytes.fromhex("b0fee664")
+    base = 0xD0000000
+    # 32-bit flat mode: mov eax, [status] ; mov [0x2000], eax ; mov dword [ack], 1 ;
+    # mov dword [notify], 1 ; mov al, 0xfe ; out 0x64, al
+    code = (b"\xa1" + struct.pack("<I", base + INTERRUPT_STATUS)
+            + b"\xa3" + struct.pack("<I", 0x2000)
+            + b"\xc7\x05" + struct.pack("<II", base + INTERRUPT_ACK, INT_VRING)
+            + b"\xc7\x05" + struct.pack("<II", base + QUEUE_NOTIFY, 1)
+            + bytes.fromhex("b0fee664"))
     m.mem.write(0x1000, code)
     cpu.setup_pvh(m.vcpus[0].fd, m.mem, 0x1000, 0)
     r = Runner(m)
@@ -212,7 +221,9 @@ def test_queue_kick_through_ioeventfd_reaches_device_without_mmio_exit():
     while not dev.notified and time.monotonic() < deadline:
         time.sleep(0.01)
     assert dev.notified == [1]
-    assert QUEUE_NOTIFY not in mmio_writes
+    assert m.mem.read(0x2000, 4) == struct.pack("<I", INT_VRING)
+    exits = m.vcpus[0].exits
+    assert exits["mmio_read"] == 1 and exits["mmio_write"] == 0, exits
     m.close()
 
 

@@ -20,8 +20,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, epilog=exitcodes.epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_arguments(p)
-    p.add_argument("--timing", action="store_true",
-                   help="print setup time (process start to first KVM_RUN) to stderr")
     p.set_defaults(func=run)
 
 

@@ -21,8 +21,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", metavar="PATH", help="host config (default: "
                         "$STELLAR_CONFIG, then ~/.config/stellarium/host.toml)")
     config.add_arguments(parser)
-    parser.add_argument("--timing", action="store_true",
-                        help="print setup time (process start to first KVM_RUN) to stderr")
     args = parser.parse_args(argv)
     try:
         from stellarium_core.host import Host

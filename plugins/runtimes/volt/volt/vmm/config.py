@@ -251,10 +251,14 @@ def host_layer(host_config: HostConfig) -> Layer:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The VmConfig flags of ``volt run`` (and ``python -m volt.vmm``), made from SETTINGS.
+    """The options of ``volt run`` (and ``python -m volt.vmm``): the VmConfig flags, made
+    from SETTINGS, and ``--timing``, an option of the launch rather than of the VM.
 
     Flags default to "not given", so the host config's [vm] table fills what is absent.
     """
+    parser.add_argument("--timing", action="store_true",
+                        help="print setup time (process start to first KVM_RUN) and the "
+                             "vCPU exits by kind to stderr")
     for key, s in SETTINGS.items():
         default = s.field.default
         shown = f" (default: {default})" if default not in ("", ()) else ""

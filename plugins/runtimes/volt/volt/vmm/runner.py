@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from volt.vmm import exitcodes
@@ -149,6 +150,9 @@ def launch(cfg: VmConfig, host: Host, *, timing: bool = False) -> int:
     if timing and machine.first_run is not None:
         print(f"volt: setup {1000 * (machine.first_run - process_start()):.1f} ms "
               "(process start to first KVM_RUN)", file=sys.stderr)
+        exits = sum((v.exits for v in machine.vcpus), Counter())
+        print("volt: exits " + " ".join(f"{k}={n}" for k, n in sorted(exits.items())),
+              file=sys.stderr)
     if code != exitcodes.OK or machine.exit_reason not in CLEAN_ENDS:
         print(f"volt: {machine.exit_reason}", file=sys.stderr)
     return code

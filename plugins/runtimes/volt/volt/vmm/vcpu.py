@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from volt.vmm import exitcodes, kvm
@@ -65,6 +66,8 @@ class Vcpu:
         #: Set by the runner's poweroff probe; the next kick records ``dead`` and clears it.
         self.probe = False
         self.dead = False
+        #: Exits to userspace by kind (io, mmio_read, mmio_write, or KVM's exit name).
+        self.exits: Counter[str] = Counter()
 
     def start(self) -> threading.Thread:
         self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}",
@@ -119,6 +122,7 @@ class Vcpu:
     def _handle_exit(self, reason: int) -> None:
         m, i, run = self.machine, self.index, self.fd.run_struct
         if reason == kvm.EXIT_IO:
+            self.exits["io"] += 1
             io = run.exit.io
             size, count = io.size, io.count
             buf = self.fd.io_data(size * count)
@@ -128,15 +132,19 @@ class Vcpu:
             else:
                 for k in range(count):
                     buf[k * size:(k + 1) * size] = m.pio.read(io.port, size)
-        elif reason == kvm.EXIT_MMIO:
+            return
+        if reason == kvm.EXIT_MMIO:
             mm = run.exit.mmio
+            self.exits["mmio_write" if mm.is_write else "mmio_read"] += 1
             if mm.is_write:
                 m.mmio.write(mm.phys_addr, bytes(mm.data[:mm.len]))
             else:
                 data = m.mmio.read(mm.phys_addr, mm.len)
                 for k in range(mm.len):
                     mm.data[k] = data[k]
-        elif reason == kvm.EXIT_SHUTDOWN:
+            return
+        self.exits[kvm.EXIT_NAMES.get(reason, str(reason)).lower()] += 1
+        if reason == kvm.EXIT_SHUTDOWN:
             rip = self.fd.get_regs().rip
             m.stop(exitcodes.TRIPLE_FAULT, f"guest triple fault on vcpu{i} (rip {rip:#x})")
         elif reason == kvm.EXIT_SYSTEM_EVENT:

@@ -3,7 +3,8 @@
 Device ``i`` gets the 4 KiB window at ``MMIO_BASE + i * 4 KiB`` and GSI
 ``IRQ_BASE + i``; Linux finds it through ``virtio_mmio.device=4K@ADDR:IRQ`` on the
 command line. Each queue's notification arrives on an eventfd (a KVM ioeventfd when
-KVM has them, so a kick costs the vCPU no exit), served by the I/O thread's loop.
+KVM has them, so a kick costs the vCPU no exit), served by the I/O thread's loop; the
+guest's acknowledgement of a used-ring interrupt is absorbed by KVM the same way.
 Devices come from the registry by name, never by import, and are closed with the VM.
 """
 
@@ -18,7 +19,7 @@ from stellarium_core.hookspecs import DeviceContext
 from stellarium_core.virtio import VirtioDevice
 from volt.vmm import exitcodes, layout
 from volt.vmm.config import DeviceSpec
-from volt.vmm.devices.virtio_mmio import QUEUE_NOTIFY, VirtioMmio
+from volt.vmm.devices.virtio_mmio import INT_VRING, INTERRUPT_ACK, QUEUE_NOTIFY, VirtioMmio
 from volt.vmm.exitcodes import VoltError
 
 if TYPE_CHECKING:
@@ -98,7 +99,9 @@ class DeviceManager:
         base, gsi = window(index)
         kicks = [m.ioeventfd(base + QUEUE_NOTIFY, 4, q) or m.eventfd()
                  for q in range(len(device.queue_sizes))]
-        t = VirtioMmio(device, m.mem, m.interrupt(gsi), m.loop, kicks, name=device_id)
+        ack = m.ioeventfd(base + INTERRUPT_ACK, 4, INT_VRING)
+        t = VirtioMmio(device, m.mem, m.interrupt(gsi), m.loop, kicks, name=device_id,
+                       ack_in_kernel=ack is not None)
         m.mmio.add(base, layout.MMIO_SIZE, t)
         self.transports[device_id] = t
         return t

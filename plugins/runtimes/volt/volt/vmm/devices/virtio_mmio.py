@@ -7,12 +7,17 @@ calls ``device.notify``. The lifecycle lock serialises status changes (activatio
 reset) against a notification being served; the interrupt-status register has its
 own small lock, so the guest's interrupt handler never waits for a drain.
 
+Interrupts cost the guest one exit, not two: where KVM has ioeventfds the guest's
+acknowledgement of a used-ring interrupt (INTERRUPT_ACK = 1, what Linux writes back
+after reading the status) is absorbed by KVM, and the used-ring bit of
+InterruptStatus reads as always set, so Linux's handler looks at its rings on every
+interrupt (a spurious look is cheap; an interrupt is only raised for a reason).
+
 The transport is also the device's :class:`~stellarium_core.virtio.DeviceLink`:
 fds it registers run under a guard, and a device that raises (in ``notify``,
 ``activate`` or an fd callback) is marked NEEDS_RESET with a logged reason, while
-the VM and the other devices carry on. A queue handed over as eventfds makes the
-used-ring bit of InterruptStatus permanent: the backend's irqfd interrupts the
-guest directly, and Linux's handler then checks its rings.
+the VM and the other devices carry on. A queue handed over as eventfds needs that permanent
+used-ring bit too: the backend's irqfd interrupts the guest directly.
 """
 
 from __future__ import annotations
@@ -82,9 +87,11 @@ class VirtioMmio:
     """One device behind the virtio-mmio register window (a bus device), and its link."""
 
     def __init__(self, device: VirtioDevice, mem: GuestMemory, irq: Callable[[], None],
-                 loop: EventLoop, kick_fds: Sequence[int], name: str = "") -> None:
+                 loop: EventLoop, kick_fds: Sequence[int], name: str = "",
+                 ack_in_kernel: bool = False) -> None:
         """``irq`` pulses the device's interrupt; its ``fd`` attribute, when there is one,
-        is the irqfd a handed-over queue's backend writes."""
+        is the irqfd a handed-over queue's backend writes. ``ack_in_kernel``: KVM absorbs
+        the guest's INTERRUPT_ACK of the used-ring bit (an ioeventfd on it)."""
         self.state = DeviceState(device)
         self.device = device
         self.mem = mem
@@ -93,8 +100,9 @@ class VirtioMmio:
         self._lock = threading.RLock()           # lifecycle vs. notifications being served
         self._isr_lock = threading.Lock()        # interrupt status (device and vCPU threads)
         self.interrupt_status = 0
-        #: Interrupt-status bits that stay set (INT_VRING once a queue is handed over).
-        self.sticky_status = 0
+        #: Interrupt-status bits that stay set: INT_VRING when KVM absorbs its ACK or a
+        #: queue is handed over.
+        self.sticky_status = INT_VRING if ack_in_kernel else 0
         self.features_sel = 0
         self.driver_features_sel = 0
         self.queue_sel = 0
