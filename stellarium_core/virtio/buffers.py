@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from stellarium_core.virtio.memory import GuestMemory
 
@@ -41,7 +41,7 @@ class _Cursor:
         self.remaining = sum(map(len, windows))
 
     @classmethod
-    def of(cls, mem: GuestMemory, descriptors: Sequence[Descriptor]):  # noqa: ANN206
+    def of(cls, mem: GuestMemory, descriptors: Sequence[Descriptor]) -> Self:
         """Over ``descriptors``' buffers in ``mem`` (each range checked)."""
         return cls([mem.view(d.addr, d.length) for d in descriptors])
 

@@ -105,16 +105,20 @@ class Runner:
         from the main thread, which is where Python delivers signals).
         """
         m = self.machine
+        handlers = {signal.SIGTERM: lambda *_: m.stop(exitcodes.TERMINATED, "SIGTERM"),
+                    signal.SIGINT: lambda *_: m.stop(exitcodes.TERMINATED, "SIGINT"),
+                    signal.SIGUSR1: lambda *_: self.pause(),
+                    signal.SIGUSR2: lambda *_: self.resume()}
+        before = {}
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: m.stop(exitcodes.TERMINATED, "SIGTERM"))
-            signal.signal(signal.SIGINT, lambda *_: m.stop(exitcodes.TERMINATED, "SIGINT"))
-            signal.signal(signal.SIGUSR1, lambda *_: self.pause())
-            signal.signal(signal.SIGUSR2, lambda *_: self.resume())
+            before = {sig: signal.signal(sig, h) for sig, h in handlers.items()}
         try:
             self.start()
             code = self.wait()
         finally:
             m.close()
+            for sig, old in before.items():        # the next VM of this process installs its own
+                signal.signal(sig, old)
         if code is None:
             raise VoltError("VM ended without an exit code")
         return code
