@@ -48,7 +48,9 @@ class Field:
     """One config key: its type, its default, and an optional value check.
 
     ``check`` returns a reason string when the value is impossible, else None.
-    ``kind`` is a type, or ``"size"`` for byte sizes given as int or string.
+    ``kind`` is a type, or ``"size"`` for byte sizes given as int or string; ``"flag"``
+    and ``"number"`` take a bool or an int either typed (TOML, JSON) or as the string
+    a command line gives (``on``/``off``, ``true``/``false``, ``1``/``0``; ``4096``).
     """
 
     kind: Any
@@ -59,10 +61,27 @@ class Field:
 
 def _type_name(kind: Any) -> str:
     return {str: "a string", bool: "true or false", int: "an integer", float: "a number",
-            dict: "a table", list: "an array", "size": "a size"}.get(kind, str(kind))
+            dict: "a table", list: "an array", "size": "a size",
+            "flag": "on or off", "number": "an integer"}.get(kind, str(kind))
+
+
+_FLAGS = {"1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}
 
 
 def _convert(value: Any, f: Field, key: str) -> Any:
+    if f.kind == "flag":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _FLAGS:
+            return _FLAGS[value.strip().lower()]
+        raise ConfigError(f"expected on/off or true/false, got {value!r}", key=key)
+    if f.kind == "number":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+            return int(value)
+        raise ConfigError(f"expected an integer, got {value!r}", key=key)
     if f.kind == "size":
         try:
             return parse_size(value)

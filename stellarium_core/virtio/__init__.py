@@ -9,6 +9,7 @@ and hands it a callable raising the interrupt; a device that wants more defines
 ``attach(link: DeviceLink)``. Nothing here knows about KVM or any particular VMM.
 """
 
+from stellarium_core.virtio.base import QueueDevice
 from stellarium_core.virtio.buffers import ChainTooShort, Reader, Writer
 from stellarium_core.virtio.device import (
     STATUS_ACKNOWLEDGE,
@@ -38,6 +39,7 @@ from stellarium_core.virtio.queue import (
     Virtqueue,
     VirtqueueError,
 )
+from stellarium_core.virtio.timer import Timer
 
 __all__ = [
     "MAX_QUEUE_SIZE", "STATUS_ACKNOWLEDGE", "STATUS_DRIVER", "STATUS_DRIVER_OK",
@@ -46,6 +48,6 @@ __all__ = [
     "VIRTQ_DESC_F_WRITE", "ChainTooShort", "Descriptor", "DescriptorChain", "DeviceLink",
     "DeviceState", "EventLoop", "GuestMemory", "GuestMemoryError", "HostPathsDevice",
     "LinkedDevice",
-    "MemoryRegion", "QueueEventfds", "Reader", "RegionMemory", "VirtioDevice", "Writer",
-    "Virtqueue", "VirtqueueError",
+    "MemoryRegion", "QueueDevice", "QueueEventfds", "Reader", "RegionMemory", "Timer",
+    "VirtioDevice", "Writer", "Virtqueue", "VirtqueueError",
 ]

@@ -1,6 +1,6 @@
-"""Lab tests take their fixtures (``lab``, ``guest_kernel``, ...) from the volt runtime's
-pytest plugin (entry point ``pytest11: volt-lab``); these tests never import Volt.
-Without that distribution installed they skip, saying so."""
+"""Every device plugin's lab tests take their fixtures (``lab``, ``guest_kernel``, ...)
+from the volt runtime's pytest plugin (entry point ``pytest11: volt-lab``); these tests
+never import Volt. Without that distribution installed they skip, saying so."""
 
 from __future__ import annotations
 
