@@ -11,6 +11,9 @@ the device did reached outside guest memory. Queue ``i`` keeps its rings at
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
+import os
 import select
 import signal
 import struct
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from stellarium_core.virtio import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
+    MemoryRegion,
     QueueEventfds,
     RegionMemory,
     Virtqueue,
@@ -44,14 +48,27 @@ def heap_base(queue: int) -> int:
 
 
 class GuestRam:
-    """``size`` bytes of guest RAM at guest address 0 between two guard bands."""
+    """``size`` bytes of guest RAM at guest address 0 between two guard bands.
 
-    def __init__(self, size: int = 8 << 20) -> None:
-        self.raw = bytearray(GUARD) + bytearray(size) + bytearray(GUARD)
+    It is a page-aligned mapping like a VMM's guest RAM, so a device that gives pages
+    back to the host (the balloon) can be tested on it; with ``memfd`` it is a shared
+    memfd mapping whose region names the fd, as Volt's guest RAM is.
+    """
+
+    def __init__(self, size: int = 8 << 20, *, memfd: bool = False) -> None:
+        self.fd = -1
+        if memfd:
+            self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, GUARD + size + GUARD)
+            self.raw = mmap.mmap(self.fd, GUARD + size + GUARD, mmap.MAP_SHARED)
+        else:
+            self.raw = mmap.mmap(-1, GUARD + size + GUARD,
+                                 mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.raw[:GUARD] = bytes([GUARD_BYTE]) * GUARD
         self.raw[-GUARD:] = bytes([GUARD_BYTE]) * GUARD
         self.ram = memoryview(self.raw)[GUARD:GUARD + size]
-        self.mem = RegionMemory.over(self.ram)
+        host = ctypes.addressof(ctypes.c_char.from_buffer(self.raw)) + GUARD
+        self.mem = RegionMemory([(MemoryRegion(0, size, host, self.fd, GUARD), self.ram)])
         self.size = size
 
     def check_guards(self) -> None:
@@ -181,9 +198,9 @@ class Rig:
     """A device activated over guarded RAM with one :class:`Ring` per queue."""
 
     def __init__(self, device: object, features: int | None = None,
-                 ram_size: int = 8 << 20, qsize: int = QSIZE) -> None:
+                 ram_size: int = 8 << 20, qsize: int = QSIZE, memfd: bool = False) -> None:
         self.dev = device
-        self.ram = GuestRam(ram_size)
+        self.ram = GuestRam(ram_size, memfd=memfd)
         self.link = TestLink()
         attach = getattr(device, "attach", None)
         if attach is not None:
@@ -207,8 +224,9 @@ class Rig:
         """Reset the device and start over on zeroed rings (one fuzz example after another)."""
         self.dev.reset()
         self.link.resets.clear()
-        self.ram.ram[:heap_base(len(self.rings))] = bytes(heap_base(len(self.rings)))
-        for r in self.rings:
+        for r in self.rings:         # the rings, and the start of the heap fuzzing writes
+            self.ram.ram[r.desc:r.desc + 0x3000] = bytes(0x3000)
+            self.ram.ram[r.heap:r.heap + 0x10000] = bytes(0x10000)
             r.avail_idx = r.used_seen = r.next_desc = 0
             r.free_heap = r.heap
         self.activate()
