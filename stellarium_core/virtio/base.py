@@ -2,7 +2,9 @@
 giving up on a hostile ring, and announcing used buffers.
 
 A device subclasses :class:`QueueDevice`, sets ``device_id``, ``features`` and
-``queue_sizes``, and serves its queues in ``notify``. A ring the queue rejects
+``queue_sizes``, and serves its queues in ``notify``. ``lock`` serialises the I/O
+thread's work (kicks, host fd callbacks) against activation and reset, which the
+transport calls from a vCPU thread. A ring the queue rejects
 (:class:`~stellarium_core.virtio.VirtqueueError`: loops, buffers outside guest RAM)
 goes to :meth:`QueueDevice.give_up`: the device stops touching its queues and asks
 the driver for a reset (NEEDS_RESET) when the VMM offers a link.
@@ -11,6 +13,7 @@ the driver for a reset (NEEDS_RESET) when the VMM offers a link.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from stellarium_core.virtio.device import DeviceLink
@@ -32,6 +35,7 @@ class QueueDevice:
     queue_sizes: tuple[int, ...]
 
     def __init__(self) -> None:
+        self.lock = threading.RLock()
         self.link: DeviceLink | None = None
         self.mem: GuestMemory | None = None
         self.queues: list[Virtqueue] = []
@@ -44,15 +48,18 @@ class QueueDevice:
 
     def activate(self, features: int, mem: GuestMemory, queues: list[Virtqueue],
                  interrupt: Callable[[], None]) -> None:
-        self.acked, self.mem, self.queues, self.interrupt = features, mem, queues, interrupt
-        self.broken = False
+        with self.lock:
+            self.acked, self.mem, self.queues = features, mem, queues
+            self.interrupt = interrupt
+            self.broken = False
 
     def reset(self) -> None:
-        self.mem = None
-        self.queues = []
-        self.interrupt = _no_interrupt
-        self.acked = 0
-        self.broken = False
+        with self.lock:
+            self.mem = None
+            self.queues = []
+            self.interrupt = _no_interrupt
+            self.acked = 0
+            self.broken = False
 
     @property
     def active(self) -> bool:

@@ -21,7 +21,6 @@ import ctypes
 import mmap
 import select
 import struct
-import threading
 from collections.abc import Callable
 
 from stellarium_core.virtio import (
@@ -72,7 +71,6 @@ class VirtioBalloon(QueueDevice):
         self.features = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_BALLOON_F_STATS_VQ
         if deflate_on_oom:
             self.features |= VIRTIO_BALLOON_F_DEFLATE_ON_OOM
-        self._lock = threading.Lock()
         self.target_pages = self._pages(amount_mib)
         self.actual_pages = 0
         self.stats_interval = stats_polling_interval_s
@@ -104,26 +102,29 @@ class VirtioBalloon(QueueDevice):
 
     def activate(self, features: int, mem: GuestMemory, queues: list[Virtqueue],
                  interrupt: Callable[[], None]) -> None:
-        super().activate(features, mem, queues, interrupt)
-        self._stats_head = None
-        if self.stats_interval and features & VIRTIO_BALLOON_F_STATS_VQ:
-            self._timer.arm(self.stats_interval, self.stats_interval)
+        with self.lock:
+            super().activate(features, mem, queues, interrupt)
+            self._stats_head = None
+            if self.stats_interval and features & VIRTIO_BALLOON_F_STATS_VQ:
+                self._timer.arm(self.stats_interval, self.stats_interval)
 
     def reset(self) -> None:
-        super().reset()
-        self._stats_head = None
-        self.actual_pages = 0
+        with self.lock:
+            super().reset()
+            self._stats_head = None
+            self.actual_pages = 0
 
     def notify(self, queue: int) -> None:
-        if not self.active or queue >= len(self.queues):
-            return
-        try:
-            if queue == STATS:
-                self._take_stats()
-            else:
-                self._pages_from(queue)
-        except VirtqueueError as exc:
-            self.give_up(str(exc))
+        with self.lock:
+            if not self.active or queue >= len(self.queues):
+                return
+            try:
+                if queue == STATS:
+                    self._take_stats()
+                else:
+                    self._pages_from(queue)
+            except VirtqueueError as exc:
+                self.give_up(str(exc))
 
     # -- inflate / deflate --------------------------------------------------------------
 
@@ -176,24 +177,24 @@ class VirtioBalloon(QueueDevice):
                 tag, value = r.unpack(_STAT)
                 if tag in STAT_NAMES:
                     stats[STAT_NAMES[tag]] = value
-            with self._lock:
-                self.stats = stats
+            self.stats = stats
             self.counters["stats_updates"] += 1
             self._stats_head = chain.head
 
     def _poll_stats(self, _events: int) -> None:
         """Polling interval elapsed: hand the stats buffer back so the driver refills it."""
         self._timer.ack()
-        if not self.active or self._stats_head is None or len(self.queues) <= STATS:
-            return
-        head, self._stats_head = self._stats_head, None
-        q = self.queues[STATS]
-        try:
-            q.add_used(self.mem, head, 0)
-        except VirtqueueError as exc:
-            self.give_up(str(exc))
-            return
-        self.used(q)
+        with self.lock:
+            if not self.active or self._stats_head is None or len(self.queues) <= STATS:
+                return
+            head, self._stats_head = self._stats_head, None
+            q = self.queues[STATS]
+            try:
+                q.add_used(self.mem, head, 0)
+            except VirtqueueError as exc:
+                self.give_up(str(exc))
+                return
+            self.used(q)
 
     # -- runtime control (Firecracker's balloon API) ---------------------------------------
 
@@ -215,7 +216,7 @@ class VirtioBalloon(QueueDevice):
 
     def statistics(self) -> dict[str, int]:
         """Firecracker's GET /balloon/statistics: target and actual size, guest stats."""
-        with self._lock:
+        with self.lock:
             out = dict(self.stats)
         return {"target_pages": self.target_pages, "actual_pages": self.actual_pages,
                 "target_mib": self.target_pages // PAGES_PER_MIB,

@@ -111,29 +111,32 @@ class VirtioNet(QueueDevice):
 
     def activate(self, features: int, mem: GuestMemory, queues: list[Virtqueue],
                  interrupt: Callable[[], None]) -> None:
-        super().activate(features, mem, queues, interrupt)
-        self.tap.set_offload(sum(tun for virtio, tun in OFFLOADS if features & virtio))
-        if self.vhost is not None:
-            self.vhost.start(features, mem, queues, self._eventfds, self.tap.fd)
-        elif self.link is not None:
-            self._watch_tap(True)
+        with self.lock:
+            super().activate(features, mem, queues, interrupt)
+            self.tap.set_offload(sum(tun for virtio, tun in OFFLOADS if features & virtio))
+            if self.vhost is not None:
+                self.vhost.start(features, mem, queues, self._eventfds, self.tap.fd)
+            elif self.link is not None:
+                self._watch_tap(True)
 
     def reset(self) -> None:
-        if self.vhost is not None and self.vhost.queues:
-            self.vhost.stop()
-        elif self.link is not None and self.mem is not None:
-            self._watch_tap(False)
-        super().reset()
-        self._held = 0
+        with self.lock:
+            if self.vhost is not None and self.vhost.queues:
+                self.vhost.stop()
+            elif self.link is not None and self.mem is not None:
+                self._watch_tap(False)
+            super().reset()
+            self._held = 0
 
     def notify(self, queue: int) -> None:
-        if not self.active:
-            return
-        if queue == TX:
-            self._tx()
-        elif queue == RX and self._held:
-            self._watch_tap(True)       # buffers arrived for the frame we hold
-            self._rx()
+        with self.lock:
+            if not self.active:
+                return
+            if queue == TX:
+                self._tx()
+            elif queue == RX and self._held:
+                self._watch_tap(True)       # buffers arrived for the frame we hold
+                self._rx()
 
     def _watch_tap(self, on: bool) -> None:
         assert self.link is not None
@@ -142,10 +145,11 @@ class VirtioNet(QueueDevice):
     # -- receive ---------------------------------------------------------------------------
 
     def _tap_readable(self, _events: int) -> None:
-        if self.active:
-            self._rx()
-        else:
-            self._watch_tap(False)          # a readable tap must not spin the loop
+        with self.lock:
+            if self.active:
+                self._rx()
+            else:
+                self._watch_tap(False)          # a readable tap must not spin the loop
 
     def give_up(self, reason: str) -> None:
         super().give_up(reason)
@@ -225,8 +229,9 @@ class VirtioNet(QueueDevice):
             os.eventfd_read(self._more)
         except BlockingIOError:
             return
-        if self.active:
-            self._tx()
+        with self.lock:
+            if self.active:
+                self._tx()
 
     def _tx(self) -> None:
         mem, q = self.mem, self.queues[TX]

@@ -55,14 +55,16 @@ class VirtioRng(QueueDevice):
             link.loop.add(self._timer.fd, self._refilled, select.EPOLLIN)
 
     def notify(self, queue: int) -> None:
-        if queue == 0 and self.active:
-            self._serve()
+        with self.lock:
+            if queue == 0 and self.active:
+                self._serve()
 
     def _refilled(self, _events: int) -> None:
         assert self._timer is not None
         self._timer.ack()
-        if self.active:
-            self._serve()
+        with self.lock:
+            if self.active:
+                self._serve()
 
     def _take(self, want: int) -> int:
         """How many of ``want`` bytes the bucket allows now (and spend them)."""
