@@ -26,6 +26,7 @@ APT_PACKAGES = [
     "rsync",  # a second opinion in the rootfs round-trip test
     "libfuse2",  # Voltainer's FUSE view (fusepy loads it through ctypes)
     "libseccomp2",  # Volt's seccomp filters (pyseccomp loads it through ctypes)
+    "iperf3",  # bench/net: the host side of the guest's throughput runs
 ]
 ENVS = {"demo": "demo", "test": "test", "lint": "lint", "bench": "bench"}
 

@@ -35,19 +35,36 @@ PYTHON = ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "futex", "ge
           "lseek", "read", "write", "tgkill:SELF")
 #: What device models do with host files (Stellarium stores) and eventfds. Python's
 #: open() asks every file whether it is a terminal (TCGETS) to pick its buffering.
+#: Devices change what the event loop watches from any thread (virtio-net stops reading
+#: its tap on reset, in a vCPU thread: epoll_ctl) and arm their timers (virtio-rng's
+#: rate limit, virtio-balloon's statistics: timerfd_settime; the fd is made at build).
 DEVICE = ("openat", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
           "readv", "writev", "fsync", "fdatasync", "flock", "fcntl", "ftruncate", "fallocate",
           "statx", "getdents64", "rename", "renameat", "renameat2", "unlink", "unlinkat",
-          "mkdir", "mkdirat", "eventfd2", "ioctl:FIONREAD", "ioctl:TCGETS")
+          "mkdir", "mkdirat", "eventfd2", "ioctl:FIONREAD", "ioctl:TCGETS", "epoll_ctl",
+          "timerfd_settime")
+#: virtio-net's activation and reset, in the vCPU thread that wrote the status register:
+#: the tap's offloads (TUNSETOFFLOAD) and, with vhost=on, handing the rings to
+#: /dev/vhost-net (opened and owned at build time).
+NET_IOCTLS = ("ioctl:TUNSETOFFLOAD", "ioctl:VHOST_SET_FEATURES", "ioctl:VHOST_SET_MEM_TABLE",
+              "ioctl:VHOST_SET_VRING_NUM", "ioctl:VHOST_SET_VRING_ADDR",
+              "ioctl:VHOST_SET_VRING_BASE", "ioctl:VHOST_SET_VRING_KICK",
+              "ioctl:VHOST_SET_VRING_CALL", "ioctl:VHOST_NET_SET_BACKEND")
+#: virtio-vsock in the I/O thread: host programs connect to its unix socket (accept4),
+#: guest connections become unix connections to <uds_path>_PORT (socket, connect), and
+#: the streams move both ways (sendmsg/sendto, recvmsg/recvfrom, shutdown).
+VSOCK = ("accept4", "socket:AF_UNIX", "connect", "sendmsg", "sendto", "recvmsg", "recvfrom",
+         "shutdown")
 #: KVM ioctls a vCPU thread makes while the guest runs (exits, pause probes, irq lines).
 VCPU_IOCTLS = ("RUN", "GET_REGS", "SET_REGS", "GET_SREGS", "SET_SREGS", "GET_MP_STATE",
                "IRQ_LINE")
 #: The I/O thread: its epoll loop, eventfd reads/writes, and KVM_IRQ_LINE without irqfd.
 IO_LOOP = ("epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait")
-#: An API server thread on a unix socket (the REST API): accept, read, answer.
+#: An API server thread on a unix socket (the REST API): accept, read, answer; a balloon
+#: statistics interval set through it arms the device's timer.
 API = ("accept4", "recvfrom", "recvmsg", "sendto", "sendmsg", "shutdown", "getsockopt",
        "setsockopt", "getsockname", "getpeername", "epoll_create1", "epoll_ctl", "epoll_wait",
-       "epoll_pwait", "poll", "ppoll")
+       "epoll_pwait", "poll", "ppoll", "timerfd_settime")
 #: The main thread: starts threads (clone with CLONE_THREAD only) which name themselves
 #: and load their filters (prctl and seccomp run under main's filter), handles signals,
 #: opens unix sockets; the process exit path.
@@ -59,6 +76,22 @@ MAIN = ("clone:THREAD", "seccomp", "prctl:SET_NAME", "prctl:SET_NO_NEW_PRIVS",
 CLONE_THREAD = 0x10000
 FIONREAD, TCGETS = 0x541B, 0x5401
 U32 = 0xFFFFFFFF
+
+
+def _vhost(nr: int, size: int) -> int:
+    """_IOW(VHOST_VIRTIO, nr, size) of <linux/vhost.h>."""
+    return (1 << 30) | (size << 16) | (0xAF << 8) | nr
+
+
+#: ioctl request numbers (<linux/if_tun.h>, <linux/vhost.h>) virtio-net uses at run time.
+NET_IOCTL_NUMBERS = {"TUNSETOFFLOAD": 0x400454D0, "VHOST_SET_FEATURES": _vhost(0x00, 8),
+                     "VHOST_SET_MEM_TABLE": _vhost(0x03, 8),
+                     "VHOST_SET_VRING_NUM": _vhost(0x10, 8),
+                     "VHOST_SET_VRING_ADDR": _vhost(0x11, 40),
+                     "VHOST_SET_VRING_BASE": _vhost(0x12, 8),
+                     "VHOST_SET_VRING_KICK": _vhost(0x20, 8),
+                     "VHOST_SET_VRING_CALL": _vhost(0x21, 8),
+                     "VHOST_NET_SET_BACKEND": _vhost(0x30, 8)}
 #: The argument checks named after a colon above.
 #: SELF is this process's pid, filled in when the filters are built: signals (vCPU
 #: kicks) may go to the VMM's own threads only.
@@ -67,7 +100,8 @@ CHECKS = {"clone:THREAD": (0, CLONE_THREAD, CLONE_THREAD), "socket:AF_UNIX": (0,
           "prctl:SET_NAME": (0, U32, 15), "prctl:SET_SECCOMP": (0, U32, 22),
           "prctl:SET_NO_NEW_PRIVS": (0, U32, 38),
           "ioctl:FIONREAD": (1, U32, FIONREAD), "ioctl:TCGETS": (1, U32, TCGETS),
-          "tgkill:SELF": (0, U32, SELF)}
+          "tgkill:SELF": (0, U32, SELF),
+          **{f"ioctl:{name}": (1, U32, nr) for name, nr in NET_IOCTL_NUMBERS.items()}}
 
 
 def _rules(names: Iterable[str]) -> list[Rule]:
@@ -81,8 +115,8 @@ def _ioctls(names: Iterable[str]) -> list[Rule]:
 #: Thread kind -> its allowlist. ``main`` is loaded on the whole process first, so it
 #: is the union of every kind plus what only the main thread does.
 _THREADS: dict[str, list[Rule]] = {
-    "vcpu": _rules(PYTHON + DEVICE) + _ioctls(VCPU_IOCTLS),
-    "io": _rules(PYTHON + DEVICE + IO_LOOP) + _ioctls(("IRQ_LINE",)),
+    "vcpu": _rules(PYTHON + DEVICE + NET_IOCTLS) + _ioctls(VCPU_IOCTLS),
+    "io": _rules(PYTHON + DEVICE + IO_LOOP + VSOCK) + _ioctls(("IRQ_LINE",)),
     "api": _rules(PYTHON + API),
 }
 KINDS: dict[str, list[Rule]] = {

@@ -22,8 +22,11 @@ from stellarium_core.errors import StellarError
 from volt import cache
 from volt.kernels.initramfs import base_archive, busybox
 
-#: Modules the L1 guest needs; their dependencies are added from modules.dep.
-WANTED = ("kvm-amd", "virtio_pci", "9pnet_virtio", "9p", "overlay")
+#: Modules the L1 guest needs; their dependencies are added from modules.dep. The
+#: network and vsock devices' host sides need tun (taps), bridge, vhost_net and
+#: vhost_vsock (QEMU's vhost-vsock peer).
+WANTED = ("kvm-amd", "virtio_pci", "9pnet_virtio", "9p", "overlay", "tun", "bridge",
+          "vhost_net", "vhost_vsock")
 #: Debian's generic (not cloud) image: it ships kvm_amd and virtio_pci as modules.
 KERNEL_PACKAGE = "linux-image-amd64"
 RECIPE = 3
