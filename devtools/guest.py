@@ -25,3 +25,14 @@ fi
 echo "guest: mounting /dev/vda as EROFS failed"
 reboot -f
 """
+
+
+#: What every busybox /init of the device lab tests starts with.
+BUSYBOX_PRELUDE = """#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s /bin
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+"""
+#: Linux's command line for a Volt guest with a serial console that ends on reboot.
+CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off"
