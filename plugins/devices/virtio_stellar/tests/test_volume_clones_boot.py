@@ -19,7 +19,9 @@ from devtools.lab_devices import VOLT
 #: Prints /mnt/who, then writes ``volttest.write=`` (from the command line) into it.
 INIT = BUSYBOX_PRELUDE + """
 W=
-for x in $(cat /proc/cmdline); do case "$x" in volttest.write=*) W="${x#volttest.write=}";; esac; done
+for x in $(cat /proc/cmdline); do
+  case "$x" in volttest.write=*) W="${x#volttest.write=}";; esac
+done
 if mount -t ext4 /dev/vda /mnt; then
   echo "WHO-BEFORE $(cat /mnt/who)"
   if [ -n "$W" ]; then echo "$W" > /mnt/who; sync; echo "WHO-WROTE $W"; fi
