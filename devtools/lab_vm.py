@@ -74,6 +74,17 @@ def rss_kib(pid: int) -> int:
     return -1
 
 
+def read_line(sock: socket.socket) -> str:
+    """Bytes up to and including the next newline (or EOF), as text."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
+
+
 def wait_for(path: str, timeout: float = 60) -> bool:
     end = time.monotonic() + timeout
     while not os.path.exists(path):
@@ -138,14 +149,8 @@ def vsock(args: dict) -> dict:
     def answer() -> None:
         conn, _ = server.accept()
         conn.settimeout(60)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        seen["host_got"] = data.decode(errors="replace")
-        conn.sendall(data)
+        seen["host_got"] = read_line(conn)
+        conn.sendall(seen["host_got"].encode())
         conn.close()
 
     def connect_to_guest(text: str, _proc: subprocess.Popen) -> None:
@@ -155,21 +160,9 @@ def vsock(args: dict) -> dict:
         s.settimeout(60)
         s.connect(uds)
         s.sendall(f"CONNECT {guest_port}\n".encode())
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = s.recv(1)
-            if not chunk:
-                break
-            reply += chunk
-        seen["handshake"] = reply.decode(errors="replace")
+        seen["handshake"] = read_line(s)
         s.sendall(b"hello-from-host\n")
-        echo = b""
-        while not echo.endswith(b"\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            echo += chunk
-        seen["echo"] = echo.decode(errors="replace")
+        seen["echo"] = read_line(s)
         s.close()
 
     t = threading.Thread(target=answer, daemon=True)

@@ -75,6 +75,18 @@ class QueueDevice:
     def config(self) -> bytes:
         return b""
 
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd`` on the event loop, if it is watched (closing, resets)."""
+        if self.link is not None:
+            try:
+                self.link.loop.remove(fd)
+            except ValueError:
+                pass
+
+    def metrics(self) -> dict[str, int]:
+        """What the device counted (``counters``), for the VMM's metrics writer."""
+        return dict(getattr(self, "counters", {}))
+
     def give_up(self, reason: str) -> None:
         """Stop serving until the driver resets the device."""
         self.broken = True

@@ -222,15 +222,8 @@ class VirtioBalloon(QueueDevice):
                 "target_mib": self.target_pages // PAGES_PER_MIB,
                 "actual_mib": self.actual_pages // PAGES_PER_MIB, **out}
 
-    def metrics(self) -> dict[str, int]:
-        return dict(self.counters)
-
     def close(self) -> None:
-        if self.link is not None:
-            try:
-                self.link.loop.remove(self._timer.fd)
-            except ValueError:
-                pass
+        self.unwatch(self._timer.fd)
         self._timer.close()
 
 

@@ -271,19 +271,13 @@ class VirtioNet(QueueDevice):
 
     # -- the rest ---------------------------------------------------------------------------
 
-    def metrics(self) -> dict[str, int]:
-        return dict(self.counters)
-
     def close(self) -> None:
         if self.vhost is not None:
             if self.vhost.queues:
                 self.vhost.stop()
             self.vhost.close()
-        elif self.link is not None:
-            for fd in (self.tap.fd, self._more):
-                try:
-                    self.link.loop.remove(fd)
-                except ValueError:
-                    pass
+        else:
+            self.unwatch(self.tap.fd)
+            self.unwatch(self._more)
         os.close(self._more)
         self.tap.close()

@@ -111,14 +111,7 @@ class VirtioRng(QueueDevice):
         need = max(min(4096, self.rate) - self.tokens, 1)
         self._timer.arm(need / self.rate + 0.001)
 
-    def metrics(self) -> dict[str, int]:
-        return dict(self.counters)
-
     def close(self) -> None:
         if self._timer is not None:
-            if self.link is not None:
-                try:
-                    self.link.loop.remove(self._timer.fd)
-                except ValueError:
-                    pass
+            self.unwatch(self._timer.fd)
             self._timer.close()

@@ -141,11 +141,10 @@ class VirtioVsock(QueueDevice):
             for c in list(self.conns.values()):
                 self._drop(c)
             for fd, (s, _) in list(self.pending.items()):
-                self._unwatch(fd)
+                self.unwatch(fd)
                 s.close()
             self.pending.clear()
-            if self.link is not None:
-                self._unwatch(self.listener.fileno())
+            self.unwatch(self.listener.fileno())
             self.listener.close()
             try:
                 os.unlink(self.uds_path)
@@ -371,7 +370,7 @@ class VirtioVsock(QueueDevice):
         if n == 0:                              # the host closed its end: HUP stays set,
             c.host_eof = True                   # so stop watching until the guest's RST
             op, flags = OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND
-            self._unwatch(c.sock.fileno())
+            self.unwatch(c.sock.fileno())
             c.registered, c.events = False, 0
         c.tx_cnt = (c.tx_cnt + n) & 0xFFFFFFFF
         c.fwd_reported = c.fwd_cnt
@@ -413,7 +412,7 @@ class VirtioVsock(QueueDevice):
             buf += data
             if b"\n" not in buf and data and len(buf) < CONNECT_LINE_MAX:
                 return
-            self._unwatch(fd)
+            self.unwatch(fd)
             del self.pending[fd]
             port = _parse_connect(bytes(buf))
             if port is None or not self.active or len(self.conns) >= MAX_CONNECTIONS:
@@ -485,13 +484,6 @@ class VirtioVsock(QueueDevice):
             self.link.loop.modify(fd, ev)
         c.events = ev
 
-    def _unwatch(self, fd: int) -> None:
-        assert self.link is not None
-        try:
-            self.link.loop.remove(fd)
-        except ValueError:
-            pass
-
     def _reset(self, c: Connection) -> None:
         """End ``c`` and tell the guest (RST)."""
         self.counters["resets"] += 1
@@ -501,8 +493,8 @@ class VirtioVsock(QueueDevice):
     def _drop(self, c: Connection) -> None:
         self.conns.pop(c.key, None)
         self._rx_waiting.discard(c.key)
-        if self.link is not None and c.registered:
-            self._unwatch(c.sock.fileno())
+        if c.registered:
+            self.unwatch(c.sock.fileno())
         c.sock.close()
 
 

@@ -83,6 +83,20 @@ def op(packet: tuple[tuple, bytes]) -> int:
     return packet[0][6]
 
 
+def guest_connection(g: Guest, port: int, guest_port: int = 9) -> socket.socket:
+    """A host server on ``<uds>_<port>`` and the guest connected to it: the host's end."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(f"{g.uds}_{port}")
+    server.listen(1)
+    g.send(OP_REQUEST, guest_port, port)
+    (resp,) = g.packets()
+    assert op(resp) == OP_RESPONSE and resp[0][2:4] == (port, guest_port)
+    conn, _ = server.accept()
+    conn.settimeout(2)
+    server.close()
+    return conn
+
+
 def test_host_connects_to_a_guest_port(tmp_path):
     g = Guest(tmp_path)
     host = socket.socket(socket.AF_UNIX)
@@ -109,14 +123,7 @@ def test_host_connects_to_a_guest_port(tmp_path):
 
 def test_guest_connects_to_uds_path_underscore_port(tmp_path):
     g = Guest(tmp_path)
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(f"{g.uds}_5000")
-    server.listen(1)
-    g.send(OP_REQUEST, 777, 5000)
-    (resp,) = g.packets()
-    assert op(resp) == OP_RESPONSE and resp[0][2:4] == (5000, 777)
-    conn, _ = server.accept()
-    conn.settimeout(2)
+    conn = guest_connection(g, 5000, 777)
     g.send(OP_RW, 777, 5000, b"ping")
     assert conn.recv(100) == b"ping"
     conn.sendall(b"pong")
@@ -144,12 +151,7 @@ def test_guest_connecting_to_nobody_gets_a_reset(tmp_path):
 
 def test_the_host_never_sends_past_the_guests_credit(tmp_path):
     g = Guest(tmp_path, buf_alloc=1000)
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(f"{g.uds}_5001")
-    server.listen(1)
-    g.send(OP_REQUEST, 9, 5001)
-    g.packets()
-    conn, _ = server.accept()
+    conn = guest_connection(g, 5001)
     conn.sendall(b"x" * 5000)
     got = b"".join(p[1] for p in g.packets(want=1))
     g.rig.turn(0.2)
@@ -164,12 +166,7 @@ def test_the_host_never_sends_past_the_guests_credit(tmp_path):
 
 def test_a_guest_sending_past_its_credit_is_reset(tmp_path):
     g = Guest(tmp_path)
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(f"{g.uds}_5002")
-    server.listen(1)
-    g.send(OP_REQUEST, 9, 5002)
-    g.packets()
-    conn, _ = server.accept()                        # accepted, but never read
+    conn = guest_connection(g, 5002)                 # accepted, but never read
     chunk = b"y" * 4096
     for _ in range(BUF_ALLOC // 4096 * 4):
         g.send(OP_RW, 9, 5002, chunk)
@@ -177,6 +174,7 @@ def test_a_guest_sending_past_its_credit_is_reset(tmp_path):
             break
     assert g.dev.metrics()["credit_violations"] == 1
     assert any(op(p) == OP_RST for p in g.packets())
+    conn.close()
     g.rig.close()
 
 
