@@ -137,6 +137,10 @@ def main() -> int:
              else "NOT met (" + (", ".join(missed) or "figures missing") + ")"))
     for e in data["errors"]:
         print(f"error: {e}")
+    for s in SYSTEMS:
+        if len(systems[s]) < len(METRICS):       # say why a figure is missing
+            tail = [text for _, text in data["systems"].get(s, {}).get("lines", [])][-15:]
+            print(f"{s}: figures missing; console tail:\n  " + "\n  ".join(tail))
     print(json.dumps({"bench": "net", "peer": PEER, "systems": systems,
                       "higher_is_better": METRICS, "ratios_to_peer": ratios,
                       "goal_ratio": GOAL, "mib": args.mib, "pings": args.pings,
