@@ -13,8 +13,7 @@ import pytest
 from stellarium_core.errors import UsageError
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkError, ChunkStore, CorruptChunkError, MissingChunkError
-from stellarium_core.nebula.store import PAGE
-from stellarium_core.nebula.table import ChunkTable
+from stellarium_core.nebula.table import PAGE, ChunkTable
 
 HASHER = Blake3Hasher({})
 
@@ -243,7 +242,7 @@ def test_index_snapshot_and_interrupted_compaction(tmp_path: Path) -> None:
         # A compaction that stops between its two renames leaves an older log behind.
         old_log = (root / "index.log").read_bytes()
         s.ref(ds[1])
-        with s._lock():
+        with s.lock():
             s.compact_index()
     (root / "index.log").write_bytes(old_log)   # as if the second rename never happened
     with ChunkStore.open(root, HASHER) as s:

@@ -15,7 +15,7 @@ import pytest
 
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkStore
-from stellarium_core.nebula.store import TRAILER_MAGIC, TRAILER_SIZE, parse_trailer
+from stellarium_core.nebula.format import TRAILER_MAGIC, TRAILER_SIZE, parse_trailer
 
 HASHER = Blake3Hasher({})
 

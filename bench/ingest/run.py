@@ -47,8 +47,8 @@ from devtools.disk import allocated  # noqa: E402
 from devtools.rootfs import debian_rootfs  # noqa: E402
 from stellarium_core.hashing import Blake3Hasher  # noqa: E402
 from stellarium_core.nebula import ChunkStore  # noqa: E402
+from stellarium_core.nebula.format import PUT, log_record  # noqa: E402
 from stellarium_core.nebula.ingest import ingest  # noqa: E402
-from stellarium_core.nebula.store import PUT, log_record  # noqa: E402
 from stellarium_core.nebula.table import ChunkTable  # noqa: E402
 from stellarium_core.plugins import Registry  # noqa: E402
 
@@ -192,7 +192,7 @@ def index_open(work: Path, n: int = 1_000_000) -> tuple[float, float]:
     s = ChunkStore.open(root, Blake3Hasher({}))
     from_log = time.process_time() - c0
     assert len(s) == n
-    with s._lock():
+    with s.lock():
         s.compact_index()
     s.close()
     c0 = time.process_time()

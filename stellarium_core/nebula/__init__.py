@@ -4,8 +4,9 @@ Chunks are named by their BLAKE3-256 digest, stored once in append-only packs an
 reference counted. See :mod:`stellarium_core.nebula.store` for the on-disk layout.
 """
 
+from stellarium_core.nebula.batch import Batch
 from stellarium_core.nebula.errors import ChunkError, CorruptChunkError, MissingChunkError
-from stellarium_core.nebula.store import Batch, ChunkStore
+from stellarium_core.nebula.store import ChunkStore
 from stellarium_core.nebula.table import Entry
 
 __all__ = ["Batch", "ChunkError", "ChunkStore", "CorruptChunkError", "Entry",

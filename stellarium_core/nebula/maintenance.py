@@ -7,8 +7,6 @@ rather than race a pack rewrite or an index compaction.
 from __future__ import annotations
 
 import bisect
-import ctypes
-import ctypes.util
 import mmap
 import os
 from collections import defaultdict
@@ -20,11 +18,8 @@ import lz4.block
 
 from stellarium_core.fsutil import fsync_dir
 from stellarium_core.nebula.errors import ChunkError
-from stellarium_core.nebula.pending import sweep
-from stellarium_core.nebula.store import (
+from stellarium_core.nebula.format import (
     DEL,
-    PAGE,
-    PENDING,
     PUT,
     REF,
     TRAILER_MAGIC,
@@ -34,52 +29,11 @@ from stellarium_core.nebula.store import (
     pack_name,
     parse_trailer,
 )
-from stellarium_core.nebula.table import COMPRESSED, Entry
+from stellarium_core.nebula.pending import sweep
+from stellarium_core.nebula.table import COMPRESSED, PAGE, Entry
 
 if TYPE_CHECKING:
     from stellarium_core.nebula.store import ChunkStore
-
-_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_libc = _load_libc()
-
-
-def _drop_pack(s: ChunkStore, n: int) -> None:
-    mm = s._maps.pop(n, None)
-    if mm is not None:
-        try:
-            mm.close()
-        except BufferError:
-            pass
-    fd = s._pack_fds.pop(n, None)
-    if fd is not None:
-        os.close(fd)
-
-
-def _punch(s: ChunkStore, e: Entry) -> None:
-    """Free a dropped chunk's pages in place (hole punch); at least erase its trailer.
-
-    Without this, fsck would later find an intact trailer and report the released
-    chunk as an unindexed one.
-    """
-    try:
-        fd = s._pack_fd(e.pack)
-    except FileNotFoundError:
-        return
-    start, end = e.offset, align(e.offset + e.stored + TRAILER_SIZE)
-    if _libc is not None and _libc.fallocate(fd, _PUNCH, start, end - start) == 0:
-        return
-    os.pwrite(fd, bytes(TRAILER_SIZE), e.offset + e.stored)
 
 
 def collect(s: ChunkStore, keep: Callable[[], Collection[bytes]] | None = None
@@ -87,64 +41,65 @@ def collect(s: ChunkStore, keep: Callable[[], Collection[bytes]] | None = None
     """Release dead operations' journals, forget chunks with no references (never
     one ``keep()``, asked after that release, returns), rewrite packs that are
     >= 20% garbage."""
-    with s._lock():
-        damage = s.damaged() or [f"{f}: {what}" for f, _, what in s.log_damage]
+    index, packs = s.index, s.packs
+    with s.lock():
+        damage = index.damaged() or [f"{f}: {what}" for f, _, what in index.damage]
         if damage:
             raise ChunkError(f"gc refused: the index of {s.root} was damaged ({damage[0]}) and "
                              "is not repaired; gc would drop chunks it forgot. Run "
                              "`stellar fsck --repair` first")
-        released = sweep(s, s.root / PENDING)
+        released = sweep(s)
         named = keep() if keep is not None else ()
-        t = s._table
+        t = index.table
         dead = [(d, e) for d, e in t.items() if e.refs == 0 and d not in named]
         kept = sum(1 for d, e in t.items() if e.refs == 0 and d in named)
         if dead:
-            s._append_log([log_record(DEL, d) for d, _ in dead])
+            index.append([log_record(DEL, d) for d, _ in dead])
             for _, e in dead:
-                _punch(s, e)
+                packs.punch(e)
         by_pack: dict[int, list[tuple[bytes, Entry]]] = defaultdict(list)
         live: dict[int, int] = defaultdict(int)
         for d, e in t.items():
             by_pack[e.pack].append((d, e))
             live[e.pack] += align(e.stored + TRAILER_SIZE)
-        packs = s.pack_numbers()
-        sizes = {n: s.pack_path(n).stat().st_size for n in packs}
-        victims = [n for n in packs if sizes[n] - live[n] >= max(PAGE, sizes[n] // 5)]
-        target = (packs[-1] + 1) if packs else 1
+        numbers = packs.numbers()
+        sizes = {n: packs.path(n).stat().st_size for n in numbers}
+        victims = [n for n in numbers if sizes[n] - live[n] >= max(PAGE, sizes[n] // 5)]
+        target = (numbers[-1] + 1) if numbers else 1
         moved = 0
         wrote_new = False
         for n in victims:
             chunks = sorted(by_pack.get(n, []), key=lambda de: de[1].offset)
             if not chunks:
                 continue
-            mm = s._map(n, max(e.offset + e.stored for _, e in chunks))
+            mm = packs.map(n, max(e.offset + e.stored for _, e in chunks))
             view = memoryview(mm)
             items = [(d, view[e.offset:e.offset + e.stored], e.raw, e.flags & COMPRESSED)
                      for d, e in chunks]
-            places, undo = s._write_chunks(items, first_pack=target)
+            places, undo = packs.write(items, first_pack=target)
             target = places[-1][0]
             wrote_new = True
             try:
-                s._append_log([log_record(PUT, d, p, o, e.stored, e.raw, 0, e.flags)
+                index.append([log_record(PUT, d, p, o, e.stored, e.raw, 0, e.flags)
                                for (d, e), (p, o) in zip(chunks, places, strict=True)])
             except OSError:
-                s._cut_back(undo)
+                packs.cut_back(undo)
                 raise
             moved += len(chunks)
             del items, view
-        s.compact_index()
+        index.compact()
         removed = 0
         reclaimed = 0
         for n in victims:
             # Pack numbers are never reused: keep the newest pack unless a newer one exists.
-            if n == packs[-1] and not wrote_new:
+            if n == numbers[-1] and not wrote_new:
                 continue
-            _drop_pack(s, n)
-            os.unlink(s.pack_path(n))
+            packs.drop(n)
+            os.unlink(packs.path(n))
             removed += 1
             reclaimed += sizes[n] - live[n]
         if removed:
-            fsync_dir(s.root / "packs")
+            fsync_dir(packs.dir)
         return {"chunks_removed": len(dead), "chunks_moved": moved,
                 "packs_removed": removed, "bytes_reclaimed": reclaimed,
                 "journals_released": released, "unreferenced_but_named": kept}
@@ -211,19 +166,20 @@ def fsck(s: ChunkStore, repair: bool = False, held: Mapping[bytes, int] | None =
     rep = FsckReport()
     add = rep.problems.append
     log = "index.log"
-    with s._lock(writing=repair):
-        s._log_ino = -1          # replay from scratch to see every damaged record
-        s._catch_up()
-        for file, off, what in s.log_damage:
+    index = s.index
+    with s.lock(writing=repair):
+        index.replay()           # from scratch, to see every damaged record
+        for file, off, what in index.damage:
             add(Problem("error", file, what, offset=off))
-        if s._log_stale:         # missing or damaged header: reported as damage above
-            if not any(f == log for f, _, _ in s.log_damage):
+        torn = index.torn_tail()
+        if index.stale:          # missing or damaged header: reported as damage above
+            if not any(f == log for f, _, _ in index.damage):
                 add(Problem("warning", log, "older than index.snap (a compaction was "
                             "interrupted); ignored, and replaced by the next write"))
-        elif (size := os.fstat(s._log_fd).st_size) > s._log_pos:
-            add(Problem("warning", log, f"{size - s._log_pos} bytes of torn records at the end "
-                        "(an interrupted append; ignored)", offset=s._log_pos))
-        entries = list(s._table.items())
+        elif torn is not None:
+            add(Problem("warning", log, f"{torn[1]} bytes of torn records at the end "
+                        "(an interrupted append; ignored)", offset=torn[0]))
+        entries = list(index.table.items())
         regions: dict[int, list[tuple[int, int]]] = defaultdict(list)
         bad: set[bytes] = set()
         packs = set(s.pack_numbers())
@@ -257,7 +213,7 @@ def fsck(s: ChunkStore, repair: bool = False, held: Mapping[bytes, int] | None =
                             "an intact copy of a damaged chunk is here"
                             + ("; index now points to it" if repair else
                                " (`stellar fsck --repair` re-points the index)"), d.hex(), off))
-            elif s._table.get(d) is None:
+            elif index.table.get(d) is None:
                 refs = 1 if held is None else held.get(d, 0)
                 if repair:
                     repair_records.append(log_record(PUT, d, pack, off, stored, raw, refs, flags))
@@ -268,12 +224,12 @@ def fsck(s: ChunkStore, repair: bool = False, held: Mapping[bytes, int] | None =
                                             else " (`stellar fsck --repair` indexes it)"),
                                 d.hex(), off))
         if repair_records:
-            s._append_log(repair_records)
+            index.append(repair_records)
             rep.repaired = len(repair_records)
         if repair and held is not None:
             rep.repaired += _recount(s, held, complete)
-        if repair and (rep.repaired or s.log_damage):
-            s.compact_index()   # a fresh snapshot: the damaged index files are replaced
+        if repair and (rep.repaired or index.damage):
+            index.compact()   # a fresh snapshot: the damaged index files are replaced
         if repair and held is not None:
             s.damage_path.unlink(missing_ok=True)
     return rep
@@ -283,7 +239,7 @@ def _check_counts(s: ChunkStore, held: Mapping[bytes, int], complete: bool,
                   found: dict[bytes, tuple[int, int, int, int, int]], rep: FsckReport) -> None:
     """Compare the index's reference counts with what the holders account for."""
     add = rep.problems.append
-    table = s._table
+    table = s.index.table
     for d, n in held.items():
         e = table.get(d)
         if e is None:
@@ -311,12 +267,12 @@ def _check_counts(s: ChunkStore, held: Mapping[bytes, int], complete: bool,
 def _recount(s: ChunkStore, held: Mapping[bytes, int], complete: bool) -> int:
     """Set every count to what the holders account for; how many changed."""
     records = []
-    for d, e in s._table.items():
+    for d, e in s.index.table.items():
         want = held.get(d, 0)
         if e.refs < want or (e.refs > want and complete):
             records.append(log_record(REF, d, delta=want - e.refs))
     if records:
-        s._append_log(records)
+        s.index.append(records)
     return len(records)
 
 

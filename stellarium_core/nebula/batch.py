@@ -1,0 +1,182 @@
+"""Batches: many chunks hashed and queued, then made durable together.
+
+A commit is the store's write protocol: under the store lock, swap chunks that
+another process stored (or a gc dropped) meanwhile between "new" and
+"reference", append the new ones to packs and fsync, then append their index
+records and fsync. A crash in between leaves unindexed pack bytes, which ``fsck``
+reports as harmless leftovers and ``gc`` reclaims.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from stellarium_core.nebula.chunking import Source, chunks, min_chunk
+from stellarium_core.nebula.errors import ChunkError
+from stellarium_core.nebula.format import PUT, REF, log_record
+from stellarium_core.nebula.pending import RefJournal
+from stellarium_core.nebula.table import MAX_LEN, PAGE
+
+if TYPE_CHECKING:
+    from stellarium_core.hookspecs import Chunker
+    from stellarium_core.nebula.store import ChunkStore
+
+BATCH_BYTES = 64 << 20
+
+
+class _Pending:
+    """A chunk hashed but not yet durable: its bytes and the references to add.
+
+    ``flags`` is None while ``data`` is still the raw bytes of a chunk the store
+    already had (a dedup hit); they are kept in case a concurrent gc drops that
+    chunk before our commit, so it can be written after all.
+    """
+
+    __slots__ = ("data", "raw", "flags", "refs")
+
+    def __init__(self, data: bytes | memoryview, raw: int, flags: int | None) -> None:
+        self.data, self.raw, self.flags, self.refs = data, raw, flags, 1
+
+
+class Batch:
+    """Chunks added here become durable together at :meth:`commit` (one fsync pair).
+
+    Digests returned before ``commit`` must not be handed out as stored, and buffers
+    given to ``put`` must not change until then. Used by ``put_stream`` and by
+    ingest of many small files, where per-file fsyncs would dominate the time.
+    """
+
+    def __init__(self, store: ChunkStore, limit: int = BATCH_BYTES,
+                 journal: RefJournal | None = None) -> None:
+        self._store = store
+        self._limit = limit
+        self._journal = journal
+        self._new: dict[bytes, _Pending] = {}
+        self._refs: dict[bytes, _Pending] = {}
+        self._bytes = 0
+        self._durable: dict[bytes, int] = {}
+        self._chunker: Chunker | None = None
+        self._floor = 0
+
+    def put(self, data: bytes | memoryview) -> bytes:
+        """Hash ``data`` and queue it (or a reference to it); returns its digest."""
+        s = self._store
+        n = len(data)
+        if n > MAX_LEN:
+            raise ChunkError(f"chunk of {n} bytes is larger than the store's limit {MAX_LEN}")
+        digest = s.hasher.digest(data)
+        p = self._new.get(digest) or self._refs.get(digest)
+        if p is not None:
+            p.refs += 1
+            return digest
+        if s.indexed(digest):
+            self._refs[digest] = _Pending(data, n, None)
+            self._bytes += n
+        else:
+            stored, flags = s.compress(data)
+            self._new[digest] = _Pending(stored, n, flags)
+            self._bytes += n
+        if self._bytes >= self._limit:
+            self.commit()
+        return digest
+
+    def put_stream(self, src: Source, chunker: Chunker) -> list[tuple[bytes, int]]:
+        """Chunk a file (path) or binary file object and queue every chunk."""
+        if chunker is not self._chunker:
+            self._chunker, self._floor = chunker, min_chunk(chunker)
+        return [(self.put(c), len(c)) for c in chunks(src, chunker, self._floor)]
+
+    def commit(self) -> None:
+        """Make everything queued durable; afterwards the batch is empty and reusable."""
+        new, refs = self._new, self._refs
+        self._new, self._refs, self._bytes = {}, {}, 0
+        if new or refs:
+            _commit(self._store, new, refs)
+            counts = {d: p.refs for d, p in new.items()}
+            for d, p in refs.items():
+                counts[d] = counts.get(d, 0) + p.refs
+            durable = self._durable
+            for d, n in counts.items():
+                durable[d] = durable.get(d, 0) + n
+            if self._journal is not None:
+                self._journal.record(counts)
+
+    def abandon(self) -> None:
+        """Drop what is queued; what earlier commits made durable stays."""
+        self._new, self._refs, self._bytes = {}, {}, 0
+
+    def rollback(self) -> None:
+        """Drop what is queued and release every reference this batch made durable.
+
+        Best effort: it runs while another error propagates, and if the release fails
+        too (disk still full) the chunks merely keep extra references. The batch's
+        journal is dropped first, so its references are never released twice.
+        """
+        self.abandon()
+        if self._journal is not None:
+            self._journal.settle()  # first: a crash now leaks, never releases twice
+        durable, self._durable = self._durable, {}
+        if durable:
+            try:
+                self._store.release_at_most(durable)
+            except ChunkError:
+                pass
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+
+def _commit(s: ChunkStore, new: dict[bytes, _Pending], refs: dict[bytes, _Pending]) -> None:
+    """Store ``new`` chunks and add ``refs``, durably (see the module docstring)."""
+    index, packs = s.index, s.packs
+    with index.locked():
+        # Another process may have stored some of our new chunks meanwhile, and a
+        # gc may have dropped chunks we meant to reference: swap them over.
+        table = index.table
+        for d in [d for d in new if d in table]:
+            refs[d] = new.pop(d)
+        for d in [d for d in refs if d not in table]:
+            p = new[d] = refs.pop(d)
+            if p.flags is None:
+                p.data, p.flags = s.compress(p.data)
+        try:
+            items = [(d, p.data, p.raw, p.flags) for d, p in new.items()]
+            places, undo = packs.write(items) if items else ([], [])
+            placed = [(d, pack, off // PAGE, len(data), raw, new[d].refs, flags)
+                      for (d, data, raw, flags), (pack, off)
+                      in zip(items, places, strict=True)]
+            records = [log_record(PUT, d, pack, page * PAGE, stored, raw, n, flags)
+                       for d, pack, page, stored, raw, n, flags in placed]
+            records += [log_record(REF, d, delta=p.refs) for d, p in refs.items()]
+
+            def apply() -> None:
+                table = index.table
+                for rec in placed:
+                    table.upsert(*rec)
+                for d, p in refs.items():
+                    table.add_refs(d, p.refs)
+
+            try:
+                index.append(records, apply)
+            except OSError:
+                packs.cut_back(undo)
+                raise
+        except OSError as exc:
+            raise ChunkError(f"write to the chunk store {s.root} failed: "
+                             f"{exc.strerror or exc}; nothing was added") from None
+        if index.log_bytes > s.compact_log_bytes:
+            try:
+                index.compact()
+            except OSError:  # the log stays valid; compaction is retried next commit
+                pass
+    if s.on_stored is not None:
+        for d, p in new.items():
+            s.on_stored(d, p.raw, True)
+        for d, p in refs.items():
+            s.on_stored(d, p.raw, False)
