@@ -15,7 +15,7 @@ import pytest
 
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkStore
-from stellarium_core.nebula.format import TRAILER_MAGIC, TRAILER_SIZE, parse_trailer
+from stellarium_core.nebula.format import RECORD_PREFIX, parse_record
 
 HASHER = Blake3Hasher({})
 
@@ -124,12 +124,12 @@ def _pack_trailers(root: Path) -> Counter:
     seen: Counter = Counter()
     for p in (root / "packs").iterdir():
         data = p.read_bytes()
-        pos = data.find(TRAILER_MAGIC)
+        pos = data.find(RECORD_PREFIX)
         while pos >= 0:
-            t = parse_trailer(data[pos:pos + TRAILER_SIZE])
-            if t is not None and (pos - t[1]) % 4096 == 0:
-                seen[t[0]] += 1
-            pos = data.find(TRAILER_MAGIC, pos + 1)
+            r = parse_record(data, pos)
+            if r is not None and r.offset + r.stored == pos:
+                seen[r.digest] += 1
+            pos = data.find(RECORD_PREFIX, pos + 1)
     return seen
 
 

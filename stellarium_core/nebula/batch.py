@@ -15,7 +15,7 @@ from stellarium_core.nebula.chunking import Source, chunks, min_chunk
 from stellarium_core.nebula.errors import ChunkError
 from stellarium_core.nebula.format import PUT, REF, log_record
 from stellarium_core.nebula.pending import RefJournal
-from stellarium_core.nebula.table import MAX_LEN, PAGE
+from stellarium_core.nebula.table import MAX_LEN
 
 if TYPE_CHECKING:
     from stellarium_core.hookspecs import Chunker
@@ -27,15 +27,16 @@ BATCH_BYTES = 64 << 20
 class _Pending:
     """A chunk hashed but not yet durable: its bytes and the references to add.
 
-    ``flags`` is None while ``data`` is still the raw bytes of a chunk the store
-    already had (a dedup hit); they are kept in case a concurrent gc drops that
-    chunk before our commit, so it can be written after all.
+    ``codec`` (the compressor's name, "" for raw) is None while ``data`` is still
+    the raw bytes of a chunk the store already had (a dedup hit); they are kept in
+    case a concurrent gc drops that chunk before our commit, so it can be written
+    after all.
     """
 
-    __slots__ = ("data", "raw", "flags", "refs")
+    __slots__ = ("data", "raw", "codec", "refs")
 
-    def __init__(self, data: bytes | memoryview, raw: int, flags: int | None) -> None:
-        self.data, self.raw, self.flags, self.refs = data, raw, flags, 1
+    def __init__(self, data: bytes | memoryview, raw: int, codec: str | None) -> None:
+        self.data, self.raw, self.codec, self.refs = data, raw, codec, 1
 
 
 class Batch:
@@ -73,8 +74,8 @@ class Batch:
             self._refs[digest] = _Pending(data, n, None)
             self._bytes += n
         else:
-            stored, flags = s.compress(data)
-            self._new[digest] = _Pending(stored, n, flags)
+            stored, codec = s.compress(data)
+            self._new[digest] = _Pending(stored, n, codec)
             self._bytes += n
         if self._bytes >= self._limit:
             self.commit()
@@ -143,22 +144,26 @@ def _commit(s: ChunkStore, new: dict[bytes, _Pending], refs: dict[bytes, _Pendin
             refs[d] = new.pop(d)
         for d in [d for d in refs if d not in table]:
             p = new[d] = refs.pop(d)
-            if p.flags is None:
-                p.data, p.flags = s.compress(p.data)
+            if p.codec is None:
+                p.data, p.codec = s.compress(p.data)
         try:
-            items = [(d, p.data, p.raw, p.flags) for d, p in new.items()]
+            for p in new.values():
+                table.slot(p.codec or "")  # before anything is written: at most 7 codecs
+        except ValueError as exc:
+            raise ChunkError(f"cannot write to the chunk store {s.root}: {exc}") from None
+        try:
+            items = [(d, p.data, p.raw, 0, p.codec or "") for d, p in new.items()]
             places, undo = packs.write(items) if items else ([], [])
-            placed = [(d, pack, off // PAGE, len(data), raw, new[d].refs, flags)
-                      for (d, data, raw, flags), (pack, off)
+            placed = [(d, pack, off, len(data), raw, new[d].refs, flags, codec)
+                      for (d, data, raw, flags, codec), (pack, off)
                       in zip(items, places, strict=True)]
-            records = [log_record(PUT, d, pack, page * PAGE, stored, raw, n, flags)
-                       for d, pack, page, stored, raw, n, flags in placed]
+            records = [log_record(PUT, *rec) for rec in placed]
             records += [log_record(REF, d, delta=p.refs) for d, p in refs.items()]
 
             def apply() -> None:
                 table = index.table
-                for rec in placed:
-                    table.upsert(*rec)
+                for d, pack, off, stored, raw, n, flags, codec in placed:
+                    table.upsert(d, pack, off, stored, raw, n, flags | table.slot(codec))
                 for d, p in refs.items():
                     table.add_refs(d, p.refs)
 

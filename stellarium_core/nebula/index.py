@@ -35,8 +35,19 @@ from stellarium_core.nebula.format import (
     SNAP_BLOCK,
     SNAP_HEADER,
     SNAP_MAGIC,
+    V1,
+    codec_field,
+    codec_name,
 )
-from stellarium_core.nebula.table import RECORD, ChunkTable
+from stellarium_core.nebula.table import (
+    CODEC_MASK,
+    DEAD,
+    MAX_CODECS,
+    PAGE,
+    RECORD,
+    UNIT,
+    ChunkTable,
+)
 
 DAMAGED = "DAMAGED"
 
@@ -60,6 +71,7 @@ class Index:
         self._log_pos = 0
         self._snap_gen = 0
         self._log_stale = False
+        self._log_v1 = False     # a format-1 log: read, and replaced by the next writer
         self._locked = 0
         self._marked = False
         with self.mu:
@@ -110,14 +122,27 @@ class Index:
             return 0, ChunkTable()
         except OSError as exc:
             raise ChunkError(f"{self.snap_path}: cannot read the index: {exc.strerror}") from None
-        hs = SNAP_HEADER.size
+        v1 = data[:8] == V1.SNAP_MAGIC
+        header = V1.SNAP_HEADER if v1 else SNAP_HEADER
+        hs = header.size
         head = data[:hs]
         if (len(data) < hs + 4 or zlib.crc32(head) != int.from_bytes(data[hs:hs + 4], "little")
-                or SNAP_HEADER.unpack(head)[0] != SNAP_MAGIC):
+                or head[:8] not in (SNAP_MAGIC, V1.SNAP_MAGIC)):
             self.damage.append(("index.snap", 0, "header is damaged: every index entry "
                                 "it held is lost (the chunks stay in the packs)"))
             return 0, ChunkTable()
-        _, gen, count, nslots = SNAP_HEADER.unpack(head)
+        if v1:
+            _, gen, count, nslots = header.unpack(head)
+            codecs = [V1.CODEC]
+        else:
+            _, gen, count, nslots, names = header.unpack(head)
+            try:
+                codecs = [codec_name(names[i:i + 8]) for i in range(0, len(names), 8)
+                          if names[i:i + 8].strip(b"\0")]
+            except ValueError as exc:
+                self.damage.append(("index.snap", 0, f"header is damaged ({exc}): every "
+                                    "index entry it held is lost (the chunks stay in the packs)"))
+                return 0, ChunkTable()
         nblocks = -(-count // SNAP_BLOCK)
         want = hs + 4 + count * RECORD + 4 * nblocks + 4 * nslots + 4
         if len(data) != want:
@@ -135,8 +160,10 @@ class Index:
                                                             "little"))
         size = SNAP_BLOCK * RECORD
         bad = [i for i in range(nblocks) if zlib.crc32(recs[i * size:(i + 1) * size]) != crcs[i]]
+        if v1:
+            recs = memoryview(_v1_records(recs))
         if not bad and slots_ok:
-            return gen, ChunkTable.load(recs, slots)
+            return gen, ChunkTable.load(recs, slots, codecs)
         keep = bytearray()
         for i in range(nblocks):
             if i in bad:
@@ -146,7 +173,7 @@ class Index:
                     " fail their checksum (those index entries are lost)"))
             else:
                 keep += recs[i * size:(i + 1) * size]
-        return gen, ChunkTable.load(keep, None)
+        return gen, ChunkTable.load(keep, None, codecs)
 
     def _reload(self) -> None:
         """Load snapshot + log from scratch (first open, or another process compacted)."""
@@ -174,7 +201,9 @@ class Index:
             head = os.pread(fd, LOG_HEADER.size, 0)
             self._log_fd, self._log_ino = fd, os.fstat(fd).st_ino
             self._log_pos = LOG_HEADER.size
-            if len(head) < LOG_HEADER.size or LOG_HEADER.unpack(head)[0] != LOG_MAGIC:
+            magic = head[:8]
+            self._log_v1 = magic == V1.LOG_MAGIC
+            if len(head) < LOG_HEADER.size or magic not in (LOG_MAGIC, V1.LOG_MAGIC):
                 self.damage.append(("index.log", 0, "header is damaged: every index "
                                     "record in it is lost (the chunks stay in the packs)"))
                 log_gen = -1
@@ -251,16 +280,19 @@ class Index:
         write: it is skipped and noted in ``damage`` for fsck.
         """
         table = self.table
+        v1 = self._log_v1
+        size, full, body_size = ((V1.LOG_SIZE, V1.LOG_FULL, V1.LOG_REC.size) if v1 else
+                                 (LOG_SIZE, LOG_FULL, LOG_REC.size))
         view = memoryview(data)
-        n = len(data) - len(data) % LOG_SIZE
+        n = len(data) - len(data) % size
         good_end = 0
         bad: list[int] = []
-        crc32, body_size = zlib.crc32, LOG_REC.size
-        o = -LOG_SIZE
-        for kind, flags, pack, page, stored, raw, delta, digest, crc in \
-                LOG_FULL.iter_unpack(view[:n]):
-            o += LOG_SIZE
-            if crc32(view[o:o + body_size]) != crc:
+        crc32 = zlib.crc32
+        slots: dict[bytes, int] = {}
+        o = -size
+        for rec in full.iter_unpack(view[:n]):
+            o += size
+            if crc32(view[o:o + body_size]) != rec[-1]:
                 bad.append(o)
                 continue
             if bad:
@@ -269,8 +301,30 @@ class Index:
                         ("index.log", base + b,
                          "record fails its checksum (that index record is lost)"))
                 bad = []
+            good_end = o + size
+            if v1:
+                kind, flags, pack, page, stored, raw, delta, digest, _ = rec
+                offset, flags = page * PAGE, flags & 1   # flag 1: lz4, codec slot 1
+                if flags:
+                    flags = table.slot(V1.CODEC)
+            else:
+                kind, flags, pack, offset, stored, raw, delta, codec, digest, _ = rec
             if kind == PUT:
-                table.upsert(digest, pack, page, stored, raw, delta, flags)
+                if not v1:
+                    slot = slots.get(codec)
+                    if slot is None:
+                        try:
+                            slot = slots[codec] = table.slot(codec_name(codec))
+                        except ValueError as exc:
+                            self.damage.append(("index.log", base + o, f"{exc} (that index "
+                                                "record is lost)"))
+                            continue
+                    flags = (flags & ~CODEC_MASK & ~DEAD) | slot
+                try:
+                    table.upsert(digest, pack, offset, stored, raw, delta, flags)
+                except ValueError as exc:
+                    self.damage.append(("index.log", base + o, f"{exc} (that index record "
+                                        "is lost)"))
             elif kind == REF:
                 try:
                     table.add_refs(digest, delta)
@@ -281,7 +335,6 @@ class Index:
                 table.delete(digest)
             else:
                 self.damage.append(("index.log", base + o, f"unknown record kind {kind}"))
-            good_end = o + LOG_SIZE
         return good_end
 
     # -- changing ----------------------------------------------------------------------
@@ -305,9 +358,13 @@ class Index:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _ready_to_append(self) -> None:
-        """Under the lock nobody is mid-append: drop a torn tail, replace a stale log."""
+        """Under the lock nobody is mid-append: drop a torn tail, replace a stale log,
+        and fold a format-1 log into a snapshot (appends are format 2)."""
         if self._log_stale:
             self._write_log(self._snap_gen)
+            return
+        if self._log_v1:
+            self.compact()
             return
         size = os.fstat(self._log_fd).st_size
         if size > self._log_pos:
@@ -346,7 +403,7 @@ class Index:
             os.close(self._log_fd)
         self._log_fd = os.open(self.log_path, os.O_RDWR)
         self._log_ino = os.fstat(self._log_fd).st_ino
-        self._log_pos, self._log_stale = LOG_HEADER.size, False
+        self._log_pos, self._log_stale, self._log_v1 = LOG_HEADER.size, False, False
 
     def compact(self) -> None:
         """Fold the log into a new snapshot (caller holds :meth:`locked`).
@@ -360,7 +417,8 @@ class Index:
         size = SNAP_BLOCK * RECORD
         view = memoryview(recs)
         crcs = [zlib.crc32(view[i:i + size]) for i in range(0, len(recs), size)]
-        head = SNAP_HEADER.pack(SNAP_MAGIC, gen, count, len(slots) // 4)
+        names = b"".join(codec_field(c) for c in self.table.codecs).ljust(8 * MAX_CODECS, b"\0")
+        head = SNAP_HEADER.pack(SNAP_MAGIC, gen, count, len(slots) // 4, names)
         tmp = self.root / "index.snap.tmp"
         with open(tmp, "wb") as fh:
             fh.write(head + zlib.crc32(head).to_bytes(4, "little"))
@@ -389,3 +447,17 @@ class Index:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
+
+
+def _v1_records(recs: memoryview) -> bytearray:
+    """Format-1 table records as format 2: page numbers become 64-byte units, and
+    flag bit 0 (lz4) becomes codec slot 1 (the only codec then)."""
+    out = bytearray(recs)
+    words = struct.Struct("<QQ")
+    for o in range(32, len(out), RECORD):
+        a, b = words.unpack_from(out, o)
+        page = (a >> 16) & 0xFFFFFF
+        a = (a & ~(0xFFFFFF << 16)) | (page * (PAGE // UNIT)) << 16
+        b = (b & ((1 << 56) - 1)) | ((b >> 56) & 1) << 56
+        words.pack_into(out, o, a, b)
+    return out

@@ -14,23 +14,23 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import lz4.block
-
+from stellarium_core.errors import StellarError
 from stellarium_core.fsutil import fsync_dir
 from stellarium_core.nebula.errors import ChunkError
 from stellarium_core.nebula.format import (
     DEL,
     PUT,
+    RECORD_PREFIX,
+    RECORD_SIZE,
     REF,
-    TRAILER_MAGIC,
-    TRAILER_SIZE,
-    align,
+    ChunkRecord,
     log_record,
     pack_name,
-    parse_trailer,
+    parse_record,
 )
+from stellarium_core.nebula.packs import footprint
 from stellarium_core.nebula.pending import sweep
-from stellarium_core.nebula.table import COMPRESSED, PAGE, Entry
+from stellarium_core.nebula.table import PAGE, UNIT, Entry
 
 if TYPE_CHECKING:
     from stellarium_core.nebula.store import ChunkStore
@@ -61,7 +61,7 @@ def collect(s: ChunkStore, keep: Callable[[], Collection[bytes]] | None = None
         live: dict[int, int] = defaultdict(int)
         for d, e in t.items():
             by_pack[e.pack].append((d, e))
-            live[e.pack] += align(e.stored + TRAILER_SIZE)
+            live[e.pack] += footprint(e)
         numbers = packs.numbers()
         sizes = {n: packs.path(n).stat().st_size for n in numbers}
         victims = [n for n in numbers if sizes[n] - live[n] >= max(PAGE, sizes[n] // 5)]
@@ -74,13 +74,13 @@ def collect(s: ChunkStore, keep: Callable[[], Collection[bytes]] | None = None
                 continue
             mm = packs.map(n, max(e.offset + e.stored for _, e in chunks))
             view = memoryview(mm)
-            items = [(d, view[e.offset:e.offset + e.stored], e.raw, e.flags & COMPRESSED)
+            items = [(d, view[e.offset:e.offset + e.stored], e.raw, e.flags, e.codec)
                      for d, e in chunks]
             places, undo = packs.write(items, first_pack=target)
             target = places[-1][0]
             wrote_new = True
             try:
-                index.append([log_record(PUT, d, p, o, e.stored, e.raw, 0, e.flags)
+                index.append([log_record(PUT, d, p, o, e.stored, e.raw, 0, e.flags, e.codec)
                                for (d, e), (p, o) in zip(chunks, places, strict=True)])
             except OSError:
                 packs.cut_back(undo)
@@ -182,17 +182,23 @@ def fsck(s: ChunkStore, repair: bool = False, held: Mapping[bytes, int] | None =
         entries = list(index.table.items())
         regions: dict[int, list[tuple[int, int]]] = defaultdict(list)
         bad: set[bytes] = set()
+        rewrite: list[tuple[bytes, Entry, bytes]] = []
         packs = set(s.pack_numbers())
         sizes = {n: s.pack_path(n).stat().st_size for n in packs}
         maps: dict[int, mmap.mmap] = {}
         for d, e in entries:
             rep.chunks += 1
             pname = pack_name(e.pack)
-            regions[e.pack].append((e.offset, e.offset + e.stored + TRAILER_SIZE))
-            err = _check_chunk(s, d, e, sizes, maps)
+            regions[e.pack].append((e.offset, e.offset + footprint(e)))
+            err, content = _check_chunk(s, d, e, sizes, maps)
             if err:
                 bad.add(d)
-                add(Problem("error", f"packs/{pname}", err, d.hex(), e.offset))
+                if content is not None:   # its bytes are intact: a fresh copy fixes it
+                    rewrite.append((d, e, content))
+                add(Problem("error", f"packs/{pname}", err + (
+                    "; its content is intact" + ("" if repair else
+                                                 " (`stellar fsck --repair` writes a copy)")
+                    if content is not None else ""), d.hex(), e.offset))
             else:
                 rep.bytes += e.raw
         for mm in maps.values():
@@ -205,24 +211,29 @@ def fsck(s: ChunkStore, repair: bool = False, held: Mapping[bytes, int] | None =
         if held is not None:
             _check_counts(s, held, complete, found, rep)
         repair_records = []
-        for d, (pack, off, stored, raw, flags) in found.items():
+        for d, (pack, r) in found.items():
             if d in bad:
                 if repair:
-                    repair_records.append(log_record(PUT, d, pack, off, stored, raw, 0, flags))
+                    repair_records.append(log_record(PUT, d, pack, r.offset, r.stored, r.raw,
+                                                     0, r.flags, r.codec))
                 add(Problem("warning", f"packs/{pack_name(pack)}",
                             "an intact copy of a damaged chunk is here"
                             + ("; index now points to it" if repair else
-                               " (`stellar fsck --repair` re-points the index)"), d.hex(), off))
+                               " (`stellar fsck --repair` re-points the index)"),
+                            d.hex(), r.offset))
             elif index.table.get(d) is None:
                 refs = 1 if held is None else held.get(d, 0)
                 if repair:
-                    repair_records.append(log_record(PUT, d, pack, off, stored, raw, refs, flags))
+                    repair_records.append(log_record(PUT, d, pack, r.offset, r.stored, r.raw,
+                                                     refs, r.flags, r.codec))
                 if held is None or d not in held:  # else reported as missing above
                     add(Problem("warning", f"packs/{pack_name(pack)}",
                                 "unindexed chunk, left by an interrupted write or a lost index "
                                 "record" + (f"; indexed again with {refs} references" if repair
                                             else " (`stellar fsck --repair` indexes it)"),
-                                d.hex(), off))
+                                d.hex(), r.offset))
+        if repair:
+            repair_records += _rewrite(s, [x for x in rewrite if x[0] not in found])
         if repair_records:
             index.append(repair_records)
             rep.repaired = len(repair_records)
@@ -236,7 +247,7 @@ def fsck(s: ChunkStore, repair: bool = False, held: Mapping[bytes, int] | None =
 
 
 def _check_counts(s: ChunkStore, held: Mapping[bytes, int], complete: bool,
-                  found: dict[bytes, tuple[int, int, int, int, int]], rep: FsckReport) -> None:
+                  found: dict[bytes, tuple[int, ChunkRecord]], rep: FsckReport) -> None:
     """Compare the index's reference counts with what the holders account for."""
     add = rep.problems.append
     table = s.index.table
@@ -276,42 +287,55 @@ def _recount(s: ChunkStore, held: Mapping[bytes, int], complete: bool) -> int:
     return len(records)
 
 
+def _rewrite(s: ChunkStore, chunks: list[tuple[bytes, Entry, bytes]]) -> list[bytes]:
+    """Write fresh copies of chunks whose bytes are intact but whose record or
+    placement is not; the index records that point to them."""
+    if not chunks:
+        return []
+    items = []
+    for d, e, content in chunks:
+        stored, codec = s.compress(content)
+        items.append((d, stored, e.raw, e.flags, codec))
+    places, _ = s.packs.write(items)
+    return [log_record(PUT, d, p, o, len(stored), raw, 0, flags, codec)
+            for (d, stored, raw, flags, codec), (p, o) in zip(items, places, strict=True)]
+
+
 def _check_chunk(s: ChunkStore, d: bytes, e: Entry, sizes: dict[int, int],
-                 maps: dict[int, mmap.mmap]) -> str | None:
-    """What is wrong with one indexed chunk, or None."""
+                 maps: dict[int, mmap.mmap]) -> tuple[str | None, bytes | None]:
+    """(what is wrong with one indexed chunk or None, its content if intact)."""
     if e.pack not in sizes:
-        return f"its pack file {pack_name(e.pack)} is missing"
-    end = e.offset + e.stored + TRAILER_SIZE
+        return f"its pack file {pack_name(e.pack)} is missing", None
+    end = e.offset + e.stored + RECORD_SIZE
     if sizes[e.pack] < end:
-        return f"pack is truncated: {sizes[e.pack]} bytes, the chunk ends at {end}"
+        return f"pack is truncated: {sizes[e.pack]} bytes, the chunk ends at {end}", None
     mm = maps.get(e.pack)
     if mm is None:
         with open(s.pack_path(e.pack), "rb") as fh:
             mm = maps[e.pack] = mmap.mmap(fh.fileno(), sizes[e.pack], access=mmap.ACCESS_READ)
-    blob = mm[e.offset:end]
-    t = parse_trailer(blob[e.stored:])
-    if t is None:
-        what = "trailer is damaged"
-    elif t != (d, e.stored, e.raw, e.flags & COMPRESSED):
-        what = "trailer does not match the index record"
+    r = parse_record(mm, e.offset + e.stored)
+    if r is None:
+        what = "its record is damaged"
+    elif r != ChunkRecord(d, e.offset, e.stored, e.raw, e.flags, e.codec):
+        what = "its record does not match the index record"
     else:
         what = ""
-    data = blob[:e.stored]
-    if e.flags & COMPRESSED:
+    data = mm[e.offset:e.offset + e.stored]
+    if e.codec:
         try:
-            data = lz4.block.decompress(data, uncompressed_size=e.raw)
-        except lz4.block.LZ4BlockError:
-            return "compressed bytes do not decompress (corrupt)" + (f"; {what}" if what else "")
-    if len(data) != e.raw or s.hasher.digest(data) != d:
+            data = s.decompress(d, e, data)
+        except ChunkError as exc:
+            return str(exc) + (f"; {what}" if what else ""), None
+    if s.hasher.digest(data) != d:
         return "content does not hash to its digest (corrupt bytes)" + (
-            f"; {what}" if what else "")
-    return what or None
+            f"; {what}" if what else ""), None
+    return (what, data) if what else (None, None)
 
 
 def _scan_packs(s: ChunkStore, packs: set[int], regions: dict[int, list[tuple[int, int]]],
-                rep: FsckReport) -> dict[bytes, tuple[int, int, int, int, int]]:
-    """Chunks with a valid trailer and content outside every indexed region."""
-    found: dict[bytes, tuple[int, int, int, int, int]] = {}
+                rep: FsckReport) -> dict[bytes, tuple[int, ChunkRecord]]:
+    """Chunks with a valid record and content, outside every indexed region."""
+    found: dict[bytes, tuple[int, ChunkRecord]] = {}
     for n in sorted(packs):
         path = s.pack_path(n)
         with open(path, "rb") as fh:
@@ -321,25 +345,23 @@ def _scan_packs(s: ChunkStore, packs: set[int], regions: dict[int, list[tuple[in
             data = mmap.mmap(fh.fileno(), length, access=mmap.ACCESS_READ)
         spans = sorted(regions.get(n, []))
         starts = [a for a, _ in spans]
-        indexed = sum(align(b) - a for a, b in spans)
-        pos = data.find(TRAILER_MAGIC)
+        indexed = sum(b - a for a, b in spans)
+        pos = data.find(RECORD_PREFIX)
         while pos >= 0:
             i = bisect.bisect_right(starts, pos) - 1
-            inside = i >= 0 and pos < spans[i][1]   # an indexed trailer, or chunk content
-            t = None if inside else parse_trailer(data[pos:pos + TRAILER_SIZE])
-            if t is not None:
-                d, stored, raw, flags = t
-                start = pos - stored
-                if start >= 0 and start % PAGE == 0:
-                    blob = data[start:pos]
+            inside = i >= 0 and pos < spans[i][1]   # an indexed record, or chunk content
+            r = None if inside else parse_record(data, pos)
+            if (r is not None and r.offset % UNIT == 0 and 0 <= r.offset
+                    and r.offset + r.stored <= pos and r.digest not in found):
+                content: bytes | None = data[r.offset:r.offset + r.stored]
+                if r.codec:
                     try:
-                        content = lz4.block.decompress(blob, uncompressed_size=raw) \
-                            if flags & COMPRESSED else blob
-                    except lz4.block.LZ4BlockError:
-                        content = b""
-                    if len(content) == raw and s.hasher.digest(content) == d:
-                        found.setdefault(d, (n, start, stored, raw, flags))
-            pos = data.find(TRAILER_MAGIC, pos + 1)
+                        content = s.compressors(r.codec).decompress(content, r.raw)
+                    except (ValueError, StellarError):  # unknown compressor, damaged bytes
+                        content = None
+                if content is not None and s.hasher.digest(content) == r.digest:
+                    found[r.digest] = (n, r)
+            pos = data.find(RECORD_PREFIX, pos + 1)
         data.close()
         orphan = length - indexed
         if orphan > 0:

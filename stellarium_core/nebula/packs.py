@@ -1,4 +1,4 @@
-"""Pack files: where chunk bytes live, append-only, each chunk followed by its trailer.
+"""Pack files: where chunk bytes live, append-only, each chunk followed by its record.
 
 Writes append whole batches with ``pwritev`` and one ``fdatasync`` per pack, and are
 cut back on failure, so a pack never keeps half a batch. Reads go through one
@@ -16,8 +16,16 @@ from pathlib import Path
 
 from stellarium_core.fsutil import fsync_dir
 from stellarium_core.nebula.errors import ChunkError, CorruptChunkError
-from stellarium_core.nebula.format import PACK_RE, TRAILER_SIZE, align, pack_name, trailer
-from stellarium_core.nebula.table import PAGE, Entry
+from stellarium_core.nebula.format import (
+    PACK_RE,
+    RECORD_SIZE,
+    V1,
+    ChunkRecord,
+    align,
+    chunk_record,
+    pack_name,
+)
+from stellarium_core.nebula.table import PAGE, UNIT, Entry
 
 PACK_MAX = 1 << 30
 _ZEROS = bytes(PAGE)
@@ -37,6 +45,13 @@ _libc = _load_libc()
 
 #: What a pack write returns for :meth:`Packs.cut_back`: (fd, length before) per pack.
 Undo = list[tuple[int, int]]
+#: A chunk to write: digest, stored bytes, raw length, persisted flags, compressor name.
+Item = tuple[bytes, bytes | memoryview, int, int, str]
+
+
+def footprint(e: Entry) -> int:
+    """Bytes a chunk takes in its pack: its bytes and record, 64-byte aligned."""
+    return align(e.stored + RECORD_SIZE, UNIT)
 
 
 class Packs:
@@ -72,9 +87,9 @@ class Packs:
                 fsync_dir(path.parent)
         return fd
 
-    def write(self, items: list[tuple[bytes, bytes | memoryview, int, int]],
+    def write(self, items: list[Item],
               first_pack: int | None = None) -> tuple[list[tuple[int, int]], Undo]:
-        """Append chunks (digest, stored bytes, raw len, flags) and fsync the packs.
+        """Append chunks (see :data:`Item`) and fsync the packs.
 
         Starts in the newest pack (or ``first_pack``). Returns (pack, offset) per
         item, and what :meth:`cut_back` needs if the index append then fails. On
@@ -93,12 +108,12 @@ class Packs:
         touched = {cur: (fd, start)}
         out: list[tuple[int, int]] = []
         iov: list[bytes | memoryview] = []
-        pos = align(start)
+        pos = align(start, UNIT)
         iov_start = start
         if pos > start:
             iov.append(_ZEROS[:pos - start])
         try:
-            for digest, data, raw, flags in items:
+            for digest, data, raw, flags, codec in items:
                 stored = len(data)
                 if pos + stored > self.pack_max and pos > 0 and out:
                     _pwritev(fd, iov, iov_start)
@@ -108,9 +123,9 @@ class Packs:
                     iov, pos, iov_start = [], 0, 0
                 out.append((cur, pos))
                 iov.append(data)
-                iov.append(trailer(digest, stored, raw, flags))
-                end = pos + stored + TRAILER_SIZE
-                pad = align(end) - end
+                iov.append(chunk_record(ChunkRecord(digest, pos, stored, raw, flags, codec)))
+                end = pos + stored + RECORD_SIZE
+                pad = align(end, UNIT) - end
                 if pad:
                     iov.append(_ZEROS[:pad])
                 pos = end + pad
@@ -168,19 +183,23 @@ class Packs:
             os.close(fd)
 
     def punch(self, e: Entry) -> None:
-        """Free a dropped chunk's pages in place (hole punch); at least erase its trailer.
+        """Free a dropped chunk's bytes in place (hole punch); at least erase its record.
 
-        Without this, fsck would later find an intact trailer and report the released
+        Without this, fsck would later find an intact record and report the released
         chunk as an unindexed one.
         """
         try:
             fd = self._fd(e.pack)
         except FileNotFoundError:
             return
-        start, end = e.offset, align(e.offset + e.stored + TRAILER_SIZE)
-        if _libc is not None and _libc.fallocate(fd, _PUNCH, start, end - start) == 0:
+        at = e.offset + e.stored
+        if os.pread(fd, 8, at) == V1.TRAILER_MAGIC:  # a format-1 chunk owns whole pages
+            size, end = V1.TRAILER_SIZE, align(at + V1.TRAILER_SIZE)
+        else:
+            size, end = RECORD_SIZE, e.offset + footprint(e)
+        if _libc is not None and _libc.fallocate(fd, _PUNCH, e.offset, end - e.offset) == 0:
             return
-        os.pwrite(fd, bytes(TRAILER_SIZE), e.offset + e.stored)
+        os.pwrite(fd, bytes(size), at)
 
     def close(self) -> None:
         for n in list(self._maps) + list(self._fds):

@@ -22,20 +22,24 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-import lz4.block
-
-from stellarium_core.errors import UsageError
+from stellarium_core.compression import NONE, Compressors
+from stellarium_core.errors import PluginError, UsageError
 from stellarium_core.fsutil import fsync_dir
-from stellarium_core.hookspecs import Chunker, Hasher
+from stellarium_core.hookspecs import Chunker, Compressor, Hasher
 from stellarium_core.nebula import format as fmt
 from stellarium_core.nebula.batch import BATCH_BYTES, Batch
 from stellarium_core.nebula.chunking import Source
-from stellarium_core.nebula.errors import ChunkError, CorruptChunkError, MissingChunkError
-from stellarium_core.nebula.format import META, REF, TRAILER_SIZE, align, log_record
+from stellarium_core.nebula.errors import (
+    ChunkError,
+    CorruptChunkError,
+    MissingChunkError,
+    MissingCompressorError,
+)
+from stellarium_core.nebula.format import META, REF, align, codec_field, log_record
 from stellarium_core.nebula.index import Index
 from stellarium_core.nebula.packs import PACK_MAX, Packs
 from stellarium_core.nebula.pending import PENDING, RefJournal
-from stellarium_core.nebula.table import COMPRESSED, PAGE, Entry
+from stellarium_core.nebula.table import UNIT, Entry
 
 #: Fold the log into a snapshot once it grows past this (a snapshot loads ~30x faster).
 COMPACT_LOG_BYTES = 64 << 20
@@ -44,12 +48,16 @@ COMPACT_LOG_BYTES = 64 << 20
 class ChunkStore:
     """Chunks by digest: put (insert-or-reference), get/view, refs, gc, fsck, stats."""
 
-    def __init__(self, root: Path, hasher: Hasher, compression: str, verify_reads: bool,
+    def __init__(self, root: Path, hasher: Hasher, compressor: Compressor | None,
+                 compressors: Compressors, verify_reads: bool,
                  on_stored: Callable[[bytes, int, bool], None] | None,
                  pack_max: int) -> None:
         self.root = root
         self.hasher = hasher
-        self.compression = compression
+        #: What new chunks are compressed with (None: stored raw).
+        self.compressor = compressor
+        #: Compressors by name, for reading what any compressor wrote.
+        self.compressors = compressors
         self.verify_reads = verify_reads
         #: Called (digest, raw size, new) for every chunk a commit stored or referenced.
         self.on_stored = on_stored
@@ -65,18 +73,36 @@ class ChunkStore:
     # -- opening -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str], hasher: Hasher, *, compression: str = "lz4",
-             verify_reads: bool = True, create: bool = False,
+    def open(cls, root: str | os.PathLike[str], hasher: Hasher, *,
+             compression: str | Compressor = "lz4", verify_reads: bool = True,
+             create: bool = False,
              on_stored: Callable[[bytes, int, bool], None] | None = None,
-             pack_max: int = PACK_MAX, check_meta: bool = True) -> ChunkStore:
+             pack_max: int = PACK_MAX, check_meta: bool = True,
+             compressors: Compressors | None = None) -> ChunkStore:
         """Open the store at ``root``; ``create`` makes the layout if it is absent.
 
+        New chunks are compressed with ``compression``: an installed compressor's
+        name (default parameters), a compressor, or ``"none"``. Chunks are read
+        with whichever compressor their record names, found in ``compressors``
+        (default: any installed one, loaded on first use).
         ``check_meta=False`` opens a store whose ``nebula.json`` is damaged (fsck
         does, to say what else is wrong and to rewrite it under ``--repair``).
         """
         root = Path(root)
-        if compression not in ("lz4", "none"):
-            raise UsageError(f"compression must be lz4 or none, got {compression!r}")
+        compressor = None if compression == NONE else compression
+        if isinstance(compressor, str):
+            try:
+                compressor = Compressors()(compressor)
+            except PluginError as exc:
+                raise UsageError(f"compression: {exc}") from None
+        if compressor is not None:
+            try:
+                codec_field(compressor.name)
+            except ValueError:
+                raise UsageError(f"compressor {compressor.name!r}: chunk records hold a "
+                                 "compressor's name in at most 7 ASCII bytes") from None
+        if not 0 < pack_max <= PACK_MAX:
+            raise UsageError(f"pack_max must be 1..{PACK_MAX}, got {pack_max}")
         if hasher.digest_size != 32:
             raise UsageError(f"the chunk store needs a 32-byte digest; hasher {hasher.name!r} "
                              f"gives {hasher.digest_size} bytes")
@@ -90,7 +116,8 @@ class ChunkStore:
         problem = fmt.meta_problem(root, hasher)
         if problem and check_meta:
             raise ChunkError(f"{root / META}: {problem} (`stellar fsck --repair` rewrites it)")
-        return cls(root, hasher, compression, verify_reads, on_stored, pack_max)
+        return cls(root, hasher, compressor, compressors or Compressors(compressor),
+                   verify_reads, on_stored, pack_max)
 
     meta_problem = staticmethod(fmt.meta_problem)
     write_meta = staticmethod(fmt.write_meta)
@@ -140,19 +167,17 @@ class ChunkStore:
         with self.index.mu:
             return digest in self.index.table
 
-    def compress(self, data: bytes | memoryview) -> tuple[bytes | memoryview, int]:
-        """(stored bytes, flags): lz4 a chunk only when that saves at least one page on disk."""
+    def compress(self, data: bytes | memoryview) -> tuple[bytes | memoryview, str]:
+        """(stored bytes, compressor name or ""): compressed when that saves at least one
+        64-byte unit of pack space."""
+        c = self.compressor
         n = len(data)
-        if self.compression != "lz4" or n + TRAILER_SIZE <= PAGE:
-            return data, 0
-        if n > 3 * PAGE:
-            sample = lz4.block.compress(data[:2 * PAGE], store_size=False)
-            if len(sample) > 2 * PAGE - PAGE // 16:
-                return data, 0
-        packed = lz4.block.compress(data, store_size=False)
-        if align(len(packed) + TRAILER_SIZE) < align(n + TRAILER_SIZE):
-            return packed, COMPRESSED
-        return data, 0
+        if c is None or n <= UNIT:
+            return data, ""
+        packed = c.compress(data)
+        if align(len(packed), UNIT) < align(n, UNIT):
+            return packed, c.name
+        return data, ""
 
     def batch(self, limit: int = BATCH_BYTES, journal: RefJournal | None = None) -> Batch:
         """A :class:`Batch`: many puts, one durable commit (auto-commits every ``limit``
@@ -227,22 +252,32 @@ class ChunkStore:
                 f"chunk {digest.hex()} is corrupt: its bytes in {self.pack_path(e.pack)} at "
                 f"offset {e.offset} no longer hash to its digest")
 
+    def decompress(self, digest: bytes, e: Entry, stored: bytes | memoryview) -> bytes:
+        """A compressed chunk's bytes, with the compressor its record names.
+
+        MissingCompressorError when none of that name is installed (the chunk is
+        kept; installing the plugin makes it readable), CorruptChunkError when the
+        bytes do not decompress to the recorded size.
+        """
+        try:
+            c = self.compressors(e.codec)
+        except PluginError as exc:
+            raise MissingCompressorError(
+                f"chunk {digest.hex()} was compressed with {e.codec!r}, which this host "
+                f"cannot read: {exc}") from None
+        try:
+            return c.decompress(stored, e.raw)
+        except ValueError as exc:
+            raise CorruptChunkError(
+                f"chunk {digest.hex()} is corrupt: its {e.codec} bytes in "
+                f"{self.pack_path(e.pack)} at offset {e.offset} do not decompress to its "
+                f"{e.raw} bytes ({exc})") from None
+
     def get(self, digest: bytes) -> bytes:
         """The chunk's bytes, verified unless ``verify_reads`` is off."""
         e = self._entry(digest)
         raw = self._stored_view(digest, e)
-        if e.compressed:
-            try:
-                data = lz4.block.decompress(raw, uncompressed_size=e.raw)
-            except lz4.block.LZ4BlockError:
-                raise CorruptChunkError(
-                    f"chunk {digest.hex()} is corrupt: its lz4 bytes in "
-                    f"{self.pack_path(e.pack)} at offset {e.offset} do not decompress") from None
-            if len(data) != e.raw:
-                raise CorruptChunkError(f"chunk {digest.hex()} is corrupt: decompressed to "
-                                        f"{len(data)} bytes, expected {e.raw}")
-        else:
-            data = bytes(raw)
+        data = self.decompress(digest, e, raw) if e.codec else bytes(raw)
         if self.verify_reads:
             self._check(digest, data, e)
         return data
@@ -341,15 +376,18 @@ class ChunkStore:
             return list(self.index.table.items())
 
     def stats(self) -> dict[str, Any]:
-        """Logical, unique and stored bytes, chunk count, dedup ratio, compression savings."""
+        """Logical, unique and stored bytes, chunk count, dedup ratio, compression savings,
+        and chunks per compressor ("none" for raw)."""
         logical = unique = stored = compressed = 0
         count = 0
+        by_codec: dict[str, int] = {}
         for _, e in self.items():
             count += 1
             logical += e.raw * e.refs
             unique += e.raw
             stored += e.stored
             compressed += e.compressed
+            by_codec[e.codec or NONE] = by_codec.get(e.codec or NONE, 0) + 1
         pack_bytes = 0
         for n in self.pack_numbers():
             try:
@@ -365,6 +403,7 @@ class ChunkStore:
             "dedup_ratio": round(logical / unique, 4) if unique else 1.0,
             "compressed_chunks": compressed,
             "compression_saved_bytes": unique - stored,
+            "chunks_by_compressor": dict(sorted(by_codec.items())),
             "index_memory_bytes": self.index.table.nbytes(),
         }
 
