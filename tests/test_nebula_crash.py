@@ -19,13 +19,16 @@ from stellarium_core.nebula.format import RECORD_PREFIX, parse_record
 
 HASHER = Blake3Hasher({})
 
-# Puts single chunks and streams, ingests small trees, re-puts old data, releases and
-# runs gc, printing each operation only after it returned. Releases keep a reference.
+# Puts single chunks and streams, ingests small trees (with worker processes), re-puts old
+# data, releases and runs gc, printing each operation only after it returned. Releases
+# keep a reference.
 WRITER = r"""
 import io, os, random, sys, tempfile
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkStore
 from stellarium_core.nebula.ingest import ingest, load_manifest
+import stellarium_core.nebula.batch
+stellarium_core.nebula.batch.PARALLEL_BYTES = 0   # ingest with worker processes, however small
 
 class Fixed:
     name, max_size, params = "f", 9000, {}

@@ -9,6 +9,9 @@ reports as harmless leftovers and ``gc`` reclaims.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
 from stellarium_core.nebula.chunking import Source, chunks, min_chunk
@@ -16,27 +19,32 @@ from stellarium_core.nebula.errors import ChunkError
 from stellarium_core.nebula.format import PUT, REF, log_record
 from stellarium_core.nebula.pending import RefJournal
 from stellarium_core.nebula.table import MAX_LEN
+from stellarium_core.nebula.workers import cores, cut
 
 if TYPE_CHECKING:
     from stellarium_core.hookspecs import Chunker
     from stellarium_core.nebula.store import ChunkStore
 
 BATCH_BYTES = 64 << 20
+PARALLEL_BYTES = 8 << 20
 
 
 class _Pending:
     """A chunk hashed but not yet durable: its bytes and the references to add.
 
-    ``codec`` (the compressor's name, "" for raw) is None while ``data`` is still
-    the raw bytes of a chunk the store already had (a dedup hit); they are kept in
-    case a concurrent gc drops that chunk before our commit, so it can be written
-    after all.
+    ``codec`` (the compressor's name, "" for raw) is None for a chunk the store
+    already had (a dedup hit): then ``data`` is its raw bytes, or None and ``src``
+    says where in a file they are. They are needed only if a concurrent gc drops
+    that chunk before our commit, so it can be written after all. A new chunk
+    queued by ``put_files`` has no ``data`` until a thread has read and compressed
+    it from ``src`` (the commit waits for that).
     """
 
-    __slots__ = ("data", "raw", "codec", "refs")
+    __slots__ = ("data", "raw", "codec", "refs", "src")
 
-    def __init__(self, data: bytes | memoryview, raw: int, codec: str | None) -> None:
-        self.data, self.raw, self.codec, self.refs = data, raw, codec, 1
+    def __init__(self, data: bytes | memoryview | None, raw: int, codec: str | None,
+                 src: tuple[str, int] | None = None) -> None:
+        self.data, self.raw, self.codec, self.refs, self.src = data, raw, codec, 1, src
 
 
 class Batch:
@@ -58,6 +66,7 @@ class Batch:
         self._durable: dict[bytes, int] = {}
         self._chunker: Chunker | None = None
         self._floor = 0
+        self._filling: list[Future[None]] = []
 
     def put(self, data: bytes | memoryview) -> bytes:
         """Hash ``data`` and queue it (or a reference to it); returns its digest."""
@@ -72,23 +81,81 @@ class Batch:
             return digest
         if s.indexed(digest):
             self._refs[digest] = _Pending(data, n, None)
-            self._bytes += n
         else:
             stored, codec = s.compress(data)
             self._new[digest] = _Pending(stored, n, codec)
-            self._bytes += n
+        self._bytes += n
         if self._bytes >= self._limit:
             self.commit()
         return digest
 
-    def put_stream(self, src: Source, chunker: Chunker) -> list[tuple[bytes, int]]:
-        """Chunk a file (path) or binary file object and queue every chunk."""
+    def _floor_of(self, chunker: Chunker) -> int:
         if chunker is not self._chunker:
             self._chunker, self._floor = chunker, min_chunk(chunker)
-        return [(self.put(c), len(c)) for c in chunks(src, chunker, self._floor)]
+        return self._floor
+
+    def put_stream(self, src: Source, chunker: Chunker) -> list[tuple[bytes, int]]:
+        """Chunk a file (path) or binary file object and queue every chunk."""
+        return [(self.put(c), len(c)) for c in chunks(src, chunker, self._floor_of(chunker))]
+
+    def put_files(self, files: Iterable[tuple[str, int]], chunker: Chunker,
+                  workers: int | None = None) -> Iterator[list[tuple[bytes, int]]]:
+        """Store many files using every core; yields each file's [(digest, length)]
+        in the order given. ``files`` are (path, size as listed).
+
+        Worker processes read, cut and hash files ahead of the caller (see
+        :mod:`~stellarium_core.nebula.workers`); a thread here reads the new chunks
+        again, checks their hash and compresses them; this thread queues in order
+        and commits, so what becomes durable, and when, is as with
+        :meth:`put_stream` file after file. ``workers`` defaults to the cores this
+        process may use; for fewer than ``PARALLEL_BYTES`` in all (forking would
+        cost more), files are stored in this thread.
+        """
+        floor = self._floor_of(chunker)
+        files = list(files)
+        if sum(n for _, n in files) < PARALLEL_BYTES:
+            for path, _ in files:
+                yield self.put_stream(path, chunker)
+            return
+        s = self._store
+        with ThreadPoolExecutor(1, thread_name_prefix="nebula-compress") as pool:
+            try:
+                for path, parts in cut(s.hasher, files, chunker, floor, workers or cores()):
+                    if parts is None:
+                        yield self.put_stream(path, chunker)
+                        continue
+                    fresh = []
+                    offset = 0
+                    for digest, n in parts:
+                        p = self._new.get(digest) or self._refs.get(digest)
+                        if p is not None:
+                            p.refs += 1
+                        elif s.indexed(digest):
+                            self._refs[digest] = _Pending(None, n, None, (path, offset))
+                            self._bytes += n
+                        else:
+                            p = self._new[digest] = _Pending(None, n, "", (path, offset))
+                            fresh.append((digest, p))
+                            self._bytes += n
+                        offset += n
+                    if fresh:
+                        self._filling.append(pool.submit(_fill, s, path, fresh))
+                    if self._bytes >= self._limit:
+                        self.commit()
+                    yield parts
+            finally:   # leave no thread filling; a commit raises what failed
+                wait(self._filling)
+
+    def _settle(self) -> None:
+        """Wait until every chunk queued by :meth:`put_files` has its bytes."""
+        filling, self._filling = self._filling, []
+        errors = [f.exception() for f in filling if not f.cancelled()]
+        if any(errors):
+            raise next(e for e in errors if e)
 
     def commit(self) -> None:
         """Make everything queued durable; afterwards the batch is empty and reusable."""
+        self._settle()
         new, refs = self._new, self._refs
         self._new, self._refs, self._bytes = {}, {}, 0
         if new or refs:
@@ -104,7 +171,9 @@ class Batch:
 
     def abandon(self) -> None:
         """Drop what is queued; what earlier commits made durable stays."""
-        self._new, self._refs, self._bytes = {}, {}, 0
+        for f in self._filling:
+            f.cancel()
+        self._new, self._refs, self._bytes, self._filling = {}, {}, 0, []
 
     def rollback(self) -> None:
         """Drop what is queued and release every reference this batch made durable.
@@ -133,6 +202,41 @@ class Batch:
             self.rollback()
 
 
+def _raw_bytes(s: ChunkStore, digest: bytes, p: _Pending) -> bytes | memoryview:
+    """A dedup hit's bytes, read again from its file if only its place was kept."""
+    if p.data is not None:
+        return p.data
+    assert p.src is not None
+    with open(p.src[0], "rb") as fh:
+        return _reread(s, fh.fileno(), p.src[0], p.src[1], p.raw, digest)
+
+
+def _reread(s: ChunkStore, fd: int, path: str, offset: int, n: int, digest: bytes) -> bytes:
+    """``n`` bytes at ``offset`` of a file, which must still hash to ``digest``."""
+    try:
+        data = os.pread(fd, n, offset)
+    except OSError as exc:
+        raise ChunkError(f"cannot read {path} again: {exc.strerror}") from None
+    if s.hasher.digest(data) != digest:
+        raise ChunkError(f"{path} changed while it was being stored")
+    return data
+
+
+def _fill(s: ChunkStore, path: str, fresh: list[tuple[bytes, _Pending]]) -> None:
+    """Read new chunks of one file again (workers sent only digests), check and
+    compress them: their queued entries get the bytes to store."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ChunkError(f"cannot read {path} again: {exc.strerror}") from None
+    try:
+        for digest, p in fresh:
+            assert p.src is not None
+            p.data, p.codec = s.compress(_reread(s, fd, path, p.src[1], p.raw, digest))
+    finally:
+        os.close(fd)
+
+
 def _commit(s: ChunkStore, new: dict[bytes, _Pending], refs: dict[bytes, _Pending]) -> None:
     """Store ``new`` chunks and add ``refs``, durably (see the module docstring)."""
     index, packs = s.index, s.packs
@@ -145,7 +249,7 @@ def _commit(s: ChunkStore, new: dict[bytes, _Pending], refs: dict[bytes, _Pendin
         for d in [d for d in refs if d not in table]:
             p = new[d] = refs.pop(d)
             if p.codec is None:
-                p.data, p.codec = s.compress(p.data)
+                p.data, p.codec = s.compress(_raw_bytes(s, d, p))
         try:
             for p in new.values():
                 table.slot(p.codec or "")  # before anything is written: at most 7 codecs

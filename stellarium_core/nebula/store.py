@@ -162,10 +162,16 @@ class ChunkStore:
     # -- writing ---------------------------------------------------------------------
 
     def indexed(self, digest: bytes) -> bool:
-        """Whether this process's index has the chunk (no catch-up with other writers:
-        a commit re-checks under the lock)."""
-        with self.index.mu:
+        """Whether this process's index has the chunk: a hint for writers (a commit
+        re-checks under the lock), so it neither catches up with other processes
+        nor waits for a commit in progress (False then)."""
+        mu = self.index.mu
+        if not mu.acquire(blocking=False):
+            return False
+        try:
             return digest in self.index.table
+        finally:
+            mu.release()
 
     def compress(self, data: bytes | memoryview) -> tuple[bytes | memoryview, str]:
         """(stored bytes, compressor name or ""): compressed when that saves at least one
