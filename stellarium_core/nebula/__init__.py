@@ -12,8 +12,9 @@ from stellarium_core.nebula.errors import (
     MissingChunkError,
     MissingCompressorError,
 )
+from stellarium_core.nebula.mapping import ChunkMapping, NotMappableError
 from stellarium_core.nebula.store import ChunkStore
 from stellarium_core.nebula.table import Entry
 
-__all__ = ["Batch", "ChunkError", "ChunkStore", "CorruptChunkError", "Entry",
-           "MissingChunkError", "MissingCompressorError"]
+__all__ = ["Batch", "ChunkError", "ChunkMapping", "ChunkStore", "CorruptChunkError", "Entry",
+           "MissingChunkError", "MissingCompressorError", "NotMappableError"]

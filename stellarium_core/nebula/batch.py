@@ -18,7 +18,7 @@ from stellarium_core.nebula.chunking import Source, chunks, min_chunk
 from stellarium_core.nebula.errors import ChunkError
 from stellarium_core.nebula.format import PUT, REF, log_record
 from stellarium_core.nebula.pending import RefJournal
-from stellarium_core.nebula.table import MAX_LEN
+from stellarium_core.nebula.table import MAPPABLE, MAX_LEN
 from stellarium_core.nebula.workers import cores, cut
 
 if TYPE_CHECKING:
@@ -40,11 +40,12 @@ class _Pending:
     it from ``src`` (the commit waits for that).
     """
 
-    __slots__ = ("data", "raw", "codec", "refs", "src")
+    __slots__ = ("data", "raw", "codec", "refs", "src", "flags")
 
     def __init__(self, data: bytes | memoryview | None, raw: int, codec: str | None,
-                 src: tuple[str, int] | None = None) -> None:
+                 src: tuple[str, int] | None = None, flags: int = 0) -> None:
         self.data, self.raw, self.codec, self.refs, self.src = data, raw, codec, 1, src
+        self.flags = flags   # MAPPABLE when some put asked for it
 
 
 class Batch:
@@ -68,22 +69,32 @@ class Batch:
         self._floor = 0
         self._filling: list[Future[None]] = []
 
-    def put(self, data: bytes | memoryview) -> bytes:
-        """Hash ``data`` and queue it (or a reference to it); returns its digest."""
+    def put(self, data: bytes | memoryview, mappable: bool = False) -> bytes:
+        """Hash ``data`` and queue it (or a reference to it); returns its digest.
+
+        ``mappable`` stores it so that it can be mmapped from its pack (see
+        :meth:`ChunkStore.mapping`): raw, page-aligned. A chunk the store has in
+        another form gets a mappable copy, which the index then points to.
+        """
         s = self._store
         n = len(data)
         if n > MAX_LEN:
             raise ChunkError(f"chunk of {n} bytes is larger than the store's limit {MAX_LEN}")
         digest = s.hasher.digest(data)
+        flags = MAPPABLE if mappable else 0
         p = self._new.get(digest) or self._refs.get(digest)
         if p is not None:
             p.refs += 1
+            if flags and not p.flags:   # keep its raw bytes: the commit may need them
+                p.data, p.flags = data, flags
+                if p.codec is not None:
+                    p.codec = ""
             return digest
-        if s.indexed(digest):
-            self._refs[digest] = _Pending(data, n, None)
+        if s.indexed(digest, mappable):
+            self._refs[digest] = _Pending(data, n, None, flags=flags)
         else:
-            stored, codec = s.compress(data)
-            self._new[digest] = _Pending(stored, n, codec)
+            stored, codec = (data, "") if mappable else s.compress(data)
+            self._new[digest] = _Pending(stored, n, codec, flags=flags)
         self._bytes += n
         if self._bytes >= self._limit:
             self.commit()
@@ -94,9 +105,12 @@ class Batch:
             self._chunker, self._floor = chunker, min_chunk(chunker)
         return self._floor
 
-    def put_stream(self, src: Source, chunker: Chunker) -> list[tuple[bytes, int]]:
-        """Chunk a file (path) or binary file object and queue every chunk."""
-        return [(self.put(c), len(c)) for c in chunks(src, chunker, self._floor_of(chunker))]
+    def put_stream(self, src: Source, chunker: Chunker,
+                   mappable: bool = False) -> list[tuple[bytes, int]]:
+        """Chunk a file (path) or binary file object and queue every chunk (each
+        mappable, if asked: see :meth:`put`)."""
+        return [(self.put(c, mappable), len(c))
+                for c in chunks(src, chunker, self._floor_of(chunker))]
 
     def put_files(self, files: Iterable[tuple[str, int]], chunker: Chunker,
                   workers: int | None = None) -> Iterator[list[tuple[bytes, int]]]:
@@ -232,7 +246,9 @@ def _fill(s: ChunkStore, path: str, fresh: list[tuple[bytes, _Pending]]) -> None
     try:
         for digest, p in fresh:
             assert p.src is not None
-            p.data, p.codec = s.compress(_reread(s, fd, path, p.src[1], p.raw, digest))
+            stored, codec = s.compress(_reread(s, fd, path, p.src[1], p.raw, digest))
+            if not p.flags & MAPPABLE:   # a put(mappable=True) meanwhile set raw bytes
+                p.data, p.codec = stored, codec
     finally:
         os.close(fd)
 
@@ -244,19 +260,25 @@ def _commit(s: ChunkStore, new: dict[bytes, _Pending], refs: dict[bytes, _Pendin
         # Another process may have stored some of our new chunks meanwhile, and a
         # gc may have dropped chunks we meant to reference: swap them over.
         table = index.table
-        for d in [d for d in new if d in table]:
+
+        def have(d: bytes, p: _Pending) -> bool:   # in the form it was asked for
+            e = table.get(d)
+            return e is not None and (e.mappable or not p.flags & MAPPABLE)
+
+        for d in [d for d, p in new.items() if have(d, p)]:
             refs[d] = new.pop(d)
-        for d in [d for d in refs if d not in table]:
+        for d in [d for d, p in refs.items() if not have(d, p)]:
             p = new[d] = refs.pop(d)
             if p.codec is None:
-                p.data, p.codec = s.compress(_raw_bytes(s, d, p))
+                raw = _raw_bytes(s, d, p)
+                p.data, p.codec = (raw, "") if p.flags & MAPPABLE else s.compress(raw)
         try:
             for p in new.values():
                 table.slot(p.codec or "")  # before anything is written: at most 7 codecs
         except ValueError as exc:
             raise ChunkError(f"cannot write to the chunk store {s.root}: {exc}") from None
         try:
-            items = [(d, p.data, p.raw, 0, p.codec or "") for d, p in new.items()]
+            items = [(d, p.data, p.raw, p.flags, p.codec or "") for d, p in new.items()]
             places, undo = packs.write(items) if items else ([], [])
             placed = [(d, pack, off, len(data), raw, new[d].refs, flags, codec)
                       for (d, data, raw, flags, codec), (pack, off)

@@ -7,7 +7,10 @@ Layout of a store directory (``<store>/nebula``), format 2:
 - ``packs/pack-NNNNNN.dat``: append-only. A chunk starts at a 64-byte-aligned offset
   and is followed by its 64-byte record (magic, digest, offset, lengths, flags, the
   name of its compressor, crc), so a pack can be re-indexed from its own bytes if
-  the index is lost. Records name their chunk's offset, so a scan needs no other
+  the index is lost. A *mappable* chunk (flag ``MAPPABLE``) starts at a page
+  boundary, is raw, and is followed by zeros to the end of its last page; its
+  record comes after the last chunk of the same write, so no record is ever inside
+  a mapping. Records name their chunk's offset, so a scan needs no other
   placement rule.
 - ``index.log``: a 16-byte header and fixed 64-byte records (PUT location / REF delta /
   DEL), each with a crc32 and, for PUT, the compressor's name. Replaying it gives the

@@ -24,6 +24,7 @@ from stellarium_core.nebula.format import (
     RECORD_SIZE,
     REF,
     ChunkRecord,
+    align,
     log_record,
     pack_name,
     parse_record,
@@ -40,69 +41,94 @@ def collect(s: ChunkStore, keep: Callable[[], Collection[bytes]] | None = None
             ) -> dict[str, int]:
     """Release dead operations' journals, forget chunks with no references (never
     one ``keep()``, asked after that release, returns), rewrite packs that are
-    >= 20% garbage."""
+    >= 20% garbage; leave every pack a mapping leases as it is."""
     index, packs = s.index, s.packs
+    claims: dict[int, int | None] = {}
+
+    def ours(n: int) -> bool:
+        """Whether no mapping leases pack ``n`` (claimed for the rest of this gc)."""
+        if n not in claims:
+            try:
+                claims[n] = packs.claim(n)
+            except FileNotFoundError:
+                claims[n] = None
+        return claims[n] is not None
+
     with s.lock():
         damage = index.damaged() or [f"{f}: {what}" for f, _, what in index.damage]
         if damage:
             raise ChunkError(f"gc refused: the index of {s.root} was damaged ({damage[0]}) and "
                              "is not repaired; gc would drop chunks it forgot. Run "
                              "`stellar fsck --repair` first")
-        released = sweep(s)
-        named = keep() if keep is not None else ()
-        t = index.table
-        dead = [(d, e) for d, e in t.items() if e.refs == 0 and d not in named]
-        kept = sum(1 for d, e in t.items() if e.refs == 0 and d in named)
-        if dead:
-            index.append([log_record(DEL, d) for d, _ in dead])
-            for _, e in dead:
-                packs.punch(e)
-        by_pack: dict[int, list[tuple[bytes, Entry]]] = defaultdict(list)
-        live: dict[int, int] = defaultdict(int)
-        for d, e in t.items():
-            by_pack[e.pack].append((d, e))
-            live[e.pack] += footprint(e)
-        numbers = packs.numbers()
-        sizes = {n: packs.path(n).stat().st_size for n in numbers}
-        victims = [n for n in numbers if sizes[n] - live[n] >= max(PAGE, sizes[n] // 5)]
-        target = (numbers[-1] + 1) if numbers else 1
-        moved = 0
-        wrote_new = False
-        for n in victims:
-            chunks = sorted(by_pack.get(n, []), key=lambda de: de[1].offset)
-            if not chunks:
-                continue
-            mm = packs.map(n, max(e.offset + e.stored for _, e in chunks))
-            view = memoryview(mm)
-            items = [(d, view[e.offset:e.offset + e.stored], e.raw, e.flags, e.codec)
-                     for d, e in chunks]
-            places, undo = packs.write(items, first_pack=target)
-            target = places[-1][0]
-            wrote_new = True
-            try:
-                index.append([log_record(PUT, d, p, o, e.stored, e.raw, 0, e.flags, e.codec)
-                               for (d, e), (p, o) in zip(chunks, places, strict=True)])
-            except OSError:
-                packs.cut_back(undo)
-                raise
-            moved += len(chunks)
-            del items, view
-        index.compact()
-        removed = 0
-        reclaimed = 0
-        for n in victims:
-            # Pack numbers are never reused: keep the newest pack unless a newer one exists.
-            if n == numbers[-1] and not wrote_new:
-                continue
-            packs.drop(n)
-            os.unlink(packs.path(n))
-            removed += 1
-            reclaimed += sizes[n] - live[n]
-        if removed:
-            fsync_dir(packs.dir)
-        return {"chunks_removed": len(dead), "chunks_moved": moved,
-                "packs_removed": removed, "bytes_reclaimed": reclaimed,
-                "journals_released": released, "unreferenced_but_named": kept}
+        try:
+            return _collect(s, keep, ours)
+        finally:
+            for fd in claims.values():
+                if fd is not None:
+                    os.close(fd)
+
+
+def _collect(s: ChunkStore, keep: Callable[[], Collection[bytes]] | None,
+             ours: Callable[[int], bool]) -> dict[str, int]:
+    index, packs = s.index, s.packs
+    released = sweep(s)
+    named = keep() if keep is not None else ()
+    t = index.table
+    unused = [(d, e) for d, e in t.items() if e.refs == 0 and d not in named]
+    dead = [(d, e) for d, e in unused if ours(e.pack)]
+    kept = sum(1 for d, e in t.items() if e.refs == 0 and d in named)
+    if dead:
+        index.append([log_record(DEL, d) for d, _ in dead])
+        for _, e in dead:
+            packs.punch(e)
+    by_pack: dict[int, list[tuple[bytes, Entry]]] = defaultdict(list)
+    live: dict[int, int] = defaultdict(int)
+    for d, e in t.items():
+        by_pack[e.pack].append((d, e))
+        live[e.pack] += footprint(e)
+    numbers = packs.numbers()
+    sizes = {n: packs.path(n).stat().st_size for n in numbers}
+    victims = [n for n in numbers
+               if sizes[n] - live[n] >= max(PAGE, sizes[n] // 5) and ours(n)]
+    target = (numbers[-1] + 1) if numbers else 1
+    moved = 0
+    wrote_new = False
+    for n in victims:
+        chunks = sorted(by_pack.get(n, []), key=lambda de: de[1].offset)
+        if not chunks:
+            continue
+        mm = packs.map(n, max(e.offset + e.stored for _, e in chunks))
+        view = memoryview(mm)
+        items = [(d, view[e.offset:e.offset + e.stored], e.raw, e.flags, e.codec)
+                 for d, e in chunks]
+        places, undo = packs.write(items, first_pack=target)
+        target = places[-1][0]
+        wrote_new = True
+        try:
+            index.append([log_record(PUT, d, p, o, e.stored, e.raw, 0, e.flags, e.codec)
+                          for (d, e), (p, o) in zip(chunks, places, strict=True)])
+        except OSError:
+            packs.cut_back(undo)
+            raise
+        moved += len(chunks)
+        del items, view
+    index.compact()
+    removed = 0
+    reclaimed = 0
+    for n in victims:
+        # Pack numbers are never reused: keep the newest pack unless a newer one exists.
+        if n == numbers[-1] and not wrote_new:
+            continue
+        packs.drop(n)
+        os.unlink(packs.path(n))
+        removed += 1
+        reclaimed += sizes[n] - live[n]
+    if removed:
+        fsync_dir(packs.dir)
+    return {"chunks_removed": len(dead), "chunks_moved": moved,
+            "packs_removed": removed, "bytes_reclaimed": reclaimed,
+            "journals_released": released, "unreferenced_but_named": kept,
+            "unreferenced_but_mapped": len(unused) - len(dead)}
 
 
 @dataclass(frozen=True)
@@ -189,7 +215,8 @@ def fsck(s: ChunkStore, repair: bool = False, held: Mapping[bytes, int] | None =
         for d, e in entries:
             rep.chunks += 1
             pname = pack_name(e.pack)
-            regions[e.pack].append((e.offset, e.offset + footprint(e)))
+            regions[e.pack].append((e.offset, e.offset + footprint(e) - (
+                RECORD_SIZE if e.mappable else 0)))
             err, content = _check_chunk(s, d, e, sizes, maps)
             if err:
                 bad.add(d)
@@ -207,7 +234,14 @@ def fsck(s: ChunkStore, repair: bool = False, held: Mapping[bytes, int] | None =
         if unreferenced:
             add(Problem("note", log, f"{unreferenced} chunks have no references left "
                         "(`stellar gc` reclaims them)"))
-        found = _scan_packs(s, packs, regions, rep)
+        found, records = _scan_packs(s, packs, regions, rep)
+        for d, e in entries:   # a mappable chunk's record lies elsewhere: found by the scan
+            if e.mappable and d not in bad and (e.pack, e.offset) not in records:
+                bad.add(d)
+                rewrite.append((d, e, bytes(_content(s, e))))
+                add(Problem("error", f"packs/{pack_name(e.pack)}", "its record is missing or "
+                            "damaged; its content is intact" + ("" if repair else
+                            " (`stellar fsck --repair` writes a copy)"), d.hex(), e.offset))
         if held is not None:
             _check_counts(s, held, complete, found, rep)
         repair_records = []
@@ -294,7 +328,7 @@ def _rewrite(s: ChunkStore, chunks: list[tuple[bytes, Entry, bytes]]) -> list[by
         return []
     items = []
     for d, e, content in chunks:
-        stored, codec = s.compress(content)
+        stored, codec = (content, "") if e.mappable else s.compress(content)
         items.append((d, stored, e.raw, e.flags, codec))
     places, _ = s.packs.write(items)
     return [log_record(PUT, d, p, o, len(stored), raw, 0, flags, codec)
@@ -306,13 +340,15 @@ def _check_chunk(s: ChunkStore, d: bytes, e: Entry, sizes: dict[int, int],
     """(what is wrong with one indexed chunk or None, its content if intact)."""
     if e.pack not in sizes:
         return f"its pack file {pack_name(e.pack)} is missing", None
-    end = e.offset + e.stored + RECORD_SIZE
+    end = e.offset + (align(e.stored, PAGE) if e.mappable else e.stored + RECORD_SIZE)
     if sizes[e.pack] < end:
         return f"pack is truncated: {sizes[e.pack]} bytes, the chunk ends at {end}", None
     mm = maps.get(e.pack)
     if mm is None:
         with open(s.pack_path(e.pack), "rb") as fh:
             mm = maps[e.pack] = mmap.mmap(fh.fileno(), sizes[e.pack], access=mmap.ACCESS_READ)
+    if e.mappable:
+        return _check_mappable(s, d, e, sizes[e.pack], mm)
     r = parse_record(mm, e.offset + e.stored)
     if r is None:
         what = "its record is damaged"
@@ -332,10 +368,34 @@ def _check_chunk(s: ChunkStore, d: bytes, e: Entry, sizes: dict[int, int],
     return (what, data) if what else (None, None)
 
 
+def _check_mappable(s: ChunkStore, d: bytes, e: Entry, size: int,
+                    mm: mmap.mmap) -> tuple[str | None, bytes | None]:
+    """What keeps a chunk marked mappable from being mapped or read, or None."""
+    content = mm[e.offset:e.offset + e.stored]
+    if s.hasher.digest(content) != d or e.stored != e.raw:
+        return "content does not hash to its digest (corrupt bytes)", None
+    if e.offset % PAGE or e.codec:
+        return "is marked mappable but is not page-aligned and raw", content
+    if mm[e.offset + e.stored:e.offset + align(e.stored, PAGE)].count(0) != (
+            align(e.stored, PAGE) - e.stored):
+        return "its last page holds other bytes after it (a mapping would show them)", content
+    return None, None
+
+
+def _content(s: ChunkStore, e: Entry) -> bytes | memoryview:
+    """An indexed chunk's stored bytes (checked by ``_check_chunk`` already)."""
+    return s.packs.map(e.pack, e.offset + e.stored)[e.offset:e.offset + e.stored]
+
+
 def _scan_packs(s: ChunkStore, packs: set[int], regions: dict[int, list[tuple[int, int]]],
-                rep: FsckReport) -> dict[bytes, tuple[int, ChunkRecord]]:
-    """Chunks with a valid record and content, outside every indexed region."""
+                rep: FsckReport) -> tuple[dict[bytes, tuple[int, ChunkRecord]],
+                                          set[tuple[int, int]]]:
+    """Chunks with a valid record and content outside every indexed region, and the
+    (pack, offset) of every valid record of an indexed chunk outside them (those
+    of mappable chunks)."""
     found: dict[bytes, tuple[int, ChunkRecord]] = {}
+    records: set[tuple[int, int]] = set()
+    table = s.index.table
     for n in sorted(packs):
         path = s.pack_path(n)
         with open(path, "rb") as fh:
@@ -345,13 +405,18 @@ def _scan_packs(s: ChunkStore, packs: set[int], regions: dict[int, list[tuple[in
             data = mmap.mmap(fh.fileno(), length, access=mmap.ACCESS_READ)
         spans = sorted(regions.get(n, []))
         starts = [a for a, _ in spans]
-        indexed = sum(b - a for a, b in spans)
+        used = list(spans)
         pos = data.find(RECORD_PREFIX)
         while pos >= 0:
             i = bisect.bisect_right(starts, pos) - 1
             inside = i >= 0 and pos < spans[i][1]   # an indexed record, or chunk content
             r = None if inside else parse_record(data, pos)
-            if (r is not None and r.offset % UNIT == 0 and 0 <= r.offset
+            e = table.get(r.digest) if r is not None else None
+            if r is not None and e is not None and (e.pack, e.offset, e.stored) == (
+                    n, r.offset, r.stored):
+                records.add((n, r.offset))    # checked with the index entry
+                used.append((pos, pos + RECORD_SIZE))
+            elif (r is not None and r.offset % UNIT == 0 and 0 <= r.offset
                     and r.offset + r.stored <= pos and r.digest not in found):
                 content: bytes | None = data[r.offset:r.offset + r.stored]
                 if r.codec:
@@ -363,10 +428,22 @@ def _scan_packs(s: ChunkStore, packs: set[int], regions: dict[int, list[tuple[in
                     found[r.digest] = (n, r)
             pos = data.find(RECORD_PREFIX, pos + 1)
         data.close()
-        orphan = length - indexed
+        orphan = _unused(sorted(used), length)
         if orphan > 0:
             rep.problems.append(Problem(
                 "note", f"packs/{pack_name(n)}",
                 f"{orphan} bytes (padding excluded) hold no indexed chunk: freed chunks or "
                 "crash leftovers; harmless, `stellar gc` rewrites packs that are mostly so"))
-    return found
+    return found, records
+
+
+def _unused(spans: list[tuple[int, int]], length: int) -> int:
+    """Bytes of a pack outside ``spans`` (sorted), not counting alignment: up to 63
+    bytes before any span, up to a page before a page-aligned one, and a short tail."""
+    unused, end = 0, 0
+    for a, b in spans + [(length, length)]:
+        gap = a - end
+        if gap >= (PAGE if a % PAGE == 0 else UNIT):
+            unused += gap
+        end = max(end, b)
+    return unused

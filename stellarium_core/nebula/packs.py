@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import mmap
 import os
 from pathlib import Path
@@ -25,7 +26,7 @@ from stellarium_core.nebula.format import (
     chunk_record,
     pack_name,
 )
-from stellarium_core.nebula.table import PAGE, UNIT, Entry
+from stellarium_core.nebula.table import MAPPABLE, PAGE, UNIT, Entry
 
 PACK_MAX = 1 << 30
 _ZEROS = bytes(PAGE)
@@ -50,7 +51,10 @@ Item = tuple[bytes, bytes | memoryview, int, int, str]
 
 
 def footprint(e: Entry) -> int:
-    """Bytes a chunk takes in its pack: its bytes and record, 64-byte aligned."""
+    """Bytes a chunk takes in its pack: its bytes and record, aligned (a mappable
+    chunk's record lies elsewhere, after it)."""
+    if e.mappable:
+        return align(e.stored, PAGE) + RECORD_SIZE
     return align(e.stored + RECORD_SIZE, UNIT)
 
 
@@ -65,7 +69,8 @@ class Packs:
         self.dir = root / "packs"
         self.pack_max = pack_max
         self._maps: dict[int, mmap.mmap] = {}
-        self._fds: dict[int, int] = {}
+        self._fds: dict[int, int] = {}     # for appends
+        self._rfds: dict[int, int] = {}    # for maps
 
     def path(self, n: int) -> Path:
         return self.dir / pack_name(n)
@@ -112,24 +117,34 @@ class Packs:
         iov_start = start
         if pos > start:
             iov.append(_ZEROS[:pos - start])
+        deferred: list[bytes] = []  # records of mappable chunks: after them, in their pack
         try:
             for digest, data, raw, flags, codec in items:
                 stored = len(data)
-                if pos + stored > self.pack_max and pos > 0 and out:
-                    _pwritev(fd, iov, iov_start)
+                mappable = flags & MAPPABLE
+                if mappable and codec:
+                    raise ValueError(f"mappable chunk {digest.hex()} must be stored raw")
+                at = align(pos, PAGE) if mappable else pos
+                if at + stored > self.pack_max and pos > 0 and out:
+                    _pwritev(fd, iov + deferred, iov_start)
                     cur += 1
                     fd = self._fd(cur, create=True)
                     touched[cur] = (fd, 0)
-                    iov, pos, iov_start = [], 0, 0
-                out.append((cur, pos))
+                    iov, deferred, pos, at, iov_start = [], [], 0, 0, 0
+                if at > pos:
+                    iov.append(_ZEROS[:at - pos])
+                out.append((cur, at))
                 iov.append(data)
-                iov.append(chunk_record(ChunkRecord(digest, pos, stored, raw, flags, codec)))
-                end = pos + stored + RECORD_SIZE
-                pad = align(end, UNIT) - end
-                if pad:
-                    iov.append(_ZEROS[:pad])
-                pos = end + pad
-            _pwritev(fd, iov, iov_start)
+                record = chunk_record(ChunkRecord(digest, at, stored, raw, flags, codec))
+                if mappable:   # zeros to the end of its last page, nothing else in it
+                    pos = align(at + stored, PAGE)
+                    iov.append(_ZEROS[:pos - at - stored])
+                    deferred.append(record)
+                else:
+                    iov.append(record)
+                    pos = align(at + stored + RECORD_SIZE, UNIT)
+                    iov.append(_ZEROS[:pos - at - stored - RECORD_SIZE])
+            _pwritev(fd, iov + deferred, iov_start)
             for f, _ in touched.values():
                 os.fdatasync(f)
         except OSError:
@@ -147,28 +162,51 @@ class Packs:
                 pass
 
     def map(self, pack: int, end: int) -> mmap.mmap:
-        """A read-only map of ``pack`` covering at least ``end`` bytes.
+        """A read-only map of ``pack`` covering at least ``end`` bytes, which the pack
+        file still has: it is checked on every call, so a pack truncated behind the
+        store's back is a CorruptChunkError here, not a SIGBUS on access.
 
         Raises FileNotFoundError (the pack number as its argument) when the pack is
-        gone, e.g. moved by a gc; CorruptChunkError when it is shorter than ``end``.
+        gone, e.g. moved by a gc.
         """
-        mm = self._maps.get(pack)
-        if mm is None or len(mm) < end:
+        fd = self._rfds.get(pack)
+        if fd is None:
             try:
-                fd = os.open(self.path(pack), os.O_RDONLY)
+                fd = self._rfds[pack] = os.open(self.path(pack), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise FileNotFoundError(pack) from None
-            try:
-                size = os.fstat(fd).st_size
-                if size < end:
-                    raise CorruptChunkError(
-                        f"{self.path(pack)} is truncated: {size} bytes, a chunk "
-                        f"needs bytes up to {end}")
-                mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-            finally:
-                os.close(fd)
-            self._maps[pack] = mm
+        size = os.fstat(fd).st_size
+        if size < end:
+            raise CorruptChunkError(f"{self.path(pack)} is truncated: {size} bytes, a chunk "
+                                    f"needs bytes up to {end}")
+        mm = self._maps.get(pack)
+        if mm is None or len(mm) < end:
+            mm = self._maps[pack] = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         return mm
+
+    def lease(self, pack: int) -> int:
+        """A read-only fd of ``pack`` holding a shared ``flock``: while any is open
+        (in any process), :meth:`claim` fails, so gc leaves the pack alone. Waits
+        while a gc works on the pack; the caller checks the pack is still linked
+        (``st_nlink``) and its chunk still there. FileNotFoundError when it is gone."""
+        fd = os.open(self.path(pack), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def claim(self, pack: int) -> int | None:
+        """An fd holding ``pack`` exclusively (close it to let go), or None when a
+        mapper holds a :meth:`lease` on it."""
+        fd = os.open(self.path(pack), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
     def drop(self, n: int) -> None:
         """Forget pack ``n``'s map and fd (before it is deleted)."""
@@ -178,12 +216,14 @@ class Packs:
                 mm.close()
             except BufferError:  # a caller still holds a view; let it live
                 pass
-        fd = self._fds.pop(n, None)
-        if fd is not None:
-            os.close(fd)
+        for fds in (self._fds, self._rfds):
+            fd = fds.pop(n, None)
+            if fd is not None:
+                os.close(fd)
 
     def punch(self, e: Entry) -> None:
-        """Free a dropped chunk's bytes in place (hole punch); at least erase its record.
+        """Free a dropped chunk's bytes in place (hole punch); failing that, erase its
+        record (a mappable chunk's bytes: its record lies elsewhere).
 
         Without this, fsck would later find an intact record and report the released
         chunk as an unindexed one.
@@ -193,7 +233,9 @@ class Packs:
         except FileNotFoundError:
             return
         at = e.offset + e.stored
-        if os.pread(fd, 8, at) == V1.TRAILER_MAGIC:  # a format-1 chunk owns whole pages
+        if e.mappable:   # its record lies elsewhere: without its bytes it is no chunk
+            at, size, end = e.offset, e.stored, align(at, PAGE)
+        elif os.pread(fd, 8, at) == V1.TRAILER_MAGIC:  # a format-1 chunk owns whole pages
             size, end = V1.TRAILER_SIZE, align(at + V1.TRAILER_SIZE)
         else:
             size, end = RECORD_SIZE, e.offset + footprint(e)
@@ -202,7 +244,7 @@ class Packs:
         os.pwrite(fd, bytes(size), at)
 
     def close(self) -> None:
-        for n in list(self._maps) + list(self._fds):
+        for n in {*self._maps, *self._fds, *self._rfds}:
             self.drop(n)
 
 

@@ -19,6 +19,7 @@ import fcntl
 import os
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,10 @@ from stellarium_core.nebula.errors import (
 )
 from stellarium_core.nebula.format import META, REF, align, codec_field, log_record
 from stellarium_core.nebula.index import Index
+from stellarium_core.nebula.mapping import ChunkMapping, Leases, NotMappableError
 from stellarium_core.nebula.packs import PACK_MAX, Packs
 from stellarium_core.nebula.pending import PENDING, RefJournal
-from stellarium_core.nebula.table import UNIT, Entry
+from stellarium_core.nebula.table import PAGE, UNIT, Entry
 
 #: Fold the log into a snapshot once it grows past this (a snapshot loads ~30x faster).
 COMPACT_LOG_BYTES = 64 << 20
@@ -65,6 +67,8 @@ class ChunkStore:
         self._digest = hasher.digest
         self.packs = Packs(root, pack_max)
         self.index = Index(root)
+        self._leases = Leases(self.packs.lease)
+        self._verified: set[bytes] = set()   # mapped chunks this process checked
         # Every open holds this shared; a recount of references needs it exclusive
         # (see :meth:`exclusive`), so it never races an operation in another process.
         self._users_fd = os.open(root / "users", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -161,15 +165,18 @@ class ChunkStore:
 
     # -- writing ---------------------------------------------------------------------
 
-    def indexed(self, digest: bytes) -> bool:
-        """Whether this process's index has the chunk: a hint for writers (a commit
-        re-checks under the lock), so it neither catches up with other processes
-        nor waits for a commit in progress (False then)."""
+    def indexed(self, digest: bytes, mappable: bool = False) -> bool:
+        """Whether this process's index has the chunk (stored mappable, if asked): a
+        hint for writers (a commit re-checks under the lock), so it neither catches
+        up with other processes nor waits for a commit in progress (False then)."""
         mu = self.index.mu
         if not mu.acquire(blocking=False):
             return False
         try:
-            return digest in self.index.table
+            if not mappable:
+                return digest in self.index.table
+            e = self.index.table.get(digest)
+            return e is not None and e.mappable
         finally:
             mu.release()
 
@@ -197,15 +204,18 @@ class ChunkStore:
 
     # -- the public API ----------------------------------------------------------------
 
-    def put(self, data: bytes | memoryview) -> bytes:
-        """Store ``data`` if new, else add a reference; +1 ref either way. Durable on return."""
+    def put(self, data: bytes | memoryview, mappable: bool = False) -> bytes:
+        """Store ``data`` if new, else add a reference; +1 ref either way. Durable on
+        return. ``mappable``: so that :meth:`mapping` can hand it out (see Batch.put)."""
         with self.batch() as b:
-            return b.put(data)
+            return b.put(data, mappable)
 
-    def put_stream(self, src: Source, chunker: Chunker) -> list[tuple[bytes, int]]:
-        """Chunk and store a file or stream; [(digest, length)] once all is durable."""
+    def put_stream(self, src: Source, chunker: Chunker,
+                   mappable: bool = False) -> list[tuple[bytes, int]]:
+        """Chunk and store a file or stream; [(digest, length)] once all is durable.
+        ``mappable``: every chunk so that :meth:`mapping` can hand it out."""
         with self.batch() as b:
-            return b.put_stream(src, chunker)
+            return b.put_stream(src, chunker, mappable)
 
     def _entry(self, digest: bytes) -> Entry:
         index = self.index
@@ -298,6 +308,61 @@ class ChunkStore:
             self._check(digest, mv, e)
         return mv
 
+    def mapping(self, digest: bytes) -> ChunkMapping:
+        """Where a mappable chunk's bytes are in its pack, leased until released:
+        the contract is in :mod:`~stellarium_core.nebula.mapping`.
+
+        MissingChunkError if absent, NotMappableError if it was not written with
+        ``mappable=True``, CorruptChunkError if its pack no longer covers it or
+        (checked once per process) its bytes do not hash to its digest.
+        """
+        index, leases = self.index, self._leases
+        for _ in range(3):
+            e = self._entry(digest)
+            if not e.mappable:
+                raise NotMappableError(f"chunk {digest.hex()} is not stored mappable (it "
+                                       "was written without mappable=True); read it with get")
+            try:
+                fd = leases.take(e.pack, index.mu)   # waits while a gc works on the pack
+            except FileNotFoundError:
+                fd = -1
+            ok = False
+            try:
+                if fd >= 0 and os.fstat(fd).st_nlink:
+                    with index.mu:
+                        index.catch_up()
+                        now = index.table.get(digest)
+                    if now is not None and (now.pack, now.offset) == (e.pack, e.offset):
+                        self._check_mappable(digest, e, fd)
+                        ok = True
+                        return ChunkMapping(digest, self.pack_path(e.pack), fd, e.offset, e.raw,
+                                            partial(leases.give, e.pack, index.mu))
+            finally:
+                if fd >= 0 and not ok:
+                    leases.give(e.pack, index.mu)
+            with index.mu:   # a gc moved it meanwhile: look again
+                index.catch_up()
+        raise ChunkError(f"chunk {digest.hex()} kept moving while being mapped (gc running "
+                         "in a loop?); try again")
+
+    def _check_mappable(self, digest: bytes, e: Entry, fd: int) -> None:
+        """The pack covers the chunk's pages; the first time, its bytes are right."""
+        end = e.offset + align(e.raw, PAGE)
+        size = os.fstat(fd).st_size
+        if size < end:
+            raise CorruptChunkError(f"chunk {digest.hex()} cannot be mapped: "
+                                    f"{self.pack_path(e.pack)} is truncated to {size} bytes, "
+                                    f"the chunk's pages end at {end}")
+        if digest in self._verified:
+            return
+        data = os.pread(fd, end - e.offset, e.offset)
+        if (len(data) != end - e.offset or self._digest(memoryview(data)[:e.raw]) != digest
+                or data.count(0, e.raw) != len(data) - e.raw):
+            raise CorruptChunkError(f"chunk {digest.hex()} is corrupt: its bytes in "
+                                    f"{self.pack_path(e.pack)} at offset {e.offset} no longer "
+                                    "hash to its digest (or its last page holds more)")
+        self._verified.add(digest)
+
     def _ref_deltas(self, deltas: Mapping[bytes, int]) -> None:
         """Apply reference changes in one durable append: all of them or, if any chunk
         is missing or would drop below zero, none."""
@@ -383,8 +448,8 @@ class ChunkStore:
 
     def stats(self) -> dict[str, Any]:
         """Logical, unique and stored bytes, chunk count, dedup ratio, compression savings,
-        and chunks per compressor ("none" for raw)."""
-        logical = unique = stored = compressed = 0
+        chunks per compressor ("none" for raw), mappable chunks."""
+        logical = unique = stored = compressed = mappable = 0
         count = 0
         by_codec: dict[str, int] = {}
         for _, e in self.items():
@@ -393,6 +458,7 @@ class ChunkStore:
             unique += e.raw
             stored += e.stored
             compressed += e.compressed
+            mappable += e.mappable
             by_codec[e.codec or NONE] = by_codec.get(e.codec or NONE, 0) + 1
         pack_bytes = 0
         for n in self.pack_numbers():
@@ -408,6 +474,7 @@ class ChunkStore:
             "pack_bytes": pack_bytes,
             "dedup_ratio": round(logical / unique, 4) if unique else 1.0,
             "compressed_chunks": compressed,
+            "mappable_chunks": mappable,
             "compression_saved_bytes": unique - stored,
             "chunks_by_compressor": dict(sorted(by_codec.items())),
             "index_memory_bytes": self.index.table.nbytes(),

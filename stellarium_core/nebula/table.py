@@ -31,6 +31,9 @@ _M32 = (1 << 32) - 1
 #: Flag bits. The codec slot is the table's; the others are persisted (in index
 #: log and pack records); DEAD exists only in memory.
 CODEC_MASK = 0x07
+#: Stored raw at a page boundary, zeros to the end of its last page, its record
+#: elsewhere: its bytes can be mmapped straight from the pack.
+MAPPABLE = 0x08
 TIER_SHIFT = 4
 DEAD = 0x80
 MAX_LEN = _M24
@@ -53,6 +56,10 @@ class Entry(NamedTuple):
     @property
     def compressed(self) -> bool:
         return bool(self.codec)
+
+    @property
+    def mappable(self) -> bool:
+        return bool(self.flags & MAPPABLE)
 
     @property
     def tier(self) -> int:
