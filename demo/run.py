@@ -165,9 +165,9 @@ def main() -> int:
              image_root_init(IMAGE_SCRIPT), "image=debian")):
         step(title)
         initrd = base_archive(init).write(WORK / "root-init.cpio")
-        sh("volt", "lab", "run", "--writable", WORK / "a-store", "--", str(BIN / "volt"), "run",
-           "--kernel", built["bzimage"], "--initrd", initrd, "--mem", "256",
-           "--device", f"virtio-stellar,{device},config={a}",
+        sh("volt", "lab", "run", "--writable", WORK / "a-store", "--", str(BIN / "volt"),
+           "--config", a, "run", "--kernel", built["bzimage"], "--initrd", initrd,
+           "--mem", "256", "--device", f"virtio-stellar,{device}",
            "--cmdline", "console=ttyS0 reboot=k panic=-1 pci=off quiet", timeout=900, tail=6)
     print("\ndemo: done")
     return 0

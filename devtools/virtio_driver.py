@@ -1,7 +1,8 @@
 """The driver side of a virtio-blk split ring, for tests that play the guest.
 
-Guest RAM is any writable buffer addressed from 0 (a bytearray, or the mmap of
-a memfd a vhost-user front-end shares). ``kick`` tells the device; ``wait``
+Guest RAM is any writable buffer addressed from 0 (a bytearray the device sees
+through ``stellarium_core.virtio.RegionMemory.over``, or the mmap of a memfd a
+vhost-user front-end shares). ``kick`` tells the device; ``wait``
 blocks until it signalled used buffers (or does nothing for inline devices).
 """
 
@@ -13,23 +14,6 @@ from collections.abc import Callable
 VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE = 1, 2
 DESC, AVAIL, USED, HEAP = 0x1000, 0x3000, 0x4000, 0x10000
 QSIZE = 128
-
-
-class BufferMemory:
-    """A ``GuestMemory`` over a bytearray, bounds-checked like a VMM's."""
-
-    def __init__(self, size: int = 8 << 20) -> None:
-        self.buf = bytearray(size)
-
-    def read(self, addr: int, length: int) -> bytes:
-        if addr < 0 or addr + length > len(self.buf):
-            raise ValueError(f"{addr:#x}+{length:#x} outside guest memory")
-        return bytes(self.buf[addr:addr + length])
-
-    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        if addr < 0 or addr + len(data) > len(self.buf):
-            raise ValueError(f"{addr:#x}+{len(data):#x} outside guest memory")
-        self.buf[addr:addr + len(data)] = data
 
 
 class BlkDriver:
@@ -54,6 +38,9 @@ class BlkDriver:
             addrs.append(addr)
             addr += (max(n, 1) + 15) & ~15
         struct.pack_into("<H", self.ram, AVAIL + 4 + 2 * (self.avail_idx % QSIZE), 0)
+        # used_event (EVENT_IDX): interrupt me for the next used buffer, as Linux asks
+        # when it waits for a request; ignored where EVENT_IDX was not negotiated.
+        struct.pack_into("<H", self.ram, AVAIL + 4 + 2 * QSIZE, self.used_seen & 0xFFFF)
         self.avail_idx += 1
         struct.pack_into("<H", self.ram, AVAIL + 2, self.avail_idx & 0xFFFF)
         self.kick()

@@ -17,11 +17,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import pluggy
 
 from stellarium_core.errors import StellarError
+
+if TYPE_CHECKING:
+    from stellarium_core.host import Host
 
 PROJECT = "stellarium"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -145,11 +148,17 @@ class TierBackend(Protocol):
 
 @runtime_checkable
 class Runtime(Protocol):
-    """Something that runs workloads from the store: a VMM or a container runner."""
+    """Something that runs workloads from the store: a VMM or a container runner.
+
+    ``params`` are the effective parameters it was created with, defaults filled in.
+    """
 
     name: str
 
     def run(self, spec: Mapping[str, Any]) -> int: ...
+
+    @property
+    def params(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,14 @@ class TierContext:
     """Host facts a tier backend may need: where the store lives."""
 
     store_path: Path
+
+
+@dataclass(frozen=True)
+class DeviceContext:
+    """What a device plugin gets from the VMM creating it: the host (store, config,
+    plugins), the same one ``--config`` chose for the VMM itself."""
+
+    host: Host
 
 
 # -- factory hooks --------------------------------------------------------------
@@ -198,11 +215,14 @@ class Specs:
         """
 
     @hookspec(firstresult=True)
-    def stellarium_device(self, name: str, params: dict[str, Any]) -> Any | None:
-        """Return a virtio device model called ``name``, else None.
+    def stellarium_device(
+        self, name: str, params: dict[str, Any], context: DeviceContext
+    ) -> Any | None:
+        """Return a virtio device model called ``name`` for this host, else None.
 
         The product satisfies :class:`stellarium_core.virtio.VirtioDevice`; it
         sees guest memory and queues only through that contract, never a VMM.
+        Parameter errors as for the hasher.
         """
 
     @hookspec(firstresult=True)

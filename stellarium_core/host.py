@@ -115,6 +115,22 @@ class Host:
     def store_path(self) -> Path:
         return self.config.store_path
 
+    def vm_defaults(self) -> dict[str, Any]:
+        """The [vm] table checked and filled in by the VM runtime plugin; as written when
+        that plugin is not installed (nothing here could run a VM then)."""
+        from stellarium_core.plugins import installed
+
+        table = self.config.vm
+        if not any(p.name == config_mod.VM_RUNTIME for p in installed("runtime")):
+            return dict(table)
+        try:
+            runtime = self.registry.create("runtime", config_mod.VM_RUNTIME, table)
+        except ConfigError as exc:
+            key = (exc.key or "").removeprefix("params").lstrip(".")
+            src = str(self.config.source) if self.config.source else None
+            raise ConfigError(exc.reason, file=src, key=f"vm.{key}" if key else "vm") from None
+        return runtime.params
+
     def effective(self) -> dict[str, Any]:
         """The config with plugin parameter defaults filled in by the plugins."""
         out = self.config.to_dict()
@@ -122,6 +138,7 @@ class Host:
         out["chunker"]["params"] = self.chunker.params
         if self.compressor is not None:
             out["compressor"]["params"] = self.compressor.params
+        out["vm"] = self.vm_defaults()
         return out
 
 

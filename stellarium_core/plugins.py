@@ -9,12 +9,10 @@ loading imports exactly the plugin asked for and validates it against
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 from dataclasses import dataclass
 from typing import Any
 
 import pluggy
-from stevedore import driver
 
 from stellarium_core import hookspecs
 from stellarium_core.errors import ConfigError, PluginError
@@ -44,6 +42,8 @@ class PluginInfo:
 
 def installed(kind: str | None = None) -> list[PluginInfo]:
     """Every installed plugin (of one kind, if given), sorted by namespace and name."""
+    import importlib.metadata as metadata  # here, not at import: the VMM's start-up pays
+
     kinds = [kind] if kind else list(NAMESPACES)
     found = []
     for k in kinds:
@@ -104,6 +104,8 @@ class Registry:
 
         def failed(_manager: Any, entrypoint: Any, exc: BaseException) -> None:
             raise PluginError(f"{origin} failed to load: {type(exc).__name__}: {exc}") from exc
+
+        from stevedore import driver
 
         try:
             plugin = driver.DriverManager(

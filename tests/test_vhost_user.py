@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from devtools.virtio_driver import AVAIL, DESC, QSIZE, USED, BlkDriver
+from stellarium_core.hookspecs import DeviceContext
 from stellarium_core.host import Host, init_store
-from stellarium_core.plugins import Registry
-from stellarium_core.virtio import VIRTIO_F_VERSION_1
+from stellarium_core.virtio import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
 from stellarium_core.virtio import vhost_user as vu
 from stellarium_core.volumes.volume import VolumeStore
 
@@ -123,6 +123,7 @@ class Frontend:
         assert proto & vu.PROTOCOL_F_CONFIG and proto & vu.PROTOCOL_F_REPLY_ACK
         self.send(vu.SET_PROTOCOL_FEATURES, vu.U64.pack(proto))
         self.send(vu.SET_FEATURES, vu.U64.pack(features))
+        self.features = features
         return features
 
     def start(self) -> None:
@@ -185,10 +186,10 @@ def volume_bytes(cfg: Path) -> bytes:
 
 class Server:
     def __init__(self, path: Path, cfg: Path, readonly: bool = False) -> None:
-        registry = Registry()
-        params = {"volume": "disk", "config": str(cfg), "readonly": readonly}
-        self.srv = vu.VhostUserServer(path, lambda: registry.create("device", "virtio-stellar",
-                                                                    params))
+        host = Host.from_config(cfg)
+        context, params = DeviceContext(host), {"volume": "disk", "readonly": readonly}
+        self.srv = vu.VhostUserServer(path, lambda: host.registry.create(
+            "device", "virtio-stellar", params, context=context))
         self.thread = threading.Thread(target=self.srv.serve_forever, daemon=True)
         self.thread.start()
 
@@ -252,6 +253,10 @@ def test_frontend_writes_and_reads_a_volume_through_the_shared_ring(serve, host_
     assert fe.request(T_OUT, 127, out=new) == (0, b"")       # crosses a 64 KiB chunk edge
     assert fe.request(T_FLUSH) == (0, b"")
     assert fe.request(T_IN, 127, inlen=len(new)) == (0, new)
+    # The device offers EVENT_IDX and the front-end took it: the back-end publishes
+    # avail_event, without which a Linux driver stops kicking after its first request.
+    assert fe.features & VIRTIO_RING_F_EVENT_IDX
+    assert struct.unpack_from("<H", fe.ram, USED + 4 + 8 * QSIZE)[0] == 4
     fe.send(vu.GET_VRING_BASE, vu.STATE.pack(0, 0))
     assert vu.STATE.unpack(fe.reply(vu.GET_VRING_BASE)) == (0, 4)
     fe.close()

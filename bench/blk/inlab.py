@@ -95,7 +95,8 @@ def main() -> int:
     stellar(cfg, "host", "init")
     stellar(cfg, "vol", "import", "bench", str(pristine))
     cmdline = f"{CMDLINE} bench.size={size_mib} bench.ops={ops}"
-    volt_args = [volt, "run", "--kernel", str(k), "--initrd", str(i), "--mem", str(GUEST_MIB),
+    volt_args = [volt, "--config", str(cfg), "run", "--kernel", str(k), "--initrd", str(i),
+                 "--mem", str(GUEST_MIB),
                  "--cmdline", cmdline + " reboot=k"]
     systems = {
         "qemu-microvm": ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,"
@@ -108,7 +109,7 @@ def main() -> int:
                          "-kernel", str(k), "-initrd", str(i),
                          "-append", cmdline + " reboot=t"],
         "volt-blk": [*volt_args, "--device", f"virtio-blk,path={raw}"],
-        "volt-stellar": [*volt_args, "--device", f"virtio-stellar,volume=run,config={cfg}"],
+        "volt-stellar": [*volt_args, "--device", "virtio-stellar,volume=run"],
     }
     out: dict = {"systems": {}, "profiles": {}, "errors": [], "tmpfs_mib": tmpfs_mib}
     runs = [(name, argv, False) for name, argv in systems.items()]

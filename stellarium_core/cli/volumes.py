@@ -216,16 +216,15 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from stellarium_core.plugins import Registry
+    from stellarium_core.hookspecs import DeviceContext
     from stellarium_core.virtio.vhost_user import VhostUserServer, release
 
+    host = Host.from_config(args.config)
     params: dict[str, Any] = {"volume": args.name, "readonly": args.readonly}
-    if args.config:
-        params["config"] = str(args.config)
-    registry = Registry()
+    context = DeviceContext(host)
 
     def device() -> Any:
-        return registry.create("device", "virtio-stellar", params)
+        return host.registry.create("device", "virtio-stellar", params, context=context)
 
     release(device())               # a missing or locked volume fails here, with exit 1
     logging.basicConfig(level=logging.INFO, format="stellar vol serve: %(message)s")

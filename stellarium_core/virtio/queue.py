@@ -5,40 +5,55 @@ A chain is rejected (:class:`VirtqueueError`) when an address range is outside
 guest memory, a ``next`` index is out of the table, the chain revisits a
 descriptor (a loop) or is longer than the queue, a readable descriptor follows
 a writable one, or the ring index jumps by more than the queue size.
+
+The rings are accessed through windows onto guest memory taken once per
+activation (``struct.unpack_from`` / ``pack_into``), so serving a request allocates
+no copy of guest memory. With VIRTIO_RING_F_EVENT_IDX negotiated the queue keeps
+``avail_event`` (kick me when you pass this index) when the ring runs empty and
+honours the driver's ``used_event`` in :meth:`Virtqueue.wants_interrupt`.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+
+from stellarium_core.virtio.buffers import Reader, Writer
+from stellarium_core.virtio.memory import GuestMemory
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
 VIRTQ_DESC_F_INDIRECT = 4
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTIO_RING_F_EVENT_IDX = 1 << 29
 MAX_QUEUE_SIZE = 32768
 DESC_SIZE = 16
+MAX_BUFFER = 1 << 30
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+_FENCE = threading.Lock()
+_EMPTY = memoryview(b"")
+
+
+def _fence() -> None:
+    """A full memory barrier between a store to the rings and the load that follows it.
+
+    x86 may let a load pass an earlier store; the locked instruction of an uncontended
+    lock acquire orders them, which the event-index handshake needs (spec 2.7.7.2).
+    """
+    with _FENCE:
+        pass
 
 
 class VirtqueueError(ValueError):
     """The driver put something impossible or hostile in a queue."""
 
 
-@runtime_checkable
-class GuestMemory(Protocol):
-    """What a device may do with guest memory: bounds-checked reads and writes.
-
-    Both raise ``ValueError`` for a range not entirely inside guest RAM.
-    """
-
-    def read(self, addr: int, length: int) -> bytes: ...
-
-    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None: ...
-
-
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Descriptor:
     """One buffer of a chain: guest address, length, and whether the device writes it."""
 
@@ -47,12 +62,19 @@ class Descriptor:
     write: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class DescriptorChain:
-    """A request popped from the available ring: validated buffers in order."""
+    """A request popped from the available ring: validated buffers in order.
+
+    ``windows`` are the buffers as windows onto guest memory, taken when the queue
+    checked them (readable ones first, then ``writable_from`` on); empty for a chain
+    built by hand, whose windows are then taken from ``mem``.
+    """
 
     head: int
     descriptors: list[Descriptor]
+    windows: list[memoryview] = field(default_factory=list)
+    writable_from: int = 0
 
     @property
     def readable(self) -> list[Descriptor]:
@@ -62,20 +84,27 @@ class DescriptorChain:
     def writable(self) -> list[Descriptor]:
         return [d for d in self.descriptors if d.write]
 
+    def reader(self, mem: GuestMemory) -> Reader:
+        """The driver-to-device bytes as a stream (no copy until asked)."""
+        if self.windows:
+            return Reader(self.windows[:self.writable_from])
+        return Reader.of(mem, self.readable)
+
+    def writer(self, mem: GuestMemory) -> Writer:
+        """The device-to-driver buffers as a stream."""
+        if self.windows:
+            return Writer(self.windows[self.writable_from:])
+        return Writer.of(mem, self.writable)
+
     def read_all(self, mem: GuestMemory) -> bytes:
         """The concatenated driver-to-device bytes."""
-        return b"".join(mem.read(d.addr, d.length) for d in self.readable)
+        return self.reader(mem).read()
 
     def write_all(self, mem: GuestMemory, data: bytes) -> int:
-        """Scatter ``data`` into the device-writable buffers; returns bytes written."""
-        done = 0
-        for d in self.writable:
-            if done >= len(data):
-                break
-            part = data[done:done + d.length]
-            mem.write(d.addr, part)
-            done += len(part)
-        return done
+        """Write as much of ``data`` as the device-writable buffers hold; returns that."""
+        w = self.writer(mem)
+        w.write(memoryview(data)[:w.remaining])
+        return w.written
 
 
 class Virtqueue:
@@ -93,90 +122,140 @@ class Virtqueue:
         self.desc_addr = self.avail_addr = self.used_addr = 0
         self.last_avail = 0
         self.used_idx = 0
+        #: Whether VIRTIO_RING_F_EVENT_IDX was negotiated (set at activation).
+        self.event_idx = False
+        self._signalled_used = 0
+        self._mem: GuestMemory | None = None
+        self._desc = self._avail = self._used = memoryview(b"")
 
     def check(self, mem: GuestMemory) -> None:
         """Validate the ring layout when the driver marks the queue ready."""
         n = self.size
         if not 1 <= n <= self.max_size or n & (n - 1):
             raise VirtqueueError(f"queue size {n} is not a power of two <= {self.max_size}")
-        for name, addr, length, align in (("descriptor table", self.desc_addr, DESC_SIZE * n, 16),
-                                          ("available ring", self.avail_addr, 6 + 2 * n, 2),
-                                          ("used ring", self.used_addr, 6 + 8 * n, 4)):
+        rings = (("descriptor table", self.desc_addr, DESC_SIZE * n, 16),
+                 ("available ring", self.avail_addr, 6 + 2 * n, 2),
+                 ("used ring", self.used_addr, 6 + 8 * n, 4))
+        views = []
+        for name, addr, length, align in rings:
             if addr % align:
                 raise VirtqueueError(f"{name} at {addr:#x} is not {align}-byte aligned")
-            _check_range(mem, addr, length, name)
+            views.append(_window(mem, addr, length, name))
+        self._desc, self._avail, self._used = views
+        self._mem = mem
 
-    def avail_idx(self, mem: GuestMemory) -> int:
-        return struct.unpack("<H", mem.read(self.avail_addr + 2, 2))[0]
+    def _bound(self, mem: GuestMemory) -> None:
+        """Take the ring windows on first use (a queue used without ``check``)."""
+        if self._mem is not mem:
+            self.check(mem)
 
     def pending(self, mem: GuestMemory) -> int:
         """How many chains the driver has made available that we have not popped."""
-        n = (self.avail_idx(mem) - self.last_avail) & 0xFFFF
+        self._bound(mem)
+        return self._pending()
+
+    def _pending(self) -> int:
+        n = (_U16.unpack_from(self._avail, 2)[0] - self.last_avail) & 0xFFFF
         if n > self.size:
             raise VirtqueueError(f"available index moved by {n}, more than the queue size "
                                  f"{self.size}")
         return n
 
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
-        """The next available chain, validated; None when the ring is empty."""
-        if not self.ready or not self.pending(mem):
+        """The next available chain, validated; None when the ring is empty.
+
+        With EVENT_IDX, an empty ring publishes ``avail_event`` and looks once more, so
+        a buffer the driver added meanwhile is not left waiting for a kick that never
+        comes: a device must pop until None before it waits for the next kick.
+        """
+        if not self.ready:
             return None
-        slot = self.last_avail % self.size
-        head = struct.unpack("<H", mem.read(self.avail_addr + 4 + 2 * slot, 2))[0]
+        if self._mem is not mem:
+            self.check(mem)
+        if not self._pending():
+            if not self.event_idx:
+                return None
+            _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail)
+            _fence()
+            if not self._pending():
+                return None
+        slot = self.last_avail & (self.size - 1)
+        head = _U16.unpack_from(self._avail, 4 + 2 * slot)[0]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
-        return DescriptorChain(head, list(self._walk(mem, head)))
+        return self._walk(mem, head)
 
     def drain(self, mem: GuestMemory) -> Iterator[DescriptorChain]:
         """Pop chains until the ring is empty."""
         while (chain := self.pop(mem)) is not None:
             yield chain
 
-    def _walk(self, mem: GuestMemory, head: int) -> Iterator[Descriptor]:
-        index, seen, writable_seen = head, set(), False
+    def _walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
+        index, size, table, view = head, self.size, self._desc, mem.view
+        descs: list[Descriptor] = []
+        wins: list[memoryview] = []
+        writable_from = -1
+        seen = 0                                   # bitmask of visited descriptors
         while True:
-            if index >= self.size:
+            if index >= size:
                 raise VirtqueueError(f"descriptor index {index} is outside the queue "
-                                     f"(size {self.size})")
-            if index in seen:
+                                     f"(size {size})")
+            bit = 1 << index
+            if seen & bit:
                 raise VirtqueueError(f"descriptor chain from {head} loops back to {index}")
-            if len(seen) >= self.size:
-                raise VirtqueueError(f"descriptor chain from {head} is longer than the queue")
-            seen.add(index)
-            addr, length, flags, nxt = struct.unpack(
-                "<QIHH", mem.read(self.desc_addr + DESC_SIZE * index, DESC_SIZE))
+            seen |= bit
+            addr, length, flags, nxt = _DESC.unpack_from(table, index << 4)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 raise VirtqueueError(f"descriptor {index}: indirect descriptors were not "
                                      "negotiated")
-            _check_range(mem, addr, length, f"descriptor {index} buffer")
-            write = bool(flags & VIRTQ_DESC_F_WRITE)
-            if writable_seen and not write:
+            if not length:
+                wins.append(_EMPTY)
+            elif length > MAX_BUFFER:
+                raise VirtqueueError(f"descriptor {index} buffer {addr:#x}+{length:#x} is "
+                                     "larger than 1 GiB")
+            else:
+                try:
+                    wins.append(view(addr, length))
+                except ValueError:
+                    raise VirtqueueError(f"descriptor {index} buffer {addr:#x}+{length:#x} is "
+                                         "outside guest memory") from None
+            if flags & VIRTQ_DESC_F_WRITE:
+                if writable_from < 0:
+                    writable_from = len(descs)
+                descs.append(Descriptor(addr, length, True))
+            elif writable_from >= 0:
                 raise VirtqueueError(f"descriptor {index}: readable buffer after a writable one")
-            writable_seen |= write
-            yield Descriptor(addr, length, write)
+            else:
+                descs.append(Descriptor(addr, length, False))
             if not flags & VIRTQ_DESC_F_NEXT:
-                return
+                return DescriptorChain(head, descs, wins,
+                                       writable_from if writable_from >= 0 else len(descs))
             index = nxt
 
     def add_used(self, mem: GuestMemory, head: int, written: int) -> None:
         """Return chain ``head`` to the driver with ``written`` bytes produced."""
-        slot = self.used_idx % self.size
-        mem.write(self.used_addr + 4 + 8 * slot, struct.pack("<II", head, written))
+        self._bound(mem)
+        slot = self.used_idx & (self.size - 1)
+        _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        mem.write(self.used_addr + 2, struct.pack("<H", self.used_idx))
+        _U16.pack_into(self._used, 2, self.used_idx)
 
     def wants_interrupt(self, mem: GuestMemory) -> bool:
-        """False when the driver asked for no interrupts (VIRTQ_AVAIL_F_NO_INTERRUPT)."""
-        flags = struct.unpack("<H", mem.read(self.avail_addr, 2))[0]
-        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+        """Whether the driver asked to be interrupted for the buffers used since the last
+        call: its ``used_event`` (EVENT_IDX) or else VIRTQ_AVAIL_F_NO_INTERRUPT."""
+        self._bound(mem)
+        if not self.event_idx:
+            return not _U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        old, new = self._signalled_used, self.used_idx
+        self._signalled_used = new
+        _fence()
+        event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+        return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
 
-def _check_range(mem: GuestMemory, addr: int, length: int, what: str) -> None:
-    if length == 0:
-        return
+def _window(mem: GuestMemory, addr: int, length: int, what: str) -> memoryview:
+    if length > MAX_BUFFER:
+        raise VirtqueueError(f"{what} {addr:#x}+{length:#x} is larger than 1 GiB")
     try:
-        mem.read(addr, 1)
-        mem.read(addr + length - 1, 1)
+        return mem.view(addr, length)
     except ValueError:
         raise VirtqueueError(f"{what} {addr:#x}+{length:#x} is outside guest memory") from None
-    if length > 1 << 30:
-        raise VirtqueueError(f"{what} {addr:#x}+{length:#x} is larger than 1 GiB")

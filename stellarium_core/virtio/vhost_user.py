@@ -33,7 +33,7 @@ from stellarium_core.virtio.mapped_memory import (
     MemoryTableError,
     RegionSpec,
 )
-from stellarium_core.virtio.queue import MAX_QUEUE_SIZE, Virtqueue
+from stellarium_core.virtio.queue import MAX_QUEUE_SIZE, VIRTIO_RING_F_EVENT_IDX, Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +406,7 @@ class Client:
         q.used_idx = struct.unpack("<H", self.mem.read(q.used_addr + 2, 2))[0]
         ring.started = True
         q.ready = ring.enabled
+        q.event_idx = bool(self.features & VIRTIO_RING_F_EVENT_IDX)
         self._sel.register(ring.kick, selectors.EVENT_READ, self.rings.index(ring))
         if not self.active:
             self.device.activate(self.features, self.mem, [r.queue for r in self.rings],

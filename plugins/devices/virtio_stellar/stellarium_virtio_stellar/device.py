@@ -10,16 +10,19 @@ resets the device, since its head can no longer be returned safely.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 
 from stellarium_core.errors import StellarError
 from stellarium_core.virtio import (
     VIRTIO_F_VERSION_1,
-    Descriptor,
+    VIRTIO_RING_F_EVENT_IDX,
+    ChainTooShort,
     DescriptorChain,
     GuestMemory,
+    Reader,
     Virtqueue,
     VirtqueueError,
+    Writer,
 )
 from stellarium_core.volumes.blockdev import SECTOR
 from stellarium_virtio_stellar.disks import Disk
@@ -59,54 +62,6 @@ class RequestError(Exception):
         self.status = status
 
 
-def _gather(mem: GuestMemory, descs: list[Descriptor], skip: int, length: int) -> bytes:
-    """``length`` bytes of the concatenated buffers, starting ``skip`` bytes in."""
-    out = bytearray()
-    for d in descs:
-        if skip >= d.length:
-            skip -= d.length
-            continue
-        n = min(d.length - skip, length - len(out))
-        out += mem.read(d.addr + skip, n)
-        skip = 0
-        if len(out) == length:
-            break
-    return bytes(out)
-
-
-def _scatter(mem: GuestMemory, descs: list[Descriptor], data: memoryview | bytes) -> None:
-    """Write ``data`` across the buffers in order (the caller sized it to fit)."""
-    pos = 0
-    for d in descs:
-        if pos >= len(data):
-            return
-        n = min(d.length, len(data) - pos)
-        mem.write(d.addr, data[pos:pos + n])
-        pos += n
-
-
-def _copy_out(mem: GuestMemory, descs: list[Descriptor],
-              views: Iterator[memoryview]) -> None:
-    """Copy consecutive source views into the buffers: one copy, chunk to guest RAM."""
-    it = iter(descs)
-    d = next(it, None)
-    done = 0                              # bytes of ``d`` already filled
-    for v in views:
-        while len(v) and d is not None:
-            n = min(len(v), d.length - done)
-            mem.write(d.addr + done, v[:n])
-            v, done = v[n:], done + n
-            if done == d.length:
-                d, done = next(it, None), 0
-
-
-def _split_status(descs: list[Descriptor]) -> tuple[list[Descriptor], Descriptor]:
-    """The writable buffers minus their last byte (data), and that byte (status)."""
-    *body, last = descs
-    data = [*body, Descriptor(last.addr, last.length - 1, True)] if last.length > 1 else body
-    return data, Descriptor(last.addr + last.length - 1, 1, True)
-
-
 class VirtioStellar:
     """A virtio-blk device over a :class:`Disk`; one request queue, served inline on kick."""
 
@@ -114,13 +69,15 @@ class VirtioStellar:
     queue_sizes = (QUEUE_SIZE,)
 
     def __init__(self, disk: Disk, *, serial: str = "",
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None,
+                 host_paths: Sequence[tuple[str, bool]] = ()) -> None:
         self.disk = disk
+        self._host_paths = list(host_paths)
         self.serial = serial.encode()[:ID_BYTES]
         self.readonly = disk.readonly
         self._on_close = on_close
-        feats = (VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX
-                 | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH)
+        feats = (VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_BLK_F_SIZE_MAX
+                 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH)
         feats |= VIRTIO_BLK_F_RO if self.readonly else (VIRTIO_BLK_F_DISCARD
                                                         | VIRTIO_BLK_F_WRITE_ZEROES)
         self.features = feats
@@ -171,6 +128,10 @@ class VirtioStellar:
             if wants:
                 self.interrupt()
 
+    def host_paths(self) -> list[tuple[str, bool]]:
+        """Where the disk reads (and writes) once the VMM is confined: its store."""
+        return list(self._host_paths)
+
     def reset(self) -> None:
         self.mem: GuestMemory | None = None
         self.queue: Virtqueue | None = None
@@ -188,35 +149,36 @@ class VirtioStellar:
 
     def _serve(self, chain: DescriptorChain) -> int:
         """Perform one request; returns the bytes written into the chain (incl. status)."""
-        mem, writable = self.mem, chain.writable
+        mem = self.mem
         assert mem is not None
-        if not writable or writable[-1].length == 0:
+        data_out = chain.writer(mem)
+        try:
+            status_out = data_out.split_tail(1)
+        except ChainTooShort:
             return 0                      # nowhere to put a status: drop it
-        data_out, status_desc = _split_status(writable)
         written = 0
         try:
-            written = self._request(mem, chain.readable, data_out)
+            written = self._request(chain.reader(mem), data_out)
             status = S_OK
         except RequestError as exc:
             status = exc.status
         except (StellarError, ValueError, OSError, MemoryError):
             status = S_IOERR
-        mem.write(status_desc.addr, bytes([status]))
+        status_out.write(bytes((status,)))
         return written + 1
 
-    def _request(self, mem: GuestMemory, readable: list[Descriptor],
-                 data_out: list[Descriptor]) -> int:
-        r_len = sum(d.length for d in readable)
-        w_len = sum(d.length for d in data_out)
+    def _request(self, readable: Reader, data_out: Writer) -> int:
+        r_len = readable.remaining
+        w_len = data_out.remaining
         if r_len < HEADER.size:
             raise RequestError(S_IOERR)
-        rtype, _, sector = HEADER.unpack(_gather(mem, readable, 0, HEADER.size))
+        rtype, _, sector = readable.unpack(HEADER)
         payload = r_len - HEADER.size
         if rtype == T_IN:
             if payload or w_len % SECTOR or w_len > MAX_REQUEST:
                 raise RequestError(S_IOERR)
             self._check_range(sector, w_len // SECTOR)
-            _copy_out(mem, data_out, self.disk.read_views(sector, w_len // SECTOR))
+            data_out.write_from(self.disk.read_views(sector, w_len // SECTOR))
             return w_len
         if rtype == T_OUT:
             if w_len or payload % SECTOR or payload > MAX_REQUEST:
@@ -224,7 +186,7 @@ class VirtioStellar:
             if self.readonly:
                 raise RequestError(S_IOERR)
             self._check_range(sector, payload // SECTOR)
-            self.disk.write(sector, _gather(mem, readable, HEADER.size, payload))
+            self.disk.write(sector, readable.take(payload))
             return 0
         if rtype == T_FLUSH:
             if not self.readonly:
@@ -232,20 +194,19 @@ class VirtioStellar:
             return 0
         if rtype == T_GET_ID:
             ident = self.serial[:w_len]
-            _scatter(mem, data_out, ident.ljust(min(w_len, ID_BYTES), b"\0"))
+            data_out.write(ident.ljust(min(w_len, ID_BYTES), b"\0"))
             return min(w_len, ID_BYTES)
         if rtype in (T_DISCARD, T_WRITE_ZEROES) and not self.readonly:
-            self._ranges(mem, readable, rtype, payload, w_len)
+            self._ranges(readable, rtype, payload, w_len)
             return 0
         raise RequestError(S_UNSUPP)
 
-    def _ranges(self, mem: GuestMemory, readable: list[Descriptor], rtype: int,
-                payload: int, w_len: int) -> None:
+    def _ranges(self, readable: Reader, rtype: int, payload: int, w_len: int) -> None:
         """Discard or write-zeroes: all segments are checked before any is applied."""
         if w_len or not payload or payload % SEGMENT.size \
                 or payload // SEGMENT.size > MAX_SEGMENTS:
             raise RequestError(S_IOERR)
-        raw = _gather(mem, readable, HEADER.size, payload)
+        raw = readable.take(payload)
         segs = [SEGMENT.unpack_from(raw, i) for i in range(0, payload, SEGMENT.size)]
         for sector, count, flags in segs:
             if flags & ~(WRITE_ZEROES_F_UNMAP if rtype == T_WRITE_ZEROES else 0):

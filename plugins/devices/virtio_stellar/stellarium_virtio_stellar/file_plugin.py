@@ -7,7 +7,6 @@ the storage apart from the cost of the device model.
 
 from __future__ import annotations
 
-import atexit
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,8 @@ NAME = "virtio-blk"
 def open_device(path: str, *, readonly: bool = False, serial: str | None = None) -> VirtioStellar:
     """A device over the raw image ``path``; its serial defaults to the file name."""
     disk = RawFileDisk(path, readonly=readonly)
-    dev = VirtioStellar(disk, serial=serial if serial is not None else Path(path).name[:ID_BYTES],
-                        on_close=disk.close)
-    atexit.register(dev.close)
-    return dev
+    return VirtioStellar(disk, serial=serial if serial is not None else Path(path).name[:ID_BYTES],
+                         on_close=disk.close)
 
 
 @hookimpl

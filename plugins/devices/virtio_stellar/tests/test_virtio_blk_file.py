@@ -22,12 +22,14 @@ from stellarium_virtio_stellar.device import (
 )
 from stellarium_virtio_stellar.disks import Disk, DiskError, RawFileDisk
 
-from devtools.virtio_driver import AVAIL, DESC, QSIZE, USED, BlkDriver, BufferMemory
+from devtools.virtio_driver import AVAIL, DESC, QSIZE, USED, BlkDriver
+from stellarium_core.config import parse
 from stellarium_core.errors import ConfigError, StellarError
 from stellarium_core.hashing import Blake3Hasher
+from stellarium_core.hookspecs import DeviceContext
+from stellarium_core.host import Host
 from stellarium_core.nebula import ChunkStore
-from stellarium_core.plugins import Registry
-from stellarium_core.virtio import Virtqueue
+from stellarium_core.virtio import RegionMemory, Virtqueue
 from stellarium_core.volumes.blockdev import SECTOR, BlockDevice
 from stellarium_core.volumes.volume import VolumeStore
 
@@ -36,13 +38,21 @@ NSECT = DISK // SECTOR
 
 
 def attach(dev: VirtioStellar) -> BlkDriver:
-    mem = BufferMemory()
+    ram = bytearray(8 << 20)
+    mem = RegionMemory.over(ram)
     q = Virtqueue(QSIZE)
     q.desc_addr, q.avail_addr, q.used_addr, q.ready = DESC, AVAIL, USED, True
     q.check(mem)
     dev.activate(dev.features, mem, [q], lambda: None)
-    return BlkDriver(mem.buf, lambda: dev.notify(0))
+    return BlkDriver(ram, lambda: dev.notify(0))
 
+
+
+def create(params: dict) -> VirtioStellar:
+    """The device through the registry with a creation context, as the VMM makes it (a
+    raw-file disk needs nothing from the host)."""
+    host = Host(parse({}, None))
+    return host.registry.create("device", "virtio-blk", params, context=DeviceContext(host))
 
 @pytest.fixture
 def image(tmp_path: Path) -> tuple[Path, bytes]:
@@ -64,7 +74,7 @@ def test_both_disks_satisfy_the_backend_protocol(image, tmp_path):
 
 def test_read_write_flush_through_the_device(image):
     path, data = image
-    dev = Registry().create("device", "virtio-blk", {"path": str(path)})
+    dev = create({"path": str(path)})
     drv = attach(dev)
     assert struct.unpack("<Q", dev.read_config(0, 8))[0] == NSECT
     assert drv.request(T_IN, 120, inlen=16 * SECTOR) == (S_OK, data[120 * 512:136 * 512])
@@ -80,7 +90,7 @@ def test_read_write_flush_through_the_device(image):
 
 def test_large_reads_come_in_pieces(image):
     path, data = image
-    dev = Registry().create("device", "virtio-blk", {"path": str(path), "serial": "x"})
+    dev = create({"path": str(path), "serial": "x"})
     drv = attach(dev)
     assert drv.request(T_IN, 0, inlen=DISK) == (S_OK, data)   # more than one READ_PIECE
     dev.close()
@@ -88,7 +98,7 @@ def test_large_reads_come_in_pieces(image):
 
 def test_discard_and_write_zeroes_read_back_as_zeros(image):
     path, data = image
-    dev = Registry().create("device", "virtio-blk", {"path": str(path)})
+    dev = create({"path": str(path)})
     drv = attach(dev)
     assert drv.request(T_DISCARD, out=struct.pack("<QII", 0, 128, 0))[0] == S_OK
     assert drv.request(T_WRITE_ZEROES, out=struct.pack("<QII", 1000, 3, 1))[0] == S_OK
@@ -102,7 +112,7 @@ def test_discard_and_write_zeroes_read_back_as_zeros(image):
 
 def test_read_only_file_refuses_writes(image):
     path, data = image
-    dev = Registry().create("device", "virtio-blk", {"path": str(path), "readonly": "true"})
+    dev = create({"path": str(path), "readonly": "true"})
     assert dev.features & VIRTIO_BLK_F_RO
     drv = attach(dev)
     assert drv.request(T_OUT, 0, out=b"x" * SECTOR)[0] == S_IOERR
@@ -114,13 +124,13 @@ def test_read_only_file_refuses_writes(image):
 def test_a_writer_locks_the_file_against_a_second_vm(image):
     path, _ = image
     params = {"path": str(path)}
-    dev = Registry().create("device", "virtio-blk", params)
+    dev = create(params)
     with pytest.raises(StellarError, match="in use by another VM"):
-        Registry().create("device", "virtio-blk", params)
+        create(params)
     with pytest.raises(StellarError, match="in use by another VM"):
-        Registry().create("device", "virtio-blk", {**params, "readonly": "1"})
+        create({**params, "readonly": "1"})
     dev.close()
-    Registry().create("device", "virtio-blk", params).close()
+    create(params).close()
 
 
 @pytest.mark.parametrize("setup, params, error, match", [
@@ -146,4 +156,4 @@ def test_bad_params_get_clear_errors(tmp_path, setup, params, error, match):
     if setup:
         params = {"path": str(target), **params}
     with pytest.raises(error, match=match):
-        Registry().create("device", "virtio-blk", params)
+        create(params)

@@ -24,17 +24,19 @@ from stellarium_virtio_stellar.device import (
     VirtioStellar,
 )
 
-from devtools.virtio_driver import AVAIL, DESC, HEAP, QSIZE, USED, BlkDriver, BufferMemory
+from devtools.virtio_driver import AVAIL, DESC, HEAP, QSIZE, USED, BlkDriver
 from stellarium_core.distribution import ImageStore, Importer
 from stellarium_core.errors import ConfigError, StellarError
 from stellarium_core.hashing import Blake3Hasher
+from stellarium_core.hookspecs import DeviceContext
 from stellarium_core.host import Host, init_store
 from stellarium_core.nebula import ChunkStore
-from stellarium_core.plugins import Registry
 from stellarium_core.virtio import (
     VIRTIO_F_VERSION_1,
     VIRTQ_DESC_F_NEXT,
     DeviceState,
+    HostPathsDevice,
+    RegionMemory,
     VirtioDevice,
     Virtqueue,
 )
@@ -49,13 +51,14 @@ class Guest(BlkDriver):
     """The driver side over bytearray guest RAM; the device serves each kick inline."""
 
     def __init__(self, dev: VirtioStellar) -> None:
-        self.dev, self.mem = dev, BufferMemory()
+        ram = bytearray(8 << 20)
+        self.dev, self.mem = dev, RegionMemory.over(ram)
         self.interrupts = 0
         q = Virtqueue(QSIZE)
         q.desc_addr, q.avail_addr, q.used_addr, q.ready = DESC, AVAIL, USED, True
         q.check(self.mem)
         dev.activate(dev.features, self.mem, [q], self._irq)
-        super().__init__(self.mem.buf, lambda: dev.notify(0))
+        super().__init__(ram, lambda: dev.notify(0))
 
     def _irq(self) -> None:
         self.interrupts += 1
@@ -252,13 +255,28 @@ def host_cfg(tmp_path: Path, image: bytes) -> Path:
     return cfg
 
 
+def create(cfg: Path, params: dict) -> VirtioStellar:
+    """The device through the registry, as a VMM makes it for the host ``cfg`` configures."""
+    host = Host.from_config(cfg)
+    return host.registry.create("device", "virtio-stellar", params, context=DeviceContext(host))
+
+
 def test_plugin_opens_the_named_volume_from_the_host_store(host_cfg, image):
-    dev = Registry().create("device", "virtio-stellar",
-                            {"volume": "root", "config": str(host_cfg), "readonly": "true"})
+    dev = create(host_cfg, {"volume": "root", "readonly": "true"})
     assert isinstance(dev, VirtioStellar) and dev.features & VIRTIO_BLK_F_RO
     g = Guest(dev)
     assert g.request(T_IN, 2, inlen=SECTOR) == (S_OK, image[2 * SECTOR:3 * SECTOR])
     dev.close()
+
+
+def test_plugin_declares_its_store_for_the_vmm_sandbox(host_cfg, tmp_path):
+    """What a confined VMM must still reach: the store, writable only for a writable disk."""
+    store = str(tmp_path / "store")
+    for params, writes in (({"volume": "root"}, True),
+                           ({"volume": "root", "readonly": "true"}, False)):
+        dev = create(host_cfg, params)
+        assert isinstance(dev, HostPathsDevice) and dev.host_paths() == [(store, writes)]
+        dev.close()
 
 
 @pytest.mark.parametrize("params, error, match", [
@@ -268,21 +286,22 @@ def test_plugin_opens_the_named_volume_from_the_host_store(host_cfg, image):
     ({"image": "nope"}, StellarError, "no image named 'nope'"),
     ({"volume": "root", "readonly": "maybe"}, ConfigError, "true or false"),
     ({"volume": "root", "size": "1"}, ConfigError, "unknown key"),
+    ({"volume": "root", "config": "/x.toml"}, ConfigError, "params.config: unknown key"),
     ({"volume": "nope"}, StellarError, "no volume named 'nope'"),
     ({"volume": "../x"}, StellarError, "bad volume name"),
 ])
 def test_plugin_rejects_bad_params_clearly(host_cfg, params, error, match):
     with pytest.raises(error, match=match):
-        Registry().create("device", "virtio-stellar", {"config": str(host_cfg), **params})
+        create(host_cfg, params)
 
 
 def test_writable_plugin_holds_the_writer_lock(host_cfg):
-    params = {"volume": "root", "config": str(host_cfg)}
-    dev = Registry().create("device", "virtio-stellar", params)
+    params = {"volume": "root"}
+    dev = create(host_cfg, params)
     with pytest.raises(StellarError, match="open for writing elsewhere"):
-        Registry().create("device", "virtio-stellar", params)
+        create(host_cfg, params)
     dev.close()
-    Registry().create("device", "virtio-stellar", params).close()
+    create(host_cfg, params).close()
 
 
 def test_plugin_serves_an_image_vm_form_read_only(host_cfg, tmp_path):
@@ -293,7 +312,7 @@ def test_plugin_serves_an_image_vm_form_read_only(host_cfg, tmp_path):
     host = Host.from_config(host_cfg)
     with host.store:
         Importer(ImageStore.for_host(host), host.chunker, host.hasher).import_path(tree, "deb")
-    dev = Registry().create("device", "virtio-stellar", {"image": "deb", "config": str(host_cfg)})
+    dev = create(host_cfg, {"image": "deb"})
     assert dev.features & VIRTIO_BLK_F_RO and dev.serial == b"deb"
     g = Guest(dev)
     status, sb = g.request(T_IN, 2, inlen=SECTOR)        # bytes 1024..1535: the superblock

@@ -11,12 +11,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("volt.lab.pytest_plugin", reason="the volt runtime plugin is not installed")
-
-from volt.kernels.initramfs import base_archive  # noqa: E402
-
-from stellarium_core.host import Host  # noqa: E402
-from stellarium_core.volumes.volume import VolumeStore  # noqa: E402
+from stellarium_core.host import Host
+from stellarium_core.volumes.volume import VolumeStore
 
 BEGIN, END = "STELLAR-ROOT-BEGIN", "STELLAR-ROOT-END"
 GUEST_WROTE = b"written-by-the-guest through virtio-stellar"
@@ -54,7 +50,8 @@ def stellar(cfg: Path, *args: object) -> None:
 
 
 @pytest.mark.lab
-def test_linux_guest_reads_its_root_from_a_stellarium_volume(lab, guest_kernel, tmp_path):
+def test_linux_guest_reads_its_root_from_a_stellarium_volume(lab, guest_kernel,
+                                                             busybox_initramfs, tmp_path):
     if shutil.which("mkfs.ext4") is None:
         pytest.skip("mkfs.ext4 is not installed (apt-get install e2fsprogs)")
     from devtools.rootfs import debian_rootfs
@@ -72,13 +69,14 @@ def test_linux_guest_reads_its_root_from_a_stellarium_volume(lab, guest_kernel, 
     stellar(cfg, "host", "init")
     stellar(cfg, "vol", "import", "debroot", img)
     stellar(cfg, "vol", "create", "scratch", "1MiB")
-    initrd = base_archive(INIT).write(tmp_path / "init.cpio")
+    initrd = busybox_initramfs(INIT, tmp_path / "init.cpio")
 
+    # `volt --config` reaches the devices: each opens its volume in that host's store.
     volt = Path(sys.executable).with_name("volt")
-    res = lab.run([str(volt), "run", "--kernel", str(guest_kernel.bzimage),
+    res = lab.run([str(volt), "--config", str(cfg), "run", "--kernel", str(guest_kernel.bzimage),
                    "--initrd", str(initrd), "--mem", "256",
-                   "--device", f"virtio-stellar,volume=debroot,readonly=true,config={cfg}",
-                   "--device", f"virtio-stellar,volume=scratch,config={cfg}",
+                   "--device", "virtio-stellar,volume=debroot,readonly=true",
+                   "--device", "virtio-stellar,volume=scratch",
                    "--cmdline", "console=ttyS0 reboot=k panic=-1 pci=off"],
                   timeout=240, writable=[tmp_path / "store"])
     out = res.stdout.replace("\r\n", "\n")

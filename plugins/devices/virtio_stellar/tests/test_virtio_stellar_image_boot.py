@@ -11,10 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("volt.lab.pytest_plugin", reason="the volt runtime plugin is not installed")
-
-from volt.kernels.initramfs import base_archive  # noqa: E402
-
 BEGIN, END = "STELLAR-IMAGE-ROOT-BEGIN", "STELLAR-IMAGE-ROOT-END"
 
 #: Run by the image's own /bin/sh as PID 1, with the image's EROFS as the root.
@@ -29,7 +25,7 @@ def stellar(cfg: Path, *args: object) -> str:
 
 
 @pytest.mark.lab
-def test_linux_guest_boots_into_an_image_vm_form(lab, guest_kernel, tmp_path):
+def test_linux_guest_boots_into_an_image_vm_form(lab, guest_kernel, busybox_initramfs, tmp_path):
     from devtools.guest import image_root_init
     from devtools.rootfs import debian_rootfs
 
@@ -39,12 +35,12 @@ def test_linux_guest_boots_into_an_image_vm_form(lab, guest_kernel, tmp_path):
     stellar(cfg, "host", "init")
     stellar(cfg, "image", "import", src, "debian")
     stellar(cfg, "image", "vmdisk", "debian")  # the device would build it too; do it ahead
-    initrd = base_archive(image_root_init(SCRIPT)).write(tmp_path / "init.cpio")
+    initrd = busybox_initramfs(image_root_init(SCRIPT), tmp_path / "init.cpio")
 
     volt = Path(sys.executable).with_name("volt")
-    res = lab.run([str(volt), "run", "--kernel", str(guest_kernel.bzimage),
+    res = lab.run([str(volt), "--config", str(cfg), "run", "--kernel", str(guest_kernel.bzimage),
                    "--initrd", str(initrd), "--mem", "256",
-                   "--device", f"virtio-stellar,image=debian,config={cfg}",
+                   "--device", "virtio-stellar,image=debian",
                    "--cmdline", "console=ttyS0 reboot=k panic=-1 pci=off"],
                   timeout=300, writable=[tmp_path / "store"])
     out = res.stdout.replace("\r\n", "\n")

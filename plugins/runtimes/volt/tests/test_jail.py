@@ -61,7 +61,7 @@ def test_jailed_vmm_is_chrooted_namespaced_limited_and_unprivileged(tmp_path, ke
     try:
         proc = subprocess.Popen(
             jail(base, "--cgroup", "memory.max=256M", "--cgroup", "pids.max=64",
-                 "--cgroup", "cpu.max=50000 100000", "--resource-limit", "fsize=1048576",
+                 "--cgroup", "cpu.max=50000 100000", "--resource-limit", "fsize=67108864",
                  "--netns", f"/run/netns/{netns}",
                  "--", "--kernel", str(kernel), "--mem", "32"),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -79,13 +79,14 @@ def test_jailed_vmm_is_chrooted_namespaced_limited_and_unprivileged(tmp_path, ke
         for ns in ("mnt", "pid", "ipc", "uts"):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
         assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{netns}").st_ino
-        assert Path(f"/proc/{pid}/environ").read_bytes() == b""
+        # The environment is cleaned: only HOME, the jail's root (no host config here).
+        assert Path(f"/proc/{pid}/environ").read_bytes() == b"HOME=/\0"
         assert sorted(map(int, os.listdir(f"/proc/{pid}/fd")))[:3] == [0, 1, 2]
         fds = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
         assert str(leak) not in fds                             # the inherited fd was closed
         limits = Path(f"/proc/{pid}/limits").read_text()
         assert "Max open files            2048" in limits
-        assert "Max file size             1048576" in limits
+        assert "Max file size             67108864" in limits
         written = _cgroup_values(pid)
         assert written["pids.max"] == "64"
         assert written.get("memory.max", written.get("memory.limit_in_bytes")) == "268435456"
@@ -184,8 +185,9 @@ def test_a_jailer_that_cannot_drop_privileges_says_so(tmp_path, kernel):
     (["--id", "../escape"], "letters, digits and hyphens"),
     (["--cgroup", "memory"], "CONTROLLER.FILE=VALUE"),
     (["--resource-limit", "cores=1"], "no-file=N or fsize=N"),
+    (["--resource-limit", "fsize=1048576"], "smaller than the guest memory (128 MiB)"),
     (["--netns", "/nonexistent/netns"], "no such network namespace"),
-    (["--", "--mem", "32"], "the following arguments are required: --kernel"),
+    (["--", "--mem", "32"], "no kernel (give --kernel"),
     (["--", "--kernel", "/nonexistent/vmlinux"], "/nonexistent/vmlinux: no such file"),
 ])
 def test_malformed_jail_options_are_refused_before_anything_is_made(tmp_path, kernel, args,

@@ -44,8 +44,10 @@ def hello(tmp_path: Path) -> Path:
     return k
 
 
-def volt_run(kernel: Path, *opts: str, no_landlock: bool = False) -> subprocess.CompletedProcess:
-    cmd = [VOLT, "run", "--kernel", str(kernel), "--mem", "32", *opts]
+def volt_run(kernel: Path, *opts: str, no_landlock: bool = False,
+             config: Path | None = None) -> subprocess.CompletedProcess:
+    host = ["--config", str(config)] if config else []
+    cmd = [VOLT, *host, "run", "--kernel", str(kernel), "--mem", "32", *opts]
     if no_landlock:
         cmd = [sys.executable, "-c", NO_LANDLOCK, *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -169,23 +171,35 @@ def test_every_thread_kind_is_a_subset_of_main():
         assert all(chk for c, chk in seccomp.KINDS["main"] if c == call), call
 
 
-def test_policy_grants_the_vm_inputs_and_its_stores(tmp_path):
-    stores = {}
-    for name in ("a", "b"):
-        cfg = tmp_path / f"{name}.toml"
-        cfg.write_text(f'[store]\npath = "store-{name}"\n')
-        (tmp_path / f"store-{name}").mkdir()
-        stores[name] = cfg
+class _Declares:
+    """A built device that declares the host paths it still opens (HostPathsDevice)."""
+
+    device_id, features, queue_sizes = 2, 1 << 32, (8,)
+
+    def __init__(self, *paths: tuple[str, bool]) -> None:
+        self.paths = list(paths)
+
+    def host_paths(self) -> list[tuple[str, bool]]:
+        return self.paths
+
+    def read_config(self, offset, size): return bytes(size)
+    def write_config(self, offset, data): pass
+    def activate(self, features, mem, queues, interrupt): pass
+    def notify(self, queue): pass
+    def reset(self): pass
+
+
+def test_policy_grants_the_vm_inputs_and_what_its_devices_declare(tmp_path):
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(b"k")
-    pol = Policy.for_vm(str(kernel), None, [
-        ("virtio-stellar", {"volume": "root", "readonly": "true", "config": str(stores["a"])}),
-        ("virtio-stellar", {"image": "debian", "config": str(stores["a"])}),   # read-only
-        ("virtio-stellar", {"volume": "data", "config": str(stores["b"])}),
-        ("virtio-stellar", {"volume": "base", "readonly": "true", "config": str(stores["b"])}),
+    a, b = str(tmp_path / "store-a"), str(tmp_path / "store-b")
+    pol = Policy.for_vm(str(kernel), "a-registry-name", [
+        _Declares((a, False)), _Declares((a, False)),
+        _Declares((b, True)), _Declares((b, False)),
+        object(),                                     # declares nothing: grants nothing
     ])
-    assert pol.read == [str(kernel), str(tmp_path / "store-a")]
-    assert pol.write == [str(tmp_path / "store-b")]             # one writable device is enough
+    assert pol.read == [str(kernel), a]             # a name is no file: nothing to grant
+    assert pol.write == [b]                         # one writable device is enough
     assert all(os.path.exists(d) for d in pol.devices)
     assert ("/dev/kvm" in pol.devices) == os.path.exists("/dev/kvm")
 
@@ -202,11 +216,11 @@ def test_a_writable_store_the_confined_vmm_could_not_write_is_refused_up_front(h
         assert r.returncode == 0, r.stderr
     for p in [tmp_path / "store", *(tmp_path / "store").rglob("*")]:
         os.chown(p, 4321, 4321)
-    dev = f"virtio-stellar,volume=v1,config={cfg}"
-    res = volt_run(hello, "--device", dev)
+    dev = "virtio-stellar,volume=v1"
+    res = volt_run(hello, "--device", dev, config=cfg)
     assert res.returncode == 15, res.stderr
     assert "is not writable by uid 0 without capabilities (owner uid 4321)" in res.stderr
     assert res.stdout == ""
-    ro = volt_run(hello, "--device", dev + ",readonly=true")
+    ro = volt_run(hello, "--device", dev + ",readonly=true", config=cfg)
     assert ro.returncode == 0, ro.stderr
     assert ro.stdout.replace("\r", "") == "Hi\n"

@@ -68,19 +68,20 @@ def test_confined_and_jailed_vms_boot_debian_from_a_writable_stellarium_root(
 
     def run_args(tag: str) -> list[str]:
         return ["--kernel", str(guest_kernel.bzimage), "--initrd", str(initrd), "--mem", "256",
-                "--device", f"virtio-stellar,volume=vm-root,config={LOCAL}/host.toml",
+                "--device", "virtio-stellar,volume=vm-root",
                 "--cmdline", f"console=ttyS0 reboot=k panic=-1 pci=off quiet volt_tag={tag}"]
 
     jail = [volt, "jail", "--id", "lab-1", "--uid", str(UID), "--gid", str(UID),
             "--chroot-base-dir", "/tmp/jails", "--cgroup", "memory.max=512M",
             "--cgroup", "pids.max=32", "--cgroup", "cpu.max=100000 100000", "--",
-            *run_args("jailed")]
+            "--config", f"{LOCAL}/host.toml", *run_args("jailed")]
     cg = "/sys/fs/cgroup/volt/lab-1"
     # The store is copied to L1's own tmpfs (a VM store lives on a local filesystem;
     # the share is 9p). A confined VMM has no CAP_DAC_OVERRIDE, so even as root it
     # writes only store files it owns: the store changes hands between the jailed
     # (uid 1000) and the root-run VM. The volume is exported back to the share.
     stellar = [sys.executable, "-m", "stellarium_core", "--config", f"{LOCAL}/host.toml"]
+    confined = [volt, "--config", f"{LOCAL}/host.toml", "run", *run_args("confined")]
     script = f"""
 mkdir -p {LOCAL} && cp -a {tmp_path / "store"} {cfg} {LOCAL}/ && chown -R {UID}:{UID} {LOCAL}
 mount -t cgroup2 none /sys/fs/cgroup
@@ -91,7 +92,7 @@ echo "VOLT-CG $(cat {cg}/memory.max) $(cat {cg}/pids.max) $(cat {cg}/cpu.max)" \
 wait $J; echo JAIL-RC=$?
 echo "VOLT-CG-LEFT $(ls -d /sys/fs/cgroup/volt/*/ | tr '\\n' ' ')"
 chown -R 0:0 {LOCAL}
-{shlex.join([volt, "run", *run_args("confined")])}; echo VOLT-RC=$?
+{shlex.join(confined)}; echo VOLT-RC=$?
 {shlex.join([*stellar, "vol", "export", "vm-root", str(tmp_path / "export.ext4")])}
 """
     res = lab.run(["sh", "-c", script], timeout=1200, writable=[tmp_path])

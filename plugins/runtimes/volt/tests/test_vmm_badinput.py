@@ -83,3 +83,20 @@ def test_exit_codes_are_distinct_and_documented(capsys):
     out = capsys.readouterr().out
     for code, text in exitcodes.TABLE:
         assert f"{code:>3}  {text}" in out
+
+
+def _free_hugepages() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("HugePages_Free:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(kvm_unusable() is not None, reason=str(kvm_unusable()))
+@pytest.mark.skipif(_free_hugepages() >= 64, reason="enough huge pages are free here to "
+                    "back 128 MiB, so the shortage cannot be provoked")
+def test_huge_page_shortage_fails_at_start_with_its_exit_code(capsys, fake_kernel):
+    code, err = volt_run(capsys, "--kernel", str(fake_kernel), "--mem", "128", "--hugepages")
+    assert code == exitcodes.MEMORY
+    assert "cannot reserve 128 MiB of guest memory in 2 MiB huge pages" in err
+    assert "nr_hugepages" in err and "Traceback" not in err

@@ -77,8 +77,8 @@ def test_console_sinks_file_unix_and_bad_spec(tmp_path):
 
     import pytest
     from volt.vmm import exitcodes
+    from volt.vmm.devices.console import open_sink
     from volt.vmm.exitcodes import VoltError
-    from volt.vmm.vm import open_sink
 
     log = tmp_path / "console.log"
     sink = open_sink(f"file:{log}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from volt.vmm import cpu, exitcodes
+from volt.vmm.runner import Runner
 from volt.vmm.vm import Machine
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,8 +32,9 @@ pytestmark = pytest.mark.skipif(kvm_unusable() is not None, reason=str(kvm_unusa
 def test_guest_writes_serial_and_resets_cleanly():
     out: list[bytes] = []
     m = real_mode_machine(HELLO_RESET, out.append)
-    m.start()
-    assert m.wait(120) == exitcodes.OK
+    r = Runner(m)
+    r.start()
+    assert r.wait(120) == exitcodes.OK
     assert m.exit_reason == "guest reset"
     assert b"".join(out) == b"Hi\n"
     m.close()
@@ -40,8 +42,9 @@ def test_guest_writes_serial_and_resets_cleanly():
 
 def test_triple_fault_has_its_own_exit_code():
     m = triple_fault_machine()
-    m.start()
-    assert m.wait(120) == exitcodes.TRIPLE_FAULT
+    r = Runner(m)
+    r.start()
+    assert r.wait(120) == exitcodes.TRIPLE_FAULT
     assert "triple fault" in m.exit_reason
     m.close()
 
@@ -49,29 +52,30 @@ def test_triple_fault_has_its_own_exit_code():
 def test_pause_stops_guest_and_resume_continues_it():
     out: list[bytes] = []
     m = real_mode_machine(DOTS_FOREVER, out.append)
-    m.start()
+    r = Runner(m)
+    r.start()
     deadline = time.monotonic() + 60
     while len(out) < 5 and time.monotonic() < deadline:
         time.sleep(0.01)
-    m.pause()
-    assert m.paused
+    r.pause()
+    assert r.paused
     frozen = len(out)
     time.sleep(0.3)
     assert len(out) == frozen, "a paused vCPU still produced output"
-    m.resume()
+    r.resume()
     deadline = time.monotonic() + 60
     while len(out) <= frozen and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(out) > frozen
     m.stop(exitcodes.TERMINATED, "test")
-    assert m.wait(30) == exitcodes.TERMINATED
+    assert r.wait(30) == exitcodes.TERMINATED
     m.close()
 
 
 def test_vcpu_setup_lapic_msrs_cpuid_on_two_vcpus():
     m = Machine(2 << 20, vcpus=2)
     supported = m.kvm.supported_cpuid()
-    for i, v in enumerate(m.vcpus):
+    for i, v in enumerate(vc.fd for vc in m.vcpus):
         table = cpu.normalize_cpuid(supported, i, 2, 2_000_000, tsc_deadline=True)
         cpu.configure_vcpu(v, table)
         leaf1 = next(e for e in table if e.function == 1)
@@ -95,7 +99,7 @@ def test_vcpu_setup_lapic_msrs_cpuid_on_two_vcpus():
 
 def test_long_mode_registers_and_page_tables():
     m = Machine(4 << 20, vcpus=1)
-    v = m.vcpus[0]
+    v = m.vcpus[0].fd
     cpu.setup_long_mode(v, m.mem, 0x200000)
     s = v.get_sregs()
     assert s.efer & (cpu.EFER_LME | cpu.EFER_LMA) == cpu.EFER_LME | cpu.EFER_LMA
@@ -111,7 +115,8 @@ def test_long_mode_registers_and_page_tables():
 def test_irqfd_and_ioeventfd_register():
     m = Machine(1 << 20)
     assert m.has_irqfd
-    trigger = m.irq_trigger(5)
+    trigger = m.interrupt(5)
+    assert trigger.fd is not None
     trigger()     # an edge on GSI 5 through the irqfd; must not raise
     efd = os.eventfd(0, os.EFD_CLOEXEC)
     m.vm.ioeventfd(efd, 0xD0000050, 4)
@@ -123,10 +128,12 @@ SIGTERM_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
     from tinyguest import DOTS_FOREVER, real_mode_machine
-    from volt.cli.run import run_machine
+    from volt.vmm.runner import Runner
     m = real_mode_machine(DOTS_FOREVER, lambda b: None)
     print("ready", flush=True)
-    sys.exit(run_machine(m))
+    code = Runner(m).run()
+    print("volt: " + m.exit_reason, file=sys.stderr)
+    sys.exit(code)
 """)
 
 
@@ -145,11 +152,12 @@ def test_sigterm_shuts_down_cleanly_with_its_exit_code():
 def test_kick_interrupts_kvm_run():
     """A vCPU blocked in KVM_RUN leaves it when kicked (immediate_exit + signal)."""
     m = real_mode_machine(DOTS_FOREVER, lambda b: None)
-    m.start()
+    r = Runner(m)
+    r.start()
     time.sleep(0.2)
     t0 = time.monotonic()
     m.stop(exitcodes.TERMINATED, "test")
-    assert m.wait(30) == exitcodes.TERMINATED
+    assert r.wait(30) == exitcodes.TERMINATED
     assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("vcpu"))
     assert time.monotonic() - t0 < 30
     m.close()
@@ -181,42 +189,56 @@ class Recorder:
         pass
 
 
-def test_queue_kick_through_ioeventfd_reaches_device_without_mmio_exit():
-    from volt.vmm.devices.virtio_mmio import QUEUE_NOTIFY, attach_devices
+def test_kick_and_interrupt_ack_cost_no_exit_and_the_status_read_one():
+    """Per request the guest reads InterruptStatus (one exit); its ACK of the used-ring
+    bit and its queue kick are absorbed by KVM (ioeventfds)."""
+    from volt.vmm.devices.virtio_mmio import (
+        INT_VRING,
+        INTERRUPT_ACK,
+        INTERRUPT_STATUS,
+        QUEUE_NOTIFY,
+    )
 
     m = Machine(1 << 20)
     m.add_legacy_devices(lambda b: None)
     dev = Recorder()
-    (t,) = attach_devices(m, [dev])
+    t = m.devices.attach("rec", dev)
     t.state.status = 1 | 2 | 8 | 4
-    mmio_writes = []
-    inner = t._write
-    t._write = lambda off, data: (mmio_writes.append(off), inner(off, data))
-    # 32-bit flat mode: mov dword [0xd0000050], 1 ; mov al, 0xfe ; out 0x64, al
-    code = bytes.fromhex("c705") + struct.pack("<II", 0xD0000000 + QUEUE_NOTIFY, 1) + \
-        bytes.fromhex("b0fee664")
+    base = 0xD0000000
+    # 32-bit flat mode: mov eax, [status] ; mov [0x2000], eax ; mov dword [ack], 1 ;
+    # mov dword [notify], 1 ; mov al, 0xfe ; out 0x64, al
+    code = (b"\xa1" + struct.pack("<I", base + INTERRUPT_STATUS)
+            + b"\xa3" + struct.pack("<I", 0x2000)
+            + b"\xc7\x05" + struct.pack("<II", base + INTERRUPT_ACK, INT_VRING)
+            + b"\xc7\x05" + struct.pack("<II", base + QUEUE_NOTIFY, 1)
+            + bytes.fromhex("b0fee664"))
     m.mem.write(0x1000, code)
-    cpu.setup_pvh(m.vcpus[0], m.mem, 0x1000, 0)
-    m.start()
-    assert m.wait(120) == exitcodes.OK
+    cpu.setup_pvh(m.vcpus[0].fd, m.mem, 0x1000, 0)
+    r = Runner(m)
+    r.start()
+    assert r.wait(120) == exitcodes.OK
     deadline = time.monotonic() + 10
     while not dev.notified and time.monotonic() < deadline:
         time.sleep(0.01)
     assert dev.notified == [1]
-    assert QUEUE_NOTIFY not in mmio_writes
+    assert m.mem.read(0x2000, 4) == struct.pack("<I", INT_VRING)
+    exits = m.vcpus[0].exits
+    assert exits["mmio_read"] == 1 and exits["mmio_write"] == 0, exits
     m.close()
 
 
 def test_halt_with_interrupts_off_ends_vm_as_poweroff_but_idle_halt_does_not():
     """Linux without ACPI powers off by halting every CPU with interrupts disabled."""
     m = real_mode_machine(bytes.fromhex("faf4"), lambda b: None)       # cli; hlt
-    m.start()
-    assert m.wait(60) == exitcodes.OK
+    r = Runner(m)
+    r.start()
+    assert r.wait(60) == exitcodes.OK
     assert m.exit_reason == "guest halted (powered off)"
     m.close()
     m = real_mode_machine(bytes.fromhex("fbf4ebfd"), lambda b: None)   # sti; 1: hlt; jmp 1b
-    m.start()
-    assert m.wait(3.5) is None, m.exit_reason                           # idle is not dead
+    r = Runner(m)
+    r.start()
+    assert r.wait(3.5) is None, m.exit_reason                           # idle is not dead
     m.stop(exitcodes.TERMINATED, "test")
-    assert m.wait(30) == exitcodes.TERMINATED
+    assert r.wait(30) == exitcodes.TERMINATED
     m.close()

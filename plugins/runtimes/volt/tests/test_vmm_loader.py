@@ -112,8 +112,10 @@ def test_guest_memory_bounds():
     with GuestMemory(1 << 20) as m:
         with pytest.raises(GuestMemoryError):
             m.read((1 << 20) - 2, 4)
-        m.write_u32(0x100, 0xDEADBEEF)
-        assert m.read_u32(0x100) == 0xDEADBEEF
+        m.write_u64(0x100, 0xDEADBEEF)
+        assert m.read_u64(0x100) == 0xDEADBEEF
+        with pytest.raises(GuestMemoryError):
+            m.view(-8, 8)
 
 
 def test_real_vmlinux_has_64bit_and_pvh_entries(guest_kernel):

@@ -31,7 +31,7 @@ def real_mode_machine(code: bytes, sink, vcpus: int = 1) -> Machine:  # noqa: AN
     m = Machine(1 << 20, vcpus)
     m.add_legacy_devices(sink)
     m.mem.write(CODE_ADDR, code)
-    v = m.vcpus[0]
+    v = m.vcpus[0].fd
     s = v.get_sregs()
     s.cs.base, s.cs.selector = 0, 0
     v.set_sregs(s)
@@ -43,7 +43,7 @@ def triple_fault_machine() -> Machine:
     """Protected mode with a zero-limit CS and an empty IDT: the first fetch faults
     (#GP), which cannot be delivered (#DF), which cannot either: a triple fault."""
     m = real_mode_machine(b"\xf4", lambda b: None)
-    v = m.vcpus[0]
+    v = m.vcpus[0].fd
     s = v.get_sregs()
     s.cr0 |= 1
     s.cs.limit = 0

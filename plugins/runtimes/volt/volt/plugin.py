@@ -1,21 +1,18 @@
-"""Volt as a Stellarium runtime plugin: ``Registry().create("runtime", "volt")``.
+"""Volt as a Stellarium runtime plugin: ``Registry().create("runtime", "volt", params)``.
 
-``run(spec)`` boots a microVM from a mapping with the same fields as
-:class:`volt.vmm.vm.VmConfig` (``kernel`` required) and returns the ``volt run``
-exit code. Parameters given at creation are defaults for every spec.
+``params`` are VmConfig defaults (the host config's [vm] table is exactly that);
+``run(spec)`` boots a microVM from a spec with the same fields, plus ``config``
+(the host config path whose store and plugins the VM uses), and returns the
+``volt run`` exit code. Plugins loaded in that host hear the instance events.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any
 
-from stellarium_core.errors import ConfigError
 from stellarium_core.hookspecs import hookimpl
-from volt.vmm.vm import VmConfig
-
-_FIELDS = {f.name for f in fields(VmConfig)}
+from volt.vmm.config import Layer, VmConfig, check, layered
 
 
 class VoltRuntime:
@@ -23,27 +20,26 @@ class VoltRuntime:
 
     name = "volt"
 
-    def __init__(self, defaults: Mapping[str, Any]) -> None:
-        unknown = set(defaults) - _FIELDS
-        if unknown:
-            raise ConfigError(f"unknown parameter; known: {', '.join(sorted(_FIELDS))}",
-                              key=sorted(unknown)[0])
-        self.defaults = dict(defaults)
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self._given = check(params)            # ConfigErrors keyed by the field name
+        self._defaults = layered(Layer(self._given, "spec"))
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The effective defaults, every field filled in (TOML-shaped)."""
+        return self._defaults.to_dict()
 
     def config(self, spec: Mapping[str, Any]) -> VmConfig:
-        merged = {**self.defaults, **spec}
-        unknown = set(merged) - _FIELDS
-        if unknown:
-            raise ConfigError(f"unknown VM spec field {sorted(unknown)[0]!r}")
-        if "kernel" not in merged:
-            raise ConfigError("a VM spec needs a kernel", key="kernel")
-        return VmConfig(**merged)
+        """The VmConfig for ``spec`` over this runtime's defaults."""
+        return layered(Layer(self._given, "spec"), Layer(spec, "spec"))
 
     def run(self, spec: Mapping[str, Any]) -> int:
-        from volt.cli.run import run_machine
-        from volt.vmm.vm import build
+        from stellarium_core.host import Host
+        from volt.vmm.runner import launch
 
-        return run_machine(build(self.config(spec)))
+        rest = dict(spec)
+        host = Host.from_config(rest.pop("config", None))
+        return launch(self.config(rest), host)
 
 
 @hookimpl

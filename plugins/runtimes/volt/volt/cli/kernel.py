@@ -28,8 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--jobs", type=int, help="make -j (default: CPU count)")
     b.add_argument("--verbose", action="store_true", help="show the make output")
     b.set_defaults(func=_build)
-    i = ks.add_parser("import", parents=[JSON], help="register a vmlinux or bzImage file")
-    i.add_argument("path", type=Path)
+    i = ks.add_parser("import", parents=[JSON], help="register a vmlinux or bzImage file "
+                      "and/or the initrd that goes with it")
+    i.add_argument("path", type=Path, nargs="?", help="the kernel image")
+    i.add_argument("--initrd", type=Path, metavar="FILE", help="an initramfs to store with it")
     i.add_argument("--name", help="registry name (default: the file name)")
     i.set_defaults(func=_import)
     ls = ks.add_parser("list", parents=[JSON], help="registered kernels")
@@ -88,9 +90,10 @@ def _build(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     registry, host = _registry(args)
-    rec = registry.import_kernel(host, args.path, args.name)
-    emit(args, _summary(rec), lambda d: f"imported {d['name']} ({', '.join(d['formats'])}, "
-                                        f"version {d['version']})")
+    rec = registry.import_kernel(host, args.path, args.name, args.initrd)
+    emit(args, _summary(rec), lambda d: f"imported {d['name']} ({', '.join(d['formats'])}"
+                                        + (f", version {d['version']})" if d["version"]
+                                           else ")"))
     return 0
 
 

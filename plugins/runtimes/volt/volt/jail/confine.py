@@ -152,9 +152,14 @@ def _check(ret: int, what: str) -> None:
         raise VoltError(f"cannot confine: {what}: {os.strerror(err)}", exitcodes.CONFINE)
 
 
-def apply(args: argparse.Namespace, cfg: Any, machine: Any) -> None:
-    """The ``volt run`` step: confine the process per ``args`` and hook the VM's threads."""
-    conf = Confinement(args.landlock, args.seccomp)
-    print(conf.apply_process(Policy.for_vm(cfg.kernel, cfg.initrd, cfg.devices)),
+def apply(conf: Confinement, cfg: Any, machine: Any) -> None:
+    """Confine the process of the built ``machine`` (booting ``cfg``) and hook its threads."""
+    devices = [t.device for t in machine.devices.transports.values()]
+    print(conf.apply_process(Policy.for_vm(cfg.kernel, cfg.initrd, devices)),
           file=sys.stderr, flush=True)
     machine.enter_thread = conf.enter_thread
+
+
+def from_args(args: argparse.Namespace) -> Confinement:
+    """The confinement ``--landlock``/``--seccomp`` ask for."""
+    return Confinement(args.landlock, args.seccomp)

@@ -138,43 +138,65 @@ class _RunArgs(argparse.ArgumentParser):
         raise UsageError(f"volt jail: the volt run arguments after --: {message}")
 
 
-def vmm_inputs(spec: JailSpec) -> tuple[Policy, dict[str, str]]:
-    """Check the ``volt run`` arguments; what the VMM reads/writes besides its kernel and
-    initrd (stores, host configs), and its environment in the jail."""
+@dataclass(frozen=True)
+class VmmInputs:
+    """What the jailed VMM needs besides Python: its kernel and initrd (a file is linked
+    into the root; a registry name is read from the store), its host config and that
+    host's store (bound; Landlock narrows it once the devices are built), and its
+    environment in the jail."""
+
+    kernel: str
+    initrd: str
+    memory_mib: int
+    policy: Policy
+    env: dict[str, str]
+
+
+def vmm_inputs(spec: JailSpec) -> VmmInputs:
+    """Check the ``volt run`` arguments the way ``volt run`` reads them (flags over the
+    host config's [vm] table) before anything is made."""
     from stellarium_core import config as config_mod
-    from volt.cli.run import add_arguments
-    from volt.vmm.devices.virtio_mmio import parse_device_option
+    from volt.jail import confine
+    from volt.vmm import config as vm_config
 
     parser = _RunArgs(prog="volt jail --", add_help=False)
-    add_arguments(parser)
+    parser.add_argument("--config")
+    vm_config.add_arguments(parser)
+    confine.add_arguments(parser)
     args = parser.parse_args(spec.vmm_args)
-    for p in (args.kernel, args.initrd):
-        if p and not os.path.isfile(p):
+    host_config = config_mod.load(args.config)
+    vm = vm_config.from_args(args, host_config)
+    if not vm.kernel:
+        raise UsageError("volt jail: the volt run arguments after --: no kernel (give "
+                         "--kernel, or kernel in the host config's [vm] table)")
+    for p in (vm.kernel, vm.initrd):
+        if p and os.sep in p and not os.path.isfile(p):
             raise UsageError(f"volt jail: {p}: no such file")
-    devices = [parse_device_option(d) for d in args.device]
-    policy = Policy.for_vm(args.kernel, args.initrd, devices)
-    policy.read = [p for p in policy.read
-                   if p not in {os.path.abspath(f) for f in (args.kernel, args.initrd) if f}]
-    env: dict[str, str] = {}
-    for _name, params in devices:
-        cfg, _explicit = config_mod.config_path(params.get("config"))
-        if cfg.exists():
-            policy.read.append(str(cfg.resolve()))
-            if "config" not in params:
-                env[config_mod.ENV_VAR] = str(cfg.resolve())
-    return policy, env
+    policy, env = Policy(), {"HOME": "/"}      # the jail's root: no default config there
+    cfg, _explicit = config_mod.config_path(args.config)
+    if cfg.exists():
+        policy.read.append(str(cfg.resolve()))
+        env[config_mod.ENV_VAR] = str(cfg.resolve())
+        if os.path.isdir(host_config.store_path):
+            policy.write.append(str(host_config.store_path))
+    return VmmInputs(vm.kernel, vm.initrd, vm.memory_mib, policy, env)
 
 
-def args_with_paths(spec: JailSpec) -> list[str]:
-    """``vmm_args`` with --kernel/--initrd pointing at the copies in the jail's root."""
+def args_with_paths(spec: JailSpec, inputs: VmmInputs) -> list[str]:
+    """``vmm_args`` with --kernel/--initrd set to the copies in the jail's root (files) or
+    the registry names, wherever they came from (flags or [vm])."""
     out, it = [], iter(spec.vmm_args)
     for tok in it:
-        opt, eq, val = tok.partition("=")
+        opt, eq, _val = tok.partition("=")
         if opt in ("--kernel", "--initrd"):
-            val = val if eq else next(it)
-            out += [opt, _link_in(val, spec.root, spec.uid, spec.gid)]
+            if not eq:
+                next(it)
         else:
             out.append(tok)
+    for opt, val in (("--kernel", inputs.kernel), ("--initrd", inputs.initrd)):
+        if val:
+            out += [opt, _link_in(val, spec.root, spec.uid, spec.gid)
+                    if os.path.isfile(val) else val]
     return out
 
 
@@ -217,13 +239,19 @@ def drop_privileges(uid: int, gid: int) -> None:
 def run(spec: JailSpec) -> int:
     """Build the jail, start the VMM in it; returns its exit code (or 0 when daemonized)."""
     limits, cgroup_limits = check(spec)
-    policy, env = vmm_inputs(spec)
+    inputs = vmm_inputs(spec)
+    fsize = limits.get(resource.RLIMIT_FSIZE)
+    if fsize is not None and fsize < inputs.memory_mib << 20:
+        raise UsageError(f"--resource-limit fsize={fsize} is smaller than the guest memory "
+                         f"({inputs.memory_mib} MiB): guest RAM is a memfd, and the limit "
+                         "caps its size too")
+    policy, env = inputs.policy, inputs.env
     python = chroot.python_paths()
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     spec.jail_dir.mkdir(parents=True, mode=0o700)
     try:
         spec.root.mkdir(mode=0o755)
-        argv = args_with_paths(spec)
+        argv = args_with_paths(spec, inputs)
         for res, value in limits.items():
             resource.setrlimit(res, (value, value))
         groups = cgroups.setup(cgroup_limits, spec.parent_cgroup, spec.vm_id,

@@ -1,22 +1,23 @@
 """What one VM may touch once it runs: the input to Landlock (and the jailer's root).
 
 Everything else on the host is out of reach. The list is derived from the VM's
-config, never from the guest: kernel and initrd (read), the Stellarium store of
-each device's host config (read-write unless every device on it is read-only),
-and the KVM/TUN/vhost device nodes that exist on this host.
+config and its built devices, never from the guest: kernel and initrd files
+(read), what each device declares it still opens (``host_paths``: a Stellarium
+device's store, read-write unless every device on it is read-only), and the
+KVM/TUN/vhost device nodes that exist on this host.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+
+from stellarium_core.virtio import HostPathsDevice
 
 #: Device nodes a VMM may open after setup (hotplug, vhost); only those present are granted.
 DEVICE_NODES = ("/dev/kvm", "/dev/net/tun", "/dev/vhost-*")
-TRUE_WORDS = ("1", "true", "yes", "on")
 
 
 @dataclass
@@ -34,27 +35,20 @@ class Policy:
                 yield p, rights
 
     @classmethod
-    def for_vm(cls, kernel: str, initrd: str | None,
-               devices: list[tuple[str, dict[str, Any]]]) -> Policy:
-        """The policy of a VM booting ``kernel``/``initrd`` with these ``--device`` specs.
+    def for_vm(cls, kernel: str, initrd: str | None, devices: Iterable[object]) -> Policy:
+        """The policy of a VM booting ``kernel``/``initrd`` with these built devices.
 
-        Stellarium device plugins take the host config as ``config=`` (default: the
-        usual lookup), ``readonly=``, and ``image=`` (an image's VM form, always
-        read-only); the store of that config is granted when it exists (a device that
-        does not use a store has none to be granted).
+        Kernel and initrd are granted when they are files (a name from the kernel
+        registry was read from NEBULA during the build); a path several devices
+        declare is writable if any of them writes it.
         """
-        from stellarium_core import config
-
-        pol = cls(read=[os.path.abspath(p) for p in (kernel, initrd) if p])
-        stores: dict[str, bool] = {}
-        for _name, params in devices:
-            store = str(config.load(params.get("config")).store_path)
-            if not os.path.isdir(store):
-                continue
-            writable = "image" not in params and \
-                str(params.get("readonly", "")).strip().lower() not in TRUE_WORDS
-            stores[store] = stores.get(store, False) or writable
-        for store, writable in stores.items():
-            (pol.write if writable else pol.read).append(store)
+        pol = cls(read=[os.path.abspath(p) for p in (kernel, initrd) if p and os.path.isfile(p)])
+        paths: dict[str, bool] = {}
+        for dev in devices:
+            if isinstance(dev, HostPathsDevice):
+                for path, writable in dev.host_paths():
+                    paths[path] = paths.get(path, False) or writable
+        for path, writable in paths.items():
+            (pol.write if writable else pol.read).append(path)
         pol.devices = [p for pattern in DEVICE_NODES for p in sorted(glob.glob(pattern))]
         return pol

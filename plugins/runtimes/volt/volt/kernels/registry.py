@@ -1,9 +1,9 @@
 """The kernel registry: kernel images stored in NEBULA, described by small JSON records.
 
 A record ``<store>/records/kernels/<name>.json`` names one kernel and holds, per
-boot format it has (``vmlinux``, ``bzImage``), the image's whole-file digest,
-and under ``"chunks"`` the FastCDC chunk list it was stored as. That is the
-core's contract for plugin records that hold references
+image it has (``vmlinux``, ``bzImage``, and optionally the ``initrd`` that goes with
+it), the image's whole-file digest, and under ``"chunks"`` the FastCDC chunk list it
+was stored as. That is the core's contract for plugin records that hold references
 (:mod:`stellarium_core.holders`), so ``stellar fsck`` counts them. Chunks are
 reference counted, so two kernels that share most bytes share most chunks, and
 replacing or removing a record releases exactly the references it held.
@@ -29,11 +29,12 @@ from stellarium_core.holders import RECORDS
 from stellarium_core.host import Host
 from stellarium_core.nebula import Batch
 from volt.kernels.build import KernelBuild
-from volt.kernels.formats import KernelInfo, inspect
+from volt.kernels.formats import inspect
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 #: Image slot names by format.
 SLOTS = {"elf": "vmlinux", "bzimage": "bzImage"}
+INITRD = "initrd"
 
 
 @dataclass(frozen=True)
@@ -83,13 +84,13 @@ def check_name(name: str) -> str:
 
 
 def _store_image(host: Host, batch: Batch, path: Path,
-                 info: KernelInfo) -> tuple[dict[str, Any], list[list[Any]]]:
+                 info: dict[str, Any]) -> tuple[dict[str, Any], list[list[Any]]]:
     chunks = batch.put_stream(path, host.chunker)
     h = host.hasher.new()
     with open(path, "rb") as fh:
         while block := fh.read(1 << 20):
             h.update(block)
-    return ({"digest": h.digest().hex(), "size": sum(n for _, n in chunks), **info.to_dict()},
+    return ({"digest": h.digest().hex(), "size": sum(n for _, n in chunks), **info},
             [[d.hex(), n] for d, n in chunks])
 
 
@@ -105,7 +106,8 @@ def register(host: Host, name: str, images: dict[str, Path], meta: dict[str, Any
     with host.store.pending() as journal:
         with host.store.batch(journal=journal) as batch:
             for slot, path in images.items():
-                stored[slot], chunks[slot] = _store_image(host, batch, path, inspect(path))
+                info = {"format": INITRD} if slot == INITRD else inspect(path).to_dict()
+                stored[slot], chunks[slot] = _store_image(host, batch, path, info)
         journal.settle()
     record = {"name": name, "registered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "hasher": host.hasher.name, **meta, "images": stored, "chunks": chunks}
@@ -138,13 +140,24 @@ def _read(path: Path) -> KernelRecord | None:
     return KernelRecord(data["name"], data)
 
 
-def import_kernel(host: Host, path: Path, name: str | None = None) -> KernelRecord:
-    """Register any vmlinux or bzImage (e.g. Debian's /boot/vmlinuz-*)."""
-    info = inspect(path)  # refuse non-kernels before touching the store
-    name = check_name(name or path.name)
-    return register(host, name, {SLOTS[info.format]: path},
-                    {"source": "import", "origin": str(Path(path).resolve()),
-                     "version": info.version})
+def import_kernel(host: Host, path: Path | None, name: str | None = None,
+                  initrd: Path | None = None) -> KernelRecord:
+    """Register any vmlinux or bzImage (e.g. Debian's /boot/vmlinuz-*), an initrd to boot
+    it with, or both; ``volt run --kernel NAME --initrd NAME`` then finds them."""
+    if path is None and initrd is None:
+        raise UsageError("give a kernel image, an --initrd, or both")
+    images: dict[str, Path] = {}
+    meta: dict[str, Any] = {"source": "import"}
+    if path is not None:
+        info = inspect(path)  # refuse non-kernels before touching the store
+        images[SLOTS[info.format]] = path
+        meta.update(origin=str(Path(path).resolve()), version=info.version)
+    if initrd is not None:
+        if not initrd.is_file() or initrd.stat().st_size == 0:
+            raise UsageError(f"initrd {initrd}: not a non-empty file")
+        images[INITRD] = initrd
+    name = check_name(name or (path or initrd).name)  # type: ignore[union-attr]
+    return register(host, name, images, meta)
 
 
 def register_build(host: Host, build: KernelBuild, name: str | None = None) -> KernelRecord:
@@ -173,6 +186,20 @@ def find(host: Host, ref: str) -> KernelRecord:
             raise UsageError(f"digest prefix {ref} is ambiguous: "
                              + ", ".join(r.name for r in hits))
     raise StellarError(f"no kernel named or hashed {ref!r} (see `volt kernel list`)")
+
+
+def select(host: Host, ref: str, slots: tuple[str, ...]) -> tuple[KernelRecord, str]:
+    """The record ``ref`` names and which of its images to use: the one whose digest ``ref``
+    prefixes, else the first of ``slots`` it has."""
+    rec = find(host, ref)
+    for slot in slots:
+        if slot in rec.images and rec.images[slot]["digest"].startswith(ref):
+            return rec, slot
+    for slot in slots:
+        if slot in rec.images:
+            return rec, slot
+    raise UsageError(f"kernel {rec.name} has no {' or '.join(slots)} (it has: "
+                     f"{', '.join(rec.images)})")
 
 
 def read_image(host: Host, rec: KernelRecord, slot: str) -> bytes:

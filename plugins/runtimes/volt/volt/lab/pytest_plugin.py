@@ -1,14 +1,15 @@
-"""pytest fixtures for tests that need real KVM (the lab) or a built guest kernel.
+"""pytest fixtures for tests that need real KVM (the lab), a guest kernel or an initramfs.
 
-Import them into a conftest (``from volt.lab.pytest_plugin import *``). Tests
-that use ``lab`` should carry ``@pytest.mark.lab``; they skip, saying why, when
-this machine has no QEMU or no Debian kernel with kvm_amd.
+Installed as a pytest plugin (the ``pytest11`` entry point of stellarium-runtime-volt),
+so any test, a device plugin's included, gets them without importing Volt. Tests
+that use ``lab`` should carry ``@pytest.mark.lab``; they skip, saying why, when this
+machine has no QEMU or no Debian kernel with kvm_amd.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,6 @@ from volt import lab as lab_mod
 from volt.kernels import initramfs
 from volt.kernels.build import KernelBuild
 from volt.kernels.build import build as build_kernel
-
-__all__ = ["Lab", "lab", "guest_kernel", "smoke_initramfs"]
 
 
 @cache
@@ -57,3 +56,17 @@ def guest_kernel() -> KernelBuild:
 def smoke_initramfs() -> Path:
     """A busybox initramfs whose /init prints ``VOLT-INIT-OK`` and reboots."""
     return initramfs.smoke_initramfs()
+
+
+@pytest.fixture(scope="session")
+def smoke_marker() -> str:
+    """The line the smoke initramfs prints once userspace runs."""
+    return initramfs.SMOKE_MARKER
+
+
+@pytest.fixture(scope="session")
+def busybox_initramfs() -> Callable[[str, Path], Path]:
+    """``make(init_script, path)``: write a busybox initramfs whose /init is the script."""
+    def make(init: str, path: Path) -> Path:
+        return initramfs.base_archive(init).write(path)
+    return make

@@ -10,17 +10,27 @@ import argparse
 import sys
 
 from stellarium_core.errors import StellarError
-from volt.cli import run as run_cmd
+from volt.jail import confine
+from volt.vmm import config, exitcodes
+from volt.vmm.timing import process_start  # noqa: F401  (imported early: its clock starts)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="volt-vmm", description=run_cmd.DESCRIPTION,
-                                     epilog=run_cmd._epilog(),
+    parser = argparse.ArgumentParser(prog="volt-vmm", epilog=exitcodes.epilog(),
+                                     description="Boot a Linux microVM under KVM.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    run_cmd.add_arguments(parser)
+    parser.add_argument("--config", metavar="PATH", help="host config (default: "
+                        "$STELLAR_CONFIG, then ~/.config/stellarium/host.toml)")
+    config.add_arguments(parser)
+    confine.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return run_cmd.run(args)
+        from stellarium_core.host import Host
+        from volt.vmm.runner import launch
+
+        host = Host.from_config(args.config)
+        return launch(config.from_args(args, host.config), host, timing=args.timing,
+                      confinement=confine.from_args(args))
     except StellarError as exc:
         print(f"volt-vmm: error: {exc}", file=sys.stderr)
         return exc.exit_code

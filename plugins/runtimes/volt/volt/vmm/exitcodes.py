@@ -39,6 +39,13 @@ TABLE: tuple[tuple[int, str], ...] = (
 )
 
 
+def epilog() -> str:
+    """The exit-code and signal table ``volt run --help`` ends with."""
+    codes = "\n".join(f"  {code:>3}  {text}" for code, text in TABLE)
+    return ("exit codes:\n" + codes + "\n\nsignals: SIGTERM/SIGINT stop the VM cleanly; "
+            "SIGUSR1 pauses the vCPUs, SIGUSR2 resumes them.")
+
+
 class VoltError(StellarError):
     """A failure with its own ``volt run`` exit code."""
 

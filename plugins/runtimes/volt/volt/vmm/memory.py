@@ -1,83 +1,121 @@
-"""Guest physical memory: one anonymous mmap per region, bounds-checked access.
+"""Guest RAM: one memfd mapped MAP_SHARED, so other processes can map the same pages.
 
-The mapping is made with libc ``mmap`` so its host address can be handed to
-``KVM_SET_USER_MEMORY_REGION`` and so huge pages (MAP_HUGETLB) can be asked for.
-Every accessor checks the guest range against the regions first: a loader bug
-or a hostile descriptor gets a :class:`GuestMemoryError`, never a host segfault.
+A vhost-user backend or a snapshot writer maps the memfd (``regions`` give fd,
+offset and guest address of each slot) and sees every guest write. With huge
+pages the memfd is hugetlbfs-backed and the pages are reserved when it is mapped,
+so a shortage is an error at start, not a SIGBUS in the guest later.
+
+KSM merges only private anonymous pages (the kernel ignores MADV_MERGEABLE on
+shared and hugetlb mappings), so ``ksm=True`` maps private anonymous memory
+instead and marks it mergeable; that memory is not shareable (``fd`` -1).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
-import struct
-from dataclasses import dataclass
 
-# The process's own symbols include libc; find_library would spawn ldconfig (slow start).
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-MAP_FAILED = ctypes.c_void_p(-1).value
-MAP_HUGETLB = 0x40000
-MAP_NORESERVE = 0x4000
-MADV_MERGEABLE = 12
+from stellarium_core.virtio.memory import GuestMemoryError, MemoryRegion, RegionMemory
 
 #: The 32-bit MMIO hole: RAM that would land here is moved above 4 GiB.
 MMIO_GAP_START = 0xC000_0000
 MMIO_GAP_END = 0x1_0000_0000
+HUGE_PAGE = 2 << 20
+MAP_NORESERVE = 0x4000
+
+__all__ = ["GuestMemory", "GuestMemoryError", "MMIO_GAP_END", "MMIO_GAP_START"]
 
 
-class GuestMemoryError(ValueError):
-    """A guest physical range is not (entirely) backed by guest RAM."""
+def _huge_pages_available() -> str:
+    """Free huge pages nobody has reserved yet, from /proc/meminfo."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return str(int(info["HugePages_Free"]) - int(info["HugePages_Rsvd"]))
+    except (OSError, KeyError, ValueError):
+        return "?"
 
 
-@dataclass
-class Region:
-    """One contiguous slot of guest RAM."""
+class GuestMemory(RegionMemory):
+    """All guest RAM: below 3 GiB in one region, the rest above 4 GiB, one memfd behind both."""
 
-    guest_addr: int
-    size: int
-    host_addr: int
-    view: memoryview
-
-    @property
-    def end(self) -> int:
-        return self.guest_addr + self.size
-
-
-class GuestMemory:
-    """All guest RAM; below 3 GiB in one region, the rest above 4 GiB."""
-
-    def __init__(self, size: int, hugepages: bool = False) -> None:
-        if size <= 0 or size % mmap.PAGESIZE:
-            raise GuestMemoryError(f"guest memory size {size} is not a positive page multiple")
-        self.size = size
-        self.regions: list[Region] = []
+    def __init__(self, size: int, *, hugepages: bool = False, ksm: bool = False) -> None:
+        page = HUGE_PAGE if hugepages else mmap.PAGESIZE
+        if size <= 0 or size % page:
+            raise GuestMemoryError(f"guest memory size {size} is not a positive multiple of "
+                                   f"the {page >> 10} KiB page size")
+        if hugepages and ksm:
+            raise GuestMemoryError("KSM cannot merge huge pages")
         layout = [(0, min(size, MMIO_GAP_START))]
         if size > MMIO_GAP_START:
             layout.append((MMIO_GAP_END, size - MMIO_GAP_START))
-        for guest_addr, length in layout:
-            self.regions.append(self._map(guest_addr, length, hugepages))
+        self.fd = -1 if ksm else self._memfd(size, hugepages)
+        self._maps: list[mmap.mmap] = []
+        parts = []
+        try:
+            offset = 0
+            for guest_addr, length in layout:
+                mm = self._map(length, offset, hugepages, ksm)
+                self._maps.append(mm)
+                host = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+                region = MemoryRegion(guest_addr, length, host, self.fd,
+                                      offset if self.fd >= 0 else 0)
+                parts.append((region, memoryview(mm)))
+                offset += length
+        except BaseException:
+            self._unmap()
+            raise
+        super().__init__(parts)
 
     @staticmethod
-    def _map(guest_addr: int, length: int, hugepages: bool) -> Region:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        # Huge pages are reserved at mmap time, so a shortage fails here and not later
-        # as a SIGBUS inside the guest; normal pages are overcommitted like any VMM's.
-        flags |= MAP_HUGETLB if hugepages else MAP_NORESERVE
-        addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
-        if addr in (None, MAP_FAILED):
-            err = ctypes.get_errno()
-            hint = (" in huge pages (reserve them: /proc/sys/vm/nr_hugepages)"
-                    if hugepages else "")
-            raise GuestMemoryError(f"cannot map {length} bytes of guest memory{hint}: "
-                                   f"{os.strerror(err)}")
-        view = memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
-        return Region(guest_addr, length, addr, view)
+    def _memfd(size: int, hugepages: bool) -> int:
+        flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB | os.MFD_HUGE_2MB if hugepages else 0)
+        try:
+            fd = os.memfd_create("volt-guest-ram", flags)
+        except OSError as exc:
+            kind = " in huge pages" if hugepages else ""
+            raise GuestMemoryError(f"cannot create guest memory{kind}: "
+                                   f"{exc.strerror}") from None
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            os.close(fd)
+            hint = (" (RLIMIT_FSIZE is lower; guest RAM is a memfd)"
+                    if exc.errno == errno.EFBIG else "")
+            raise GuestMemoryError(f"cannot size guest memory to {size >> 20} MiB: "
+                                   f"{exc.strerror}{hint}") from None
+        return fd
+
+    def _map(self, length: int, offset: int, hugepages: bool, ksm: bool) -> mmap.mmap:
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        try:
+            if ksm:
+                mm = mmap.mmap(-1, length, mmap.MAP_PRIVATE | MAP_NORESERVE, prot)
+                mm.madvise(mmap.MADV_MERGEABLE)
+                return mm
+            return mmap.mmap(self.fd, length, mmap.MAP_SHARED, prot, offset=offset)
+        except OSError as exc:
+            if hugepages:
+                raise GuestMemoryError(
+                    f"cannot reserve {length >> 20} MiB of guest memory in 2 MiB huge pages "
+                    f"({_huge_pages_available()} available; reserve more in "
+                    f"/proc/sys/vm/nr_hugepages): "
+                    f"{exc.strerror}") from None
+            raise GuestMemoryError(f"cannot map {length >> 20} MiB of guest memory: "
+                                   f"{exc.strerror}") from None
+
+    @property
+    def low_end(self) -> int:
+        """End of the RAM below the 32-bit MMIO gap."""
+        return self.regions[0].end
+
+    def read_u64(self, addr: int) -> int:
+        return int.from_bytes(self.view(addr, 8), "little")
+
+    def write_u64(self, addr: int, value: int) -> None:
+        self.view(addr, 8)[:] = value.to_bytes(8, "little")
 
     def __enter__(self) -> GuestMemory:
         return self
@@ -86,55 +124,18 @@ class GuestMemory:
         self.close()
 
     def close(self) -> None:
-        """Unmap all guest RAM; views handed out before are released."""
-        for r in self.regions:
-            r.view.release()
-            _libc.munmap(r.host_addr, r.size)
-        self.regions.clear()
+        """Unmap guest RAM. A mapping a device still holds a window into stays mapped
+        until the process ends (never a dangling pointer)."""
+        self.release()
+        self._unmap()
 
-    @property
-    def low_end(self) -> int:
-        """End of the RAM below the 32-bit MMIO gap."""
-        return self.regions[0].end
-
-    def _find(self, addr: int, length: int) -> tuple[Region, int]:
-        for r in self.regions:
-            if r.guest_addr <= addr and addr + length <= r.end and length >= 0:
-                return r, addr - r.guest_addr
-        raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is outside guest memory")
-
-    def contains(self, addr: int, length: int) -> bool:
-        try:
-            self._find(addr, length)
-        except GuestMemoryError:
-            return False
-        return True
-
-    def view(self, addr: int, length: int) -> memoryview:
-        """A writable window onto guest RAM (no copy)."""
-        r, off = self._find(addr, length)
-        return r.view[off:off + length]
-
-    def read(self, addr: int, length: int) -> bytes:
-        return bytes(self.view(addr, length))
-
-    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        self.view(addr, len(data))[:] = data
-
-    def read_u16(self, addr: int) -> int:
-        return struct.unpack_from("<H", self.view(addr, 2))[0]
-
-    def read_u32(self, addr: int) -> int:
-        return struct.unpack_from("<I", self.view(addr, 4))[0]
-
-    def read_u64(self, addr: int) -> int:
-        return struct.unpack_from("<Q", self.view(addr, 8))[0]
-
-    def write_u16(self, addr: int, value: int) -> None:
-        struct.pack_into("<H", self.view(addr, 2), 0, value)
-
-    def write_u32(self, addr: int, value: int) -> None:
-        struct.pack_into("<I", self.view(addr, 4), 0, value)
-
-    def write_u64(self, addr: int, value: int) -> None:
-        struct.pack_into("<Q", self.view(addr, 8), 0, value)
+    def _unmap(self) -> None:
+        for mm in self._maps:
+            try:
+                mm.close()
+            except BufferError:
+                pass
+        self._maps.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

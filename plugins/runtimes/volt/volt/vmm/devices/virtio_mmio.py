@@ -1,22 +1,45 @@
 """The virtio-mmio transport, modern layout (version 2), driving any ``VirtioDevice``.
 
-Each device gets a 4 KiB MMIO window and its own GSI; Linux finds it through
-``virtio_mmio.device=4K@ADDR:IRQ`` on the command line. Used-buffer interrupts
-set bit 0 of InterruptStatus and pulse the GSI (through an irqfd when KVM has
-them). Devices come from the plugin registry by name, never by import.
+Registers are served in the vCPU thread that touched them. Device work happens in
+the I/O thread: a queue notification arrives on that queue's kick eventfd (a KVM
+ioeventfd, or written here when the guest's MMIO write exits instead) and the loop
+calls ``device.notify``. The lifecycle lock serialises status changes (activation,
+reset) against a notification being served; the interrupt-status register has its
+own small lock, so the guest's interrupt handler never waits for a drain.
+
+Interrupts cost the guest one exit, not two: where KVM has ioeventfds the guest's
+acknowledgement of a used-ring interrupt (INTERRUPT_ACK = 1, what Linux writes back
+after reading the status) is absorbed by KVM, and the used-ring bit of
+InterruptStatus reads as always set, so Linux's handler looks at its rings on every
+interrupt (a spurious look is cheap; an interrupt is only raised for a reason).
+
+The transport is also the device's :class:`~stellarium_core.virtio.DeviceLink`:
+fds it registers run under a guard, and a device that raises (in ``notify``,
+``activate`` or an fd callback) is marked NEEDS_RESET with a logged reason, while
+the VM and the other devices carry on. A queue handed over as eventfds needs that permanent
+used-ring bit too: the backend's irqfd interrupts the guest directly.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import select
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from stellarium_core.errors import StellarError
-from stellarium_core.virtio import STATUS_DRIVER_OK, DeviceState, GuestMemory, VirtioDevice
-from volt.vmm import exitcodes, layout
-from volt.vmm.exitcodes import VoltError
+from stellarium_core.virtio import (
+    STATUS_NEEDS_RESET,
+    DeviceState,
+    GuestMemory,
+    QueueEventfds,
+    VirtioDevice,
+)
+from volt.vmm.devices.event_loop import EventLoop
+
+log = logging.getLogger(__name__)
 
 MAGIC = 0x74726976          # "virt"
 VERSION = 2
@@ -31,48 +54,139 @@ INT_VRING, INT_CONFIG = 1, 2
                        0x038, 0x044, 0x050, 0x060, 0x064, 0x070, 0x080, 0x084, 0x090, 0x094,
                        0x0A0, 0x0A4, 0x0FC)
 CONFIG_SPACE = 0x100
+_U32 = struct.Struct("<I")
+
+
+class DeviceEvents:
+    """The event loop as one device sees it: its callbacks run guarded, its fds are its own."""
+
+    def __init__(self, loop: EventLoop, fail: Callable[[str], None]) -> None:
+        self._loop, self._fail = loop, fail
+        self.fds: set[int] = set()
+
+    def add(self, fd: int, callback: Callable[[int], None],
+            events: int = select.EPOLLIN) -> None:
+        def guarded(ev: int) -> None:
+            try:
+                callback(ev)
+            except Exception as exc:
+                self.remove(fd)
+                self._fail(f"callback for fd {fd} raised {type(exc).__name__}: {exc}")
+        self._loop.add(fd, guarded, events)
+        self.fds.add(fd)
+
+    def modify(self, fd: int, events: int) -> None:
+        self._loop.modify(fd, events)
+
+    def remove(self, fd: int) -> None:
+        self._loop.remove(fd)
+        self.fds.discard(fd)
 
 
 class VirtioMmio:
-    """One device behind the virtio-mmio register window (a bus device)."""
+    """One device behind the virtio-mmio register window (a bus device), and its link."""
 
-    def __init__(self, device: VirtioDevice, mem: GuestMemory, irq: Callable[[], None]) -> None:
+    def __init__(self, device: VirtioDevice, mem: GuestMemory, irq: Callable[[], None],
+                 loop: EventLoop, kick_fds: Sequence[int], name: str = "",
+                 ack_in_kernel: bool = False) -> None:
+        """``irq`` pulses the device's interrupt; its ``fd`` attribute, when there is one,
+        is the irqfd a handed-over queue's backend writes. ``ack_in_kernel``: KVM absorbs
+        the guest's INTERRUPT_ACK of the used-ring bit (an ioeventfd on it)."""
         self.state = DeviceState(device)
         self.device = device
         self.mem = mem
+        self.name = name or type(device).__name__
         self._irq = irq
-        self._lock = threading.Lock()            # interrupt status (device threads)
-        self._regs = threading.RLock()           # registers vs. ioeventfd kicks
+        self._lock = threading.RLock()           # lifecycle vs. notifications being served
+        self._isr_lock = threading.Lock()        # interrupt status (device and vCPU threads)
         self.interrupt_status = 0
+        #: Interrupt-status bits that stay set: INT_VRING when KVM absorbs its ACK or a
+        #: queue is handed over.
+        self.sticky_status = INT_VRING if ack_in_kernel else 0
         self.features_sel = 0
         self.driver_features_sel = 0
         self.queue_sel = 0
+        self.kick_fds = list(kick_fds)
+        self.handed_over: set[int] = set()
+        self._loop = loop
+        self._events = DeviceEvents(loop, self.needs_reset)
+        for q, fd in enumerate(self.kick_fds):
+            loop.add(fd, lambda _ev, q=q: self._kicked(q))
+        attach = getattr(device, "attach", None)
+        if attach is not None:
+            attach(self)
+
+    # -- the DeviceLink the device gets ----------------------------------------------------
+
+    @property
+    def loop(self) -> DeviceEvents:
+        return self._events
 
     def signal_used(self) -> None:
-        """What the device calls after adding used buffers."""
-        with self._lock:
+        """What the device calls after adding used buffers (``activate``'s ``interrupt``)."""
+        with self._isr_lock:
             self.interrupt_status |= INT_VRING
         self._irq()
 
-    def _queue(self):  # -> Virtqueue | None
+    def config_changed(self) -> None:
+        with self._lock:
+            self.state.config_changed()
+        self._config_interrupt()
+
+    def needs_reset(self, reason: str) -> None:
+        """The device gives up until the driver resets it; its notifications stop."""
+        log.error("device %s needs a reset: %s", self.name, reason)
+        with self._lock:
+            self.state.needs_reset()
+        self._config_interrupt()
+
+    def _config_interrupt(self) -> None:
+        with self._isr_lock:
+            self.interrupt_status |= INT_CONFIG
+        self._irq()
+
+    def queue_eventfds(self, queue: int) -> QueueEventfds:
+        if not 0 <= queue < len(self.kick_fds):
+            raise ValueError(f"device {self.name} has no queue {queue}")
+        call = getattr(self._irq, "fd", None)
+        if call is None:
+            raise RuntimeError("KVM has no irqfd here, so a backend cannot interrupt the "
+                               "guest by itself")
+        with self._lock:
+            if queue not in self.handed_over:
+                self._loop.remove(self.kick_fds[queue])
+                self.handed_over.add(queue)
+            with self._isr_lock:
+                self.sticky_status |= INT_VRING
+        return QueueEventfds(self.kick_fds[queue], call)
+
+    # -- notifications (I/O thread) --------------------------------------------------------
+
+    def _kicked(self, queue: int) -> None:
+        """The I/O thread saw queue ``queue``'s kick eventfd."""
+        try:
+            os.eventfd_read(self.kick_fds[queue])
+        except BlockingIOError:
+            return
+        self.kick(queue)
+
+    def kick(self, queue: int) -> None:
+        """Serve queue ``queue`` unless the device waits for a reset."""
+        with self._lock:
+            if not self.state.live:
+                return
+            try:
+                self.device.notify(queue)
+            except Exception as exc:
+                self.needs_reset(f"notify({queue}) raised {type(exc).__name__}: {exc}")
+
+    # -- registers (vCPU threads) ----------------------------------------------------------
+
+    def _queue(self) -> Any:
         qs = self.state.queues
         return qs[self.queue_sel] if self.queue_sel < len(qs) else None
 
-    def kick(self, queue: int) -> None:
-        """Queue ``queue`` was notified (from the MMIO write or an ioeventfd)."""
-        with self._regs:
-            if queue < len(self.state.queues) and self.state.status & STATUS_DRIVER_OK:
-                self.device.notify(queue)
-
     def read(self, offset: int, size: int) -> bytes:
-        with self._regs:
-            return self._read(offset, size)
-
-    def write(self, offset: int, data: bytes) -> None:
-        with self._regs:
-            self._write(offset, data)
-
-    def _read(self, offset: int, size: int) -> bytes:
         if offset >= CONFIG_SPACE:
             return self.device.read_config(offset - CONFIG_SPACE, size)
         if size != 4:
@@ -94,23 +208,33 @@ class VirtioMmio:
         elif offset == QUEUE_READY:
             v = int(q.ready) if q else 0
         elif offset == INTERRUPT_STATUS:
-            with self._lock:
-                v = self.interrupt_status
+            v = self.interrupt_status | self.sticky_status
         elif offset == STATUS:
             v = self.state.status
         elif offset == CONFIG_GENERATION:
             v = self.state.config_generation
         else:
             v = 0
-        return struct.pack("<I", v)
+        return _U32.pack(v)
 
-    def _write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes) -> None:
         if offset >= CONFIG_SPACE:
             self.device.write_config(offset - CONFIG_SPACE, data)
             return
         if len(data) != 4:
             return
-        v = struct.unpack("<I", data)[0]
+        v = _U32.unpack(data)[0]
+        if offset == QUEUE_NOTIFY:
+            if v < len(self.kick_fds):            # the I/O thread (or a backend) serves it
+                os.eventfd_write(self.kick_fds[v], 1)
+        elif offset == INTERRUPT_ACK:
+            with self._isr_lock:
+                self.interrupt_status &= ~v
+        else:
+            with self._lock:
+                self._write(offset, v)
+
+    def _write(self, offset: int, v: int) -> None:
         q = self._queue()
         if offset == DEVICE_FEATURES_SEL:
             self.features_sel = v
@@ -120,18 +244,25 @@ class VirtioMmio:
             self.driver_features_sel = v
         elif offset == QUEUE_SEL:
             self.queue_sel = v
-        elif offset == QUEUE_NOTIFY:
-            self.kick(v)
-        elif offset == INTERRUPT_ACK:
-            with self._lock:
-                self.interrupt_status &= ~v
         elif offset == STATUS:
-            self.state.set_status(v, self.mem, self.signal_used)
-            if v == 0:
-                self.interrupt_status = 0
-                self.queue_sel = self.features_sel = self.driver_features_sel = 0
+            self._set_status(v)
         elif q is not None and not q.ready or offset == QUEUE_READY:
             self._write_queue(q, offset, v)
+
+    def _set_status(self, v: int) -> None:
+        failed_before = self.state.status & STATUS_NEEDS_RESET
+        try:
+            self.state.set_status(v, self.mem, self.signal_used)
+        except Exception as exc:
+            self.needs_reset(f"activate raised {type(exc).__name__}: {exc}")
+            return
+        if v == 0:
+            with self._isr_lock:
+                self.interrupt_status = 0
+            self.queue_sel = self.features_sel = self.driver_features_sel = 0
+        elif self.state.status & STATUS_NEEDS_RESET and not failed_before:
+            log.error("device %s needs a reset: the driver's rings are unusable", self.name)
+            self._config_interrupt()
 
     def _write_queue(self, q: Any, offset: int, v: int) -> None:
         if q is None:
@@ -153,56 +284,3 @@ class VirtioMmio:
             q.used_addr = (q.used_addr & hi) | v
         elif offset == QUEUE_DEVICE_HIGH:
             q.used_addr = (q.used_addr & lo) | (v << 32)
-
-
-def parse_device_option(spec: str) -> tuple[str, dict[str, Any]]:
-    """``NAME[,key=value...]`` from ``--device``; errors carry the DEVICE exit code."""
-    name, *pairs = spec.split(",")
-    if not name:
-        raise VoltError(f"--device {spec!r}: missing device name", exitcodes.DEVICE)
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise VoltError(f"--device {spec!r}: {pair!r} is not key=value", exitcodes.DEVICE)
-        params[key] = value
-    return name, params
-
-
-def create_devices(specs: list[tuple[str, dict[str, Any]]]) -> list[VirtioDevice]:
-    """Ask the plugin registry for each device; unknown names/params get exit DEVICE."""
-    if not specs:
-        return []
-    if len(specs) > layout.IRQ_MAX - layout.IRQ_BASE + 1:
-        raise VoltError(f"at most {layout.IRQ_MAX - layout.IRQ_BASE + 1} virtio devices",
-                        exitcodes.DEVICE)
-    from stellarium_core.plugins import Registry
-
-    registry = Registry()
-    devices = []
-    for name, params in specs:
-        try:
-            dev = registry.create("device", name, params)
-        except StellarError as exc:
-            raise VoltError(f"device {name!r}: {exc}", exitcodes.DEVICE) from None
-        if not isinstance(dev, VirtioDevice):
-            raise VoltError(f"device {name!r} does not implement VirtioDevice", exitcodes.DEVICE)
-        devices.append(dev)
-    return devices
-
-
-def attach_devices(machine: Any, devices: list[VirtioDevice]) -> list[VirtioMmio]:
-    """Put each device on the MMIO bus at MMIO_BASE + i * 4 KiB with GSI IRQ_BASE + i.
-
-    Queue notifications go through ioeventfds where KVM has them, so a kick costs
-    the vCPU no exit to userspace; otherwise they arrive as MMIO writes.
-    """
-    out = []
-    for i, dev in enumerate(devices):
-        base = layout.MMIO_BASE + i * layout.MMIO_SIZE
-        t = VirtioMmio(dev, machine.mem, machine.irq_trigger(layout.IRQ_BASE + i))
-        machine.mmio.add(base, layout.MMIO_SIZE, t)
-        for q in range(len(dev.queue_sizes)):
-            machine.on_guest_write(base + QUEUE_NOTIFY, 4, q, lambda q=q, t=t: t.kick(q))
-        out.append(t)
-    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import struct
@@ -48,6 +49,16 @@ def open_regular(path: str, what: str, code: int) -> BinaryIO:
 
 def open_kernel(path: str) -> KernelImage:
     f = open_regular(path, "kernel", KERNEL)
+    return recognise(path, f)
+
+
+def kernel_from_bytes(label: str, data: bytes) -> KernelImage:
+    """An image already in memory (reassembled from NEBULA); ``label`` names it in errors."""
+    return recognise(label, io.BytesIO(data))
+
+
+def recognise(path: str, f: BinaryIO) -> KernelImage:
+    """Tell an ELF vmlinux from a bzImage by their headers; anything else is refused."""
     head = f.read(0x1000)
     if elf.is_elf(head):
         return KernelImage(path, f, "elf", layout.CMDLINE_MAX, 0xFFFF_FFFF)
