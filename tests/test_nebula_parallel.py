@@ -25,13 +25,15 @@ HASHER = Blake3Hasher({})
 @pytest.fixture
 def tree(tmp_path: Path) -> list[tuple[str, int]]:
     """Files of every kind of size: empty, tiny, below and above FastCDC's minimum,
-    repeated ones, and one over a whole-file read (streamed in windows)."""
+    repeated ones and repeats inside one, and one over a whole-file read (streamed
+    in windows when WHOLE_FILE is lowered)."""
     rnd = random.Random(7)
     root = tmp_path / "tree"
     root.mkdir()
-    shared = rnd.randbytes(300_000)
+    shared, twice = rnd.randbytes(300_000), rnd.randbytes(300_000)
     blobs = [b"", b"x", rnd.randbytes(5000), rnd.randbytes(20_000), shared,
-             shared + rnd.randbytes(70_000), b"text " * 50_000, rnd.randbytes(3_000_000)]
+             shared + rnd.randbytes(70_000), b"text " * 50_000, rnd.randbytes(3_000_000),
+             twice * 2]   # chunks repeated within one file
     blobs += [rnd.randbytes(rnd.randrange(100, 200_000)) for _ in range(60)] + [shared]
     files = []
     for i, blob in enumerate(blobs):
@@ -48,15 +50,17 @@ def test_parallel_store_equals_serial(tmp_path: Path, tree, monkeypatch) -> None
     monkeypatch.setattr("stellarium_core.nebula.workers.WHOLE_FILE", 2_000_000)
     chunker = Registry().create("chunker", "fastcdc", {})
     out = {}
-    for workers in (1, 3):
+    for workers in (0, 1, 3):
         with ChunkStore.open(tmp_path / f"s{workers}", HASHER, create=True) as s:
             with s.batch(limit=1 << 20) as b:   # several commits while workers run ahead
-                out[workers] = list(b.put_files(tree, chunker, workers=workers))
+                out[workers] = (list(b.put_files(tree, chunker, workers=workers)) if workers
+                                else [b.put_stream(p, chunker) for p, _ in tree])
             out[workers, "items"] = {d: (e.raw, e.refs, e.codec) for d, e in s.items()}
             assert s.fsck().ok
             for (path, _), parts in zip(tree, out[workers], strict=True):
                 assert b"".join(s.get(d) for d, _ in parts) == Path(path).read_bytes()
-    assert out[1] == out[3] and out[1, "items"] == out[3, "items"]
+    assert out[0] == out[1] == out[3]
+    assert out[0, "items"] == out[1, "items"] == out[3, "items"]
 
 
 def test_an_unreadable_file_stops_in_its_turn_and_rolls_back(tmp_path: Path, tree,

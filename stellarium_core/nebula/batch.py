@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
 from stellarium_core.nebula.chunking import Source, chunks, min_chunk
@@ -35,9 +34,7 @@ class _Pending:
     ``codec`` (the compressor's name, "" for raw) is None for a chunk the store
     already had (a dedup hit): then ``data`` is its raw bytes, or None and ``src``
     says where in a file they are. They are needed only if a concurrent gc drops
-    that chunk before our commit, so it can be written after all. A new chunk
-    queued by ``put_files`` has no ``data`` until a thread has read and compressed
-    it from ``src`` (the commit waits for that).
+    that chunk before our commit, so it can be written after all.
     """
 
     __slots__ = ("data", "raw", "codec", "refs", "src", "flags")
@@ -67,7 +64,6 @@ class Batch:
         self._durable: dict[bytes, int] = {}
         self._chunker: Chunker | None = None
         self._floor = 0
-        self._filling: list[Future[None]] = []
 
     def put(self, data: bytes | memoryview, mappable: bool = False) -> bytes:
         """Hash ``data`` and queue it (or a reference to it); returns its digest.
@@ -118,12 +114,13 @@ class Batch:
         in the order given. ``files`` are (path, size as listed).
 
         Worker processes read, cut and hash files ahead of the caller (see
-        :mod:`~stellarium_core.nebula.workers`); a thread here reads the new chunks
-        again, checks their hash and compresses them; this thread queues in order
-        and commits, so what becomes durable, and when, is as with
-        :meth:`put_stream` file after file. ``workers`` defaults to the cores this
-        process may use; for fewer than ``PARALLEL_BYTES`` in all (forking would
-        cost more), files are stored in this thread.
+        :mod:`~stellarium_core.nebula.workers`); this thread decides what is new,
+        reads those chunks again, checks their hash, compresses them, queues in
+        order and commits, so what becomes durable, and when, is as with
+        :meth:`put_stream` file after file. ``workers`` defaults to one less than
+        the cores this process may use (this thread keeps one busy), at least
+        one; for fewer than ``PARALLEL_BYTES`` in all (a fork would cost more),
+        files are stored in this thread alone.
         """
         floor = self._floor_of(chunker)
         files = list(files)
@@ -132,44 +129,37 @@ class Batch:
                 yield self.put_stream(path, chunker)
             return
         s = self._store
-        with ThreadPoolExecutor(1, thread_name_prefix="nebula-compress") as pool:
-            try:
-                for path, parts in cut(s.hasher, files, chunker, floor, workers or cores()):
-                    if parts is None:
-                        yield self.put_stream(path, chunker)
-                        continue
-                    fresh = []
-                    offset = 0
-                    for digest, n in parts:
-                        p = self._new.get(digest) or self._refs.get(digest)
-                        if p is not None:
-                            p.refs += 1
-                        elif s.indexed(digest):
-                            self._refs[digest] = _Pending(None, n, None, (path, offset))
-                            self._bytes += n
-                        else:
-                            p = self._new[digest] = _Pending(None, n, "", (path, offset))
-                            fresh.append((digest, p))
-                            self._bytes += n
-                        offset += n
-                    if fresh:
-                        self._filling.append(pool.submit(_fill, s, path, fresh))
-                    if self._bytes >= self._limit:
-                        self.commit()
-                    yield parts
-            finally:   # leave no thread filling; a commit raises what failed
-                wait(self._filling)
-
-    def _settle(self) -> None:
-        """Wait until every chunk queued by :meth:`put_files` has its bytes."""
-        filling, self._filling = self._filling, []
-        errors = [f.exception() for f in filling if not f.cancelled()]
-        if any(errors):
-            raise next(e for e in errors if e)
+        for path, parts in cut(s.hasher, files, chunker, floor,
+                               workers or max(1, cores() - 1)):
+            if parts is None:
+                yield self.put_stream(path, chunker)
+                continue
+            fresh: dict[bytes, list[int]] = {}   # digest -> [length, offset, uses]
+            offset = 0
+            for digest, n in parts:
+                p = self._new.get(digest) or self._refs.get(digest)
+                if p is not None:
+                    p.refs += 1
+                elif digest in fresh:
+                    fresh[digest][2] += 1
+                elif s.indexed(digest):
+                    self._refs[digest] = _Pending(None, n, None, (path, offset))
+                    self._bytes += n
+                else:
+                    fresh[digest] = [n, offset, 1]
+                offset += n
+            if fresh:
+                for digest, data, codec in _fresh(s, path, fresh):
+                    n, _, uses = fresh[digest]
+                    p = self._new[digest] = _Pending(data, n, codec)
+                    p.refs = uses
+                    self._bytes += n
+            if self._bytes >= self._limit:
+                self.commit()
+            yield parts
 
     def commit(self) -> None:
         """Make everything queued durable; afterwards the batch is empty and reusable."""
-        self._settle()
         new, refs = self._new, self._refs
         self._new, self._refs, self._bytes = {}, {}, 0
         if new or refs:
@@ -185,9 +175,7 @@ class Batch:
 
     def abandon(self) -> None:
         """Drop what is queued; what earlier commits made durable stays."""
-        for f in self._filling:
-            f.cancel()
-        self._new, self._refs, self._bytes, self._filling = {}, {}, 0, []
+        self._new, self._refs, self._bytes = {}, {}, 0
 
     def rollback(self) -> None:
         """Drop what is queued and release every reference this batch made durable.
@@ -236,19 +224,17 @@ def _reread(s: ChunkStore, fd: int, path: str, offset: int, n: int, digest: byte
     return data
 
 
-def _fill(s: ChunkStore, path: str, fresh: list[tuple[bytes, _Pending]]) -> None:
-    """Read new chunks of one file again (workers sent only digests), check and
-    compress them: their queued entries get the bytes to store."""
+def _fresh(s: ChunkStore, path: str, fresh: dict[bytes, list[int]]
+           ) -> Iterator[tuple[bytes, bytes | memoryview, str]]:
+    """New chunks of one file ({digest: [length, offset, uses]}; workers sent only
+    digests): read again, checked against their digest, compressed."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
         raise ChunkError(f"cannot read {path} again: {exc.strerror}") from None
     try:
-        for digest, p in fresh:
-            assert p.src is not None
-            stored, codec = s.compress(_reread(s, fd, path, p.src[1], p.raw, digest))
-            if not p.flags & MAPPABLE:   # a put(mappable=True) meanwhile set raw bytes
-                p.data, p.codec = stored, codec
+        for digest, (n, offset, _) in fresh.items():
+            yield (digest, *s.compress(_reread(s, fd, path, offset, n, digest)))
     finally:
         os.close(fd)
 

@@ -6,11 +6,11 @@ rootfs trees, two threads were no faster than one (read + chunk 0.63 s on one,
 CPU). So ingest forks worker processes for that part. A worker reads the source
 files, cuts them and hashes the chunks, and sends back only (digest, length)
 per chunk: sending chunk bytes back through pipes cost more CPU (pickling, two
-copies) than reading the few new ones again. It never opens the store's files.
-The calling process decides what is new, reads and compresses those chunks in
-a thread (pread, BLAKE3 and the compressors release the GIL), queues and commits,
-in order, so the store's write order and crash safety are those of a single
-writer; workers die with it (``PR_SET_PDEATHSIG``).
+copies) than reading the few new ones again, and a compressing thread in the
+caller slowed its other work down (GIL handoffs). It never opens the store's
+files. The calling process decides what is new, reads, checks and compresses
+those chunks, queues and commits, in order, so the store's write order and crash
+safety are those of a single writer; workers die with it (``PR_SET_PDEATHSIG``).
 
 Files go to workers in groups of about ``GROUP_BYTES`` (one task per file would
 cost more in queueing than small files cost to chunk), and at most
