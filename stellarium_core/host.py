@@ -17,7 +17,7 @@ from stellarium_core.compression import NONE, Compressors
 from stellarium_core.errors import ConfigError, PluginError, StellarError
 from stellarium_core.fsutil import write_atomic
 from stellarium_core.hookspecs import Chunker, Compressor, Hasher, TierBackend, TierContext
-from stellarium_core.nebula.format import CODEC_BYTES
+from stellarium_core.nebula.format import CODEC_BYTES, codec_field
 from stellarium_core.nebula.table import MAX_LEN
 from stellarium_core.plugins import Registry
 
@@ -73,11 +73,13 @@ class Host:
             return None
         product = self._placed("compressor", self.registry.create, "compressor", c.name,
                                c.params)
-        if not (product.name.isascii() and 0 < len(product.name) <= CODEC_BYTES):
+        try:
+            codec_field(product.name)
+        except ValueError:
             raise ConfigError(f"compressor {c.name!r} calls itself {product.name!r}; every "
-                              f"chunk record names its compressor in 1..{CODEC_BYTES} ASCII "
-                              "bytes", file=str(self.config.source) if self.config.source
-                              else None, key="compressor.name")
+                              f"chunk record names its compressor in at most {CODEC_BYTES} "
+                              "ASCII bytes", file=str(self.config.source) if self.config.source
+                              else None, key="compressor.name") from None
         return product
 
     def store_options(self) -> dict[str, Any]:

@@ -1,13 +1,14 @@
 """NEBULA: the content-addressed chunk store, as one facade.
 
 :class:`ChunkStore` puts chunks (insert-or-reference), reads them back verified,
-counts references, and runs gc and fsck. The concerns behind it have their own
-modules: the byte layouts (:mod:`.format`, which also describes the files), the
-index log and snapshots with the store lock (:mod:`.index`), pack files
-(:mod:`.packs`), batches and the write protocol (:mod:`.batch`), reading files
-and streams into chunks (:mod:`.chunking`), and gc/fsck (:mod:`.maintenance`),
-which uses only the public members of this class and of its ``index`` and
-``packs``.
+hands out mappable ones, counts references, and runs gc and fsck. The concerns
+behind it have their own modules: the byte layouts (:mod:`.format`, which also
+describes the files), the index log and snapshots with the store lock
+(:mod:`.index`), pack files (:mod:`.packs`), batches and the write protocol
+(:mod:`.batch`), reading files and streams into chunks (:mod:`.chunking`) and
+cutting them in worker processes (:mod:`.workers`), mappings and their leases
+(:mod:`.mapping`), and gc/fsck (:mod:`.maintenance`), which uses only the public
+members of this class and of its ``index`` and ``packs``.
 
 Durability order for an insert: chunk bytes to the pack, fsync pack, append index
 records, fsync index, then return.
