@@ -138,7 +138,6 @@ def one_of(*choices: str) -> Callable[[Any], str | None]:
 STORE_FIELDS = {
     "path": Field(str, str(DEFAULT_STORE), doc="store directory, relative to this file"),
     "verify_reads": Field(bool, True, doc="re-hash every chunk on read"),
-    "compression": Field(str, "lz4", one_of("lz4", "none")),
 }
 PLUGIN_FIELDS = {"name": Field(str), "params": Field(dict, {})}
 TIER_FIELDS = {
@@ -174,9 +173,10 @@ class HostConfig:
     source: Path | None
     store_path: Path
     verify_reads: bool = True
-    compression: str = "lz4"
     hasher: PluginChoice = field(default_factory=lambda: PluginChoice("blake3"))
     chunker: PluginChoice = field(default_factory=lambda: PluginChoice("fastcdc"))
+    #: How new chunks are compressed: a ``stellarium.compressors`` plugin, or "none".
+    compressor: PluginChoice = field(default_factory=lambda: PluginChoice("lz4"))
     tiers: dict[str, TierChoice] = field(default_factory=dict)
     #: The [vm] table as written: VM defaults, checked by the VM_RUNTIME plugin.
     vm: dict[str, Any] = field(default_factory=dict)
@@ -184,10 +184,10 @@ class HostConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as a TOML-shaped dict (what ``stellar host show`` prints)."""
         return {
-            "store": {"path": str(self.store_path), "verify_reads": self.verify_reads,
-                      "compression": self.compression},
+            "store": {"path": str(self.store_path), "verify_reads": self.verify_reads},
             "hasher": {"name": self.hasher.name, "params": self.hasher.params},
             "chunker": {"name": self.chunker.name, "params": self.chunker.params},
+            "compressor": {"name": self.compressor.name, "params": self.compressor.params},
             "tiers": {lvl: {"plugin": t.plugin, "params": t.params,
                             **({"capacity": t.capacity} if t.capacity is not None else {})}
                       for lvl, t in self.tiers.items()},
@@ -204,15 +204,18 @@ def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
 
 def parse(data: Mapping[str, Any], source: Path | None = None) -> HostConfig:
     """Validate a parsed TOML document and build the effective config."""
-    sections = {"store", "hasher", "chunker", "tiers", "vm"}
+    sections = {"store", "hasher", "chunker", "compressor", "tiers", "vm"}
     for key in data:
         if key not in sections:
             raise ConfigError(f"unknown section (known: {', '.join(sorted(sections))})", key=key)
+    if "compression" in _section(data, "store"):
+        raise ConfigError("compression is chosen in its own section now: [compressor] "
+                          "name = \"lz4\" (or \"zstd\", \"none\")", key="store.compression")
     store = validate_params(_section(data, "store"), STORE_FIELDS, "store.")
     base = source.resolve().parent if source else Path.cwd()
     store_path = (base / Path(store["path"]).expanduser()).resolve()
     plugins = {}
-    for kind, default in (("hasher", "blake3"), ("chunker", "fastcdc")):
+    for kind, default in (("hasher", "blake3"), ("chunker", "fastcdc"), ("compressor", "lz4")):
         fields = dict(PLUGIN_FIELDS, name=Field(str, default))
         plugins[kind] = PluginChoice(**validate_params(_section(data, kind), fields, f"{kind}."))
     tiers = {}
@@ -223,8 +226,8 @@ def parse(data: Mapping[str, Any], source: Path | None = None) -> HostConfig:
         if not isinstance(table, dict):
             raise ConfigError("expected a table", key=f"tiers.{level}")
         tiers[level] = TierChoice(**validate_params(table, TIER_FIELDS, f"tiers.{level}."))
-    return HostConfig(source, store_path, store["verify_reads"], store["compression"],
-                      plugins["hasher"], plugins["chunker"], tiers, dict(_section(data, "vm")))
+    return HostConfig(source, store_path, store["verify_reads"], plugins["hasher"],
+                      plugins["chunker"], plugins["compressor"], tiers, dict(_section(data, "vm")))
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> tuple[Path, bool]:

@@ -38,8 +38,7 @@ from pathlib import Path
 from stellarium_core.errors import StellarError
 from stellarium_core.hookspecs import Hasher
 from stellarium_core.nebula.ingest import RECORDS as INGESTS
-from stellarium_core.nebula.pending import read_counts
-from stellarium_core.nebula.store import PENDING
+from stellarium_core.nebula.pending import PENDING, read_counts
 from stellarium_core.volumes import filetree, tinyvol
 
 #: What ``fsck --repair`` renames an unreadable holder to (no holder glob matches it).

@@ -76,6 +76,29 @@ class Chunker(Protocol):
     def params(self) -> dict[str, Any]: ...
 
 
+@runtime_checkable
+class Compressor(Protocol):
+    """Compresses chunks for NEBULA; every chunk record names its compressor.
+
+    ``name`` is written into the record of each chunk it compresses (at most 7
+    ASCII bytes), so a store reads such a chunk only while a compressor of that
+    name is installed; a store may hold chunks of several. ``compress`` and
+    ``decompress`` must be safe to call from several threads at once (ingest
+    compresses in parallel). ``decompress(data, size)`` returns exactly ``size``
+    bytes or raises ValueError, and must never allocate much more than ``size``
+    whatever ``data`` claims: the bytes come from disk and may be damaged.
+    """
+
+    name: str
+
+    def compress(self, data: bytes | memoryview) -> bytes: ...
+
+    def decompress(self, data: bytes | memoryview, size: int) -> bytes: ...
+
+    @property
+    def params(self) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class TierUsage:
     """What a tier holds now, for placement decisions and ``stellar tiers``."""
@@ -170,6 +193,13 @@ class Specs:
     @hookspec(firstresult=True)
     def stellarium_chunker(self, name: str, params: dict[str, Any]) -> Chunker | None:
         """Return the chunker called ``name`` configured by ``params``, else None.
+
+        Parameter errors are reported as for :meth:`stellarium_hasher`.
+        """
+
+    @hookspec(firstresult=True)
+    def stellarium_compressor(self, name: str, params: dict[str, Any]) -> Compressor | None:
+        """Return the chunk compressor called ``name`` configured by ``params``, else None.
 
         Parameter errors are reported as for :meth:`stellarium_hasher`.
         """

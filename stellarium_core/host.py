@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stellarium_core import config as config_mod
+from stellarium_core.compression import NONE, Compressors
 from stellarium_core.errors import ConfigError, PluginError, StellarError
 from stellarium_core.fsutil import write_atomic
-from stellarium_core.hookspecs import Chunker, Hasher, TierBackend, TierContext
+from stellarium_core.hookspecs import Chunker, Compressor, Hasher, TierBackend, TierContext
+from stellarium_core.nebula.format import CODEC_BYTES, codec_field
 from stellarium_core.nebula.table import MAX_LEN
 from stellarium_core.plugins import Registry
 
@@ -64,6 +66,29 @@ class Host:
         return chunker
 
     @cached_property
+    def compressor(self) -> Compressor | None:
+        """What new chunks are compressed with; None for ``name = "none"``."""
+        c = self.config.compressor
+        if c.name == NONE:
+            return None
+        product = self._placed("compressor", self.registry.create, "compressor", c.name,
+                               c.params)
+        try:
+            codec_field(product.name)
+        except ValueError:
+            raise ConfigError(f"compressor {c.name!r} calls itself {product.name!r}; every "
+                              f"chunk record names its compressor in at most {CODEC_BYTES} "
+                              "ASCII bytes", file=str(self.config.source) if self.config.source
+                              else None, key="compressor.name") from None
+        return product
+
+    def store_options(self) -> dict[str, Any]:
+        """How this host's NEBULA compresses and decompresses (``ChunkStore.open`` keywords)."""
+        c = self.compressor
+        return {"compression": NONE if c is None else c,
+                "compressors": Compressors(c, self.registry)}
+
+    @cached_property
     def tiers(self) -> dict[str, TierBackend]:
         """Configured tier backends by level (hot, warm, cold)."""
         ctx = TierContext(self.config.store_path)
@@ -85,8 +110,7 @@ class Host:
                 hook(digest=digest, size=size, new=new)
         if not (self.store_path / "nebula").exists():
             check_store_fs(self.config)  # a store under /proc: bad config, not a missing store
-        return ChunkStore.open(self.store_path / "nebula", self.hasher,
-                               compression=self.config.compression,
+        return ChunkStore.open(self.store_path / "nebula", self.hasher, **self.store_options(),
                                verify_reads=self.config.verify_reads, on_stored=on_stored)
 
     @property
@@ -114,6 +138,8 @@ class Host:
         out = self.config.to_dict()
         out["hasher"]["params"] = self.hasher.params
         out["chunker"]["params"] = self.chunker.params
+        if self.compressor is not None:
+            out["compressor"]["params"] = self.compressor.params
         out["vm"] = self.vm_defaults()
         return out
 
@@ -213,6 +239,5 @@ def init_store(host: Host) -> Path:
         write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
     from stellarium_core.nebula import ChunkStore
 
-    ChunkStore.open(root / "nebula", host.hasher, compression=host.config.compression,
-                    create=True).close()
+    ChunkStore.open(root / "nebula", host.hasher, **host.store_options(), create=True).close()
     return root

@@ -21,6 +21,7 @@ from stellarium_core.errors import ConfigError, PluginError
 NAMESPACES: dict[str, tuple[str, str]] = {
     "hasher": ("stellarium.hashers", "stellarium_hasher"),
     "chunker": ("stellarium.chunkers", "stellarium_chunker"),
+    "compressor": ("stellarium.compressors", "stellarium_compressor"),
     "tier": ("stellarium.tiers", "stellarium_tier"),
     "device": ("stellarium.devices", "stellarium_device"),
     "runtime": ("stellarium.runtimes", "stellarium_runtime"),

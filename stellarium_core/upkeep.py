@@ -33,8 +33,7 @@ def fsck(host: Host, repair: bool = False) -> FsckReport:
         (root / "nebula.json").exists() else None
     if meta and repair:
         ChunkStore.write_meta(root, host.hasher)
-    store = ChunkStore.open(root, host.hasher, compression=host.config.compression,
-                            check_meta=False)
+    store = ChunkStore.open(root, host.hasher, **host.store_options(), check_meta=False)
     with store, store.exclusive() as alone:
         if repair and not alone:
             raise StellarError(f"fsck --repair needs the store {host.store_path} to itself, "

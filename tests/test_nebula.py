@@ -13,8 +13,7 @@ import pytest
 from stellarium_core.errors import UsageError
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkError, ChunkStore, CorruptChunkError, MissingChunkError
-from stellarium_core.nebula.store import PAGE
-from stellarium_core.nebula.table import ChunkTable
+from stellarium_core.nebula.table import UNIT, ChunkTable
 
 HASHER = Blake3Hasher({})
 
@@ -47,11 +46,11 @@ def test_put_dedups_and_counts_refs(store: ChunkStore) -> None:
     assert store.refs(d1) == 2 and len(store) == 1
     assert store.get(d1) == b"alpha" * 1000 and store.size(d1) == 5000
     e = store.entry(d1)
-    assert e.offset % PAGE == 0
+    assert e.offset % UNIT == 0
     assert len(store.pack_numbers()) == 1
 
 
-def test_compression_only_when_it_saves_a_page(store: ChunkStore) -> None:
+def test_compression_only_when_it_saves_space(store: ChunkStore) -> None:
     rnd = random.Random(1).randbytes(64 * 1024)
     text = b"the same words again " * 4000
     dr, dt = store.put(rnd), store.put(text)
@@ -162,8 +161,8 @@ def test_table_stays_compact() -> None:
     rnd = random.Random(4)
     keys = [rnd.randbytes(32) for _ in range(50_000)]
     for i, k in enumerate(keys):
-        t.upsert(k, 1, i, 100, 200, 1, 0)
-    assert t.get(keys[12345]).offset == 12345 * PAGE
+        t.upsert(k, 1, i * UNIT, 100, 200, 1, 0)
+    assert t.get(keys[12345]).offset == 12345 * UNIT
     t.add_refs(keys[7], 5)
     t.delete(keys[8])
     assert t.get(keys[7]).refs == 6 and t.get(keys[8]) is None and len(t) == 49_999
@@ -243,7 +242,7 @@ def test_index_snapshot_and_interrupted_compaction(tmp_path: Path) -> None:
         # A compaction that stops between its two renames leaves an older log behind.
         old_log = (root / "index.log").read_bytes()
         s.ref(ds[1])
-        with s._lock():
+        with s.lock():
             s.compact_index()
     (root / "index.log").write_bytes(old_log)   # as if the second rename never happened
     with ChunkStore.open(root, HASHER) as s:

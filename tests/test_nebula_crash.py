@@ -15,17 +15,20 @@ import pytest
 
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkStore
-from stellarium_core.nebula.store import TRAILER_MAGIC, TRAILER_SIZE, parse_trailer
+from stellarium_core.nebula.format import RECORD_PREFIX, parse_record
 
 HASHER = Blake3Hasher({})
 
-# Puts single chunks and streams, ingests small trees, re-puts old data, releases and
-# runs gc, printing each operation only after it returned. Releases keep a reference.
+# Puts single chunks and streams, ingests small trees (with worker processes), re-puts old
+# data, releases and runs gc, printing each operation only after it returned. Releases
+# keep a reference.
 WRITER = r"""
 import io, os, random, sys, tempfile
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkStore
 from stellarium_core.nebula.ingest import ingest, load_manifest
+import stellarium_core.nebula.batch
+stellarium_core.nebula.batch.PARALLEL_BYTES = 0   # ingest with worker processes, however small
 
 class Fixed:
     name, max_size, params = "f", 9000, {}
@@ -124,12 +127,12 @@ def _pack_trailers(root: Path) -> Counter:
     seen: Counter = Counter()
     for p in (root / "packs").iterdir():
         data = p.read_bytes()
-        pos = data.find(TRAILER_MAGIC)
+        pos = data.find(RECORD_PREFIX)
         while pos >= 0:
-            t = parse_trailer(data[pos:pos + TRAILER_SIZE])
-            if t is not None and (pos - t[1]) % 4096 == 0:
-                seen[t[0]] += 1
-            pos = data.find(TRAILER_MAGIC, pos + 1)
+            r = parse_record(data, pos)
+            if r is not None and r.offset + r.stored == pos:
+                seen[r.digest] += 1
+            pos = data.find(RECORD_PREFIX, pos + 1)
     return seen
 
 

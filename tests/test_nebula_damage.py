@@ -10,8 +10,8 @@ import pytest
 
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkError, ChunkStore, CorruptChunkError, MissingChunkError
+from stellarium_core.nebula.format import LOG_HEADER, LOG_SIZE
 from stellarium_core.nebula.ingest import ingest
-from stellarium_core.nebula.store import LOG_HEADER, LOG_SIZE
 from tests.helpers import tmpfs
 
 HASHER = Blake3Hasher({})
@@ -165,7 +165,7 @@ def test_damaged_index_snapshot(tmp_path: Path) -> None:
     blobs = _blobs(5)
     with ChunkStore.open(root, HASHER, create=True) as s:
         ds = [s.put(b) for b in blobs]
-        with s._lock():
+        with s.lock():
             s.compact_index()
         later = s.put(b"written after the snapshot")
     _flip(root / "index.snap", 200)                   # inside the first record block
@@ -187,7 +187,7 @@ def test_damaged_snapshot_header_still_opens(tmp_path: Path) -> None:
     blobs = _blobs(3)
     with ChunkStore.open(root, HASHER, create=True) as s:
         ds = [s.put(b) for b in blobs]
-        with s._lock():
+        with s.lock():
             s.compact_index()
     _flip(root / "index.snap", 3)                     # the magic
     with ChunkStore.open(root, HASHER) as s:

@@ -194,7 +194,7 @@ def bench_cosmic(work: Path) -> None:
             disk = allocated(work / f"cosmic-{packs}")
         label = "with Cosmic Packs   " if packs else "without Cosmic Packs"
         print(f"  {label} chunks {fp['chunks']:>6}  bytes {fp['bytes'] / 1e6:7.1f} MB  "
-              f"4 KiB-aligned {fp['aligned_bytes'] / 1e6:7.1f} MB  "
+              f"in packs {fp['pack_bytes'] / 1e6:7.1f} MB  "
               f"NEBULA on disk (lz4) {disk / 1e6:7.1f} MB")
 
 

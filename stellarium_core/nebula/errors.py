@@ -18,3 +18,7 @@ class MissingChunkError(ChunkError, KeyError):
 
 class CorruptChunkError(ChunkError):
     """A chunk is indexed but its stored bytes are damaged, truncated or gone."""
+
+
+class MissingCompressorError(ChunkError):
+    """A chunk names a compressor that no installed plugin provides; its bytes are kept."""

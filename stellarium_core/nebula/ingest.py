@@ -5,8 +5,9 @@ with one entry per path (type, mode, size, ``[[digest_hex, length], ...]`` for f
 ``target`` for symlinks). Richer image manifests belong to the volumes layer; this
 one exists so an ingest can be named by one digest and read back.
 
-All chunks of an ingest go through one :class:`~stellarium_core.nebula.store.Batch`,
-so many small files share fsyncs. If anything fails, the references the ingest
+All chunks of an ingest go through one :class:`~stellarium_core.nebula.batch.Batch`,
+so many small files share fsyncs, and its ``put_files`` reads, hashes and
+compresses them in threads on every core. If anything fails, the references the ingest
 already made durable are released again: no manifest, no leaked references. If
 the process dies instead, its reference journal lets ``gc`` release them.
 
@@ -99,12 +100,14 @@ def ingest(store: ChunkStore, path: str | os.PathLike[str], chunker: Chunker,
     with store.pending() as journal:
         batch = store.batch(journal=journal)
         try:
+            stored = batch.put_files(((full, st.st_size) for _, full, st in listing
+                                      if stat.S_ISREG(st.st_mode)), chunker)
             for rel, full, st in listing:
                 mode = st.st_mode
                 e: dict[str, Any] = {"path": rel, "mode": stat.S_IMODE(mode), "uid": st.st_uid,
                                      "gid": st.st_gid, "mtime_ns": st.st_mtime_ns}
                 if stat.S_ISREG(mode):
-                    parts = batch.put_stream(full, chunker)
+                    parts = next(stored)
                     got = sum(n for _, n in parts)
                     if got != st.st_size:
                         raise ChunkError(f"{full} changed size while being ingested "

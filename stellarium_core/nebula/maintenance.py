@@ -7,8 +7,6 @@ rather than race a pack rewrite or an index compaction.
 from __future__ import annotations
 
 import bisect
-import ctypes
-import ctypes.util
 import mmap
 import os
 from collections import defaultdict
@@ -16,138 +14,121 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import lz4.block
-
+from stellarium_core.errors import StellarError
 from stellarium_core.fsutil import fsync_dir
 from stellarium_core.nebula.errors import ChunkError
-from stellarium_core.nebula.pending import sweep
-from stellarium_core.nebula.store import (
+from stellarium_core.nebula.format import (
     DEL,
-    PAGE,
-    PENDING,
     PUT,
+    RECORD_PREFIX,
+    RECORD_SIZE,
     REF,
-    TRAILER_MAGIC,
-    TRAILER_SIZE,
+    ChunkRecord,
     align,
     log_record,
     pack_name,
-    parse_trailer,
+    parse_record,
 )
-from stellarium_core.nebula.table import COMPRESSED, Entry
+from stellarium_core.nebula.packs import footprint
+from stellarium_core.nebula.pending import sweep
+from stellarium_core.nebula.table import PAGE, UNIT, Entry
 
 if TYPE_CHECKING:
     from stellarium_core.nebula.store import ChunkStore
-
-_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_libc = _load_libc()
-
-
-def _drop_pack(s: ChunkStore, n: int) -> None:
-    mm = s._maps.pop(n, None)
-    if mm is not None:
-        try:
-            mm.close()
-        except BufferError:
-            pass
-    fd = s._pack_fds.pop(n, None)
-    if fd is not None:
-        os.close(fd)
-
-
-def _punch(s: ChunkStore, e: Entry) -> None:
-    """Free a dropped chunk's pages in place (hole punch); at least erase its trailer.
-
-    Without this, fsck would later find an intact trailer and report the released
-    chunk as an unindexed one.
-    """
-    try:
-        fd = s._pack_fd(e.pack)
-    except FileNotFoundError:
-        return
-    start, end = e.offset, align(e.offset + e.stored + TRAILER_SIZE)
-    if _libc is not None and _libc.fallocate(fd, _PUNCH, start, end - start) == 0:
-        return
-    os.pwrite(fd, bytes(TRAILER_SIZE), e.offset + e.stored)
 
 
 def collect(s: ChunkStore, keep: Callable[[], Collection[bytes]] | None = None
             ) -> dict[str, int]:
     """Release dead operations' journals, forget chunks with no references (never
     one ``keep()``, asked after that release, returns), rewrite packs that are
-    >= 20% garbage."""
-    with s._lock():
-        damage = s.damaged() or [f"{f}: {what}" for f, _, what in s.log_damage]
+    >= 20% garbage; leave every pack a mapping leases as it is."""
+    index, packs = s.index, s.packs
+    claims: dict[int, int | None] = {}
+
+    def ours(n: int) -> bool:
+        """Whether no mapping leases pack ``n`` (claimed for the rest of this gc)."""
+        if n not in claims:
+            try:
+                claims[n] = packs.claim(n)
+            except FileNotFoundError:
+                claims[n] = None
+        return claims[n] is not None
+
+    with s.lock():
+        damage = index.damaged() or [f"{f}: {what}" for f, _, what in index.damage]
         if damage:
             raise ChunkError(f"gc refused: the index of {s.root} was damaged ({damage[0]}) and "
                              "is not repaired; gc would drop chunks it forgot. Run "
                              "`stellar fsck --repair` first")
-        released = sweep(s, s.root / PENDING)
-        named = keep() if keep is not None else ()
-        t = s._table
-        dead = [(d, e) for d, e in t.items() if e.refs == 0 and d not in named]
-        kept = sum(1 for d, e in t.items() if e.refs == 0 and d in named)
-        if dead:
-            s._append_log([log_record(DEL, d) for d, _ in dead])
-            for _, e in dead:
-                _punch(s, e)
-        by_pack: dict[int, list[tuple[bytes, Entry]]] = defaultdict(list)
-        live: dict[int, int] = defaultdict(int)
-        for d, e in t.items():
-            by_pack[e.pack].append((d, e))
-            live[e.pack] += align(e.stored + TRAILER_SIZE)
-        packs = s.pack_numbers()
-        sizes = {n: s.pack_path(n).stat().st_size for n in packs}
-        victims = [n for n in packs if sizes[n] - live[n] >= max(PAGE, sizes[n] // 5)]
-        target = (packs[-1] + 1) if packs else 1
-        moved = 0
-        wrote_new = False
-        for n in victims:
-            chunks = sorted(by_pack.get(n, []), key=lambda de: de[1].offset)
-            if not chunks:
-                continue
-            mm = s._map(n, max(e.offset + e.stored for _, e in chunks))
-            view = memoryview(mm)
-            items = [(d, view[e.offset:e.offset + e.stored], e.raw, e.flags & COMPRESSED)
-                     for d, e in chunks]
-            places, undo = s._write_chunks(items, first_pack=target)
-            target = places[-1][0]
-            wrote_new = True
-            try:
-                s._append_log([log_record(PUT, d, p, o, e.stored, e.raw, 0, e.flags)
-                               for (d, e), (p, o) in zip(chunks, places, strict=True)])
-            except OSError:
-                s._cut_back(undo)
-                raise
-            moved += len(chunks)
-            del items, view
-        s.compact_index()
-        removed = 0
-        reclaimed = 0
-        for n in victims:
-            # Pack numbers are never reused: keep the newest pack unless a newer one exists.
-            if n == packs[-1] and not wrote_new:
-                continue
-            _drop_pack(s, n)
-            os.unlink(s.pack_path(n))
-            removed += 1
-            reclaimed += sizes[n] - live[n]
-        if removed:
-            fsync_dir(s.root / "packs")
-        return {"chunks_removed": len(dead), "chunks_moved": moved,
-                "packs_removed": removed, "bytes_reclaimed": reclaimed,
-                "journals_released": released, "unreferenced_but_named": kept}
+        try:
+            return _collect(s, keep, ours)
+        finally:
+            for fd in claims.values():
+                if fd is not None:
+                    os.close(fd)
+
+
+def _collect(s: ChunkStore, keep: Callable[[], Collection[bytes]] | None,
+             ours: Callable[[int], bool]) -> dict[str, int]:
+    index, packs = s.index, s.packs
+    released = sweep(s)
+    named = keep() if keep is not None else ()
+    t = index.table
+    unused = [(d, e) for d, e in t.items() if e.refs == 0 and d not in named]
+    dead = [(d, e) for d, e in unused if ours(e.pack)]
+    kept = sum(1 for d, e in t.items() if e.refs == 0 and d in named)
+    if dead:
+        index.append([log_record(DEL, d) for d, _ in dead])
+        for _, e in dead:
+            packs.punch(e)
+    by_pack: dict[int, list[tuple[bytes, Entry]]] = defaultdict(list)
+    live: dict[int, int] = defaultdict(int)
+    for d, e in t.items():
+        by_pack[e.pack].append((d, e))
+        live[e.pack] += footprint(e)
+    numbers = packs.numbers()
+    sizes = {n: packs.path(n).stat().st_size for n in numbers}
+    victims = [n for n in numbers
+               if sizes[n] - live[n] >= max(PAGE, sizes[n] // 5) and ours(n)]
+    target = (numbers[-1] + 1) if numbers else 1
+    moved = 0
+    wrote_new = False
+    for n in victims:
+        chunks = sorted(by_pack.get(n, []), key=lambda de: de[1].offset)
+        if not chunks:
+            continue
+        mm = packs.map(n, max(e.offset + e.stored for _, e in chunks))
+        view = memoryview(mm)
+        items = [(d, view[e.offset:e.offset + e.stored], e.raw, e.flags, e.codec)
+                 for d, e in chunks]
+        places, undo = packs.write(items, first_pack=target)
+        target = places[-1][0]
+        wrote_new = True
+        try:
+            index.append([log_record(PUT, d, p, o, e.stored, e.raw, 0, e.flags, e.codec)
+                          for (d, e), (p, o) in zip(chunks, places, strict=True)])
+        except OSError:
+            packs.cut_back(undo)
+            raise
+        moved += len(chunks)
+        del items, view
+    index.compact()
+    removed = 0
+    reclaimed = 0
+    for n in victims:
+        # Pack numbers are never reused: keep the newest pack unless a newer one exists.
+        if n == numbers[-1] and not wrote_new:
+            continue
+        packs.drop(n)
+        os.unlink(packs.path(n))
+        removed += 1
+        reclaimed += sizes[n] - live[n]
+    if removed:
+        fsync_dir(packs.dir)
+    return {"chunks_removed": len(dead), "chunks_moved": moved,
+            "packs_removed": removed, "bytes_reclaimed": reclaimed,
+            "journals_released": released, "unreferenced_but_named": kept,
+            "unreferenced_but_mapped": len(unused) - len(dead)}
 
 
 @dataclass(frozen=True)
@@ -211,32 +192,40 @@ def fsck(s: ChunkStore, repair: bool = False, held: Mapping[bytes, int] | None =
     rep = FsckReport()
     add = rep.problems.append
     log = "index.log"
-    with s._lock(writing=repair):
-        s._log_ino = -1          # replay from scratch to see every damaged record
-        s._catch_up()
-        for file, off, what in s.log_damage:
+    index = s.index
+    with s.lock(writing=repair):
+        index.replay()           # from scratch, to see every damaged record
+        for file, off, what in index.damage:
             add(Problem("error", file, what, offset=off))
-        if s._log_stale:         # missing or damaged header: reported as damage above
-            if not any(f == log for f, _, _ in s.log_damage):
+        torn = index.torn_tail()
+        if index.stale:          # missing or damaged header: reported as damage above
+            if not any(f == log for f, _, _ in index.damage):
                 add(Problem("warning", log, "older than index.snap (a compaction was "
                             "interrupted); ignored, and replaced by the next write"))
-        elif (size := os.fstat(s._log_fd).st_size) > s._log_pos:
-            add(Problem("warning", log, f"{size - s._log_pos} bytes of torn records at the end "
-                        "(an interrupted append; ignored)", offset=s._log_pos))
-        entries = list(s._table.items())
+        elif torn is not None:
+            add(Problem("warning", log, f"{torn[1]} bytes of torn records at the end "
+                        "(an interrupted append; ignored)", offset=torn[0]))
+        entries = list(index.table.items())
         regions: dict[int, list[tuple[int, int]]] = defaultdict(list)
         bad: set[bytes] = set()
+        rewrite: list[tuple[bytes, Entry, bytes]] = []
         packs = set(s.pack_numbers())
         sizes = {n: s.pack_path(n).stat().st_size for n in packs}
         maps: dict[int, mmap.mmap] = {}
         for d, e in entries:
             rep.chunks += 1
             pname = pack_name(e.pack)
-            regions[e.pack].append((e.offset, e.offset + e.stored + TRAILER_SIZE))
-            err = _check_chunk(s, d, e, sizes, maps)
+            regions[e.pack].append((e.offset, e.offset + footprint(e) - (
+                RECORD_SIZE if e.mappable else 0)))
+            err, content = _check_chunk(s, d, e, sizes, maps)
             if err:
                 bad.add(d)
-                add(Problem("error", f"packs/{pname}", err, d.hex(), e.offset))
+                if content is not None:   # its bytes are intact: a fresh copy fixes it
+                    rewrite.append((d, e, content))
+                add(Problem("error", f"packs/{pname}", err + (
+                    "; its content is intact" + ("" if repair else
+                                                 " (`stellar fsck --repair` writes a copy)")
+                    if content is not None else ""), d.hex(), e.offset))
             else:
                 rep.bytes += e.raw
         for mm in maps.values():
@@ -245,45 +234,57 @@ def fsck(s: ChunkStore, repair: bool = False, held: Mapping[bytes, int] | None =
         if unreferenced:
             add(Problem("note", log, f"{unreferenced} chunks have no references left "
                         "(`stellar gc` reclaims them)"))
-        found = _scan_packs(s, packs, regions, rep)
+        found, records = _scan_packs(s, packs, regions, rep)
+        for d, e in entries:   # a mappable chunk's record lies elsewhere: found by the scan
+            if e.mappable and d not in bad and (e.pack, e.offset) not in records:
+                bad.add(d)
+                rewrite.append((d, e, bytes(_content(s, e))))
+                add(Problem("error", f"packs/{pack_name(e.pack)}", "its record is missing or "
+                            "damaged; its content is intact" + ("" if repair else
+                            " (`stellar fsck --repair` writes a copy)"), d.hex(), e.offset))
         if held is not None:
             _check_counts(s, held, complete, found, rep)
         repair_records = []
-        for d, (pack, off, stored, raw, flags) in found.items():
+        for d, (pack, r) in found.items():
             if d in bad:
                 if repair:
-                    repair_records.append(log_record(PUT, d, pack, off, stored, raw, 0, flags))
+                    repair_records.append(log_record(PUT, d, pack, r.offset, r.stored, r.raw,
+                                                     0, r.flags, r.codec))
                 add(Problem("warning", f"packs/{pack_name(pack)}",
                             "an intact copy of a damaged chunk is here"
                             + ("; index now points to it" if repair else
-                               " (`stellar fsck --repair` re-points the index)"), d.hex(), off))
-            elif s._table.get(d) is None:
+                               " (`stellar fsck --repair` re-points the index)"),
+                            d.hex(), r.offset))
+            elif index.table.get(d) is None:
                 refs = 1 if held is None else held.get(d, 0)
                 if repair:
-                    repair_records.append(log_record(PUT, d, pack, off, stored, raw, refs, flags))
+                    repair_records.append(log_record(PUT, d, pack, r.offset, r.stored, r.raw,
+                                                     refs, r.flags, r.codec))
                 if held is None or d not in held:  # else reported as missing above
                     add(Problem("warning", f"packs/{pack_name(pack)}",
                                 "unindexed chunk, left by an interrupted write or a lost index "
                                 "record" + (f"; indexed again with {refs} references" if repair
                                             else " (`stellar fsck --repair` indexes it)"),
-                                d.hex(), off))
+                                d.hex(), r.offset))
+        if repair:
+            repair_records += _rewrite(s, [x for x in rewrite if x[0] not in found])
         if repair_records:
-            s._append_log(repair_records)
+            index.append(repair_records)
             rep.repaired = len(repair_records)
         if repair and held is not None:
             rep.repaired += _recount(s, held, complete)
-        if repair and (rep.repaired or s.log_damage):
-            s.compact_index()   # a fresh snapshot: the damaged index files are replaced
+        if repair and (rep.repaired or index.damage):
+            index.compact()   # a fresh snapshot: the damaged index files are replaced
         if repair and held is not None:
             s.damage_path.unlink(missing_ok=True)
     return rep
 
 
 def _check_counts(s: ChunkStore, held: Mapping[bytes, int], complete: bool,
-                  found: dict[bytes, tuple[int, int, int, int, int]], rep: FsckReport) -> None:
+                  found: dict[bytes, tuple[int, ChunkRecord]], rep: FsckReport) -> None:
     """Compare the index's reference counts with what the holders account for."""
     add = rep.problems.append
-    table = s._table
+    table = s.index.table
     for d, n in held.items():
         e = table.get(d)
         if e is None:
@@ -311,51 +312,90 @@ def _check_counts(s: ChunkStore, held: Mapping[bytes, int], complete: bool,
 def _recount(s: ChunkStore, held: Mapping[bytes, int], complete: bool) -> int:
     """Set every count to what the holders account for; how many changed."""
     records = []
-    for d, e in s._table.items():
+    for d, e in s.index.table.items():
         want = held.get(d, 0)
         if e.refs < want or (e.refs > want and complete):
             records.append(log_record(REF, d, delta=want - e.refs))
     if records:
-        s._append_log(records)
+        s.index.append(records)
     return len(records)
 
 
+def _rewrite(s: ChunkStore, chunks: list[tuple[bytes, Entry, bytes]]) -> list[bytes]:
+    """Write fresh copies of chunks whose bytes are intact but whose record or
+    placement is not; the index records that point to them."""
+    if not chunks:
+        return []
+    items = []
+    for d, e, content in chunks:
+        stored, codec = (content, "") if e.mappable else s.compress(content)
+        items.append((d, stored, e.raw, e.flags, codec))
+    places, _ = s.packs.write(items)
+    return [log_record(PUT, d, p, o, len(stored), raw, 0, flags, codec)
+            for (d, stored, raw, flags, codec), (p, o) in zip(items, places, strict=True)]
+
+
 def _check_chunk(s: ChunkStore, d: bytes, e: Entry, sizes: dict[int, int],
-                 maps: dict[int, mmap.mmap]) -> str | None:
-    """What is wrong with one indexed chunk, or None."""
+                 maps: dict[int, mmap.mmap]) -> tuple[str | None, bytes | None]:
+    """(what is wrong with one indexed chunk or None, its content if intact)."""
     if e.pack not in sizes:
-        return f"its pack file {pack_name(e.pack)} is missing"
-    end = e.offset + e.stored + TRAILER_SIZE
+        return f"its pack file {pack_name(e.pack)} is missing", None
+    end = e.offset + (align(e.stored, PAGE) if e.mappable else e.stored + RECORD_SIZE)
     if sizes[e.pack] < end:
-        return f"pack is truncated: {sizes[e.pack]} bytes, the chunk ends at {end}"
+        return f"pack is truncated: {sizes[e.pack]} bytes, the chunk ends at {end}", None
     mm = maps.get(e.pack)
     if mm is None:
         with open(s.pack_path(e.pack), "rb") as fh:
             mm = maps[e.pack] = mmap.mmap(fh.fileno(), sizes[e.pack], access=mmap.ACCESS_READ)
-    blob = mm[e.offset:end]
-    t = parse_trailer(blob[e.stored:])
-    if t is None:
-        what = "trailer is damaged"
-    elif t != (d, e.stored, e.raw, e.flags & COMPRESSED):
-        what = "trailer does not match the index record"
+    if e.mappable:
+        return _check_mappable(s, d, e, sizes[e.pack], mm)
+    r = parse_record(mm, e.offset + e.stored)
+    if r is None:
+        what = "its record is damaged"
+    elif r != ChunkRecord(d, e.offset, e.stored, e.raw, e.flags, e.codec):
+        what = "its record does not match the index record"
     else:
         what = ""
-    data = blob[:e.stored]
-    if e.flags & COMPRESSED:
+    data = mm[e.offset:e.offset + e.stored]
+    if e.codec:
         try:
-            data = lz4.block.decompress(data, uncompressed_size=e.raw)
-        except lz4.block.LZ4BlockError:
-            return "compressed bytes do not decompress (corrupt)" + (f"; {what}" if what else "")
-    if len(data) != e.raw or s.hasher.digest(data) != d:
+            data = s.decompress(d, e, data)
+        except ChunkError as exc:
+            return str(exc) + (f"; {what}" if what else ""), None
+    if s.hasher.digest(data) != d:
         return "content does not hash to its digest (corrupt bytes)" + (
-            f"; {what}" if what else "")
-    return what or None
+            f"; {what}" if what else ""), None
+    return (what, data) if what else (None, None)
+
+
+def _check_mappable(s: ChunkStore, d: bytes, e: Entry, size: int,
+                    mm: mmap.mmap) -> tuple[str | None, bytes | None]:
+    """What keeps a chunk marked mappable from being mapped or read, or None."""
+    content = mm[e.offset:e.offset + e.stored]
+    if s.hasher.digest(content) != d or e.stored != e.raw:
+        return "content does not hash to its digest (corrupt bytes)", None
+    if e.offset % PAGE or e.codec:
+        return "is marked mappable but is not page-aligned and raw", content
+    if mm[e.offset + e.stored:e.offset + align(e.stored, PAGE)].count(0) != (
+            align(e.stored, PAGE) - e.stored):
+        return "its last page holds other bytes after it (a mapping would show them)", content
+    return None, None
+
+
+def _content(s: ChunkStore, e: Entry) -> bytes | memoryview:
+    """An indexed chunk's stored bytes (checked by ``_check_chunk`` already)."""
+    return s.packs.map(e.pack, e.offset + e.stored)[e.offset:e.offset + e.stored]
 
 
 def _scan_packs(s: ChunkStore, packs: set[int], regions: dict[int, list[tuple[int, int]]],
-                rep: FsckReport) -> dict[bytes, tuple[int, int, int, int, int]]:
-    """Chunks with a valid trailer and content outside every indexed region."""
-    found: dict[bytes, tuple[int, int, int, int, int]] = {}
+                rep: FsckReport) -> tuple[dict[bytes, tuple[int, ChunkRecord]],
+                                          set[tuple[int, int]]]:
+    """Chunks with a valid record and content outside every indexed region, and the
+    (pack, offset) of every valid record of an indexed chunk outside them (those
+    of mappable chunks)."""
+    found: dict[bytes, tuple[int, ChunkRecord]] = {}
+    records: set[tuple[int, int]] = set()
+    table = s.index.table
     for n in sorted(packs):
         path = s.pack_path(n)
         with open(path, "rb") as fh:
@@ -365,30 +405,45 @@ def _scan_packs(s: ChunkStore, packs: set[int], regions: dict[int, list[tuple[in
             data = mmap.mmap(fh.fileno(), length, access=mmap.ACCESS_READ)
         spans = sorted(regions.get(n, []))
         starts = [a for a, _ in spans]
-        indexed = sum(align(b) - a for a, b in spans)
-        pos = data.find(TRAILER_MAGIC)
+        used = list(spans)
+        pos = data.find(RECORD_PREFIX)
         while pos >= 0:
             i = bisect.bisect_right(starts, pos) - 1
-            inside = i >= 0 and pos < spans[i][1]   # an indexed trailer, or chunk content
-            t = None if inside else parse_trailer(data[pos:pos + TRAILER_SIZE])
-            if t is not None:
-                d, stored, raw, flags = t
-                start = pos - stored
-                if start >= 0 and start % PAGE == 0:
-                    blob = data[start:pos]
+            inside = i >= 0 and pos < spans[i][1]   # an indexed record, or chunk content
+            r = None if inside else parse_record(data, pos)
+            e = table.get(r.digest) if r is not None else None
+            if r is not None and e is not None and (e.pack, e.offset, e.stored) == (
+                    n, r.offset, r.stored):
+                records.add((n, r.offset))    # checked with the index entry
+                used.append((pos, pos + RECORD_SIZE))
+            elif (r is not None and r.offset % UNIT == 0 and 0 <= r.offset
+                    and r.offset + r.stored <= pos and r.digest not in found):
+                content: bytes | None = data[r.offset:r.offset + r.stored]
+                if r.codec:
                     try:
-                        content = lz4.block.decompress(blob, uncompressed_size=raw) \
-                            if flags & COMPRESSED else blob
-                    except lz4.block.LZ4BlockError:
-                        content = b""
-                    if len(content) == raw and s.hasher.digest(content) == d:
-                        found.setdefault(d, (n, start, stored, raw, flags))
-            pos = data.find(TRAILER_MAGIC, pos + 1)
+                        content = s.compressors(r.codec).decompress(content, r.raw)
+                    except (ValueError, StellarError):  # unknown compressor, damaged bytes
+                        content = None
+                if content is not None and s.hasher.digest(content) == r.digest:
+                    found[r.digest] = (n, r)
+            pos = data.find(RECORD_PREFIX, pos + 1)
         data.close()
-        orphan = length - indexed
+        orphan = _unused(sorted(used), length)
         if orphan > 0:
             rep.problems.append(Problem(
                 "note", f"packs/{pack_name(n)}",
                 f"{orphan} bytes (padding excluded) hold no indexed chunk: freed chunks or "
                 "crash leftovers; harmless, `stellar gc` rewrites packs that are mostly so"))
-    return found
+    return found, records
+
+
+def _unused(spans: list[tuple[int, int]], length: int) -> int:
+    """Bytes of a pack outside ``spans`` (sorted), not counting alignment: up to 63
+    bytes before any span, up to a page before a page-aligned one, and a short tail."""
+    unused, end = 0, 0
+    for a, b in spans + [(length, length)]:
+        gap = a - end
+        if gap >= (PAGE if a % PAGE == 0 else UNIT):
+            unused += gap
+        end = max(end, b)
+    return unused

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from stellarium_core.nebula.store import ChunkStore
 
 SUFFIX = ".refs"
+#: ``<nebula>/pending``: the journals of operations still running (or dead, until swept).
+PENDING = "pending"
 
 
 def read_counts(path: str | os.PathLike[str]) -> Counter[bytes]:
@@ -123,12 +125,13 @@ class RefJournal:
         self.settle()
 
 
-def sweep(store: ChunkStore, directory: Path) -> int:
+def sweep(store: ChunkStore) -> int:
     """Release what journals of dead processes list and delete them; how many.
 
     The caller holds the store lock, so no journal is created or handed over
     meanwhile without its owner holding the journal's own lock.
     """
+    directory = store.root / PENDING
     try:
         names = sorted(n for n in os.listdir(directory) if n.endswith((SUFFIX, ".new")))
     except FileNotFoundError:
@@ -150,7 +153,7 @@ def sweep(store: ChunkStore, directory: Path) -> int:
                     counts = read_counts(path)
                 except (OSError, ValueError):
                     counts = Counter()
-                store._release_many(dict(counts))
+                store.release_at_most(counts)
                 done += 1
             os.unlink(path)
         finally:

@@ -5,8 +5,11 @@ tuple, int objects, dict entry). Here records live packed in one ``bytearray``
 (digest + two 64-bit words) and an open-addressing ``array('I')`` of slots
 points into it, so 1M chunks cost about 56 MiB instead of 200 MiB.
 
-Record words: ``a = pack | page << 16 | stored << 40`` and
-``b = raw | refs << 24 | flags << 56``; lengths below 16 MiB, pages of 4 KiB.
+Record words: ``a = pack | unit << 16 | stored << 40`` and
+``b = raw | refs << 24 | flags << 56``; lengths below 16 MiB, offsets in units of
+64 bytes (so a 1 GiB pack is addressable). The low three flag bits name the
+chunk's compressor by its slot in :attr:`ChunkTable.codecs` (0: stored raw); a
+store meets few compressors, and records on disk carry the names.
 """
 
 from __future__ import annotations
@@ -18,21 +21,29 @@ from typing import NamedTuple
 
 RECORD = 48
 PAGE = 4096
+#: Chunks start at multiples of this in their pack (the table keeps offset // UNIT).
+UNIT = 64
 _REC = struct.Struct("<32sQQ")
 _WORDS = struct.Struct("<QQ")
 _M24 = (1 << 24) - 1
 _M32 = (1 << 32) - 1
 
-#: Flag bits. COMPRESSED and the tier are persisted; DEAD exists only in memory.
-COMPRESSED = 0x01
+#: Flag bits. The codec slot is the table's; the others are persisted (in index
+#: log and pack records); DEAD exists only in memory.
+CODEC_MASK = 0x07
+#: Stored raw at a page boundary, zeros to the end of its last page, its record
+#: elsewhere: its bytes can be mmapped straight from the pack.
+MAPPABLE = 0x08
+TIER_SHIFT = 4
 DEAD = 0x80
-TIER_SHIFT = 2
 MAX_LEN = _M24
 MAX_REFS = _M32
+MAX_CODECS = CODEC_MASK
 
 
 class Entry(NamedTuple):
-    """Where a chunk lives: pack number, byte offset, stored and raw length, refs, flags."""
+    """Where a chunk lives: pack number, byte offset, stored and raw length, refs,
+    persisted flags, and the name of its compressor ("" when stored raw)."""
 
     pack: int
     offset: int
@@ -40,25 +51,28 @@ class Entry(NamedTuple):
     raw: int
     refs: int
     flags: int
+    codec: str = ""
 
     @property
     def compressed(self) -> bool:
-        return bool(self.flags & COMPRESSED)
+        return bool(self.codec)
+
+    @property
+    def mappable(self) -> bool:
+        return bool(self.flags & MAPPABLE)
 
     @property
     def tier(self) -> int:
         return (self.flags >> TIER_SHIFT) & 0x3
 
 
-def _entry(a: int, b: int) -> Entry:
-    return Entry(a & 0xFFFF, ((a >> 16) & _M24) * PAGE, a >> 40, b & _M24,
-                 (b >> 24) & _M32, b >> 56)
-
-
 class ChunkTable:
     """digest -> :class:`Entry`, compact; not thread-safe (the store serialises access)."""
 
-    def __init__(self) -> None:
+    def __init__(self, codecs: list[str] | None = None) -> None:
+        #: Compressor names by slot - 1 (slot 0, ""/raw, is implicit).
+        self.codecs: list[str] = list(codecs or [])
+        self._slot_of: dict[str, int] = {c: i + 1 for i, c in enumerate(self.codecs)}
         self._recs = bytearray()
         self._n = 0          # records, dead ones included
         self._live = 0
@@ -89,6 +103,25 @@ class ChunkTable:
         _, a, b = _REC.unpack_from(self._recs, r * RECORD)
         return a, b
 
+    def slot(self, codec: str) -> int:
+        """The flag bits that name ``codec`` (interned on first use)."""
+        if not codec:
+            return 0
+        slot = self._slot_of.get(codec)
+        if slot is None:
+            if len(self.codecs) >= MAX_CODECS:
+                raise ValueError(f"a store holds chunks of at most {MAX_CODECS} compressors; "
+                                 f"{codec!r} would be one more than {', '.join(self.codecs)}")
+            self.codecs.append(codec)
+            slot = self._slot_of[codec] = len(self.codecs)
+        return slot
+
+    def _entry(self, a: int, b: int) -> Entry:
+        flags = b >> 56
+        slot = flags & CODEC_MASK
+        return Entry(a & 0xFFFF, ((a >> 16) & _M24) * UNIT, a >> 40, b & _M24,
+                     (b >> 24) & _M32, flags & ~CODEC_MASK, self.codecs[slot - 1] if slot else "")
+
     def get(self, digest: bytes) -> Entry | None:
         r = self._find(digest)[1]
         if r < 0:
@@ -96,22 +129,25 @@ class ChunkTable:
         a, b = self._words(r)
         if (b >> 56) & DEAD:
             return None
-        return _entry(a, b)
+        return self._entry(a, b)
 
     def __contains__(self, digest: bytes) -> bool:
         r = self._find(digest)[1]
         return r >= 0 and not self._recs[r * RECORD + 47] & DEAD
 
-    def upsert(self, digest: bytes, pack: int, page: int, stored: int, raw: int,
+    def upsert(self, digest: bytes, pack: int, offset: int, stored: int, raw: int,
                delta: int, flags: int) -> None:
-        """Place ``digest`` at (pack, page) and add ``delta`` refs, in one probe.
+        """Place ``digest`` at (pack, offset) and add ``delta`` refs, in one probe;
+        ``flags`` include the codec slot (:meth:`slot`).
 
         The index replay's hot path: a new chunk, or a known one that moved (gc).
         """
-        if not (0 <= pack <= 0xFFFF and 0 <= page <= _M24 and stored <= _M24 and raw <= _M24):
-            raise ValueError(f"location out of range: pack {pack} page {page} "
+        unit = offset // UNIT
+        if not (0 <= pack <= 0xFFFF and 0 <= unit <= _M24 and offset % UNIT == 0
+                and stored <= _M24 and raw <= _M24):
+            raise ValueError(f"location out of range: pack {pack} offset {offset} "
                              f"stored {stored} raw {raw}")
-        a = pack | page << 16 | stored << 40
+        a = pack | unit << 16 | stored << 40
         i, r = self._find(digest)
         if r >= 0:
             b = _WORDS.unpack_from(self._recs, r * RECORD + 32)[1]
@@ -161,7 +197,7 @@ class ChunkTable:
         for r in range(self._n):
             d, a, b = _REC.unpack_from(recs, r * RECORD)
             if not (b >> 56) & DEAD:
-                yield d, _entry(a, b)
+                yield d, self._entry(a, b)
 
     def dump(self) -> tuple[bytes, bytes]:
         """(records, slots) exactly as held, dead records dropped, for a snapshot file."""
@@ -170,9 +206,11 @@ class ChunkTable:
         return bytes(self._recs), self._slots.tobytes()
 
     @classmethod
-    def load(cls, records: bytes | bytearray, slots: bytes | None) -> ChunkTable:
-        """A table from :meth:`dump` output; ``slots=None`` rebuilds them (slower)."""
-        t = cls()
+    def load(cls, records: bytes | bytearray, slots: bytes | None,
+             codecs: list[str]) -> ChunkTable:
+        """A table from :meth:`dump` output and :attr:`codecs`; ``slots=None``
+        rebuilds the hash slots (slower)."""
+        t = cls(codecs)
         t._recs = bytearray(records)
         t._n = t._live = len(records) // RECORD
         if slots is not None:

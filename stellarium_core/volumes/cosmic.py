@@ -1,9 +1,10 @@
 """Cosmic Packs: many small files in one 64 KiB chunk, each still addressable.
 
-NEBULA places every chunk at a 4 KiB-aligned offset, so a 100-byte file stored
-as its own chunk costs 4 KiB and an index row. A Cosmic Pack puts files under
-4 KiB side by side in one chunk with an inline index; a file is then named by
-(pack digest, slot) and is checked against its own hash when read.
+NEBULA gives every chunk a 64-byte record in its pack, an index row and a log
+record, and compresses it alone, so a 100-byte file stored as its own chunk costs
+about 230 bytes and hardly compresses. A Cosmic Pack puts files under 4 KiB side
+by side in one chunk with an inline index (compressed together); a file is then
+named by (pack digest, slot) and is checked against its own hash when read.
 
 Layout (little-endian), at most 64 KiB::
 

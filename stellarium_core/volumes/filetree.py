@@ -11,7 +11,7 @@ Public API (what image layers and Voltainer build on)::
     merged = stack([lower, ..., upper])             -> Manifest with OCI whiteouts applied
     references(m)                                   -> Counter of the references capture took
     release(m, store)                               -> drop them (one durable commit)
-    footprint(m, store)                             -> unique chunks and 4 KiB-aligned bytes
+    footprint(m, store)                             -> unique chunks, bytes, pack bytes
     diff_trees(a, b)                                -> [] when identical (content + lstat + xattrs)
 
 The manifest is canonical JSON (sorted keys, no spaces), so equal trees give
@@ -42,8 +42,8 @@ from stellarium_core.confined import ConfinedDir
 from stellarium_core.errors import StellarError
 from stellarium_core.fsutil import claim, remove_tree, sweep_unclaimed, write_atomic
 from stellarium_core.hookspecs import Chunker, Hasher
+from stellarium_core.nebula import packs
 from stellarium_core.nebula.pending import RefJournal
-from stellarium_core.nebula.store import align
 from stellarium_core.nebula.table import MAX_LEN
 from stellarium_core.volumes import cosmic
 from stellarium_core.volumes.tinyvol import ManifestError
@@ -350,8 +350,8 @@ def release(manifest: Manifest, store: Any) -> None:
 
 
 def footprint(manifest: Manifest, store: Any) -> dict[str, int]:
-    """Unique chunks the manifest needs, their bytes, and their bytes once NEBULA
-    places each at a 4 KiB-aligned offset (before compression)."""
+    """Unique chunks the manifest needs, their bytes, and what they take in NEBULA's
+    packs (compressed, each with its record, aligned)."""
     sizes: dict[bytes, int] = {}
     for e in manifest:
         for digest, n in e.chunks:
@@ -359,7 +359,7 @@ def footprint(manifest: Manifest, store: Any) -> dict[str, int]:
         if e.pack is not None and e.pack not in sizes:
             sizes[e.pack] = store.size(e.pack)
     return {"chunks": len(sizes), "bytes": sum(sizes.values()),
-            "aligned_bytes": sum(align(n) for n in sizes.values())}
+            "pack_bytes": sum(packs.footprint(store.entry(d)) for d in sizes)}
 
 
 def save(manifest: Manifest, directory: str | os.PathLike[str], hasher: Hasher, store: Any,

@@ -85,7 +85,7 @@ def fill(cfg: Path, tmp: Path, seed: int) -> dict[str, object]:
         rec.mkdir(parents=True)
         (rec / "r.json").write_text(json.dumps({"chunks": {"x": [[d.hex(), BLOCK]]}}))
         want["record"] = (d, pool[1])
-        with host.store._lock():
+        with host.store.lock():
             host.store.compact_index()   # a snapshot, and more log records after it
         with vols.create("late", 2 * BLOCK) as v:
             v.write(0, pool[2])
@@ -304,7 +304,7 @@ def test_damaged_metadata_every_command_says_what_is_wrong(tmp_path_factory, nam
         VolumeStore(host.store_path / "volumes", host.store, host.hasher).create(
             "v", BLOCK).close()
         d = host.store.put(b"kept")
-        with host.store._lock():
+        with host.store.lock():
             host.store.compact_index()
     p = tmp / "store" / "nebula" / name
     old = p.read_bytes()

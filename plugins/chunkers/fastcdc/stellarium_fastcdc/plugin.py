@@ -19,8 +19,8 @@ from stellarium_core.hookspecs import hookimpl
 MIN_CHUNK = 1 << 10
 MIN_AVG = 4 << 10
 MAX_CHUNK = 8 << 20
-_TOO_SMALL = ("NEBULA gives every chunk its own 4 KiB page and index entry, so smaller "
-              "chunks multiply disk use and ingest time")
+_TOO_SMALL = ("NEBULA gives every chunk its own record and index entry (128 bytes), so "
+              "smaller chunks multiply disk use and ingest time")
 _TOO_BIG = ("a chunk must fit NEBULA's 16 MiB chunk limit, and streams are read in windows "
             "of four times the largest chunk")
 

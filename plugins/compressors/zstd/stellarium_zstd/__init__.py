@@ -1,0 +1,1 @@
+"""zstd chunk compression for NEBULA (``stellarium.compressors: zstd``)."""
