@@ -20,12 +20,13 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from volt.jail import caps, landlock, seccomp
-from volt.jail.policy import Policy
 from volt.vmm import exitcodes
 from volt.vmm.exitcodes import VoltError
+
+if TYPE_CHECKING:
+    from volt.jail.policy import Policy
 
 LANDLOCK_MODES = ("on", "best-effort", "off")
 SECCOMP_MODES = ("kill", "log", "off")
@@ -64,7 +65,13 @@ class Confinement:
         self.report: list[str] = []
 
     def apply_process(self, policy: Policy) -> str:
-        """Confine the (single-threaded) process; returns the one-line report."""
+        """Confine the (single-threaded) process; returns the one-line report.
+
+        The mechanisms are imported here, not with this module: ``volt run`` parses
+        its options with it, and an API socket should answer before they load.
+        """
+        from volt.jail import caps, seccomp
+
         if self.landlock == "off" and self.seccomp == "off":
             return "volt: warning: running UNCONFINED (--landlock=off --seccomp=off)"
         for name in PRELOAD:
@@ -95,6 +102,8 @@ class Confinement:
         return "volt: confined: " + "; ".join(self.report)
 
     def _landlock(self, policy: Policy) -> None:
+        from volt.jail import landlock
+
         if self.landlock == "off":
             self.report.append("landlock OFF")
             return
@@ -154,6 +163,8 @@ def _check(ret: int, what: str) -> None:
 
 def apply(conf: Confinement, cfg: Any, machine: Any) -> None:
     """Confine the process of the built ``machine`` (booting ``cfg``) and hook its threads."""
+    from volt.jail.policy import Policy
+
     devices = [t.device for t in machine.devices.transports.values()]
     print(conf.apply_process(Policy.for_vm(cfg.kernel, cfg.initrd, devices)),
           file=sys.stderr, flush=True)
