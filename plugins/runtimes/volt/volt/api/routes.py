@@ -111,7 +111,7 @@ class FirecrackerApi:
         if not req.body.strip():
             raise Fault(f"Empty {req.method} request.")
         try:
-            return json.loads(req.body)
+            return json.loads(req.body.decode("utf-8"))
         except (ValueError, RecursionError) as exc:   # JSONDecodeError, bad UTF-8, nesting
             raise Fault("An error occurred when deserializing the json body of a request: "
                         f"{exc if not isinstance(exc, RecursionError) else 'nested too deeply'}"

@@ -341,7 +341,7 @@ def file_layer(path: str, base: VmConfig) -> tuple[Layer, Telemetry]:
 
 def _parse_json(raw: bytes, path: str) -> Any:
     try:
-        return json.loads(raw)
+        return json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"line {exc.lineno} column {exc.colno}: {exc.msg}", file=path) from None
     except (UnicodeDecodeError, RecursionError) as exc:
