@@ -227,3 +227,16 @@ def test_the_root_device_rule_over_api_puts() -> None:
 def test_layer_names_a_file_setting_by_its_firecracker_name() -> None:
     with pytest.raises(ConfigError, match="^f.json: machine-config.vcpu_count: must be 1..32"):
         layered(Layer({"vcpus": 99}, "file", "f.json", fc.FILE_NAMES))
+
+
+def test_the_vmm_never_imports_the_api() -> None:
+    """The API drives the VMM (volt.api.launch wires them, like Firecracker's binary)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, volt.vmm.runner, volt.vmm.instance, volt.vmm.builder, "
+            "volt.vmm.firecracker, volt.plugin; "
+            "print(sorted(m for m in sys.modules if m.startswith('volt.api')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

@@ -127,4 +127,7 @@ def serve(cfg: VmConfig, host: Host, listener: socket.socket, *, boot: bool,
     machine = instance.machine
     assert machine is not None
     server.start_thread(machine.enter_thread, machine.stopped)
-    return instance.finish(timing=timing)
+    try:
+        return instance.finish(timing=timing)
+    finally:
+        server.stop()

@@ -41,6 +41,7 @@ MAX_PENDING_OUTPUT = 1 << 20
 FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
 Handler = Callable[[Request], Response]
+_WAKE = object()                 # selector tag of the eventfd stop() writes
 
 
 class _Conn:
@@ -61,19 +62,24 @@ class ApiServer:
         self._listener = listener
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._listener, selectors.EVENT_READ, None)
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._sel.register(self._wake, selectors.EVENT_READ, _WAKE)
         self._conns: dict[int, _Conn] = {}
+        self._stopping = False
         self.thread: threading.Thread | None = None
 
     def serve(self, until: Callable[[], bool], every: float = 1.0) -> None:
         """Answer requests until ``until()`` is true (checked after each event batch and
         at least every ``every`` seconds)."""
-        while not until():
+        while not until() and not self._stopping:
             for key, events in self._sel.select(every):
                 if key.data is None:
                     self._accept()
+                elif key.data is _WAKE:
+                    os.eventfd_read(self._wake)
                 else:
                     self._service(key.data, events)
-                if until():
+                if until() or self._stopping:
                     break
             self._reap()
 
@@ -91,11 +97,20 @@ class ApiServer:
         self.thread.start()
         return self.thread
 
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the API thread and wait for it: a daemon thread still running when the
+        interpreter exits is ended by pthread_exit, which a confined thread must not reach."""
+        self._stopping = True
+        os.eventfd_write(self._wake, 1)
+        if self.thread is not None:
+            self.thread.join(timeout)
+
     def close(self) -> None:
         for c in list(self._conns.values()):
             self._drop(c)
         self._sel.close()
         self._listener.close()
+        os.close(self._wake)
 
     # -- connections ------------------------------------------------------------------
 

@@ -82,6 +82,7 @@ class Confinement:
                             "confinement must start single-threaded", exitcodes.CONFINE)
         if self.seccomp != "off":
             self.filters = seccomp.build_all(self.seccomp)       # before Landlock: dlopen
+        _preload_unwinder()
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
         self._landlock(policy)
         caps.drop_all()
@@ -134,6 +135,17 @@ class Confinement:
                 os.write(2, f"volt: error: cannot confine thread {name} ({kind}): "
                             f"{exc}\n".encode())
                 os._exit(exitcodes.CONFINE)
+
+
+def _preload_unwinder() -> None:
+    """Load libgcc_s now: glibc opens it on a thread's first pthread_exit, which is how
+    Python ends a daemon thread (vCPU, I/O, API) that wakes while the interpreter exits.
+    Opened after confinement, that is an openat no thread may make: the VMM would die
+    of SIGSYS (or abort under Landlock) instead of returning the guest's exit code."""
+    try:
+        ctypes.CDLL("libgcc_s.so.1")
+    except OSError:
+        pass          # a static or musl Python has no such library to load later either
 
 
 def _other_threads() -> list[str]:
