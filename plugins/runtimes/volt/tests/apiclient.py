@@ -63,13 +63,15 @@ def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 60.0) ->
 
 
 class VoltProcess:
-    """``volt run --api-sock SOCK ARGS``, console to a file; stopped with SIGTERM at exit."""
+    """``volt [VOLT_ARGS] run --api-sock SOCK ARGS``, console to a file; stopped with
+    SIGTERM at exit."""
 
     def __init__(self, sock: Path, *args: str, console: Path | None = None,
-                 volt: str = VOLT) -> None:
+                 volt_args: list[str] | None = None) -> None:
         self.sock, self.console = str(sock), console
         out = open(console, "wb") if console else subprocess.DEVNULL   # noqa: SIM115
-        self.proc = subprocess.Popen([volt, "run", "--api-sock", self.sock, *args],
+        self.proc = subprocess.Popen([VOLT, *(volt_args or []), "run", "--api-sock", self.sock,
+                                      *args],
                                      stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.PIPE)
         if console:

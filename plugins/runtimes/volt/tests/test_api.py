@@ -320,3 +320,47 @@ def test_two_thousand_random_requests_to_the_confined_api_thread(vm: VoltProcess
     a.call("PATCH", "/vm", {"state": "Resumed"})
     assert a.call("GET", "/")[1]["state"] == "Running"
     print(f"{len(sent)} requests in {time.monotonic() - started:.1f} s")
+
+
+@needs_kvm
+def test_metrics_carry_a_stellar_drives_shared_chunks_read_by_the_confined_io_thread(
+        tmp_path: Path, kernel: Path) -> None:
+    """A drive ``stellar:volume/vm0`` cloned from ``base``: the metrics line, collected in
+    the confined I/O thread (Landlock: the store read-only; seccomp: the io kind), says
+    how many of its chunks the clone shares."""
+    import subprocess
+
+    from stellarium_core.plugins import installed
+
+    if not any(p.name == "virtio-stellar" for p in installed("device")):
+        pytest.skip("the virtio-stellar device plugin is not installed")
+    host = tmp_path / "host.toml"
+    host.write_text('[store]\npath = "store"\n')
+    raw_disk = tmp_path / "disk.raw"
+    raw_disk.write_bytes(bytes(range(256)) * 4096 * 2)        # 2 MiB
+    for args in (["host", "init"], ["vol", "import", "base", str(raw_disk)],
+                 ["vol", "clone", "base", "vm0"]):
+        r = subprocess.run([sys.executable, "-m", "stellarium_core", "--config", str(host),
+                            *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    metrics = tmp_path / "metrics.json"
+    v = VoltProcess(tmp_path / "api.sock", console=tmp_path / "console",
+                    volt_args=["--config", str(host)])
+    try:
+        a = v.api
+        for path, body in [("/metrics", {"metrics_path": str(metrics)}),
+                           ("/machine-config", {"vcpu_count": 1, "mem_size_mib": 32}),
+                           ("/boot-source", {"kernel_image_path": str(kernel)}),
+                           ("/drives/vm0", {"drive_id": "vm0", "is_root_device": False,
+                                            "is_read_only": True,
+                                            "path_on_host": "stellar:volume/vm0"}),
+                           ("/actions", {"action_type": "InstanceStart"}),
+                           ("/actions", {"action_type": "FlushMetrics"})]:
+            assert a.call("PUT", path, body) == (204, None), path
+        line = json.loads(metrics.read_text().splitlines()[-1])
+    finally:
+        code, err = v.stop()
+    assert "seccomp kill" in err and code == 143, err
+    disk = line["devices"]["vm0"]
+    assert disk["chunks"] == disk["shared_chunks"] > 0, disk
+    assert line["volumes"] == {"chunks": disk["chunks"], "shared_chunks": disk["chunks"]}
