@@ -1,9 +1,8 @@
 """Run a built microVM until it ends: threads, signals, pause/resume, poweroff detection.
 
-:class:`Runner` drives one :class:`~volt.vmm.vm.Machine`; :func:`launch` is all of
-``volt run`` after argument parsing (build, console, plugin events, run, report),
-shared by the CLI, ``python -m volt.vmm`` and the ``volt`` runtime plugin
-(the API server drives an :class:`~volt.vmm.instance.Instance` itself).
+:class:`Runner` drives one :class:`~volt.vmm.vm.Machine`; :func:`launch` builds and
+runs a VM with no API (``volt run`` without ``--api-sock``, and the ``volt`` runtime
+plugin) through an :class:`~volt.vmm.instance.Instance`, which the API drives too.
 """
 
 from __future__ import annotations
