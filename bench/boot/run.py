@@ -9,6 +9,9 @@ Figures:
 Volt runs confined (its default: Landlock + seccomp, applied before the first
 KVM_RUN, so inside both figures) and, as ``volt-unconfined``, with
 ``--landlock=off --seccomp=off``: the difference is the cost of confinement.
+- on the bare machine: process start to the API socket accepting a connection
+  (``--api-sock``, no kernel needed; Firecracker reports 6-60 ms for its own).
+The last line is the benchmark JSON line of DESIGN.md.
 
 Usage: .venv/bin/python bench/boot/run.py [-n 5] [--json]
 """
@@ -19,9 +22,11 @@ import argparse
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,6 +86,46 @@ def bare_setup(entry: list[str], kernel: Path, initrd: Path, n: int) -> dict:
     return {"setup_ms": setups, "rss": rss}
 
 
+def api_socket_ms(entry: list[str], n: int) -> list[float]:
+    """Spawn to the first successful connect() on ``--api-sock``, ``n`` times (ms)."""
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = os.path.join(tmp, "api.sock")
+        for _ in range(n):
+            t0 = time.monotonic()
+            proc = subprocess.Popen([*entry, "--api-sock", sock], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            while proc.poll() is None and time.monotonic() - t0 < 30:
+                with socket.socket(socket.AF_UNIX) as c:
+                    try:
+                        c.connect(sock)
+                    except OSError:
+                        time.sleep(0.0002)
+                        continue
+                out.append(round(1000 * (time.monotonic() - t0), 2))
+                break
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            if os.path.exists(sock):
+                os.unlink(sock)
+    return out
+
+
+def json_line(lab_fig: dict, bare: dict, api: dict) -> dict:
+    """The DESIGN.md line: medians per system, Volt's beside QEMU microvm's."""
+    def med(xs: list[float]) -> float | None:
+        return round(statistics.median(xs), 3) if xs else None
+
+    systems = {"qemu-microvm": {"boot_s": med(lab_fig["qemu"])}}
+    for name in ENTRIES:
+        systems[name] = {"boot_s": med(lab_fig[name]), "setup_ms": med(bare[name]["setup_ms"]),
+                         "api_socket_ms": med(api.get(name, []))}
+    return {"bench": "boot", "peer": "qemu-microvm", "systems": systems,
+            "higher_is_better": {"boot_s": False, "setup_ms": False, "api_socket_ms": False},
+            "host_load": [round(x, 2) for x in os.getloadavg()],
+            "firecracker_api_socket_ms": [6, 60]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=5, help="runs per VMM")
@@ -91,9 +136,12 @@ def main() -> int:
     lab_fig = in_lab(kb.bzimage, initrd, args.n)
     bare = {name: bare_setup(entry, kb.bzimage, initrd, min(args.n, 3))
             for name, entry in ENTRIES.items()}
-    result = {"lab": lab_fig, "bare": bare, "kernel": str(kb.bzimage), "initrd": str(initrd)}
+    api = {name: api_socket_ms(entry, args.n) for name, entry in ENTRIES.items()}
+    result = {"lab": lab_fig, "bare": bare, "api_socket_ms": api, "kernel": str(kb.bzimage),
+              "initrd": str(initrd)}
     if args.json:
         print(json.dumps(result, indent=2))
+        print(json.dumps(json_line(lab_fig, bare, api)))
         return 0
     labels = {"volt": "volt run", "volt-vmm": "python -m volt.vmm",
               "volt-unconfined": "volt run, unconfined", "qemu": "qemu -M microvm"}
@@ -118,6 +166,11 @@ def main() -> int:
         for total, outside in fig["rss"]:
             print(f"bare machine, {labels[name]}: RSS {total / 2**20:.1f} MiB total, "
                   f"{outside / 2**20:.1f} MiB excluding guest memory")
+    for name, ms in api.items():
+        if ms:
+            print(f"bare machine, {labels[name]}: process start -> API socket accepting "
+                  f"median {statistics.median(ms):.1f} ms  runs {ms}  (Firecracker: 6-60 ms)")
+    print(json.dumps(json_line(lab_fig, bare, api)))
     return 0
 
 

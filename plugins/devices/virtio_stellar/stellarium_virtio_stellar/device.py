@@ -10,6 +10,8 @@ resets the device, since its head can no longer be returned safely.
 from __future__ import annotations
 
 import struct
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from stellarium_core.errors import StellarError
@@ -70,8 +72,12 @@ class VirtioStellar:
 
     def __init__(self, disk: Disk, *, serial: str = "",
                  on_close: Callable[[], None] | None = None,
-                 host_paths: Sequence[tuple[str, bool]] = ()) -> None:
+                 host_paths: Sequence[tuple[str, bool]] = (),
+                 sharing: Callable[[], dict[str, int]] | None = None) -> None:
         self.disk = disk
+        self._sharing = sharing
+        #: requests, errors, read/write bytes, latency (ns) since the device was made.
+        self.stats: Counter[str] = Counter()
         self._host_paths = list(host_paths)
         self.serial = serial.encode()[:ID_BYTES]
         self.readonly = disk.readonly
@@ -128,6 +134,20 @@ class VirtioStellar:
             if wants:
                 self.interrupt()
 
+    def metrics(self) -> dict[str, int | float]:
+        """Requests, errors, bytes and mean/max latency since start (the VMM's metrics
+        lines carry them under this device's id), and how many of the disk's chunks
+        other disks of the store share, when the disk is a Stellarium one."""
+        s, n = self.stats, self.stats["requests"]
+        out: dict[str, int | float] = {
+            "requests": n, "errors": s["errors"], "read_bytes": s["read_bytes"],
+            "write_bytes": s["write_bytes"],
+            "latency_us_avg": round(s["latency_ns"] / n / 1000, 1) if n else 0.0,
+            "latency_us_max": round(s["latency_ns_max"] / 1000, 1)}
+        if self._sharing is not None:
+            out.update(self._sharing())
+        return out
+
     def host_paths(self) -> list[tuple[str, bool]]:
         """Where the disk reads (and writes) once the VMM is confined: its store."""
         return list(self._host_paths)
@@ -151,6 +171,7 @@ class VirtioStellar:
         """Perform one request; returns the bytes written into the chain (incl. status)."""
         mem = self.mem
         assert mem is not None
+        started = time.perf_counter_ns()
         data_out = chain.writer(mem)
         try:
             status_out = data_out.split_tail(1)
@@ -165,6 +186,13 @@ class VirtioStellar:
         except (StellarError, ValueError, OSError, MemoryError):
             status = S_IOERR
         status_out.write(bytes((status,)))
+        took = time.perf_counter_ns() - started
+        st = self.stats
+        st["requests"] += 1
+        st["errors"] += status != S_OK
+        st["latency_ns"] += took
+        if took > st["latency_ns_max"]:
+            st["latency_ns_max"] = took
         return written + 1
 
     def _request(self, readable: Reader, data_out: Writer) -> int:
@@ -179,6 +207,7 @@ class VirtioStellar:
                 raise RequestError(S_IOERR)
             self._check_range(sector, w_len // SECTOR)
             data_out.write_from(self.disk.read_views(sector, w_len // SECTOR))
+            self.stats["read_bytes"] += w_len
             return w_len
         if rtype == T_OUT:
             if w_len or payload % SECTOR or payload > MAX_REQUEST:
@@ -187,6 +216,7 @@ class VirtioStellar:
                 raise RequestError(S_IOERR)
             self._check_range(sector, payload // SECTOR)
             self.disk.write(sector, readable.take(payload))
+            self.stats["write_bytes"] += payload
             return 0
         if rtype == T_FLUSH:
             if not self.readonly:

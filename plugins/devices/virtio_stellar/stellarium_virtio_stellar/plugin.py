@@ -11,6 +11,7 @@ first use).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from stellarium_core.config import Field, validate_params
@@ -23,6 +24,7 @@ from stellarium_core.volumes.blockdev import BlockDevice
 from stellarium_core.volumes.imagedisk import ImageDisk, ImageDisks
 from stellarium_core.volumes.volume import Volume, VolumeStore
 from stellarium_virtio_stellar.device import VirtioStellar
+from stellarium_virtio_stellar.sharing import shared, volume_chunks
 
 NAME = "virtio-stellar"
 
@@ -39,31 +41,41 @@ def _boolean(value: Any) -> bool:
     raise ConfigError(f"must be true or false, got {value!r}", key="readonly")
 
 
+def _catalogs(host: Host) -> tuple[VolumeStore, ImageDisks]:
+    return (VolumeStore(host.store_path / "volumes", host.store, host.hasher),
+            ImageDisks.for_host(host))
+
+
 def open_device(host: Host, volume: str, *, readonly: bool = False) -> VirtioStellar:
     """A device over ``volume`` in ``host``'s store.
 
     A writable device holds the volume's writer lock; its writes are flushed when
     the guest sends FLUSH and when the VMM closes the device.
     """
-    vols = VolumeStore(host.store_path / "volumes", host.store, host.hasher)
-    return _device(vols.open(volume, readonly=readonly), volume, host, writes=not readonly)
+    vols, disks = _catalogs(host)
+    vol = vols.open(volume, readonly=readonly)
+    return _device(vol, volume, host, writes=not readonly,
+                   sharing=lambda: shared(volume_chunks(vol), vols, disks, volume=volume))
 
 
 def open_image_device(host: Host, image: str) -> VirtioStellar:
     """A read-only device over the VM form of ``image`` (a name or digest) in ``host``'s store."""
-    disks = ImageDisks.for_host(host)
+    vols, disks = _catalogs(host)
     res = vm_disk(ImageStore.for_host(host), disks, image)
-    return _device(disks.open(res.image, image), image, host, writes=False)
+    disk = disks.open(res.image, image)
+    return _device(disk, image, host, writes=False,
+                   sharing=lambda: shared(disk.disk.digests(), vols, disks, image=res.image))
 
 
-def _device(vol: Volume | ImageDisk, serial: str, host: Host, *, writes: bool) -> VirtioStellar:
+def _device(vol: Volume | ImageDisk, serial: str, host: Host, *, writes: bool,
+            sharing: Callable[[], dict[str, int]]) -> VirtioStellar:
     try:
         disk = BlockDevice(vol)
     except BaseException:
         vol.close()
         raise
     return VirtioStellar(disk, serial=serial, on_close=vol.close,
-                         host_paths=[(str(host.store_path), writes)])
+                         host_paths=[(str(host.store_path), writes)], sharing=sharing)
 
 
 @hookimpl

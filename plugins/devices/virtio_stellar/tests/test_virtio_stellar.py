@@ -318,4 +318,28 @@ def test_plugin_serves_an_image_vm_form_read_only(host_cfg, tmp_path):
     status, sb = g.request(T_IN, 2, inlen=SECTOR)        # bytes 1024..1535: the superblock
     assert status == S_OK and sb[:4] == (0xE0F5E1E2).to_bytes(4, "little")
     assert g.request(T_OUT, 0, out=bytes(SECTOR))[0] == S_IOERR
+    m = dev.metrics()                                     # nothing else holds its chunks
+    assert m["chunks"] > 0 and m["shared_chunks"] == 0 and m["errors"] == 1
+    dev.close()
+
+
+def test_metrics_count_requests_bytes_errors_latency_and_shared_chunks(host_cfg, tmp_path):
+    """What the VMM's metrics lines report for this device: a clone shares every chunk
+    with its source until the guest writes; an image disk shares none with a volume."""
+    host = Host.from_config(host_cfg)
+    with host.store as store:
+        VolumeStore(host.store_path / "volumes", store, host.hasher).clone("root", "twin")
+    dev = create(host_cfg, {"volume": "root"})
+    g = Guest(dev)
+    start = dev.metrics()
+    assert start["chunks"] == DISK // (64 << 10) == start["shared_chunks"]  # all in the clone
+    assert (start["requests"], start["errors"], start["latency_us_avg"]) == (0, 0, 0.0)
+    assert g.request(T_IN, 0, inlen=4096)[0] == S_OK
+    assert g.request(T_OUT, 0, out=os.urandom(SECTOR))[0] == S_OK   # chunk 0 becomes private
+    assert g.request(T_IN, NSECT, inlen=SECTOR)[0] == S_IOERR
+    assert g.request(T_FLUSH)[0] == S_OK                 # sharing counts flushed chunks
+    m = dev.metrics()
+    assert (m["requests"], m["errors"], m["read_bytes"], m["write_bytes"]) == (4, 1, 4096, SECTOR)
+    assert 0 < m["latency_us_avg"] <= m["latency_us_max"]
+    assert (m["chunks"], m["shared_chunks"]) == (start["chunks"], start["chunks"] - 1)
     dev.close()

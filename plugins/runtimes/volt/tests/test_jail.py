@@ -128,6 +128,51 @@ def _cgroup_values(pid: int) -> dict[str, str]:
 
 @needs_root
 @needs_kvm
+def test_api_client_paths_stay_inside_the_jail(tmp_path, kernel):
+    """``volt jail -- --api-sock /api.sock``: the API lives in the jail's root, and every
+    path a client names is looked up there. A path climbing out with .., an absolute host
+    path and a symlink planted in the root all miss the kernel outside; the one inside boots."""
+    from apiclient import Api, wait_for_socket
+
+    base = tmp_path / "jails"
+    proc = subprocess.Popen(jail(base, "--", "--api-sock", "/api.sock", "--mem", "32"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root = base / "volt/vm-1/root"
+    try:
+        wait_for_socket(str(root / "api.sock"), proc)
+        assert os.stat(root / "api.sock").st_uid == UID
+        os.symlink(str(kernel), root / "planted")
+        api = Api(str(root / "api.sock"))
+        for path in ("../" * 12 + str(kernel).lstrip("/"), str(kernel), "/planted"):
+            assert api.call("PUT", "/boot-source", {"kernel_image_path": path}) == (204, None)
+            status, body = api.call("PUT", "/actions", {"action_type": "InstanceStart"})
+            assert status == 400 and "no such file" in body["fault_message"].lower(), body
+            assert api.call("GET", "/")[1]["state"] == "Not started"
+        shutil.copy(kernel, root / "idle.elf")
+        assert api.call("PUT", "/boot-source", {"kernel_image_path": "/idle.elf"}) == (204, None)
+        assert api.call("PUT", "/actions", {"action_type": "InstanceStart"}) == (204, None)
+        assert api.call("GET", "/")[1]["state"] == "Running"
+        api.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err.decode(errors="replace")[-2000:]
+
+
+@needs_root
+@pytest.mark.parametrize("args, why", [
+    (["--api-sock", "/run/api.sock"], "give /NAME, a socket in the jail's root"),
+    (["--api-sock", "/x", "--config-file", "vm.json"], "--config-file is not supported"),
+])
+def test_jail_api_options_are_checked_first(tmp_path, args, why):
+    res = subprocess.run(jail(tmp_path / "jails", "--", *args), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and why in res.stderr, res.stderr
+    assert not (tmp_path / "jails").exists()
+
+
+@needs_root
+@needs_kvm
 def test_daemonized_jail_returns_and_the_vmm_keeps_running(tmp_path, kernel):
     base = tmp_path / "jails"
     res = subprocess.run(jail(base, "--daemonize", "--", "--kernel", str(kernel), "--mem", "32"),

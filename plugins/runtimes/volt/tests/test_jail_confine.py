@@ -224,3 +224,25 @@ def test_a_writable_store_the_confined_vmm_could_not_write_is_refused_up_front(h
     ro = volt_run(hello, "--device", dev + ",readonly=true", config=cfg)
     assert ro.returncode == 0, ro.stderr
     assert ro.stdout.replace("\r", "") == "Hi\n"
+
+
+def test_a_confined_daemon_thread_running_at_interpreter_exit_does_not_kill_the_exit():
+    """Python ends such a thread with pthread_exit, and glibc opens libgcc_s for it on
+    first use; confinement loads it beforehand (this once made a lab VM that shut down
+    cleanly exit by SIGSYS from its API thread)."""
+    p = _child("""
+        import sys, threading, time
+        from volt.jail.confine import Confinement
+        from volt.jail.policy import Policy
+        conf = Confinement()
+        print(conf.apply_process(Policy()), flush=True)
+        def spin():
+            conf.enter_thread("api")
+            while True:
+                time.sleep(0.0001)
+        threading.Thread(target=spin, name="api", daemon=True).start()
+        time.sleep(0.2)
+        sys.exit(7)
+    """)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 7 and "seccomp kill" in out, (p.returncode, err)

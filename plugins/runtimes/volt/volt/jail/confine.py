@@ -20,12 +20,13 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from volt.jail import caps, landlock, seccomp
-from volt.jail.policy import Policy
 from volt.vmm import exitcodes
 from volt.vmm.exitcodes import VoltError
+
+if TYPE_CHECKING:
+    from volt.jail.policy import Policy
 
 LANDLOCK_MODES = ("on", "best-effort", "off")
 SECCOMP_MODES = ("kill", "log", "off")
@@ -64,7 +65,13 @@ class Confinement:
         self.report: list[str] = []
 
     def apply_process(self, policy: Policy) -> str:
-        """Confine the (single-threaded) process; returns the one-line report."""
+        """Confine the (single-threaded) process; returns the one-line report.
+
+        The mechanisms are imported here, not with this module: ``volt run`` parses
+        its options with it, and an API socket should answer before they load.
+        """
+        from volt.jail import caps, seccomp
+
         if self.landlock == "off" and self.seccomp == "off":
             return "volt: warning: running UNCONFINED (--landlock=off --seccomp=off)"
         for name in PRELOAD:
@@ -75,6 +82,7 @@ class Confinement:
                             "confinement must start single-threaded", exitcodes.CONFINE)
         if self.seccomp != "off":
             self.filters = seccomp.build_all(self.seccomp)       # before Landlock: dlopen
+        _preload_unwinder()
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
         self._landlock(policy)
         caps.drop_all()
@@ -95,6 +103,8 @@ class Confinement:
         return "volt: confined: " + "; ".join(self.report)
 
     def _landlock(self, policy: Policy) -> None:
+        from volt.jail import landlock
+
         if self.landlock == "off":
             self.report.append("landlock OFF")
             return
@@ -127,6 +137,17 @@ class Confinement:
                 os._exit(exitcodes.CONFINE)
 
 
+def _preload_unwinder() -> None:
+    """Load libgcc_s now: glibc opens it on a thread's first pthread_exit, which is how
+    Python ends a daemon thread (vCPU, I/O, API) that wakes while the interpreter exits.
+    Opened after confinement, that is an openat no thread may make: the VMM would die
+    of SIGSYS (or abort under Landlock) instead of returning the guest's exit code."""
+    try:
+        ctypes.CDLL("libgcc_s.so.1")
+    except OSError:
+        pass          # a static or musl Python has no such library to load later either
+
+
 def _other_threads() -> list[str]:
     """Threads besides the caller: Python's own list, and the kernel's when /proc is there."""
     names = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
@@ -154,6 +175,8 @@ def _check(ret: int, what: str) -> None:
 
 def apply(conf: Confinement, cfg: Any, machine: Any) -> None:
     """Confine the process of the built ``machine`` (booting ``cfg``) and hook its threads."""
+    from volt.jail.policy import Policy
+
     devices = [t.device for t in machine.devices.transports.values()]
     print(conf.apply_process(Policy.for_vm(cfg.kernel, cfg.initrd, devices)),
           file=sys.stderr, flush=True)

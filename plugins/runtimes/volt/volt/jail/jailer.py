@@ -32,6 +32,8 @@ from volt.jail import cgroups, chroot, seccomp
 from volt.jail.policy import Policy
 
 ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
+#: An API socket in the jail's root (the VMM's uid owns that directory, nothing below it).
+API_SOCK_RE = re.compile(r"/[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DEFAULT_BASE = "/srv/volt-jail"
 DEFAULT_NOFILE = 2048
 RLIMITS = {"no-file": resource.RLIMIT_NOFILE, "fsize": resource.RLIMIT_FSIZE}
@@ -156,19 +158,29 @@ def vmm_inputs(spec: JailSpec) -> VmmInputs:
     """Check the ``volt run`` arguments the way ``volt run`` reads them (flags over the
     host config's [vm] table) before anything is made."""
     from stellarium_core import config as config_mod
+    from volt import api
     from volt.jail import confine
     from volt.vmm import config as vm_config
 
     parser = _RunArgs(prog="volt jail --", add_help=False)
     parser.add_argument("--config")
     vm_config.add_arguments(parser)
+    api.add_arguments(parser)
     confine.add_arguments(parser)
     args = parser.parse_args(spec.vmm_args)
+    if args.config_file:
+        raise UsageError("volt jail: --config-file is not supported in a jail yet; give "
+                         "flags, or --api-sock and configure the VM through the API")
+    if args.api_sock is not None and not API_SOCK_RE.fullmatch(args.api_sock):
+        raise UsageError(f"volt jail: --api-sock {args.api_sock!r}: give /NAME, a socket in "
+                         f"the jail's root ({spec.root}/NAME on the host); every path an API "
+                         "client names is then looked up inside the jail")
     host_config = config_mod.load(args.config)
     vm = vm_config.from_args(args, host_config)
-    if not vm.kernel:
+    if not vm.kernel and args.api_sock is None:
         raise UsageError("volt jail: the volt run arguments after --: no kernel (give "
-                         "--kernel, or kernel in the host config's [vm] table)")
+                         "--kernel, or kernel in the host config's [vm] table, or "
+                         "--api-sock)")
     for p in (vm.kernel, vm.initrd):
         if p and os.sep in p and not os.path.isfile(p):
             raise UsageError(f"volt jail: {p}: no such file")

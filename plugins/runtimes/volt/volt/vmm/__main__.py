@@ -1,7 +1,7 @@
 """``python -m volt.vmm``: the VMM alone, same options and exit codes as ``volt run``.
 
-It loads only the VMM, not every ``volt`` subcommand, so it starts faster and
-holds less memory; it is what a jailer (or a benchmark of the VMM) executes.
+It loads only the VMM (and its API), not every ``volt`` subcommand, so it starts
+faster and holds less memory; it is what a jailer (or a benchmark of the VMM) executes.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from stellarium_core.errors import StellarError
+from volt import api
 from volt.jail import confine
 from volt.vmm import config, exitcodes
 from volt.vmm.timing import process_start  # noqa: F401  (imported early: its clock starts)
@@ -22,15 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", metavar="PATH", help="host config (default: "
                         "$STELLAR_CONFIG, then ~/.config/stellarium/host.toml)")
     config.add_arguments(parser)
+    api.add_arguments(parser)
     confine.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        from stellarium_core.host import Host
-        from volt.vmm.runner import launch
-
-        host = Host.from_config(args.config)
-        return launch(config.from_args(args, host.config), host, timing=args.timing,
-                      confinement=confine.from_args(args))
+        return api.launch(args)
     except StellarError as exc:
         print(f"volt-vmm: error: {exc}", file=sys.stderr)
         return exc.exit_code

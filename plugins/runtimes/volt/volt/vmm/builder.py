@@ -88,8 +88,8 @@ def boot_source(cfg: VmConfig, host: Host) -> BootSource:
             initrd = _from_registry(host, cfg.initrd, ("initrd",), "initrd",
                                     exitcodes.INITRD)[1]
     try:
-        raw = bootparams.check_cmdline(cfg.cmdline + manager.cmdline(len(cfg.devices)),
-                                       image.cmdline_limit)
+        raw = bootparams.check_cmdline(cfg.cmdline + cfg.root_cmdline()
+                                       + manager.cmdline(len(cfg.devices)), image.cmdline_limit)
     except VoltError:
         image.file.close()
         raise

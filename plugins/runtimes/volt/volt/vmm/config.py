@@ -1,15 +1,19 @@
 """VmConfig: the one description of a microVM, whoever writes it.
 
-``volt run`` flags, the host config's ``[vm]`` table, the runtime plugin's spec
-(and later Firecracker's config-file JSON and REST API) are *layers* of the same
-schema, :data:`SETTINGS`. Each layer is checked key by key with the core's
-:func:`~stellarium_core.config.validate_params` machinery, and an error names the
-place it came from: ``--mem 4: ...`` for a flag (with that setting's exit code),
-``host.toml: vm.memory_mib: ...`` for the host config, ``memory_mib: ...`` for a spec.
+``volt run`` flags, the host config's ``[vm]`` table, the runtime plugin's spec, a
+VM config file (Firecracker's JSON or a VM TOML, :mod:`volt.vmm.firecracker`) and the
+REST API are *layers* of the same schema, :data:`SETTINGS`. Each layer is checked key
+by key with the core's :func:`~stellarium_core.config.validate_params` machinery, and
+an error names the place it came from: ``--mem 4: ...`` for a flag (with that
+setting's exit code), ``host.toml: vm.memory_mib: ...`` for the host config,
+``vm.json: machine-config.mem_size_mib: ...`` for a config file, ``memory_mib: ...``
+for a spec.
 
 Devices are :class:`DeviceSpec` entries (plugin name, parameter table, id), so
 Firecracker's drives, network interfaces, vsock, entropy and balloon all map onto
-``devices``; the plugin that makes each device validates its own parameters.
+``devices``; the plugin that makes each device validates its own parameters. The
+``root`` device (Firecracker's ``is_root_device``) goes first, so Linux names it
+``/dev/vda``, and the kernel command line gets ``root=/dev/vda ro|rw``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ MAX_VCPUS = 32
 CMDLINE_MAX = 2047
 HUGE_PAGE_MIB = 2
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: The device id ``--image`` gives its root disk.
+IMAGE_ROOT_ID = "root"
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,16 @@ def _serial(v: str) -> str | None:
     return f"use stdout, none, file:PATH or unix:PATH, got {v!r}"
 
 
+def _partuuid(v: str) -> str | None:
+    return None if v == "" or re.fullmatch(r"[0-9A-Fa-f-]{1,64}", v) else \
+        f"a PARTUUID is hex digits and dashes, got {v!r}"
+
+
+def truthy(value: Any) -> bool:
+    """A device parameter as a boolean (``--device`` values arrive as strings)."""
+    return value is True or str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
 def _range(low: int, high: int, unit: str = "") -> Any:
     return lambda v: None if low <= v <= high else f"must be {low}..{high}{unit}, got {v}"
 
@@ -136,6 +152,12 @@ SETTINGS: dict[str, Setting] = {
     "devices": Setting(Field(object, ()), "--device", exitcodes.DEVICE,
                        "add a virtio device from an installed device plugin (repeatable)",
                        "NAME[,K=V...]"),
+    "root": Setting(Field(str, ""), "--root", exitcodes.DEVICE,
+                    "id of the device holding the root filesystem: it becomes /dev/vda and "
+                    "the kernel gets root=/dev/vda ro|rw", "ID"),
+    "root_partuuid": Setting(Field(str, "", _partuuid), "--root-partuuid", exitcodes.DEVICE,
+                             "mount the root device's partition with this PARTUUID "
+                             "(root=PARTUUID=...) instead of the whole disk", "UUID"),
 }
 
 
@@ -158,10 +180,21 @@ class VmConfig:
     ksm: bool = False
     serial: str = "stdout"
     devices: tuple[DeviceSpec, ...] = ()
+    root: str = ""
+    root_partuuid: str = ""
 
     def __post_init__(self) -> None:
         values = check({f.name: getattr(self, f.name) for f in fields(self)})
-        object.__setattr__(self, "devices", values["devices"])
+        devices = values["devices"]
+        if self.root:
+            first = [d for d in devices if d.id == self.root]
+            if not first:
+                raise ConfigError(f"no device has the id {self.root!r} (device ids: "
+                                  f"{', '.join(d.id for d in devices) or 'none'})", key="root")
+            devices = (first[0], *(d for d in devices if d.id != self.root))
+        elif self.root_partuuid:
+            raise ConfigError("a root PARTUUID needs a root device", key="root_partuuid")
+        object.__setattr__(self, "devices", devices)
         if self.hugepages and self.ksm:
             raise ConfigError("KSM cannot merge huge pages; choose hugepages or ksm", key="ksm")
         if self.hugepages and self.memory_mib % HUGE_PAGE_MIB:
@@ -180,6 +213,17 @@ class VmConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["devices"] = [d.to_dict() for d in self.devices]
         return out
+
+    def root_cmdline(self) -> str:
+        """`` root=/dev/vda ro`` (or ``rw``, or ``root=PARTUUID=...``) for the root device,
+        read-only when its parameters say ``readonly`` or name an image (the block device
+        parameters of DEVICE_PARAMS.md); empty without a root device."""
+        if not self.root:
+            return ""
+        params = self.devices[0].params
+        ro = truthy(params.get("readonly", False)) or "image" in params
+        where = f"PARTUUID={self.root_partuuid}" if self.root_partuuid else "/dev/vda"
+        return f" root={where} {'ro' if ro else 'rw'}"
 
 
 def check(table: Mapping[str, Any]) -> dict[str, Any]:
@@ -207,8 +251,10 @@ class Layer:
     """Settings from one place, so an error names the flag, the [vm] key or the spec field."""
 
     values: Mapping[str, Any]
-    kind: str                      # "flags" | "host" | "spec"
+    kind: str                      # "flags" | "host" | "file" | "spec"
     file: str | None = None
+    #: How a config file names each setting (``memory_mib`` -> ``machine-config.mem_size_mib``).
+    names: Mapping[str, str] = field(default_factory=dict)
 
     def error(self, key: str | None, reason: str) -> StellarError:
         if self.kind == "flags" and key in SETTINGS:
@@ -221,6 +267,8 @@ class Layer:
             return VoltError(f"{s.flag} {text}: {reason}", s.exit_code)
         if self.kind == "host":
             return ConfigError(reason, file=self.file, key=f"vm.{key}" if key else "vm")
+        if self.kind == "file":
+            return ConfigError(reason, file=self.file, key=self.names.get(key or "", key))
         return ConfigError(reason, key=key)
 
 
@@ -259,6 +307,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timing", action="store_true",
                         help="print setup time (process start to first KVM_RUN) and the "
                              "vCPU exits by kind to stderr")
+    parser.add_argument("--image", metavar="IMAGE", default=None,
+                        help="boot from IMAGE's VM form: a read-only virtio-stellar root disk "
+                             f"(= --device virtio-stellar,image=IMAGE with id "
+                             f"{IMAGE_ROOT_ID!r} and --root {IMAGE_ROOT_ID})")
     for key, s in SETTINGS.items():
         default = s.field.default
         shown = f" (default: {default})" if default not in ("", ()) else ""
@@ -274,13 +326,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def flags_layer(args: argparse.Namespace) -> Layer:
-    """The flags the user gave, as a layer (``--device`` strings parsed into DeviceSpecs)."""
+    """The flags the user gave, as a layer (``--device`` strings parsed into DeviceSpecs;
+    ``--image NAME`` is a read-only virtio-stellar root device ``root`` before them)."""
     given = {k: v for k, v in vars(args).items() if k in SETTINGS}
     if "devices" in given:
         given["devices"] = [parse_device_option(d) for d in given["devices"]]
+    image = getattr(args, "image", None)
+    if image is not None:
+        if "root" in given:
+            raise VoltError("--image makes its disk the root device; drop --root",
+                            exitcodes.USAGE)
+        given["devices"] = [DeviceSpec("virtio-stellar", {"image": image}, IMAGE_ROOT_ID),
+                            *given.get("devices", ())]
+        given["root"] = IMAGE_ROOT_ID
     return Layer(given, "flags")
 
 
-def from_args(args: argparse.Namespace, host_config: HostConfig) -> VmConfig:
-    """The VmConfig of a ``volt run`` command line over the host config's [vm] defaults."""
-    return layered(host_layer(host_config), flags_layer(args))
+def from_args(args: argparse.Namespace, host_config: HostConfig,
+              file_layer: Layer | None = None) -> VmConfig:
+    """The VmConfig of a ``volt run`` command line over a config file (if any) over the
+    host config's [vm] defaults."""
+    layers = [host_layer(host_config), *([file_layer] if file_layer else []), flags_layer(args)]
+    return layered(*layers)

@@ -24,4 +24,5 @@ MMIO_SIZE = 0x1000
 IRQ_BASE = 5                  # first GSI for virtio-mmio devices
 IRQ_MAX = 23
 SERIAL_IRQ = 4
+KEYBOARD_IRQ = 1              # the i8042 keyboard (ISA IRQ 1)
 E820_RAM, E820_RESERVED = 1, 2

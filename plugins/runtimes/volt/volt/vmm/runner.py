@@ -1,23 +1,22 @@
 """Run a built microVM until it ends: threads, signals, pause/resume, poweroff detection.
 
-:class:`Runner` drives one :class:`~volt.vmm.vm.Machine`; :func:`launch` is all of
-``volt run`` after argument parsing (build, console, plugin events, run, report),
-shared by the CLI, ``python -m volt.vmm`` and the ``volt`` runtime plugin.
+:class:`Runner` drives one :class:`~volt.vmm.vm.Machine`; :func:`launch` builds and
+runs a VM with no API (``volt run`` without ``--api-sock``, and the ``volt`` runtime
+plugin) through an :class:`~volt.vmm.instance.Instance`, which the API drives too.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 import threading
 import time
-from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from volt.vmm import exitcodes
 from volt.vmm.config import VmConfig
 from volt.vmm.exitcodes import VoltError
+from volt.vmm.firecracker import Telemetry
 from volt.vmm.signals import KICK_SIGNAL
 from volt.vmm.vm import Machine
 
@@ -27,8 +26,6 @@ if TYPE_CHECKING:
 
 #: How often wait() checks whether every vCPU is dead-halted (poweroff).
 HALT_PROBE_SECONDS = 1.0
-#: End reasons that are a normal guest shutdown (nothing to report).
-CLEAN_ENDS = ("guest reset", "guest powered off")
 
 
 class Runner:
@@ -72,12 +69,14 @@ class Runner:
     def paused(self) -> bool:
         return self.machine.gate.paused
 
-    def wait(self, timeout: float | None = None) -> int | None:
+    def wait(self, timeout: float | None = None,
+             tick: Callable[[], None] | None = None) -> int | None:
         """Wait until the VM ends (or ``timeout``); returns the exit code or None.
 
         Meanwhile it probes, once a second, whether every vCPU sits in HLT with
         interrupts off: that is how Linux without ACPI powers off ("System halted"),
         and nothing but an NMI could wake it, so the VM ends with exit code OK.
+        ``tick`` is called at each probe (the periodic metrics flush).
         """
         m = self.machine
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -89,6 +88,8 @@ class Runner:
             step = HALT_PROBE_SECONDS if left is None else min(left, HALT_PROBE_SECONDS)
             if m.stopped.wait(step):
                 break
+            if tick is not None:
+                tick()
             dead_probes = dead_probes + 1 if all(v.dead for v in m.vcpus) else 0
             if dead_probes >= 2:
                 m.stop(exitcodes.OK, "guest halted (powered off)")
@@ -104,10 +105,18 @@ class Runner:
         return m.exit_code
 
     def run(self) -> int:
-        """Run until the guest ends or a signal stops it; returns the exit code.
+        """Run until the guest ends or a signal stops it; returns the exit code."""
+        self.start()
+        return self.finish()
+
+    def finish(self, tick: Callable[[], None] | None = None,
+               on_end: Callable[[], None] | None = None) -> int:
+        """Wait for the started VM to end, close it; returns the exit code.
 
         SIGTERM/SIGINT stop the VM, SIGUSR1 pauses it, SIGUSR2 resumes it (when called
-        from the main thread, which is where Python delivers signals).
+        from the main thread, which is where Python delivers signals). ``tick`` runs
+        about once a second meanwhile; ``on_end`` once the VM's threads are gone and
+        before its devices are closed.
         """
         m = self.machine
         handlers = {signal.SIGTERM: lambda *_: m.stop(exitcodes.TERMINATED, "SIGTERM"),
@@ -118,8 +127,9 @@ class Runner:
         if threading.current_thread() is threading.main_thread():
             before = {sig: signal.signal(sig, h) for sig, h in handlers.items()}
         try:
-            self.start()
-            code = self.wait()
+            code = self.wait(tick=tick)
+            if on_end is not None:
+                on_end()
         finally:
             m.close()
             for sig, old in before.items():        # the next VM of this process installs its own
@@ -130,50 +140,19 @@ class Runner:
 
 
 def launch(cfg: VmConfig, host: Host, *, timing: bool = False,
-           confinement: Confinement | None = None) -> int:
-    """Build and run the VM ``cfg`` describes; returns its exit code.
+           confinement: Confinement | None = None, telemetry: Telemetry = Telemetry()) -> int:
+    """Build and run the VM ``cfg`` describes; returns its exit code (``volt run`` without
+    an API socket, and the ``volt`` runtime plugin).
 
     ``confinement`` is applied after the build and before any thread starts, so it
     holds from the guest's first instruction. The console reads stdin when output
-    goes to stdout. Plugins loaded in ``host``'s
-    registry hear ``stellarium_instance_started`` once the VM is built and
+    goes to stdout. Plugins loaded in ``host``'s registry hear
+    ``stellarium_instance_started`` once the VM is built and
     ``stellarium_instance_stopped`` with its exit code, as for Voltainer.
+    ``telemetry`` is a config file's logger and metrics.
     """
-    from volt.vmm.builder import build
-    from volt.vmm.devices.console import feed_console
-    from volt.vmm.timing import process_start
+    from volt.vmm.instance import Instance
 
-    machine = build(cfg, host)
-    if confinement is not None:
-        from volt.jail.confine import apply
-
-        try:
-            apply(confinement, cfg, machine)
-        except BaseException:
-            machine.close()
-            raise
-    if cfg.serial == "stdout" and machine.serial is not None:
-        try:
-            feed_console(sys.stdin.fileno(), machine.serial, machine.stopped,
-                         machine.enter_thread)
-        except (AttributeError, OSError, ValueError):
-            pass          # no usable stdin (embedded, redirected away): output only
-    instance = f"volt-{os.getpid()}"
-    hook = host.registry.hook
-    hook.stellarium_instance_started(runtime="volt", instance=instance, info={
-        "pid": os.getpid(), "kernel": cfg.kernel, "vcpus": cfg.vcpus,
-        "memory_mib": cfg.memory_mib, "devices": [d.id for d in cfg.devices]})
-    code = exitcodes.FAILED
-    try:
-        code = Runner(machine).run()
-    finally:
-        hook.stellarium_instance_stopped(runtime="volt", instance=instance, exit_code=code)
-    if timing and machine.first_run is not None:
-        print(f"volt: setup {1000 * (machine.first_run - process_start()):.1f} ms "
-              "(process start to first KVM_RUN)", file=sys.stderr)
-        exits = sum((v.exits for v in machine.vcpus), Counter())
-        print("volt: exits " + " ".join(f"{k}={n}" for k, n in sorted(exits.items())),
-              file=sys.stderr)
-    if code != exitcodes.OK or machine.exit_reason not in CLEAN_ENDS:
-        print(f"volt: {machine.exit_reason}", file=sys.stderr)
-    return code
+    instance = Instance(host, cfg, confinement=confinement, telemetry=telemetry)
+    instance.start()
+    return instance.finish(timing=timing)

@@ -84,6 +84,7 @@ class Machine:
         self.first_run: float | None = None
         self.boot_mode = ""
         self.serial: Serial | None = None
+        self.i8042: I8042 | None = None
         #: Called first in every thread the VM starts, with its kind (volt.jail confines).
         self.enter_thread: Callable[[str], None] = lambda kind: None
 
@@ -153,9 +154,11 @@ class Machine:
     # -- standard PC devices ---------------------------------------------------------------
 
     def add_legacy_devices(self, serial_sink: Callable[[bytes], None]) -> Serial:
-        """COM1 on IRQ 4 and the i8042 whose reset line ends the VM."""
+        """COM1 on IRQ 4 and the i8042 keyboard on IRQ 1, whose reset line ends the VM."""
         serial = Serial(serial_sink, self.interrupt(layout.SERIAL_IRQ))
         self.pio.add(COM1, 8, serial)
-        self.pio.add(I8042_PORT, 5, I8042(lambda: self.stop(exitcodes.OK, "guest reset")))
+        self.i8042 = I8042(lambda: self.stop(exitcodes.OK, "guest reset"),
+                           self.interrupt(layout.KEYBOARD_IRQ))
+        self.pio.add(I8042_PORT, 5, self.i8042)
         self.serial = serial
         return serial

@@ -13,13 +13,32 @@ import logging
 import os
 import select
 import threading
+from collections import deque
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from volt.vmm.signals import block_in_this_thread
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[int], None]
+T = TypeVar("T")
+
+
+class _Call:
+    """A function to run in the I/O thread, and its outcome."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn, self.done = fn, threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except Exception as exc:
+            self.error = exc
+        self.done.set()
 
 
 class EventLoop:
@@ -32,6 +51,7 @@ class EventLoop:
         self._stopping = False
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake, select.EPOLLIN)
+        self._calls: deque[_Call] = deque()
 
     def add(self, fd: int, callback: Callback, events: int = select.EPOLLIN) -> None:
         """Call ``callback(events)`` in the I/O thread whenever ``fd`` is ready.
@@ -75,6 +95,10 @@ class EventLoop:
                 continue
             self._dispatch(events)
         self._dispatch(self._epoll.poll(0))       # events that raced with the stop
+        while self._calls:                        # nobody will run these any more
+            c = self._calls.popleft()
+            c.error = RuntimeError("the VM has stopped")
+            c.done.set()
 
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
         for fd, ev in events:
@@ -83,6 +107,8 @@ class EventLoop:
                     os.eventfd_read(self._wake)
                 except BlockingIOError:
                     pass
+                while self._calls:
+                    self._calls.popleft().run()
                 continue
             with self._lock:
                 callback = self._callbacks.get(fd)
@@ -96,6 +122,22 @@ class EventLoop:
                     self.remove(fd)
                 except ValueError:
                     pass
+
+    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run ``fn`` in the I/O thread, where the devices live, and return what it returns
+        (or raise what it raised). For other threads that must touch device state.
+        Raises TimeoutError if the I/O thread does not get to it in ``timeout`` seconds,
+        RuntimeError once the loop has stopped."""
+        c = _Call(fn)
+        if self._stopping:
+            raise RuntimeError("the VM has stopped")
+        self._calls.append(c)
+        os.eventfd_write(self._wake, 1)
+        if not c.done.wait(timeout):
+            raise TimeoutError(f"the I/O thread did not answer within {timeout:g} s")
+        if c.error is not None:
+            raise c.error
+        return c.value
 
     def stop(self) -> None:
         """Make :meth:`run` return after the events at hand (any thread)."""

@@ -1,0 +1,133 @@
+"""Volt's Firecracker-compatible control plane: ``volt run --api-sock``, ``--config-file``.
+
+:mod:`~volt.api.http` parses HTTP/1.1, :mod:`~volt.api.server` serves the unix
+socket, :mod:`~volt.api.routes` maps Firecracker's endpoints onto an
+:class:`~volt.vmm.instance.Instance`. :func:`launch` is ``volt run`` (and
+``python -m volt.vmm``) after parsing: the one place that wires the API to the VMM,
+as Firecracker's binary does; the VMM itself never imports the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from stellarium_core.errors import UsageError
+from volt.vmm import exitcodes
+from volt.vmm.exitcodes import VoltError
+
+if TYPE_CHECKING:
+    import socket
+
+    from stellarium_core.host import Host
+    from volt.jail.confine import Confinement
+    from volt.vmm.config import VmConfig
+    from volt.vmm.firecracker import Telemetry
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config-file``, ``--api-sock`` and ``--no-api``, as Firecracker has them."""
+    parser.add_argument("--config-file", metavar="PATH",
+                        help="the VM as Firecracker's config-file JSON (or, for a .toml file, "
+                             "the keys of the host config's [vm] table); boots at once. Flags "
+                             "given as well override it")
+    parser.add_argument("--api-sock", metavar="PATH",
+                        help="serve Firecracker's REST API on this unix socket; without "
+                             "--config-file, wait for PUT /actions InstanceStart (no kernel "
+                             "needed until then)")
+    parser.add_argument("--no-api", action="store_true",
+                        help="no API socket (the default without --api-sock); needs "
+                             "--config-file, as in Firecracker")
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Everything ``volt run`` does after parsing its arguments; returns the exit code.
+
+    The API socket is bound first, so clients can connect while the rest loads.
+    """
+    if args.no_api and not args.config_file:
+        raise UsageError("--no-api needs --config-file (the VM must come from somewhere)")
+    if args.no_api and args.api_sock:
+        raise UsageError("--no-api and --api-sock exclude each other")
+    listener = None
+    if args.api_sock:
+        from volt.api.server import bind
+
+        listener = bind(args.api_sock)
+        bound = time.monotonic()
+    from stellarium_core.host import Host
+    from volt.jail import confine
+    from volt.vmm import config, firecracker
+    from volt.vmm.firecracker import Telemetry
+
+    try:
+        host = Host.from_config(args.config)
+        file_layer, telemetry = None, Telemetry()
+        if args.config_file:
+            base = config.layered(config.host_layer(host.config))
+            file_layer, telemetry = firecracker.file_layer(args.config_file, base)
+        cfg = config.from_args(args, host.config, file_layer)
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        raise
+    confinement = confine.from_args(args)
+    if listener is not None:
+        return serve(cfg, host, listener, boot=bool(args.config_file), timing=args.timing,
+                     confinement=confinement, telemetry=telemetry, bound=bound)
+    from volt.vmm.runner import launch as run_vm
+
+    return run_vm(cfg, host, timing=args.timing, confinement=confinement, telemetry=telemetry)
+
+
+def serve(cfg: VmConfig, host: Host, listener: socket.socket, *, boot: bool,
+          timing: bool = False, confinement: Confinement | None = None,
+          telemetry: Telemetry | None = None, bound: float | None = None) -> int:
+    """Serve the API on ``listener`` (:func:`~volt.api.server.bind`, at monotonic time
+    ``bound``); boot ``cfg`` now (``boot``) or on InstanceStart, then run until the VM
+    ends. Returns its exit code.
+
+    Before the start the main thread serves the API (the VM's confinement depends on
+    its configuration, so there is nothing to confine yet); InstanceStart builds and
+    confines the VM in that thread while it is the only one, then the API moves to
+    its own thread, which stacks the ``api`` seccomp filter before serving again.
+    """
+    import logging
+
+    from volt.api.routes import FirecrackerApi
+    from volt.api.server import ApiServer
+    from volt.vmm.firecracker import Telemetry
+    from volt.vmm.instance import NOT_STARTED, Instance
+
+    instance = Instance(host, cfg, confinement=confinement, telemetry=telemetry or Telemetry())
+    server = ApiServer(listener, FirecrackerApi(instance))
+    instance.metrics.mark("api_socket_accepting", bound)
+    instance.metrics.mark("api_serving")
+    # Request logs go where PUT /logger says; without one, not to stderr (the console's).
+    logging.getLogger("volt.api").addHandler(logging.NullHandler())
+
+    def on_signal(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if instance.machine is None:
+            raise VoltError(name, exitcodes.TERMINATED)
+        instance.machine.stop(exitcodes.TERMINATED, name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    try:
+        if boot:
+            instance.start()
+        else:
+            server.serve(until=lambda: instance.state != NOT_STARTED)
+    except BaseException:
+        server.close()
+        raise
+    machine = instance.machine
+    assert machine is not None
+    server.start_thread(machine.enter_thread, machine.stopped)
+    try:
+        return instance.finish(timing=timing)
+    finally:
+        server.stop()
