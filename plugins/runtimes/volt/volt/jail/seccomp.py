@@ -97,9 +97,48 @@ def rule_count(kind: str) -> int:
     return len(KINDS[kind])
 
 
+#: Sonames of the libraries pyseccomp looks up, as Debian ships them.
+SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def _pyseccomp() -> Any:
+    """pyseccomp, imported without its ``ldconfig -p`` runs.
+
+    At import it calls ``ctypes.util.find_library`` for libc and libseccomp, which
+    forks ``ldconfig`` each time (about 14 ms of a VMM's start-up). The dynamic
+    loader finds a library by its soname through the same ld.so.cache, so the known
+    sonames are tried with dlopen first; any other answer comes from the real lookup.
+    """
+    import sys
+
+    if "pyseccomp" in sys.modules:
+        return sys.modules["pyseccomp"]
+    import ctypes
+    import ctypes.util
+
+    real = ctypes.util.find_library
+
+    def by_soname(name: str) -> str | None:
+        soname = SONAMES.get(name)
+        if soname is not None:
+            try:
+                ctypes.CDLL(soname)
+                return soname
+            except OSError:
+                pass
+        return real(name)
+
+    ctypes.util.find_library = by_soname
+    try:
+        import pyseccomp
+    finally:
+        ctypes.util.find_library = real
+    return pyseccomp
+
+
 def build_all(mode: str) -> dict[str, Any]:
     """Compile every kind's filter for ``mode`` (``kill`` or ``log``); load them later."""
-    import pyseccomp as sc
+    sc = _pyseccomp()
 
     default = sc.KILL_PROCESS if mode == "kill" else sc.LOG
     out = {}
@@ -120,7 +159,7 @@ def build_all(mode: str) -> dict[str, Any]:
 
 def syscall_name(nr: int) -> str:
     """``execve (59)`` for 59: libseccomp knows the names of this architecture."""
-    import pyseccomp as sc
+    sc = _pyseccomp()
 
     try:
         return f"{sc.resolve_syscall(sc.Arch.NATIVE, nr).decode()} ({nr})"

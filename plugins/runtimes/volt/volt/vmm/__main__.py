@@ -4,15 +4,15 @@ It loads only the VMM, not every ``volt`` subcommand, so it starts faster and
 holds less memory; it is what a jailer (or a benchmark of the VMM) executes.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (volt.vmm.timing first: see there)
 
+import volt.vmm.timing  # noqa: F401  (its import ends the interpreter phase of --timing)
 import argparse
 import sys
 
 from stellarium_core.errors import StellarError
 from volt.jail import confine
 from volt.vmm import config, exitcodes
-from volt.vmm.timing import process_start  # noqa: F401  (imported early: its clock starts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,8 +141,9 @@ def launch(cfg: VmConfig, host: Host, *, timing: bool = False,
     """
     from volt.vmm.builder import build
     from volt.vmm.devices.console import feed_console
-    from volt.vmm.timing import process_start
+    from volt.vmm.timing import mark, phases, process_start
 
+    mark("imports")
     machine = build(cfg, host)
     if confinement is not None:
         from volt.jail.confine import apply
@@ -152,6 +153,7 @@ def launch(cfg: VmConfig, host: Host, *, timing: bool = False,
         except BaseException:
             machine.close()
             raise
+        mark("confinement")
     if cfg.serial == "stdout" and machine.serial is not None:
         try:
             feed_console(sys.stdin.fileno(), machine.serial, machine.stopped,
@@ -169,8 +171,9 @@ def launch(cfg: VmConfig, host: Host, *, timing: bool = False,
     finally:
         hook.stellarium_instance_stopped(runtime="volt", instance=instance, exit_code=code)
     if timing and machine.first_run is not None:
+        split = ", ".join(f"{name} {ms:.1f}" for name, ms in phases(machine.first_run))
         print(f"volt: setup {1000 * (machine.first_run - process_start()):.1f} ms "
-              "(process start to first KVM_RUN)", file=sys.stderr)
+              f"(process start to first KVM_RUN): {split}", file=sys.stderr)
         exits = sum((v.exits for v in machine.vcpus), Counter())
         print("volt: exits " + " ".join(f"{k}={n}" for k, n in sorted(exits.items())),
               file=sys.stderr)
