@@ -147,6 +147,15 @@ class Volume:
         view = self._store.view(ref.digest)
         return view if len(view) == n else memoryview(bytes(view[:n]).ljust(n, b"\0"))
 
+    def stable_slot(self, idx: int) -> memoryview | None:
+        """The slot's bytes when they stay as they are until this volume writes the slot
+        again (a flushed chunk, verified as it is read, or zeros), for a reader that keeps
+        the view; None while the slot has unflushed writes (their buffer changes)."""
+        if idx in self._dirty:
+            return None
+        self._check_range(idx << self.manifest.shift, self.manifest.slot_len(idx))
+        return self.slot_view(idx)
+
     def views(self, offset: int, length: int) -> Iterator[memoryview]:
         """The range as consecutive memoryviews, for scatter-gather without copying.
 
