@@ -77,7 +77,8 @@ def stellar(cfg: Path, *args: str) -> None:
 
 
 def main() -> int:
-    volt, kernel, initrd, size_mib, ops, profile, py_spy, timeout = sys.argv[1:9]
+    volt, kernel, initrd, size_mib, ops, profile, py_spy, timeout, names = sys.argv[1:10]
+    wanted = names.split(",")
     size_mib_i = int(size_mib)
     WORK.mkdir(parents=True, exist_ok=True)
     tmpfs_mib = 3 * size_mib_i + 512
@@ -93,6 +94,9 @@ def main() -> int:
     cfg = WORK / "host.toml"
     cfg.write_text('[store]\npath = "store"\n')
     stellar(cfg, "host", "init")
+    # the same store, reads not verified: what hashing costs (a), measured apart
+    noverify = WORK / "host-noverify.toml"
+    noverify.write_text('[store]\npath = "store"\nverify_reads = false\n')
     stellar(cfg, "vol", "import", "bench", str(pristine))
     cmdline = f"{CMDLINE} bench.size={size_mib} bench.ops={ops}"
     volt_args = [volt, "--config", str(cfg), "run", "--kernel", str(k), "--initrd", str(i),
@@ -110,11 +114,17 @@ def main() -> int:
                          "-append", cmdline + " reboot=t"],
         "volt-blk": [*volt_args, "--device", f"virtio-blk,path={raw}"],
         "volt-stellar": [*volt_args, "--device", "virtio-stellar,volume=run"],
+        "volt-unconfined": [*volt_args, "--landlock=off", "--seccomp=off",
+                            "--device", "virtio-stellar,volume=run"],
+        "volt-stellar-noverify": [volt, "--config", str(noverify), *volt_args[3:],
+                                  "--device", "virtio-stellar,volume=run"],
     }
+    systems = {name: argv for name, argv in systems.items() if name in wanted}
     out: dict = {"systems": {}, "profiles": {}, "errors": [], "tmpfs_mib": tmpfs_mib}
     runs = [(name, argv, False) for name, argv in systems.items()]
     if profile == "1":
-        runs += [(name, systems[name], True) for name in ("volt-stellar", "volt-blk")]
+        runs += [(name, systems[name], True) for name in ("volt-stellar", "volt-blk")
+                 if name in systems]
     for name, argv, profiled in runs:
         shutil.copy(pristine, raw)
         stellar(cfg, "vol", "clone", "bench", "run")
