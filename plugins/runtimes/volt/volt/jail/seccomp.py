@@ -33,12 +33,16 @@ PYTHON = ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "futex", "ge
           "clock_gettime", "clock_nanosleep", "nanosleep", "sched_yield", "restart_syscall",
           "exit", "exit_group", "set_robust_list", "rseq", "close", "fstat", "newfstatat",
           "lseek", "read", "write", "tgkill:SELF")
-#: What device models do with host files (Stellarium stores) and eventfds. Python's
-#: open() asks every file whether it is a terminal (TCGETS) to pick its buffering.
+#: What device models do with host files (Stellarium stores), eventfds and a back-end's
+#: socket. Python's open() asks every file whether it is a terminal (TCGETS) to pick
+#: its buffering.
 DEVICE = ("openat", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
           "readv", "writev", "fsync", "fdatasync", "flock", "fcntl", "ftruncate", "fallocate",
           "statx", "getdents64", "rename", "renameat", "renameat2", "unlink", "unlinkat",
-          "mkdir", "mkdirat", "eventfd2", "ioctl:FIONREAD", "ioctl:TCGETS")
+          "mkdir", "mkdirat", "eventfd2", "ioctl:FIONREAD", "ioctl:TCGETS",
+          # a device whose back-end is another process (vhost-user) talks to it over its
+          # unix socket, connected before confinement: messages with fds, with a timeout
+          "sendto", "sendmsg", "recvfrom", "recvmsg", "poll", "ppoll")
 #: KVM ioctls a vCPU thread makes while the guest runs (exits, pause probes, irq lines).
 VCPU_IOCTLS = ("RUN", "GET_REGS", "SET_REGS", "GET_SREGS", "SET_SREGS", "GET_MP_STATE",
                "IRQ_LINE")
@@ -81,7 +85,10 @@ def _ioctls(names: Iterable[str]) -> list[Rule]:
 #: Thread kind -> its allowlist. ``main`` is loaded on the whole process first, so it
 #: is the union of every kind plus what only the main thread does.
 _THREADS: dict[str, list[Rule]] = {
-    "vcpu": _rules(PYTHON + DEVICE) + _ioctls(VCPU_IOCTLS),
+    # epoll_ctl: a device activated by a register write (in a vCPU thread) may add or
+    # remove its fds from the I/O thread's loop, and a queue handed over to a back-end
+    # leaves it
+    "vcpu": _rules(PYTHON + DEVICE + ("epoll_ctl",)) + _ioctls(VCPU_IOCTLS),
     "io": _rules(PYTHON + DEVICE + IO_LOOP) + _ioctls(("IRQ_LINE",)),
     "api": _rules(PYTHON + API),
 }
