@@ -16,12 +16,14 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 WORK = Path("/var/tmp/blkbench")
+VHOST_SOCKET = WORK / "vhost.sock"
 GUEST_MIB = 512
 CMDLINE = "console=ttyS0 panic=-1 quiet"
 
@@ -71,6 +73,21 @@ def run_vmm(argv: list[str], timeout: float, profile_out: Path | None = None,
     return lines, rc, err[-2000:]
 
 
+def vhost_server(cfg: Path) -> subprocess.Popen:
+    """``stellar vol serve`` of the run's volume, listening once this returns."""
+    VHOST_SOCKET.unlink(missing_ok=True)
+    server = subprocess.Popen([sys.executable, "-m", "stellarium_core", "--config", str(cfg),
+                               "vol", "serve", "run", "--vhost-user", str(VHOST_SOCKET)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not VHOST_SOCKET.is_socket():
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError("stellar vol serve did not start")
+        time.sleep(0.1)
+    return server
+
+
 def stellar(cfg: Path, *args: str) -> None:
     subprocess.run([sys.executable, "-m", "stellarium_core", "--config", str(cfg), *args],
                    check=True, capture_output=True, timeout=900)
@@ -114,6 +131,7 @@ def main() -> int:
                          "-append", cmdline + " reboot=t"],
         "volt-blk": [*volt_args, "--device", f"virtio-blk,path={raw}"],
         "volt-stellar": [*volt_args, "--device", "virtio-stellar,volume=run"],
+        "volt-vhost": [*volt_args, "--device", f"vhost-user-blk,socket={VHOST_SOCKET}"],
         "volt-unconfined": [*volt_args, "--landlock=off", "--seccomp=off",
                             "--device", "virtio-stellar,volume=run"],
         "volt-stellar-noverify": [volt, "--config", str(noverify), *volt_args[3:],
@@ -131,8 +149,12 @@ def main() -> int:
         spy_out = WORK / "profile.txt" if profiled else None
         print(f"{time.monotonic():10.3f} start {name}{' (py-spy)' if profiled else ''}",
               file=sys.stderr, flush=True)
+        server = vhost_server(cfg) if name == "volt-vhost" else None
         lines, rc, err = run_vmm(argv, timeout=float(timeout), profile_out=spy_out,
                                  py_spy=py_spy)
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=120)
         stellar(cfg, "vol", "rm", "run")
         if rc != 0:
             out["errors"].append(f"{name}: exit {rc}: {err}")

@@ -12,7 +12,9 @@ output) and is subtracted, so the figure is known bytes (ops) / (t_full - t_sing
 fio's own figures (guest clock) are printed as a secondary column. Goal (issue 11):
 (a) and (b) at least 0.8x of (c) on every figure.
 
-Two more systems isolate costs: ``volt-unconfined`` is (a) with ``--landlock=off
+(d) ``volt-vhost`` is Volt with ``--device vhost-user-blk`` over the same volume served by
+``stellar vol serve --vhost-user`` (another process). Two more systems isolate costs:
+``volt-unconfined`` is (a) with ``--landlock=off
 --seccomp=off`` (what confinement costs, issue 15), ``volt-stellar-noverify`` is (a) over
 the same store with ``verify_reads = false`` (what hashing each chunk costs).
 
@@ -46,10 +48,11 @@ from devtools.rootfs import debian_rootfs  # noqa: E402
 VOLT = str(Path(sys.executable).with_name("volt"))
 PY_SPY = str(Path(sys.executable).with_name("py-spy"))
 PEER = "qemu-microvm"
-#: The goal's systems, (a) and (b), then the peer (c), then what isolates a cost:
-#: (a) without confinement (#15) and (a) without read verification (hashing).
+#: The goal's systems, (a) and (b), then the peer (c), (d) Volt over the volume exported
+#: by ``stellar vol serve --vhost-user``, then what isolates a cost: (a) without
+#: confinement (#15) and (a) without read verification (hashing).
 GOAL_SYSTEMS = ("volt-stellar", "volt-blk")
-SYSTEMS = (*GOAL_SYSTEMS, PEER, "volt-unconfined", "volt-stellar-noverify")
+SYSTEMS = (*GOAL_SYSTEMS, PEER, "volt-vhost", "volt-unconfined", "volt-stellar-noverify")
 #: workload -> (metric, per-op unit, is a write)
 WORKLOADS = {
     "seqread": ("seq_read_mbs", "MB/s", False),
