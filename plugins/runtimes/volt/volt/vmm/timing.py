@@ -51,3 +51,11 @@ def phases(until: float) -> list[tuple[str, float]]:
         out.append((name, 1000 * max(t - prev, 0.0)))
         prev = max(prev, t)
     return out
+
+
+def restart() -> None:
+    """This process was forked to run a VM (``volt serve``): its setup starts now, and
+    the phases start over (the interpreter and the imports were the server's)."""
+    global _START
+    _START = time.monotonic()
+    _MARKS[:] = [("interpreter", _START)]
