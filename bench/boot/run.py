@@ -9,6 +9,11 @@ Figures:
 Volt runs confined (its default: Landlock + seccomp, applied before the first
 KVM_RUN, so inside both figures) and, as ``volt-unconfined``, with
 ``--landlock=off --seccomp=off``: the difference is the cost of confinement.
+``volt-serve`` is a VM forked by a ``volt serve`` started (and pre-imported) before
+the runs, timed from the request on its socket to the marker.
+- on the bare machine, with one virtio-stellar device: setup split into phases
+  (interpreter, imports, devices, build, confinement, start), fresh and forked.
+The project's modules are byte-compiled first, as an installed package is.
 
 Usage: .venv/bin/python bench/boot/run.py [-n 5] [--json]
 """
@@ -22,6 +27,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,6 +87,77 @@ def bare_setup(entry: list[str], kernel: Path, initrd: Path, n: int) -> dict:
     return {"setup_ms": setups, "rss": rss}
 
 
+def compile_bytecode() -> None:
+    """Compile the project's modules as ``pip install`` does for an installed package; a
+    checkout run with PYTHONDONTWRITEBYTECODE would otherwise compile every module from
+    source at every VMM start (inside the lab, over 9p, for seconds)."""
+    import compileall
+
+    root = HERE.parents[1]
+    for d in [root / "stellarium_core", *sorted((root / "plugins").glob("*/*"))]:
+        compileall.compile_dir(str(d), quiet=1)
+
+
+def parse_phases(stderr: str) -> dict[str, float]:
+    """``volt: setup 48.2 ms (...): interpreter 9.9, imports 20.1, ...`` as a dict."""
+    for line in stderr.splitlines():
+        if line.startswith("volt: setup ") and "): " in line:
+            out = {"setup": float(line.split()[2])}
+            for part in line.split("): ", 1)[1].split(", "):
+                name, _, ms = part.rpartition(" ")
+                out[name] = float(ms)
+            return out
+    return {}
+
+
+def device_setup_phases(kernel: Path, initrd: Path, n: int) -> dict[str, list[dict]]:
+    """Issue 11's start-up figure on this machine: process start to first KVM_RUN with one
+    virtio-stellar device, split into phases, for a fresh ``python -m volt.vmm`` and for
+    a VM forked by ``volt serve`` (setup counted from the fork)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "host.toml"
+        cfg.write_text('[store]\npath = "store"\n')
+        for args in (["host", "init"], ["vol", "create", "vm0", "64MiB"]):
+            subprocess.run([sys.executable, "-m", "stellarium_core", "--config", str(cfg),
+                            *args], check=True, capture_output=True)
+        vm = ["--config", str(cfg), "--kernel", str(kernel), "--initrd", str(initrd),
+              "--mem", str(GUEST_MIB), "--serial", "none", "--timing",
+              "--device", "virtio-stellar,volume=vm0"]
+        sock = Path(tmp) / "serve.sock"
+        server = subprocess.Popen([VOLT, "--config", str(cfg), "serve", str(sock)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not sock.is_socket() and server.poll() is None:
+            time.sleep(0.05)
+        out: dict[str, list[dict]] = {"fresh": [], "forked": []}
+        try:
+            for _ in range(n):
+                for kind, argv in (("fresh", [sys.executable, "-m", "volt.vmm", *vm]),
+                                   ("forked", [VOLT, "spawn", str(sock), "--", *vm])):
+                    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE, text=True)
+                    time.sleep(3)
+                    proc.send_signal(signal.SIGTERM)
+                    out[kind].append(parse_phases(proc.communicate(timeout=60)[1]))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    return out
+
+
+def print_device_phases(phases: dict[str, list[dict]]) -> None:
+    for kind, runs in phases.items():
+        runs = [r for r in runs if r]
+        if not runs:
+            print(f"bare machine, {kind}: no setup figures")
+            continue
+        names = list(runs[0])
+        split = ", ".join(f"{k} {statistics.median(r.get(k, 0) for r in runs):.1f}"
+                          for k in names)
+        print(f"bare machine, one virtio-stellar device, {kind} "
+              f"({'python -m volt.vmm' if kind == 'fresh' else 'volt serve'}): "
+              f"medians ms: {split}  (goal: setup <= 50 ms)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=5, help="runs per VMM")
@@ -88,15 +165,19 @@ def main() -> int:
     args = ap.parse_args()
     kb = build()
     initrd = smoke_initramfs()
+    compile_bytecode()
     lab_fig = in_lab(kb.bzimage, initrd, args.n)
     bare = {name: bare_setup(entry, kb.bzimage, initrd, min(args.n, 3))
             for name, entry in ENTRIES.items()}
-    result = {"lab": lab_fig, "bare": bare, "kernel": str(kb.bzimage), "initrd": str(initrd)}
+    phases = device_setup_phases(kb.bzimage, initrd, min(args.n, 5))
+    result = {"lab": lab_fig, "bare": bare, "kernel": str(kb.bzimage), "initrd": str(initrd),
+              "device_setup_phases": phases}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     labels = {"volt": "volt run", "volt-vmm": "python -m volt.vmm",
-              "volt-unconfined": "volt run, unconfined", "qemu": "qemu -M microvm"}
+              "volt-unconfined": "volt run, unconfined",
+              "volt-serve": "volt serve (forked)", "qemu": "qemu -M microvm"}
     q = lab_fig["qemu"]
     print(f"boot to init marker, inside the lab, {args.n} interleaved runs each (seconds):")
     for name, label in labels.items():
@@ -110,6 +191,7 @@ def main() -> int:
               f"runs {[round(x, 3) for x in runs]}{ratio}")
     for e in lab_fig["errors"]:
         print(f"  error: {e}")
+    print_device_phases(phases)
     for name, fig in bare.items():
         s = fig["setup_ms"]
         if s:
