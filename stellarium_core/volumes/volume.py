@@ -88,7 +88,8 @@ class Volume:
         self.manifest = manifest
         self.base = base
         self.readonly = readonly or manifest.readonly
-        self._dirty: dict[int, bytearray | bytes] = {}
+        #: Unflushed slots: a bytearray (partly written), bytes or a view of bytes.
+        self._dirty: dict[int, bytearray | bytes | memoryview] = {}
         self._release: list[bytes] = []
         self._changed = False
         self._cache_slots = cache_slots
@@ -182,13 +183,17 @@ class Volume:
     # -- writes -------------------------------------------------------------------
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
-        """Write ``data`` at ``offset`` (any alignment); visible to reads at once."""
+        """Write ``data`` at ``offset`` (any alignment); visible to reads at once.
+
+        Whole slots of an immutable ``bytes`` are kept as views of it (no copy); any
+        other buffer (guest memory) is copied once, since it may change afterwards."""
         src = memoryview(data).cast("B")
+        owned = isinstance(data, bytes)
         self._check_range(offset, len(src))
         self._check_writable()
         for idx, start, n, pos in self._spans(offset, len(src)):
             if start == 0 and n == self.manifest.slot_len(idx):
-                self._dirty[idx] = bytes(src[pos:pos + n])
+                self._dirty[idx] = src[pos:pos + n] if owned else bytes(src[pos:pos + n])
                 continue
             buf = self._dirty.get(idx)
             if not isinstance(buf, bytearray):
