@@ -61,6 +61,30 @@ def test_each_request_is_a_confined_vm_with_the_clients_console(server, tmp_path
 
 
 @needs_kvm
+def test_a_vm_holds_nothing_of_the_server(server, tmp_path):
+    """Not the listening socket, not another client's connection: a compromised VM cannot
+    take requests meant for the server or answer for another VM."""
+    k = tmp_path / "spin.elf"
+    k.write_bytes(make_elf(body=bytes.fromhex("ebfe"), pvh=0x1000000))     # jmp $
+    null = os.open(os.devnull, os.O_RDWR)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        other.connect(str(server))           # a second client's connection is open
+        c.connect(str(server))
+        argv = ["--kernel", str(k), "--mem", "32", "--serial", "none"]
+        socket.send_fds(c, [json.dumps({"argv": argv}).encode()], [null, null, null])
+        replies = c.makefile("rb")
+        pid = json.loads(replies.readline())["pid"]
+        time.sleep(1)                        # built and running by now
+        links = [os.readlink(f"/proc/{pid}/fd/{f}") for f in os.listdir(f"/proc/{pid}/fd")]
+        os.kill(pid, signal.SIGTERM)
+        assert json.loads(replies.readline()) == {"exit": exitcodes.TERMINATED}
+    os.close(null)
+    assert "/dev/kvm" in links
+    assert not [link for link in links if link.startswith("socket:")], links
+
+
+@needs_kvm
 def test_a_vm_error_is_its_exit_code_and_the_server_goes_on(server, tmp_path):
     res = spawn(server, "--kernel", str(tmp_path / "missing"), "--mem", "32")
     assert res.returncode == exitcodes.KERNEL and "missing" in res.stderr, res

@@ -114,7 +114,7 @@ def _start_vm(conn: socket.socket, handlers: dict) -> None:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _child(conn, fds, argv, handlers)          # never returns
+            _child(fds, argv, handlers)                # never returns
     finally:
         for fd in fds:
             os.close(fd)
@@ -122,15 +122,16 @@ def _start_vm(conn: socket.socket, handlers: dict) -> None:
     threading.Thread(target=_reap, args=(conn, pid), name=f"reap-{pid}", daemon=True).start()
 
 
-def _child(conn: socket.socket, fds: list[int], argv: list[str], handlers: dict) -> None:
+def _child(fds: list[int], argv: list[str], handlers: dict) -> None:
     """The forked VM: its client's stdio, a fresh setup clock, ``volt run``'s main."""
     code = 1
     try:
-        conn.close()
         for sig, old in handlers.items():
             signal.signal(sig, old)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
+        # nothing of the server's: not its listening socket, not other clients' connections
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         from volt.vmm import timing
         from volt.vmm.__main__ import main
 
