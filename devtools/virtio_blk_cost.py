@@ -3,8 +3,8 @@
 Drives the device the way a guest driver does (descriptor table, available ring,
 kick, used ring) with no VMM and no guest: what is left is the device's own path
 (ring, chain walk, request decode, volume read, copy into guest memory, used ring).
-Only the device API that existed before the Reader/Writer contract is used, so the
-same script measures an older tree (PYTHONPATH=that-tree) for a before/after figure.
+The device drains its queue with the C loop (native.py) where the disk allows; the
+``--raw`` disk is a plain file (virtio-blk), the default a Stellarium volume.
 
 Usage: python devtools/virtio_blk_cost.py [-n 20000] [--batch 1] [--verify]
        [--data random|text] [--profile]
@@ -13,6 +13,7 @@ Usage: python devtools/virtio_blk_cost.py [-n 20000] [--batch 1] [--verify]
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import struct
@@ -22,10 +23,17 @@ import time
 from pathlib import Path
 
 from stellarium_virtio_stellar.device import T_IN, VirtioStellar
+from stellarium_virtio_stellar.file_plugin import open_device
 
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import ChunkStore
-from stellarium_core.virtio import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Virtqueue
+from stellarium_core.virtio import (
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    MemoryRegion,
+    RegionMemory,
+    Virtqueue,
+)
 from stellarium_core.volumes.blockdev import BlockDevice
 from stellarium_core.volumes.volume import VolumeStore
 
@@ -35,24 +43,14 @@ DISK = 64 << 20
 IO = 4096
 
 
-class Memory:
-    """Guest RAM over a bytearray, with every accessor either contract version asks for."""
+class Memory(RegionMemory):
+    """Guest RAM over a bytearray (``buf``), one region, as a VMM's memory looks."""
 
     def __init__(self, size: int) -> None:
         self.buf = bytearray(size)
-        self._view = memoryview(self.buf)
-        self.regions = ()
-
-    def view(self, addr: int, length: int) -> memoryview:
-        if addr < 0 or length < 0 or addr + length > len(self.buf):
-            raise ValueError(f"{addr:#x}+{length:#x} outside guest memory")
-        return self._view[addr:addr + length]
-
-    def read(self, addr: int, length: int) -> bytes:
-        return bytes(self.view(addr, length))
-
-    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        self.view(addr, len(data))[:] = data
+        view = memoryview(self.buf)
+        host = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        super().__init__([(MemoryRegion(0, size, host), view)])
 
 
 def volume_image(kind: str) -> bytes:
@@ -62,15 +60,19 @@ def volume_image(kind: str) -> bytes:
     return b"".join(line % i for i in range(DISK // len(line) + 1))[:DISK]
 
 
-def setup(work: Path, data: str, verify: bool) -> tuple[VirtioStellar, Memory, Virtqueue]:
+def setup(work: Path, data: str, verify: bool,
+          raw: bool) -> tuple[VirtioStellar, Memory, Virtqueue]:
     hasher = Blake3Hasher({})
     store = ChunkStore.open(work / "nebula", hasher, create=True, verify_reads=verify,
                             compression="lz4")
     (work / "disk.raw").write_bytes(volume_image(data))
     vols = VolumeStore(work / "volumes", store, hasher)
     vols.import_raw("disk", work / "disk.raw").close()
-    vol = vols.open("disk", readonly=True)
-    dev = VirtioStellar(BlockDevice(vol), serial="disk", on_close=vol.close)
+    if raw:
+        dev = open_device(str(work / "disk.raw"), readonly=True)
+    else:
+        vol = vols.open("disk", readonly=True)
+        dev = VirtioStellar(BlockDevice(vol), serial="disk", on_close=vol.close)
     mem = Memory(HEAP + QSIZE * 2 * 0x2000)
     q = Virtqueue(QSIZE)
     q.desc_addr, q.avail_addr, q.used_addr, q.ready = DESC, AVAIL, USED, True
@@ -119,10 +121,11 @@ def main() -> int:
     ap.add_argument("--verify", action="store_true", help="store.verify_reads = true")
     ap.add_argument("--data", choices=("random", "text"), default="random",
                     help="text compresses, so its chunks are stored lz4")
+    ap.add_argument("--raw", action="store_true", help="a raw file disk (virtio-blk)")
     ap.add_argument("--profile", action="store_true", help="pyinstrument one round")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        dev, mem, q = setup(Path(tmp), args.data, args.verify)
+        dev, mem, q = setup(Path(tmp), args.data, args.verify, args.raw)
         run(dev, mem, q, 2000, args.batch)                      # warm the chunk cache
         if args.profile:
             from pyinstrument import Profiler
@@ -132,7 +135,8 @@ def main() -> int:
             print(prof.output_text(unicode=True, color=False, show_all=False))
         per = [run(dev, mem, q, args.n, args.batch) for _ in range(args.rounds)]
         dev.close()
-    print(f"4 KiB read, batch {args.batch}, verify_reads={args.verify}, data={args.data}: "
+    disk = "raw file" if args.raw else f"volume, verify_reads={args.verify}, data={args.data}"
+    print(f"4 KiB read, batch {args.batch}, {disk}: "
           f"median {statistics.median(per) * 1e6:.1f} us/request "
           f"(rounds: {', '.join(f'{p * 1e6:.1f}' for p in per)})")
     return 0

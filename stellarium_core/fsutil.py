@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 import threading
-import uuid
 from pathlib import Path
 
 
@@ -133,6 +131,9 @@ def claim(parent: str | os.PathLike[str], prefix: str, *,
     ``flock`` on it, so :func:`sweep_unclaimed` removes it only once its owner is
     gone, even after a ``kill -9``. It is locked before it gets its name.
     """
+    import tempfile  # here, not at import: a VMM's start-up never claims a file
+    import uuid
+
     if directory:
         tmp = tempfile.mkdtemp(prefix=".claim-", dir=parent)
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -1,15 +1,27 @@
-"""Plugin discovery (stevedore, by entry-point namespace) and registration (pluggy).
+"""Plugin discovery (entry points by namespace, read once) and registration (pluggy).
 
 Installing a distribution that declares an entry point in one of
 :data:`NAMESPACES` is all it takes to make a plugin available. Listing reads
 package metadata only, so a broken plugin never breaks ``stellar plugins``;
 loading imports exactly the plugin asked for and validates it against
 :mod:`stellarium_core.hookspecs` before it is used.
+
+Scanning every distribution's metadata costs a VMM more start-up time than
+booting its devices, so what the scan found is cached (a small JSON file under
+``$XDG_CACHE_HOME/stellarium``) keyed by the installed distributions: the
+``*.dist-info`` / ``*.egg-info`` entries of every ``sys.path`` directory, with
+their modification times. Installing, upgrading or removing a distribution
+changes the key, so the next run scans again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -42,25 +54,95 @@ class PluginInfo:
 
 def installed(kind: str | None = None) -> list[PluginInfo]:
     """Every installed plugin (of one kind, if given), sorted by namespace and name."""
-    import importlib.metadata as metadata  # here, not at import: the VMM's start-up pays
+    found = _discovered()
+    return [p for p in found if kind is None or p.kind == kind]
 
-    kinds = [kind] if kind else list(NAMESPACES)
+
+_SCANNED: tuple[str, list[PluginInfo]] | None = None
+
+
+def _discovered() -> list[PluginInfo]:
+    """Every plugin of every kind: this process's copy, else the cache, else a scan."""
+    global _SCANNED
+    where, key = _distributions_key()
+    if _SCANNED is not None and _SCANNED[0] == key:
+        return _SCANNED[1]
+    cache = _cache_dir()
+    path = cache / f"entry-points-{where}.json" if cache is not None else None
+    try:
+        if path is None:
+            raise FileNotFoundError("no cache directory")
+        saved = json.loads(path.read_text())
+        if saved["key"] != key:
+            raise ValueError("the installed distributions changed")
+        found = [PluginInfo(**p) for p in saved["plugins"]]
+    except (OSError, ValueError, TypeError, KeyError):
+        found = _scan()
+        if path is not None:
+            _save(path, key, found)
+    _SCANNED = (key, found)
+    return found
+
+
+def _distributions_key() -> tuple[str, str]:
+    """(digest of this interpreter and its ``sys.path``: one cache file per environment,
+    digest of which distributions are installed there: names, versions, mtimes)."""
+    import blake3  # already loaded by any host's hasher; hashlib would pull in OpenSSL
+
+    where = blake3.blake3(sys.version.encode())
+    h = blake3.blake3()
+    for entry in sys.path:
+        where.update(b"\0" + entry.encode(errors="surrogateescape"))
+        try:
+            with os.scandir(entry or ".") as it:
+                dists = sorted((e.name, e.stat().st_mtime_ns) for e in it
+                               if e.name.endswith((".dist-info", ".egg-info")))
+        except OSError:
+            continue
+        for name, mtime in dists:
+            h.update(f"{entry}/{name}:{mtime}\0".encode(errors="surrogateescape"))
+    return where.hexdigest()[:24], h.hexdigest()
+
+
+def _cache_dir() -> Path | None:
+    """``$XDG_CACHE_HOME/stellarium`` or ``$HOME/.cache/stellarium``; None without either
+    (a jailed VMM's environment is empty: it scans)."""
+    base = os.environ.get("XDG_CACHE_HOME") or (
+        os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME") else None)
+    return Path(base) / "stellarium" if base else None
+
+
+def _scan() -> list[PluginInfo]:
+    import importlib.metadata as metadata
+
     found = []
-    for k in kinds:
-        namespace = NAMESPACES[k][0]
+    for k, (namespace, _hook) in NAMESPACES.items():
         for ep in metadata.entry_points(group=namespace):
             dist = ep.dist
-            found.append(
-                PluginInfo(
-                    k,
-                    namespace,
-                    ep.name,
-                    dist.name if dist else "?",
-                    dist.version if dist else "?",
-                    ep.value,
-                )
-            )
+            found.append(PluginInfo(k, namespace, ep.name, dist.name if dist else "?",
+                                    dist.version if dist else "?", ep.value))
     return sorted(set(found), key=lambda p: (p.namespace, p.name, p.distribution))
+
+
+def _save(path: Path, key: str, found: list[PluginInfo]) -> None:
+    """Best effort: a cache that cannot be written (read-only home, a jail) costs a scan."""
+    from stellarium_core.fsutil import write_atomic
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"key": key, "plugins": [asdict(p) for p in found]}
+        write_atomic(path, json.dumps(data).encode(), durable=False)
+    except OSError:
+        pass
+
+
+def _load_target(target: str) -> Any:
+    """Import an entry point's ``module`` or ``module:attr`` (what EntryPoint.load does)."""
+    module, _, attr = target.partition(":")
+    obj = importlib.import_module(module.strip())
+    for part in filter(None, attr.strip().split(".")):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _distribution_of(kind: str, name: str) -> str:
@@ -100,21 +182,12 @@ class Registry:
                 f"no {kind} plugin named {name!r} is installed "
                 f"(installed in {namespace}: {have})"
             )
-        origin = f"{kind} plugin {name!r} from {found[name].distribution} {found[name].version}"
-
-        def failed(_manager: Any, entrypoint: Any, exc: BaseException) -> None:
-            raise PluginError(f"{origin} failed to load: {type(exc).__name__}: {exc}") from exc
-
-        from stevedore import driver
-
+        info = found[name]
+        origin = f"{kind} plugin {name!r} from {info.distribution} {info.version}"
         try:
-            plugin = driver.DriverManager(
-                namespace, name, on_load_failure_callback=failed
-            ).driver
-        except PluginError:
-            raise
-        except Exception as exc:  # stevedore wraps conflicts and similar
-            raise PluginError(f"{kind} plugin {name!r}: {exc}") from exc
+            plugin = _load_target(info.target)
+        except Exception as exc:  # whatever a broken plugin raises while importing
+            raise PluginError(f"{origin} failed to load: {type(exc).__name__}: {exc}") from exc
         self._register(f"{kind}:{name}", origin, plugin, hook_name)
         self._loaded[key] = plugin
         return plugin

@@ -2,7 +2,7 @@
 
 Extra plugins are "installed" for real: either by pip into a target directory
 (the example third-party distribution) or as a dist-info directory on
-PYTHONPATH, which is exactly what importlib.metadata and stevedore read.
+PYTHONPATH, which is exactly what importlib.metadata reads.
 """
 
 from __future__ import annotations
@@ -172,3 +172,29 @@ def test_plugins_cli_table_lists_namespace_name_distribution_version() -> None:
     assert header == ["NAMESPACE", "NAME", "DISTRIBUTION", "VERSION"]
     assert any(line.split()[:3] == ["stellarium.chunkers", "fastcdc", "stellarium-chunker-fastcdc"]
                for line in proc.stdout.splitlines())
+
+
+def _listing_process(site: Path, cache: Path) -> dict:
+    """Plugins a fresh process lists, and whether it had to read package metadata."""
+    code = ("import json, sys; from stellarium_core import plugins; "
+            "names = sorted(p.name for p in plugins.installed()); "
+            "print(json.dumps({'names': names, "
+            "'scanned': 'importlib.metadata' in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, env={"PYTHONPATH": str(site), "XDG_CACHE_HOME": str(cache),
+                                         "PATH": "/usr/bin:/bin"}).stdout
+    return json.loads(out)
+
+
+def test_entry_points_are_read_once_and_rescanned_when_distributions_change(
+        tmp_path: Path) -> None:
+    site, cache = tmp_path / "site", tmp_path / "cache"
+    site.mkdir()
+    first = _listing_process(site, cache)
+    assert first["scanned"] and "blake3" in first["names"]
+    again = _listing_process(site, cache)
+    assert again == {"names": first["names"], "scanned": False}   # the cache answered
+    fake_distribution(site, "stellarium-late", "stellarium_late", "",
+                      "[stellarium.hashers]\nlate = stellarium_late\n")
+    after = _listing_process(site, cache)                          # a new distribution
+    assert after["scanned"] and "late" in after["names"]

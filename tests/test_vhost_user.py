@@ -29,7 +29,14 @@ import pytest
 from devtools.virtio_driver import AVAIL, DESC, QSIZE, USED, BlkDriver
 from stellarium_core.hookspecs import DeviceContext
 from stellarium_core.host import Host, init_store
-from stellarium_core.virtio import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
+from stellarium_core.virtio import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    MemoryRegion,
+    QueueEventfds,
+    RegionMemory,
+    Virtqueue,
+)
 from stellarium_core.virtio import vhost_user as vu
 from stellarium_core.volumes.volume import VolumeStore
 
@@ -492,3 +499,85 @@ def test_reset_device_then_restart_and_config_writes(serve, caplog):
     fe.start()
     assert fe.request(T_IN, 0, inlen=SECTOR)[0] == 0
     fe.close()
+
+
+# -- the front-end half: what Volt's --device vhost-user-blk runs -----------------------
+
+
+class HandoverLink:
+    """What a VMM gives a front-end device: each queue's kick and call eventfds."""
+
+    def __init__(self) -> None:
+        self.kick = os.eventfd(0, os.EFD_CLOEXEC)
+        self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    def queue_eventfds(self, queue: int) -> QueueEventfds:
+        return QueueEventfds(self.kick, self.call)
+
+
+def test_volt_frontend_serves_a_guest_ring_from_the_volume_server(serve, host_cfg, caplog):
+    """The front-end device from the registry hands a sealed memfd and the ring to the
+    back-end; requests then go guest ring -> back-end -> call eventfd with no front-end
+    code in the path. A reset stops the back-end's ring; the volume stays consistent."""
+    sock, _ = serve
+    before = volume_bytes(host_cfg)
+    host = Host.from_config(host_cfg)
+    dev = host.registry.create("device", "vhost-user-blk", {"socket": str(sock)},
+                               context=DeviceContext(host))
+    assert dev.device_id == 2 and dev.features & VIRTIO_F_VERSION_1
+    assert struct.unpack("<Q", dev.read_config(0, 8))[0] == DISK // SECTOR   # capacity
+    memfd = sealed_memfd(MEM)
+    ram = mmap.mmap(memfd, MEM)
+    link = HandoverLink()
+    mem = RegionMemory([(MemoryRegion(0, MEM, USER_BASE, memfd, 0), memoryview(ram))])
+    try:
+        q = Virtqueue(QSIZE)
+        q.desc_addr, q.avail_addr, q.used_addr, q.ready = DESC, AVAIL, USED, True
+        dev.attach(link)
+        dev.activate(dev.features, mem, [q], lambda: pytest.fail("interrupts are eventfds"))
+
+        def wait() -> None:
+            r, _, _ = select.select([link.call], [], [], WAIT)
+            assert r, "no used-buffer notification on the call eventfd"
+            os.eventfd_read(link.call)
+
+        drv = BlkDriver(ram, lambda: os.eventfd_write(link.kick, 1), wait)
+        assert drv.request(T_IN, 8, inlen=4096) == (0, before[8 * SECTOR:8 * SECTOR + 4096])
+        new = os.urandom(2 * SECTOR)
+        assert drv.request(T_OUT, 3, out=new) == (0, b"")
+        assert drv.request(T_FLUSH) == (0, b"")
+        dev.reset()
+        wait_for(lambda: "client 1" in caplog.text, "the client")
+    finally:
+        dev.close()
+        mem.release()
+        ram.close()
+        for fd in (memfd, link.kick, link.call):
+            os.close(fd)
+    wait_for(lambda: "client 1: disconnected" in caplog.text, "the disconnect")
+    want = bytearray(before)
+    want[3 * SECTOR:5 * SECTOR] = new
+    assert volume_bytes(host_cfg) == want
+
+
+def test_volt_frontend_reports_a_missing_or_silent_back_end(tmp_path):
+    from stellarium_core.virtio.vhost_frontend import VhostUserError, VhostUserFrontend
+
+    with pytest.raises(VhostUserError, match="cannot connect"):
+        VhostUserFrontend(str(tmp_path / "nobody.sock"))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "rude.sock"))
+    listener.listen(1)
+
+    def rude() -> None:
+        conn, _ = listener.accept()
+        conn.recv(12)
+        conn.sendall(vu.HEADER.pack(999, vu.VERSION | vu.FLAG_REPLY, 8) + bytes(8))
+        conn.close()
+
+    t = threading.Thread(target=rude, daemon=True)
+    t.start()
+    with pytest.raises(VhostUserError, match="bad reply to request 1"):
+        VhostUserFrontend(str(tmp_path / "rude.sock"))
+    t.join(WAIT)
+    listener.close()

@@ -108,3 +108,11 @@ def test_region_memory_bounds_and_regions() -> None:
     assert not mem.regions[0].shareable
     with pytest.raises(ValueError, match="writable buffer"):
         RegionMemory([(MemoryRegion(0, 4, 0), memoryview(b"1234"))])
+
+
+def test_writing_nothing_into_nothing_is_nothing() -> None:
+    """A GET_ID whose chain has no room before its status byte writes b"" into an empty
+    window (found by fuzzing the C request loop against this code)."""
+    w = Writer([memoryview(b"")])
+    w.write(b"")
+    assert w.written == 0

@@ -16,12 +16,14 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 WORK = Path("/var/tmp/blkbench")
+VHOST_SOCKET = WORK / "vhost.sock"
 GUEST_MIB = 512
 CMDLINE = "console=ttyS0 panic=-1 quiet"
 
@@ -71,13 +73,29 @@ def run_vmm(argv: list[str], timeout: float, profile_out: Path | None = None,
     return lines, rc, err[-2000:]
 
 
+def vhost_server(cfg: Path) -> subprocess.Popen:
+    """``stellar vol serve`` of the run's volume, listening once this returns."""
+    VHOST_SOCKET.unlink(missing_ok=True)
+    server = subprocess.Popen([sys.executable, "-m", "stellarium_core", "--config", str(cfg),
+                               "vol", "serve", "run", "--vhost-user", str(VHOST_SOCKET)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not VHOST_SOCKET.is_socket():
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError("stellar vol serve did not start")
+        time.sleep(0.1)
+    return server
+
+
 def stellar(cfg: Path, *args: str) -> None:
     subprocess.run([sys.executable, "-m", "stellarium_core", "--config", str(cfg), *args],
                    check=True, capture_output=True, timeout=900)
 
 
 def main() -> int:
-    volt, kernel, initrd, size_mib, ops, profile, py_spy, timeout = sys.argv[1:9]
+    volt, kernel, initrd, size_mib, ops, profile, py_spy, timeout, names = sys.argv[1:10]
+    wanted = names.split(",")
     size_mib_i = int(size_mib)
     WORK.mkdir(parents=True, exist_ok=True)
     tmpfs_mib = 3 * size_mib_i + 512
@@ -93,6 +111,9 @@ def main() -> int:
     cfg = WORK / "host.toml"
     cfg.write_text('[store]\npath = "store"\n')
     stellar(cfg, "host", "init")
+    # the same store, reads not verified: what hashing costs (a), measured apart
+    noverify = WORK / "host-noverify.toml"
+    noverify.write_text('[store]\npath = "store"\nverify_reads = false\n')
     stellar(cfg, "vol", "import", "bench", str(pristine))
     cmdline = f"{CMDLINE} bench.size={size_mib} bench.ops={ops}"
     volt_args = [volt, "--config", str(cfg), "run", "--kernel", str(k), "--initrd", str(i),
@@ -110,19 +131,30 @@ def main() -> int:
                          "-append", cmdline + " reboot=t"],
         "volt-blk": [*volt_args, "--device", f"virtio-blk,path={raw}"],
         "volt-stellar": [*volt_args, "--device", "virtio-stellar,volume=run"],
+        "volt-vhost": [*volt_args, "--device", f"vhost-user-blk,socket={VHOST_SOCKET}"],
+        "volt-unconfined": [*volt_args, "--landlock=off", "--seccomp=off",
+                            "--device", "virtio-stellar,volume=run"],
+        "volt-stellar-noverify": [volt, "--config", str(noverify), *volt_args[3:],
+                                  "--device", "virtio-stellar,volume=run"],
     }
+    systems = {name: argv for name, argv in systems.items() if name in wanted}
     out: dict = {"systems": {}, "profiles": {}, "errors": [], "tmpfs_mib": tmpfs_mib}
     runs = [(name, argv, False) for name, argv in systems.items()]
     if profile == "1":
-        runs += [(name, systems[name], True) for name in ("volt-stellar", "volt-blk")]
+        runs += [(name, systems[name], True) for name in ("volt-stellar", "volt-blk")
+                 if name in systems]
     for name, argv, profiled in runs:
         shutil.copy(pristine, raw)
         stellar(cfg, "vol", "clone", "bench", "run")
         spy_out = WORK / "profile.txt" if profiled else None
         print(f"{time.monotonic():10.3f} start {name}{' (py-spy)' if profiled else ''}",
               file=sys.stderr, flush=True)
+        server = vhost_server(cfg) if name == "volt-vhost" else None
         lines, rc, err = run_vmm(argv, timeout=float(timeout), profile_out=spy_out,
                                  py_spy=py_spy)
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=120)
         stellar(cfg, "vol", "rm", "run")
         if rc != 0:
             out["errors"].append(f"{name}: exit {rc}: {err}")

@@ -12,10 +12,17 @@ output) and is subtracted, so the figure is known bytes (ops) / (t_full - t_sing
 fio's own figures (guest clock) are printed as a secondary column. Goal (issue 11):
 (a) and (b) at least 0.8x of (c) on every figure.
 
+(d) ``volt-vhost`` is Volt with ``--device vhost-user-blk`` over the same volume served by
+``stellar vol serve --vhost-user`` (another process). Two more systems isolate costs:
+``volt-unconfined`` is (a) with ``--landlock=off
+--seccomp=off`` (what confinement costs, issue 15), ``volt-stellar-noverify`` is (a) over
+the same store with ``verify_reads = false`` (what hashing each chunk costs).
+
 Further, unmeasured runs of (a) and (b) under ``py-spy record`` give the profile summary
 of Volt's threads, the device (I/O) thread in detail.
 
 Usage: python bench/blk/run.py [--size-mib 256] [--rand-ops 2000] [--no-profile]
+       [--systems a,b,...]
 """
 
 from __future__ import annotations
@@ -41,7 +48,11 @@ from devtools.rootfs import debian_rootfs  # noqa: E402
 VOLT = str(Path(sys.executable).with_name("volt"))
 PY_SPY = str(Path(sys.executable).with_name("py-spy"))
 PEER = "qemu-microvm"
-SYSTEMS = ("volt-stellar", "volt-blk", PEER)
+#: The goal's systems, (a) and (b), then the peer (c), (d) Volt over the volume exported
+#: by ``stellar vol serve --vhost-user``, then what isolates a cost: (a) without
+#: confinement (#15) and (a) without read verification (hashing).
+GOAL_SYSTEMS = ("volt-stellar", "volt-blk")
+SYSTEMS = (*GOAL_SYSTEMS, PEER, "volt-vhost", "volt-unconfined", "volt-stellar-noverify")
 #: workload -> (metric, per-op unit, is a write)
 WORKLOADS = {
     "seqread": ("seq_read_mbs", "MB/s", False),
@@ -177,45 +188,52 @@ def main() -> int:
     ap.add_argument("--rand-ops", type=int, default=2000, help="4 KiB reads per random run")
     ap.add_argument("--no-profile", action="store_true", help="skip the py-spy runs")
     ap.add_argument("--vm-timeout", type=int, default=900, help="seconds per VM run")
+    ap.add_argument("--systems", default=",".join(SYSTEMS),
+                    help="comma-separated systems to run (default: all)")
     args = ap.parse_args()
+    names = [s for s in SYSTEMS if s in args.systems.split(",")]
     kb = build()
     initrd = fio_initramfs()
     load = os.getloadavg()
     env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
     res = lab.run([sys.executable, str(HERE / "inlab.py"), VOLT, str(kb.bzimage), str(initrd),
                    str(args.size_mib), str(args.rand_ops), "0" if args.no_profile else "1",
-                   PY_SPY, str(args.vm_timeout)], timeout=900 + 4 * args.vm_timeout,
+                   PY_SPY, str(args.vm_timeout), ",".join(names)],
+                  timeout=900 + (len(names) + 2) * args.vm_timeout,
                   memory_mib=2048 + 4 * args.size_mib, env=env)
     res.check()
     data = json.loads(res.stdout.strip().splitlines()[-1])
     figs = {name: figures(data["systems"].get(name, {}).get("lines", []), args.size_mib,
-                          args.rand_ops) for name in SYSTEMS}
+                          args.rand_ops) for name in names}
     print(f"bench/blk: fio in the guest, {args.size_mib} MiB disk, {args.rand_ops} random "
           f"reads per run; L1 wall clock minus fio's fixed cost (single-block run); "
           f"host load before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'workload':<12}" + "".join(f"{s:>16}" for s in SYSTEMS)
-          + "   ratio a/c  ratio b/c   fio (guest clock) a / b / c")
-    systems: dict[str, dict[str, float]] = {s: {} for s in SYSTEMS}
-    ratios: dict[str, dict[str, float]] = {s: {} for s in SYSTEMS if s != PEER}
+    others = [s for s in names if s != PEER]
+    print(f"{'workload':<12}" + "".join(f"{s:>22}" for s in names)
+          + "".join(f"  {s + '/peer':>22}" for s in others))
+    systems: dict[str, dict[str, float]] = {s: {} for s in names}
+    ratios: dict[str, dict[str, float]] = {s: {} for s in others}
     for name, (metric, unit, _) in WORKLOADS.items():
-        vals = {s: figs[s].get(name, {}).get("value") for s in SYSTEMS}
+        vals = {s: figs[s].get(name, {}).get("value") for s in names}
         for s, v in vals.items():
             if v is not None:
                 systems[s][metric] = round(v, 2)
-        peer = vals[PEER]
+        peer = vals.get(PEER)
         for s in ratios:
             if vals[s] is not None and peer:
                 ratios[s][metric] = round(vals[s] / peer, 3)
-        cells = "".join(f"{v:>11.1f} {unit:<4}" if v is not None else f"{'-':>16}"
+        cells = "".join(f"{v:>17.1f} {unit:<4}" if v is not None else f"{'-':>22}"
                         for v in vals.values())
-        rs = "  ".join(f"{ratios[s].get(metric, float('nan')):>9.3f}" for s in ratios)
-        fio = " / ".join(f"{figs[s].get(name, {}).get('fio_guest_clock') or float('nan'):.1f}"
-                         for s in SYSTEMS)
-        print(f"{name:<12}{cells}   {rs}   {fio}")
-    missed = [f"{s} {m} {r:.2f}x" for s, rr in ratios.items() for m, r in rr.items() if r < GOAL]
-    print(f"goal: (a) and (b) >= {GOAL}x of (c) on every figure: "
-          + ("met" if not missed and all(len(r) == 4 for r in ratios.values())
+        rs = "".join(f"  {ratios[s].get(metric, float('nan')):>22.3f}" for s in others)
+        print(f"{name:<12}{cells}{rs}")
+    print("fio's own figures (guest clock, not comparable across VMMs): " + "; ".join(
+        f"{s} " + " / ".join(f"{figs[s].get(w, {}).get('fio_guest_clock') or float('nan'):.1f}"
+                             for w in WORKLOADS) for s in names))
+    goal = [s for s in GOAL_SYSTEMS if s in ratios]
+    missed = [f"{s} {m} {r:.2f}x" for s in goal for m, r in ratios[s].items() if r < GOAL]
+    print(f"goal: {' and '.join(goal)} >= {GOAL}x of {PEER} on every figure: "
+          + ("met" if goal and not missed and all(len(ratios[s]) == 4 for s in goal)
              else "NOT met (" + ", ".join(missed) + ")"))
     for e in data["errors"]:
         print(f"error: {e}")

@@ -1,10 +1,11 @@
 """Runs inside the lab: time VMM process start -> init marker on the console, N times each.
 
 Prints one JSON object on stdout: {"volt": [seconds...], "volt-vmm": [...],
-"volt-unconfined": [...], "qemu": [...], "errors": [...]}. ``volt`` is the full CLI
-(``volt run``, confined by default), ``volt-vmm`` the lean VMM entry (``python -m volt.vmm``),
-``volt-unconfined`` the CLI with ``--landlock=off --seccomp=off`` (the cost of confinement),
-``qemu`` the peer.
+"volt-unconfined": [...], "volt-serve": [...], "qemu": [...], "errors": [...]}.
+``volt`` is the full CLI (``volt run``, confined by default), ``volt-vmm`` the lean VMM
+entry (``python -m volt.vmm``), ``volt-unconfined`` the CLI with ``--landlock=off
+--seccomp=off`` (the cost of confinement), ``volt-serve`` a VM forked by a pre-started
+``volt serve`` (request to marker), ``qemu`` the peer.
 """
 
 from __future__ import annotations
@@ -49,6 +50,57 @@ def time_to_marker(argv: list[str], timeout: float) -> float:
     return seen
 
 
+def served_to_marker(sock: str, argv: list[str], timeout: float) -> float:
+    """Seconds from a request to ``volt serve`` until MARKER is on the VM's stdout (the
+    request is made here, so no client process start is counted); waits for its end."""
+    import json
+    import socket
+
+    t0 = time.monotonic()
+    rd, wr = os.pipe()
+    null = os.open(os.devnull, os.O_RDWR)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(sock)
+        socket.send_fds(conn, [json.dumps({"argv": argv}).encode()], [null, wr, null])
+        os.close(wr)
+        buf, seen = b"", None
+        while seen is None:
+            left = timeout - (time.monotonic() - t0)
+            r, _, _ = select.select([rd], [], [], max(left, 0))
+            if not r:
+                raise RuntimeError(f"volt serve: no marker after {timeout}s: {buf[-300:]!r}")
+            chunk = os.read(rd, 65536)
+            if not chunk:
+                raise RuntimeError(f"volt serve: the VM ended without the marker: "
+                                   f"{buf[-300:]!r}")
+            buf += chunk
+            if MARKER in buf:
+                seen = time.monotonic() - t0
+        while os.read(rd, 65536):
+            pass
+        conn.settimeout(60)
+        conn.makefile("rb").read()            # {"pid"}, then {"exit"} once it ended
+        return seen
+    finally:
+        conn.close()
+        os.close(rd)
+        os.close(null)
+
+
+def start_server(volt: str) -> tuple[subprocess.Popen, str]:
+    """A ``volt serve`` in this lab (pre-imported before any timed run)."""
+    sock = "/run/volt-serve.sock"
+    server = subprocess.Popen([volt, "serve", sock], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(sock):
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("volt serve did not start")
+        time.sleep(0.1)
+    return server, sock
+
+
 def main() -> int:
     volt, kernel, initrd, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     cmdline = "console=ttyS0 reboot=k panic=-1 quiet"
@@ -62,7 +114,8 @@ def main() -> int:
                  "-nographic", "-serial", "stdio", "-no-reboot", "-kernel", kernel,
                  "-initrd", initrd, "-append", cmdline.replace("reboot=k", "reboot=t")],
     }
-    out: dict[str, list] = {name: [] for name in runs}
+    server, sock = start_server(volt)
+    out: dict[str, list] = {name: [] for name in [*runs, "volt-serve"]}
     out["errors"] = []
     for _ in range(n):           # interleaved, so background load hits both alike
         for name, argv in runs.items():
@@ -70,6 +123,12 @@ def main() -> int:
                 out[name].append(time_to_marker(argv, 120))
             except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
                 out["errors"].append(f"{name}: {exc}")
+        try:
+            out["volt-serve"].append(served_to_marker(sock, args, 120))
+        except (RuntimeError, OSError) as exc:
+            out["errors"].append(f"volt-serve: {exc}")
+    server.terminate()
+    server.wait(timeout=60)
     print(json.dumps(out))
     return 0
 

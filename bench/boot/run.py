@@ -9,8 +9,13 @@ Figures:
 Volt runs confined (its default: Landlock + seccomp, applied before the first
 KVM_RUN, so inside both figures) and, as ``volt-unconfined``, with
 ``--landlock=off --seccomp=off``: the difference is the cost of confinement.
+``volt-serve`` is a VM forked by a ``volt serve`` started (and pre-imported) before
+the runs, timed from the request on its socket to the marker.
+- on the bare machine, with one virtio-stellar device: setup split into phases
+  (interpreter, imports, devices, build, confinement, start), fresh and forked.
 - on the bare machine: process start to the API socket accepting a connection
   (``--api-sock``, no kernel needed; Firecracker reports 6-60 ms for its own).
+The project's modules are byte-compiled first, as an installed package is.
 The last line is the benchmark JSON line of DESIGN.md.
 
 Usage: .venv/bin/python bench/boot/run.py [-n 5] [--json]
@@ -111,7 +116,7 @@ def api_socket_ms(entry: list[str], n: int) -> list[float]:
     return out
 
 
-def json_line(lab_fig: dict, bare: dict, api: dict) -> dict:
+def json_line(lab_fig: dict, bare: dict, api: dict, phases: dict[str, list[dict]]) -> dict:
     """The DESIGN.md line: medians per system, Volt's beside QEMU microvm's."""
     def med(xs: list[float]) -> float | None:
         return round(statistics.median(xs), 3) if xs else None
@@ -120,10 +125,86 @@ def json_line(lab_fig: dict, bare: dict, api: dict) -> dict:
     for name in ENTRIES:
         systems[name] = {"boot_s": med(lab_fig[name]), "setup_ms": med(bare[name]["setup_ms"]),
                          "api_socket_ms": med(api.get(name, []))}
+    systems["volt-serve"] = {"boot_s": med(lab_fig.get("volt-serve", []))}
+    for kind, runs in phases.items():        # one virtio-stellar device, bare machine
+        systems["volt-vmm" if kind == "fresh" else "volt-serve"]["device_setup_ms"] = \
+            med([r["setup"] for r in runs if r])
     return {"bench": "boot", "peer": "qemu-microvm", "systems": systems,
-            "higher_is_better": {"boot_s": False, "setup_ms": False, "api_socket_ms": False},
+            "higher_is_better": {"boot_s": False, "setup_ms": False, "api_socket_ms": False,
+                                 "device_setup_ms": False},
             "host_load": [round(x, 2) for x in os.getloadavg()],
             "firecracker_api_socket_ms": [6, 60]}
+
+
+def compile_bytecode() -> None:
+    """Compile the project's modules as ``pip install`` does for an installed package; a
+    checkout run with PYTHONDONTWRITEBYTECODE would otherwise compile every module from
+    source at every VMM start (inside the lab, over 9p, for seconds)."""
+    import compileall
+
+    root = HERE.parents[1]
+    for d in [root / "stellarium_core", *sorted((root / "plugins").glob("*/*"))]:
+        compileall.compile_dir(str(d), quiet=1)
+
+
+def parse_phases(stderr: str) -> dict[str, float]:
+    """``volt: setup 48.2 ms (...): interpreter 9.9, imports 20.1, ...`` as a dict."""
+    for line in stderr.splitlines():
+        if line.startswith("volt: setup ") and "): " in line:
+            out = {"setup": float(line.split()[2])}
+            for part in line.split("): ", 1)[1].split(", "):
+                name, _, ms = part.rpartition(" ")
+                out[name] = float(ms)
+            return out
+    return {}
+
+
+def device_setup_phases(kernel: Path, initrd: Path, n: int) -> dict[str, list[dict]]:
+    """Issue 11's start-up figure on this machine: process start to first KVM_RUN with one
+    virtio-stellar device, split into phases, for a fresh ``python -m volt.vmm`` and for
+    a VM forked by ``volt serve`` (setup counted from the fork)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "host.toml"
+        cfg.write_text('[store]\npath = "store"\n')
+        for args in (["host", "init"], ["vol", "create", "vm0", "64MiB"]):
+            subprocess.run([sys.executable, "-m", "stellarium_core", "--config", str(cfg),
+                            *args], check=True, capture_output=True)
+        vm = ["--config", str(cfg), "--kernel", str(kernel), "--initrd", str(initrd),
+              "--mem", str(GUEST_MIB), "--serial", "none", "--timing",
+              "--device", "virtio-stellar,volume=vm0"]
+        sock = Path(tmp) / "serve.sock"
+        server = subprocess.Popen([VOLT, "--config", str(cfg), "serve", str(sock)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not sock.is_socket() and server.poll() is None:
+            time.sleep(0.05)
+        out: dict[str, list[dict]] = {"fresh": [], "forked": []}
+        try:
+            for _ in range(n):
+                for kind, argv in (("fresh", [sys.executable, "-m", "volt.vmm", *vm]),
+                                   ("forked", [VOLT, "spawn", str(sock), "--", *vm])):
+                    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE, text=True)
+                    time.sleep(3)
+                    proc.send_signal(signal.SIGTERM)
+                    out[kind].append(parse_phases(proc.communicate(timeout=60)[1]))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    return out
+
+
+def print_device_phases(phases: dict[str, list[dict]]) -> None:
+    for kind, runs in phases.items():
+        runs = [r for r in runs if r]
+        if not runs:
+            print(f"bare machine, {kind}: no setup figures")
+            continue
+        names = list(runs[0])
+        split = ", ".join(f"{k} {statistics.median(r.get(k, 0) for r in runs):.1f}"
+                          for k in names)
+        print(f"bare machine, one virtio-stellar device, {kind} "
+              f"({'python -m volt.vmm' if kind == 'fresh' else 'volt serve'}): "
+              f"medians ms: {split}  (goal: setup <= 50 ms)")
 
 
 def main() -> int:
@@ -133,18 +214,21 @@ def main() -> int:
     args = ap.parse_args()
     kb = build()
     initrd = smoke_initramfs()
+    compile_bytecode()
     lab_fig = in_lab(kb.bzimage, initrd, args.n)
     bare = {name: bare_setup(entry, kb.bzimage, initrd, min(args.n, 3))
             for name, entry in ENTRIES.items()}
     api = {name: api_socket_ms(entry, args.n) for name, entry in ENTRIES.items()}
+    phases = device_setup_phases(kb.bzimage, initrd, min(args.n, 5))
     result = {"lab": lab_fig, "bare": bare, "api_socket_ms": api, "kernel": str(kb.bzimage),
-              "initrd": str(initrd)}
+              "initrd": str(initrd), "device_setup_phases": phases}
     if args.json:
         print(json.dumps(result, indent=2))
-        print(json.dumps(json_line(lab_fig, bare, api)))
+        print(json.dumps(json_line(lab_fig, bare, api, phases)))
         return 0
     labels = {"volt": "volt run", "volt-vmm": "python -m volt.vmm",
-              "volt-unconfined": "volt run, unconfined", "qemu": "qemu -M microvm"}
+              "volt-unconfined": "volt run, unconfined",
+              "volt-serve": "volt serve (forked)", "qemu": "qemu -M microvm"}
     q = lab_fig["qemu"]
     print(f"boot to init marker, inside the lab, {args.n} interleaved runs each (seconds):")
     for name, label in labels.items():
@@ -158,6 +242,7 @@ def main() -> int:
               f"runs {[round(x, 3) for x in runs]}{ratio}")
     for e in lab_fig["errors"]:
         print(f"  error: {e}")
+    print_device_phases(phases)
     for name, fig in bare.items():
         s = fig["setup_ms"]
         if s:
@@ -170,7 +255,7 @@ def main() -> int:
         if ms:
             print(f"bare machine, {labels[name]}: process start -> API socket accepting "
                   f"median {statistics.median(ms):.1f} ms  runs {ms}  (Firecracker: 6-60 ms)")
-    print(json.dumps(json_line(lab_fig, bare, api)))
+    print(json.dumps(json_line(lab_fig, bare, api, phases)))
     return 0
 
 

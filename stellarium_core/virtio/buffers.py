@@ -136,6 +136,8 @@ class Writer(_Cursor):
     def write(self, data: Buffer) -> None:
         """Copy ``data`` in; ChainTooShort (and nothing written) when it does not fit."""
         n = len(data)
+        if not n:
+            return                              # (an empty window is read-only)
         view = self._contiguous(n)
         if view is None:                        # spans buffers: copy piece by piece
             src, pos = memoryview(data).cast("B"), 0

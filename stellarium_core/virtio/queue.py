@@ -124,7 +124,7 @@ class Virtqueue:
         self.used_idx = 0
         #: Whether VIRTIO_RING_F_EVENT_IDX was negotiated (set at activation).
         self.event_idx = False
-        self._signalled_used = 0
+        self.signalled_used = 0
         self._mem: GuestMemory | None = None
         self._desc = self._avail = self._used = memoryview(b"")
 
@@ -245,8 +245,8 @@ class Virtqueue:
         self._bound(mem)
         if not self.event_idx:
             return not _U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
-        old, new = self._signalled_used, self.used_idx
-        self._signalled_used = new
+        old, new = self.signalled_used, self.used_idx
+        self.signalled_used = new
         _fence()
         event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
         return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF

@@ -472,8 +472,12 @@ class VhostUserServer:
         try:
             if self.path.is_socket():
                 self.path.unlink()          # a stale socket of an earlier server
-            self._listener.bind(str(self.path))
+            # bound and listening under a temporary name, then renamed: a front-end that
+            # sees the path can connect (no refused connection between bind and listen)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            self._listener.bind(str(tmp))
             self._listener.listen(8)
+            os.rename(tmp, self.path)
         except OSError as exc:
             self._listener.close()
             os.close(self._stop)

@@ -9,9 +9,12 @@ writable :class:`Volume` or a read-only :class:`ImageDisk` (an image's VM form).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from stellarium_core.volumes.imagedisk import ImageDisk
 from stellarium_core.volumes.volume import Volume, VolumeError
+
+if TYPE_CHECKING:  # a volume's device does not import the image-disk machinery
+    from stellarium_core.volumes.imagedisk import ImageDisk
 
 SECTOR = 512
 

@@ -88,7 +88,8 @@ class Volume:
         self.manifest = manifest
         self.base = base
         self.readonly = readonly or manifest.readonly
-        self._dirty: dict[int, bytearray | bytes] = {}
+        #: Unflushed slots: a bytearray (partly written), bytes or a view of bytes.
+        self._dirty: dict[int, bytearray | bytes | memoryview] = {}
         self._release: list[bytes] = []
         self._changed = False
         self._cache_slots = cache_slots
@@ -147,6 +148,15 @@ class Volume:
         view = self._store.view(ref.digest)
         return view if len(view) == n else memoryview(bytes(view[:n]).ljust(n, b"\0"))
 
+    def stable_slot(self, idx: int) -> memoryview | None:
+        """The slot's bytes when they stay as they are until this volume writes the slot
+        again (a flushed chunk, verified as it is read, or zeros), for a reader that keeps
+        the view; None while the slot has unflushed writes (their buffer changes)."""
+        if idx in self._dirty:
+            return None
+        self._check_range(idx << self.manifest.shift, self.manifest.slot_len(idx))
+        return self.slot_view(idx)
+
     def views(self, offset: int, length: int) -> Iterator[memoryview]:
         """The range as consecutive memoryviews, for scatter-gather without copying.
 
@@ -173,13 +183,17 @@ class Volume:
     # -- writes -------------------------------------------------------------------
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
-        """Write ``data`` at ``offset`` (any alignment); visible to reads at once."""
+        """Write ``data`` at ``offset`` (any alignment); visible to reads at once.
+
+        Whole slots of an immutable ``bytes`` are kept as views of it (no copy); any
+        other buffer (guest memory) is copied once, since it may change afterwards."""
         src = memoryview(data).cast("B")
+        owned = isinstance(data, bytes)
         self._check_range(offset, len(src))
         self._check_writable()
         for idx, start, n, pos in self._spans(offset, len(src)):
             if start == 0 and n == self.manifest.slot_len(idx):
-                self._dirty[idx] = bytes(src[pos:pos + n])
+                self._dirty[idx] = src[pos:pos + n] if owned else bytes(src[pos:pos + n])
                 continue
             buf = self._dirty.get(idx)
             if not isinstance(buf, bytearray):

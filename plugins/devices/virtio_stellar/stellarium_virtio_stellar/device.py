@@ -5,6 +5,11 @@ right direction, whole sectors, in range, bounded size) and answered with a stat
 byte; nothing a guest puts in the queue raises into the VMM. A chain the queue
 itself rejects (loops, out-of-memory buffers) stops the queue until the driver
 resets the device, since its head can no longer be returned safely.
+
+The queue is drained by the C loop of :mod:`~stellarium_virtio_stellar.native`
+(raw files, and volume reads from verified chunk memory); it hands back what only
+Python does (volume writes, discard, write-zeroes), which ``_serve`` performs,
+the same code that serves every request of disks the loop does not know.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from stellarium_core.virtio import (
     Writer,
 )
 from stellarium_core.volumes.blockdev import SECTOR
+from stellarium_virtio_stellar import native
 from stellarium_virtio_stellar.disks import Disk
 
 DEVICE_ID = 2
@@ -115,9 +121,19 @@ class VirtioStellar:
         self.driver_features = features
         self.mem, self.queue, self.interrupt = mem, queues[0], interrupt
         self.broken = False
+        self._native = None
+        if self.queue.ready and native.supported(self.disk):
+            self._native = native.NativeRing(mem, self.queue, self.disk, serial=self.serial,
+                                             max_request=MAX_REQUEST)
 
     def notify(self, queue: int) -> None:
         if queue != 0 or self.queue is None or self.mem is None or self.broken:
+            return
+        if self._native is not None:
+            wants, broken = self._native.drain(self.mem, self._slow)
+            self.broken = broken is not None
+            if wants:
+                self.interrupt()
             return
         mem, q, used = self.mem, self.queue, 0
         try:
@@ -153,6 +169,7 @@ class VirtioStellar:
         return list(self._host_paths)
 
     def reset(self) -> None:
+        self._native: native.NativeRing | None = None
         self.mem: GuestMemory | None = None
         self.queue: Virtqueue | None = None
         self.interrupt: Callable[[], None] = _no_interrupt
@@ -166,6 +183,23 @@ class VirtioStellar:
             self._on_close = None
 
     # -- requests -----------------------------------------------------------------
+
+    def _slow(self, chain: DescriptorChain) -> int:
+        """A request the C loop handed back: a volume read of slots it has no chunk memory
+        for (published, then served by C) or one only Python performs."""
+        ring, mem = self._native, self.mem
+        assert ring is not None and mem is not None
+        rtype, sector, nbytes = _peek(chain, mem)
+        if rtype == T_IN and ring.publish(sector, nbytes):
+            written = ring.serve_again(chain.head)
+            if written is not None:
+                return written
+        written = self._serve(chain)
+        if rtype == T_OUT:
+            ring.unpublish(sector, nbytes)
+        elif rtype in (T_DISCARD, T_WRITE_ZEROES):
+            ring.unpublish()
+        return written
 
     def _serve(self, chain: DescriptorChain) -> int:
         """Perform one request; returns the bytes written into the chain (incl. status)."""
@@ -251,6 +285,17 @@ class VirtioStellar:
     def _check_range(self, sector: int, count: int) -> None:
         if sector + count > self.disk.sectors:
             raise RequestError(S_IOERR)
+
+
+def _peek(chain: DescriptorChain, mem: GuestMemory) -> tuple[int, int, int]:
+    """(type, sector, data bytes) of a request, -1 for a chain without a header."""
+    reader = chain.reader(mem)
+    if reader.remaining < HEADER.size:
+        return -1, 0, 0
+    rtype, _, sector = reader.unpack(HEADER)
+    if rtype == T_IN:
+        return rtype, sector, max(chain.writer(mem).remaining - 1, 0)
+    return rtype, sector, reader.remaining
 
 
 def _no_interrupt() -> None:

@@ -12,19 +12,20 @@ first use).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stellarium_core.config import Field, validate_params
-from stellarium_core.distribution import ImageStore
-from stellarium_core.distribution.vmdisk import vm_disk
 from stellarium_core.errors import ConfigError
 from stellarium_core.hookspecs import DeviceContext, hookimpl
-from stellarium_core.host import Host
 from stellarium_core.volumes.blockdev import BlockDevice
-from stellarium_core.volumes.imagedisk import ImageDisk, ImageDisks
+from stellarium_core.volumes.imagedisk import ImageDisks
 from stellarium_core.volumes.volume import Volume, VolumeStore
 from stellarium_virtio_stellar.device import VirtioStellar
 from stellarium_virtio_stellar.sharing import shared, volume_chunks
+
+if TYPE_CHECKING:
+    from stellarium_core.host import Host
+    from stellarium_core.volumes.imagedisk import ImageDisk
 
 NAME = "virtio-stellar"
 
@@ -59,7 +60,13 @@ def open_device(host: Host, volume: str, *, readonly: bool = False) -> VirtioSte
 
 
 def open_image_device(host: Host, image: str) -> VirtioStellar:
-    """A read-only device over the VM form of ``image`` (a name or digest) in ``host``'s store."""
+    """A read-only device over the VM form of ``image`` (a name or digest) in ``host``'s store.
+
+    The image machinery is imported here, not with the plugin: a VMM booting from a
+    volume does not pay for it at start-up."""
+    from stellarium_core.distribution import ImageStore
+    from stellarium_core.distribution.vmdisk import vm_disk
+
     vols, disks = _catalogs(host)
     res = vm_disk(ImageStore.for_host(host), disks, image)
     disk = disks.open(res.image, image)

@@ -1,10 +1,12 @@
-"""End to end: QEMU (-M microvm, memfd guest RAM) boots real Linux whose root filesystem
-is a Stellarium volume exported by ``stellar vol serve --vhost-user``. The guest's init
-(on that volume) writes a file; the host reads it back from the volume, and both the
-guest's ext4 and the NEBULA store check clean."""
+"""End to end: a VMM boots real Linux whose root filesystem is a Stellarium volume
+exported by ``stellar vol serve --vhost-user``: QEMU (-M microvm, memfd guest RAM,
+vhost-user-blk) and Volt (``--device vhost-user-blk,socket=PATH``, run as its CLI, never
+imported). The guest's init (on that volume) writes a file; the host reads it back from
+the volume, and both the guest's ext4 and the NEBULA store check clean."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -28,10 +30,12 @@ echo "{DONE}"
 /bin/busybox reboot -f
 """
 
-#: Runs inside the lab (L1): the export server, then QEMU as its client, then SIGTERM.
+CMDLINE = "console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/init panic=-1 quiet"
+
+#: Runs inside the lab (L1): the export server, then the VMM as its client, then SIGTERM.
 IN_LAB = r"""
-import os, signal, subprocess, sys, time
-cfg, kernel, sock = sys.argv[1:4]
+import json, os, signal, subprocess, sys, time
+cfg, sock, timeout, vmm = sys.argv[1], sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4])
 server = subprocess.Popen([sys.executable, "-m", "stellarium_core", "--config", cfg,
                            "vol", "serve", "root", "--vhost-user", sock],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -40,28 +44,18 @@ while not os.path.exists(sock):
     if server.poll() is not None or time.monotonic() > deadline:
         print("SERVER-FAILED", server.communicate()[1]); sys.exit(3)
     time.sleep(0.1)
-qemu = subprocess.Popen([
-    "qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,"
-    "acpi=off,memory-backend=mem", "-enable-kvm", "-cpu", "host", "-m", "256", "-nodefaults",
-    "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
-    "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
-    "-global", "virtio-mmio.force-legacy=false",
-    "-chardev", f"socket,id=vu,path={sock}",
-    "-device", "vhost-user-blk,chardev=vu,num-queues=1",
-    "-kernel", kernel,
-    "-append", "console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/init reboot=t "
-               "panic=-1 quiet"],
-    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+vm = subprocess.Popen(vmm, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
 try:
-    qout, qerr = qemu.communicate(timeout=float(sys.argv[4]))
+    qout, qerr = vm.communicate(timeout=timeout)
 except subprocess.TimeoutExpired:
-    qemu.kill()
-    qout, qerr = qemu.communicate()
-    qerr += "QEMU-TIMEOUT"
+    vm.kill()
+    qout, qerr = vm.communicate()
+    qerr += "VMM-TIMEOUT"
 server.send_signal(signal.SIGTERM)
 out, err = server.communicate(timeout=60)
 print(qout)
-print("QEMU-EXIT", qemu.returncode, qerr[-2000:])
+print("VMM-EXIT", vm.returncode, qerr[-2000:])
 print("SERVER-EXIT", server.returncode)
 print("SERVER-LOG", err)
 """
@@ -74,8 +68,24 @@ def stellar(cfg: Path, *args: object) -> str:
     return r.stdout
 
 
+def vmm_argv(vmm: str, kernel: Path, sock: str, cfg: Path) -> list[str]:
+    if vmm == "qemu":
+        return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,"
+                "acpi=off,memory-backend=mem", "-enable-kvm", "-cpu", "host", "-m", "256",
+                "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+                "-no-reboot", "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+                "-global", "virtio-mmio.force-legacy=false",
+                "-chardev", f"socket,id=vu,path={sock}",
+                "-device", "vhost-user-blk,chardev=vu,num-queues=1",
+                "-kernel", str(kernel), "-append", CMDLINE + " reboot=t"]
+    volt = Path(sys.executable).with_name("volt")     # the CLI, as a user runs it
+    return [str(volt), "--config", str(cfg), "run", "--kernel", str(kernel), "--mem", "256",
+            "--device", f"vhost-user-blk,socket={sock}", "--cmdline", CMDLINE + " reboot=k"]
+
+
 @pytest.mark.lab
-def test_qemu_boots_linux_with_its_root_on_a_served_volume(lab, guest_kernel, tmp_path):
+@pytest.mark.parametrize("vmm", ["qemu", "volt"])
+def test_vmm_boots_linux_with_its_root_on_a_served_volume(lab, guest_kernel, tmp_path, vmm):
     for tool in ("mkfs.ext4", "e2fsck", "debugfs", "busybox"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (apt-get install e2fsprogs busybox-static)")
@@ -94,8 +104,10 @@ def test_qemu_boots_linux_with_its_root_on_a_served_volume(lab, guest_kernel, tm
     stellar(cfg, "host", "init")
     stellar(cfg, "vol", "import", "root", img)
 
-    res = lab.run([sys.executable, "-c", IN_LAB, str(cfg), str(guest_kernel.bzimage),
-                   "/run/vhost-root.sock", "240"], timeout=420, writable=[tmp_path / "store"])
+    sock = "/run/vhost-root.sock"
+    argv = vmm_argv(vmm, guest_kernel.bzimage, sock, cfg)
+    res = lab.run([sys.executable, "-c", IN_LAB, str(cfg), sock, "240", json.dumps(argv)],
+                  timeout=420, writable=[tmp_path / "store"])
     out = res.stdout.replace("\r\n", "\n")
     assert res.returncode == 0, (res.stderr[-2000:], out[-3000:])
     assert BEGIN in out and DONE in out, out[-4000:]

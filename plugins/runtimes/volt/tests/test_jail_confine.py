@@ -246,3 +246,22 @@ def test_a_confined_daemon_thread_running_at_interpreter_exit_does_not_kill_the_
     """)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 7 and "seccomp kill" in out, (p.returncode, err)
+
+
+def test_pyseccomp_is_imported_without_forking_ldconfig():
+    """Its library lookups are answered by the loader (sonames), not by ``ldconfig -p``:
+    a process that may not fork at all still builds and names its filters."""
+    code = textwrap.dedent("""
+        import subprocess
+        def refuse(*a, **k):
+            raise AssertionError("forked a helper while importing pyseccomp")
+        subprocess.Popen = refuse
+        from volt.jail import seccomp
+        sc = seccomp._pyseccomp()
+        assert sc._libseccomp_path == "libseccomp.so.2", sc._libseccomp_path
+        seccomp.build_all("log")
+        print(seccomp.syscall_name(59))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "execve (59)"

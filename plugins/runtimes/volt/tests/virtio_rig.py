@@ -136,7 +136,10 @@ class Driver:
         self.irq = rig.irqs[index]
 
     def r32(self, off: int) -> int:
-        return struct.unpack("<I", self.rig.bus.read(self.base + off, 4))[0]
+        v = struct.unpack("<I", self.rig.bus.read(self.base + off, 4))[0]
+        if off == vm.INTERRUPT_STATUS:      # what the vCPU's C loop would answer: the same
+            assert self.transport.isr_cell[0] == v, (self.transport.isr_cell[0], v)
+        return v
 
     def w32(self, off: int, v: int) -> None:
         self.rig.bus.write(self.base + off, struct.pack("<I", v))

@@ -33,8 +33,9 @@ PYTHON = ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "futex", "ge
           "clock_gettime", "clock_nanosleep", "nanosleep", "sched_yield", "restart_syscall",
           "exit", "exit_group", "set_robust_list", "rseq", "close", "fstat", "newfstatat",
           "lseek", "read", "write", "tgkill:SELF")
-#: What device models do with host files (Stellarium stores) and eventfds. Python's
-#: open() asks every file whether it is a terminal (TCGETS) to pick its buffering.
+#: What device models do with host files (Stellarium stores), eventfds and a back-end's
+#: socket. Python's open() asks every file whether it is a terminal (TCGETS) to pick
+#: its buffering.
 #: Devices change what the event loop watches from any thread (virtio-net stops reading
 #: its tap on reset, in a vCPU thread: epoll_ctl) and arm their timers (virtio-rng's
 #: rate limit, virtio-balloon's statistics: timerfd_settime; the fd is made at build).
@@ -42,7 +43,10 @@ DEVICE = ("openat", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwri
           "readv", "writev", "fsync", "fdatasync", "flock", "fcntl", "ftruncate", "fallocate",
           "statx", "getdents64", "rename", "renameat", "renameat2", "unlink", "unlinkat",
           "mkdir", "mkdirat", "eventfd2", "ioctl:FIONREAD", "ioctl:TCGETS", "epoll_ctl",
-          "timerfd_settime")
+          "timerfd_settime",
+          # a device whose back-end is another process (vhost-user) talks to it over its
+          # unix socket, connected before confinement: messages with fds, with a timeout
+          "sendto", "sendmsg", "recvfrom", "recvmsg", "poll", "ppoll")
 #: virtio-net's activation and reset, in the vCPU thread that wrote the status register:
 #: the tap's offloads (TUNSETOFFLOAD) and, with vhost=on, handing the rings to
 #: /dev/vhost-net (opened and owned at build time).
@@ -52,9 +56,8 @@ NET_IOCTLS = ("ioctl:TUNSETOFFLOAD", "ioctl:VHOST_SET_FEATURES", "ioctl:VHOST_SE
               "ioctl:VHOST_SET_VRING_CALL", "ioctl:VHOST_NET_SET_BACKEND")
 #: virtio-vsock in the I/O thread: host programs connect to its unix socket (accept4),
 #: guest connections become unix connections to <uds_path>_PORT (socket, connect), and
-#: the streams move both ways (sendmsg/sendto, recvmsg/recvfrom, shutdown).
-VSOCK = ("accept4", "socket:AF_UNIX", "connect", "sendmsg", "sendto", "recvmsg", "recvfrom",
-         "shutdown")
+#: the streams move both ways (DEVICE's sendmsg/recvmsg) and are half-closed (shutdown).
+VSOCK = ("accept4", "socket:AF_UNIX", "connect", "shutdown")
 #: KVM ioctls a vCPU thread makes while the guest runs (exits, pause probes, irq lines).
 VCPU_IOCTLS = ("RUN", "GET_REGS", "SET_REGS", "GET_SREGS", "SET_SREGS", "GET_MP_STATE",
                "IRQ_LINE")
@@ -131,9 +134,48 @@ def rule_count(kind: str) -> int:
     return len(KINDS[kind])
 
 
+#: Sonames of the libraries pyseccomp looks up, as Debian ships them.
+SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def _pyseccomp() -> Any:
+    """pyseccomp, imported without its ``ldconfig -p`` runs.
+
+    At import it calls ``ctypes.util.find_library`` for libc and libseccomp, which
+    forks ``ldconfig`` each time (about 14 ms of a VMM's start-up). The dynamic
+    loader finds a library by its soname through the same ld.so.cache, so the known
+    sonames are tried with dlopen first; any other answer comes from the real lookup.
+    """
+    import sys
+
+    if "pyseccomp" in sys.modules:
+        return sys.modules["pyseccomp"]
+    import ctypes
+    import ctypes.util
+
+    real = ctypes.util.find_library
+
+    def by_soname(name: str) -> str | None:
+        soname = SONAMES.get(name)
+        if soname is not None:
+            try:
+                ctypes.CDLL(soname)
+                return soname
+            except OSError:
+                pass
+        return real(name)
+
+    ctypes.util.find_library = by_soname
+    try:
+        import pyseccomp
+    finally:
+        ctypes.util.find_library = real
+    return pyseccomp
+
+
 def build_all(mode: str) -> dict[str, Any]:
     """Compile every kind's filter for ``mode`` (``kill`` or ``log``); load them later."""
-    import pyseccomp as sc
+    sc = _pyseccomp()
 
     default = sc.KILL_PROCESS if mode == "kill" else sc.LOG
     out = {}
@@ -154,7 +196,7 @@ def build_all(mode: str) -> dict[str, Any]:
 
 def syscall_name(nr: int) -> str:
     """``execve (59)`` for 59: libseccomp knows the names of this architecture."""
-    import pyseccomp as sc
+    sc = _pyseccomp()
 
     try:
         return f"{sc.resolve_syscall(sc.Arch.NATIVE, nr).decode()} ({nr})"

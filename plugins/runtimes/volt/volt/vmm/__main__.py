@@ -4,8 +4,9 @@ It loads only the VMM (and its API), not every ``volt`` subcommand, so it starts
 faster and holds less memory; it is what a jailer (or a benchmark of the VMM) executes.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (volt.vmm.timing first: see there)
 
+import volt.vmm.timing  # noqa: F401  (its import ends the interpreter phase of --timing)
 import argparse
 import sys
 
@@ -13,7 +14,6 @@ from stellarium_core.errors import StellarError
 from volt import api
 from volt.jail import confine
 from volt.vmm import config, exitcodes
-from volt.vmm.timing import process_start  # noqa: F401  (imported early: its clock starts)
 
 
 def main(argv: list[str] | None = None) -> int:

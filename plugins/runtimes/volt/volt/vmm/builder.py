@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stellarium_core.errors import StellarError
-from volt.vmm import cpu, exitcodes, kvm
+from volt.vmm import cpu, exitcodes, kvm, timing
 from volt.vmm.config import VmConfig
 from volt.vmm.devices import manager
 from volt.vmm.devices.console import open_sink
@@ -55,10 +55,12 @@ def build(cfg: VmConfig, host: Host, *,
     machine = None
     try:
         devices = manager.create_devices(cfg.devices, host)
+        timing.mark("devices")
         machine = Machine(cfg.memory_mib << 20, cfg.vcpus, hugepages=cfg.hugepages,
                           ksm=cfg.ksm)
         _add_devices(machine, devices, console or open_sink(cfg.serial))
         _boot_linux(machine, cfg, boot)
+        timing.mark("build")
     except BaseException:
         boot.kernel.file.close()
         attached = machine.devices.transports if machine is not None else {}

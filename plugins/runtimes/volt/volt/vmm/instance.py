@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from volt.vmm import exitcodes, logger
+from volt.vmm import timing as setup_timing
 from volt.vmm.config import VmConfig
 from volt.vmm.exitcodes import VoltError
 from volt.vmm.firecracker import Telemetry
@@ -115,6 +116,7 @@ class Instance:
                 self.metrics.mark("first_console_output")
             sink(data)
 
+        setup_timing.mark("imports")
         machine = build(cfg, self.host, console=console)
         self.metrics.mark("built")
         try:
@@ -123,6 +125,7 @@ class Instance:
 
                 apply(self.confinement, cfg, machine)
                 self.metrics.mark("confined")
+                setup_timing.mark("confinement")
             if cfg.serial == "stdout" and machine.serial is not None:
                 try:
                     feed_console(sys.stdin.fileno(), machine.serial, machine.stopped,
@@ -252,8 +255,10 @@ class Instance:
             self.host.registry.hook.stellarium_instance_stopped(
                 runtime="volt", instance=self.id, exit_code=code)
         if timing and machine.first_run is not None:
+            split = ", ".join(f"{name} {ms:.1f}"
+                              for name, ms in setup_timing.phases(machine.first_run))
             print(f"volt: setup {1000 * (machine.first_run - process_start()):.1f} ms "
-                  "(process start to first KVM_RUN)", file=sys.stderr)
+                  f"(process start to first KVM_RUN): {split}", file=sys.stderr)
             exits = sum((v.exits for v in machine.vcpus), Counter())
             print("volt: exits " + " ".join(f"{k}={n}" for k, n in sorted(exits.items())),
                   file=sys.stderr)

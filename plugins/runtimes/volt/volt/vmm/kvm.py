@@ -17,6 +17,9 @@ from ctypes import c_uint8 as u8
 from ctypes import c_uint16 as u16
 from ctypes import c_uint32 as u32
 from ctypes import c_uint64 as u64
+from typing import Any
+
+from volt.vmm._vcpurun import ffi, lib
 
 KVMIO = 0xAE
 _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
@@ -313,6 +316,21 @@ class VmFd:
         os.close(self.fd)
 
 
+class FastReads:
+    """MMIO registers a vCPU answers without leaving C: (guest address, 32-bit cell)
+    pairs whose cells their owner keeps current (a transport's InterruptStatus)."""
+
+    NONE: FastReads
+
+    def __init__(self, reads: list[tuple[int, Any]]) -> None:
+        self.count = len(reads)
+        self.table = ffi.new("struct vr_read[]", max(self.count, 1))
+        for i, (addr, cell) in enumerate(reads):
+            self.table[i].addr, self.table[i].value = addr, cell
+        self._cells = [cell for _, cell in reads]
+        self.answered = ffi.new("uint64_t *")
+
+
 class VcpuFd:
     """One vCPU fd and its mmap'd ``kvm_run`` page."""
 
@@ -320,22 +338,26 @@ class VcpuFd:
         self.fd = fd
         self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_struct = Run.from_buffer(self._map)
+        self._page: Any = None          # the kvm_run page for C (taken on the first run)
 
-    def run(self) -> int | None:
+    def run(self, answer: FastReads | None = None) -> int | None:
         """Enter the guest; returns the exit reason, or None when KVM asks to re-enter.
 
-        An application processor parked before its INIT/SIPI returns EAGAIN once
-        woken; a kick (signal or immediate_exit) raises InterruptedError.
+        ``answer``'s MMIO reads are served in C without returning here (see
+        vcpurun.c). An application processor parked before its INIT/SIPI returns
+        EAGAIN once woken; a kick (signal or immediate_exit) raises InterruptedError.
         """
-        try:
-            fcntl.ioctl(self.fd, RUN, 0)
-        except (InterruptedError, BlockingIOError) as exc:
-            if isinstance(exc, BlockingIOError):
-                return None
-            raise
-        except OSError as exc:
-            raise KvmError(exc.errno, f"KVM_RUN: {os.strerror(exc.errno or 0)}") from None
-        return self.run_struct.exit_reason
+        if self._page is None:
+            self._page = ffi.from_buffer(self._map)
+        answer = answer or FastReads.NONE
+        r = lib.vr_run(self.fd, self._page, answer.table, answer.count, answer.answered)
+        if r >= 0:
+            return r
+        if -r == errno.EAGAIN:
+            return None
+        if -r == errno.EINTR:
+            raise InterruptedError(errno.EINTR, "KVM_RUN interrupted")
+        raise KvmError(-r, f"KVM_RUN: {os.strerror(-r)}")
 
     def io_data(self, size: int) -> memoryview:
         """The bytes of the current port I/O exit (inside the kvm_run page)."""
@@ -400,8 +422,14 @@ class VcpuFd:
 
     def close(self) -> None:
         del self.run_struct
+        if self._page is not None:
+            ffi.release(self._page)
+            self._page = None
         self._map.close()
         os.close(self.fd)
+
+
+FastReads.NONE = FastReads([])
 
 
 def _msrs_buffer(msrs: dict[int, int]) -> bytearray:

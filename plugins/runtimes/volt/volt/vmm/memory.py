@@ -1,7 +1,8 @@
 """Guest RAM: one memfd mapped MAP_SHARED, so other processes can map the same pages.
 
 A vhost-user backend or a snapshot writer maps the memfd (``regions`` give fd,
-offset and guest address of each slot) and sees every guest write. With huge
+offset and guest address of each slot) and sees every guest write; the memfd is
+sealed against shrinking and growing, so such a process can trust its size. With huge
 pages the memfd is hugetlbfs-backed and the pages are reserved when it is mapped,
 so a shortage is an error at start, not a SIGBUS in the guest later.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 
@@ -71,7 +73,8 @@ class GuestMemory(RegionMemory):
 
     @staticmethod
     def _memfd(size: int, hugepages: bool) -> int:
-        flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB | os.MFD_HUGE_2MB if hugepages else 0)
+        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | (
+            os.MFD_HUGETLB | os.MFD_HUGE_2MB if hugepages else 0)
         try:
             fd = os.memfd_create("volt-guest-ram", flags)
         except OSError as exc:
@@ -86,6 +89,10 @@ class GuestMemory(RegionMemory):
                     if exc.errno == errno.EFBIG else "")
             raise GuestMemoryError(f"cannot size guest memory to {size >> 20} MiB: "
                                    f"{exc.strerror}{hint}") from None
+        # Sealed against shrinking and growing: a process it is shared with (a vhost-user
+        # back-end) then knows no truncate can turn its mapping into SIGBUS, and refuses
+        # an unsealed one.
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         return fd
 
     def _map(self, length: int, offset: int, hugepages: bool, ksm: bool) -> mmap.mmap:

@@ -1,4 +1,9 @@
-"""When this process started, on the monotonic clock (for setup-time figures)."""
+"""When this process started, on the monotonic clock, and where its setup time went.
+
+``volt run --timing`` prints setup (process start to first KVM_RUN) split into
+phases: each :func:`mark` ends the phase named, which began where the previous
+one ended (the first began at process start). bench/boot reads that line.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +28,34 @@ def _process_start() -> float:
 
 #: Read at import, before the VMM confines itself (Landlock then hides /proc).
 _START = _process_start()
+#: Phase ends in order; the entry imports this module first, so its import ends the
+#: interpreter's own start-up.
+_MARKS: list[tuple[str, float]] = [("interpreter", _IMPORTED)]
 
 
 def process_start() -> float:
     """Process start as a ``time.monotonic()`` value, from /proc/self/stat if mounted."""
     return _START
+
+
+def mark(phase: str) -> None:
+    """``phase`` ends now (a phase marked twice, say by a second VM, keeps its first end)."""
+    if all(name != phase for name, _ in _MARKS):
+        _MARKS.append((phase, time.monotonic()))
+
+
+def phases(until: float) -> list[tuple[str, float]]:
+    """(phase, milliseconds) from process start; the rest up to ``until`` is ``start``."""
+    out, prev = [], _START
+    for name, t in [*_MARKS, ("start", until)]:
+        out.append((name, 1000 * max(t - prev, 0.0)))
+        prev = max(prev, t)
+    return out
+
+
+def restart() -> None:
+    """This process was forked to run a VM (``volt serve``): its setup starts now, and
+    the phases start over (the interpreter and the imports were the server's)."""
+    global _START
+    _START = time.monotonic()
+    _MARKS[:] = [("interpreter", _START)]

@@ -99,13 +99,15 @@ class Vcpu:
 
     def _loop(self, m: Machine) -> None:
         run, gate = self.fd.run_struct, m.gate
+        fast = kvm.FastReads(m.fast_reads)
         while not m.stopped.is_set():
             if gate.paused:
                 gate.park()
                 continue
             m.mark_first_run()
             try:
-                reason = self.fd.run()
+                reason = self.fd.run(fast)
+                self.exits["mmio_read_in_c"] = fast.answered[0]
             except InterruptedError:
                 run.immediate_exit = 0
                 if self.probe:

@@ -69,6 +69,8 @@ class Machine:
             self.vm.set_user_memory_region(slot, r.guest_addr, r.size, r.host_addr)
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
+        #: MMIO reads the vCPUs answer in C: (address, cell) pairs (kvm.FastReads).
+        self.fast_reads: list[tuple[int, object]] = []
         self.loop = EventLoop()
         self.devices = DeviceManager(self)
         self.gate = PauseGate()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from volt.vmm import exitcodes
 from volt.vmm.devices.serial import Serial
@@ -32,6 +32,8 @@ def open_sink(spec: str) -> Callable[[bytes], None]:
             raise VoltError(f"serial file {path}: {exc.strerror}", exitcodes.DEVICE) from None
         return lambda b: _write_all(fd, b)
     if kind == "unix" and path:
+        import socket  # only for this sink: not a cost of every start-up
+
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.connect(path)
@@ -50,7 +52,7 @@ def _write_all(fd: int, data: bytes) -> None:
         pass          # a closed console must not kill the guest
 
 
-def _send(s: socket.socket, data: bytes) -> None:
+def _send(s: Any, data: bytes) -> None:
     try:
         s.sendall(data)
     except OSError:

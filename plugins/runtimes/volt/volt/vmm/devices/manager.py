@@ -4,7 +4,8 @@ Device ``i`` gets the 4 KiB window at ``MMIO_BASE + i * 4 KiB`` and GSI
 ``IRQ_BASE + i``; Linux finds it through ``virtio_mmio.device=4K@ADDR:IRQ`` on the
 command line. Each queue's notification arrives on an eventfd (a KVM ioeventfd when
 KVM has them, so a kick costs the vCPU no exit), served by the I/O thread's loop; the
-guest's acknowledgement of a used-ring interrupt is absorbed by KVM the same way.
+guest's acknowledgement of a used-ring interrupt is absorbed by KVM the same way, and
+its read of InterruptStatus is answered by the vCPU's C run loop (``fast_reads``).
 Devices come from the registry by name, never by import, and are closed with the VM.
 """
 
@@ -19,7 +20,13 @@ from stellarium_core.hookspecs import DeviceContext
 from stellarium_core.virtio import VirtioDevice
 from volt.vmm import exitcodes, layout
 from volt.vmm.config import DeviceSpec
-from volt.vmm.devices.virtio_mmio import INT_VRING, INTERRUPT_ACK, QUEUE_NOTIFY, VirtioMmio
+from volt.vmm.devices.virtio_mmio import (
+    INT_VRING,
+    INTERRUPT_ACK,
+    INTERRUPT_STATUS,
+    QUEUE_NOTIFY,
+    VirtioMmio,
+)
 from volt.vmm.exitcodes import VoltError
 
 if TYPE_CHECKING:
@@ -103,6 +110,7 @@ class DeviceManager:
         t = VirtioMmio(device, m.mem, m.interrupt(gsi), m.loop, kicks, name=device_id,
                        ack_in_kernel=ack is not None)
         m.mmio.add(base, layout.MMIO_SIZE, t)
+        m.fast_reads.append((base + INTERRUPT_STATUS, t.isr_cell))
         self.transports[device_id] = t
         return t
 

@@ -37,6 +37,7 @@ from stellarium_core.virtio import (
     QueueEventfds,
     VirtioDevice,
 )
+from volt.vmm._vcpurun import ffi
 from volt.vmm.devices.event_loop import EventLoop
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,9 @@ class VirtioMmio:
         #: Interrupt-status bits that stay set: INT_VRING when KVM absorbs its ACK or a
         #: queue is handed over.
         self.sticky_status = INT_VRING if ack_in_kernel else 0
+        #: What a read of InterruptStatus returns, where the vCPU's C run loop reads it
+        #: (kvm.FastReads): kept current under the ISR lock by :meth:`_set_isr`.
+        self.isr_cell = ffi.new("uint32_t *", self.sticky_status)
         self.features_sel = 0
         self.driver_features_sel = 0
         self.queue_sel = 0
@@ -125,8 +129,13 @@ class VirtioMmio:
     def signal_used(self) -> None:
         """What the device calls after adding used buffers (``activate``'s ``interrupt``)."""
         with self._isr_lock:
-            self.interrupt_status |= INT_VRING
+            self._set_isr(self.interrupt_status | INT_VRING)
         self._irq()
+
+    def _set_isr(self, status: int) -> None:
+        """Under the ISR lock: the interrupt status, and the cell the vCPU loop reads."""
+        self.interrupt_status = status
+        self.isr_cell[0] = status | self.sticky_status
 
     def config_changed(self) -> None:
         with self._lock:
@@ -142,7 +151,7 @@ class VirtioMmio:
 
     def _config_interrupt(self) -> None:
         with self._isr_lock:
-            self.interrupt_status |= INT_CONFIG
+            self._set_isr(self.interrupt_status | INT_CONFIG)
         self._irq()
 
     def queue_eventfds(self, queue: int) -> QueueEventfds:
@@ -158,6 +167,7 @@ class VirtioMmio:
                 self.handed_over.add(queue)
             with self._isr_lock:
                 self.sticky_status |= INT_VRING
+                self._set_isr(self.interrupt_status)
         return QueueEventfds(self.kick_fds[queue], call)
 
     # -- notifications (I/O thread) --------------------------------------------------------
@@ -229,7 +239,7 @@ class VirtioMmio:
                 os.eventfd_write(self.kick_fds[v], 1)
         elif offset == INTERRUPT_ACK:
             with self._isr_lock:
-                self.interrupt_status &= ~v
+                self._set_isr(self.interrupt_status & ~v)
         else:
             with self._lock:
                 self._write(offset, v)
@@ -258,7 +268,7 @@ class VirtioMmio:
             return
         if v == 0:
             with self._isr_lock:
-                self.interrupt_status = 0
+                self._set_isr(0)
             self.queue_sel = self.features_sel = self.driver_features_sel = 0
         elif self.state.status & STATUS_NEEDS_RESET and not failed_before:
             log.error("device %s needs a reset: the driver's rings are unusable", self.name)
