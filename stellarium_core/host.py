@@ -21,6 +21,7 @@ from stellarium_core.plugins import Registry
 
 if TYPE_CHECKING:
     from stellarium_core.nebula import ChunkStore
+    from stellarium_core.photon import PhotonRouter
 
 
 class Host:
@@ -72,6 +73,24 @@ class Host:
                                 t.plugin, t.params, context=ctx)
             for level, t in self.config.tiers.items()
         }
+
+    def shm_tier(self) -> TierBackend:
+        """The host-wide shared-memory tier with its defaults: the hot level when
+        ``[tiers.hot]`` names no other."""
+        return self._placed("tiers.hot", self.registry.create, "tier", "shm", {},
+                            context=TierContext(self.config.store_path))
+
+    @cached_property
+    def photon(self) -> PhotonRouter:
+        """This process's PHOTON router: what volumes, image disks, the FUSE view and
+        pulls read chunks through. Its counters are saved at exit (best effort)."""
+        import atexit
+
+        from stellarium_core.photon import from_host
+
+        router = from_host(self, writeback=False)
+        atexit.register(router.stats.save)
+        return router
 
     @cached_property
     def store(self) -> ChunkStore:

@@ -7,10 +7,11 @@ from stellarium_core.photon.router import (
     ChunkCorrupt,
     ChunkNotFound,
     PhotonRouter,
+    confined_paths,
     from_host,
     meminfo,
 )
 from stellarium_core.photon.writeback import WriteBack
 
 __all__ = ["LEVELS", "ChunkCorrupt", "ChunkNotFound", "NebulaTier", "PhotonRouter", "Policy",
-           "WriteBack", "from_host", "meminfo"]
+           "WriteBack", "confined_paths", "from_host", "meminfo"]

@@ -59,7 +59,8 @@ class Stats:
             return {f: c.get(f, 0) for f in sorted(set(FIELDS) | set(c))}
 
     def save(self) -> None:
-        """Add the unsaved counts to the totals file."""
+        """Add the unsaved counts to the totals file; kept for the next try if it
+        cannot be written (a read-only store, a confined process)."""
         if self.path is None:
             return
         with self._lock:
@@ -68,9 +69,13 @@ class Stats:
                 t = totals.setdefault(section, {})
                 for f, n in counts.items():
                     t[f] = t.get(f, 0) + n
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, (json.dumps(totals, indent=2, sort_keys=True) + "\n").encode(),
-                         durable=False)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(self.path,
+                             (json.dumps(totals, indent=2, sort_keys=True) + "\n").encode(),
+                             durable=False)
+            except OSError:
+                return
             self._unsaved.clear()
 
     def snapshot(self) -> dict[str, Any]:

@@ -47,8 +47,7 @@ def open_device(volume: str, *, readonly: bool = False,
     when the guest sends FLUSH, and at interpreter exit.
     """
     host = Host.from_config(config)
-    vols = VolumeStore(host.store_path / "volumes", host.store, host.hasher)
-    return _device(vols.open(volume, readonly=readonly), volume)
+    return _device(VolumeStore.for_host(host).open(volume, readonly=readonly), volume)
 
 
 def open_image_device(image: str, *, config: str | None = None) -> VirtioStellar:
