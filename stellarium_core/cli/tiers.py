@@ -56,8 +56,10 @@ def collect(host: Host) -> dict[str, Any]:
         try:
             if choice:
                 backend = host.tiers[level]
+            elif level == "hot":
+                backend = host.shm_tier()
             else:
-                backend = host.shm_tier() if level == "hot" else NebulaTier(host.store, host.store_path / RECORDS)
+                backend = NebulaTier(host.store, host.store_path / RECORDS)
             usage = backend.usage()
             row.update(objects=usage.objects, used_bytes=usage.used_bytes)
             if row["capacity_bytes"] is None:
