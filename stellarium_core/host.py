@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,10 +99,16 @@ class Host:
         from stellarium_core.nebula import ChunkStore
 
         hook = self.registry.hook.stellarium_chunk_stored
-        on_stored = None
+        listeners: list[Callable[[bytes, int, bool], None]] = []
+        if self.config.durability == "remote":  # acknowledged only once S3 holds it
+            listeners.append(lambda digest, size, new: self.photon.persist(digest, new=new))
         if hook.get_hookimpls():
+            listeners.append(lambda digest, size, new: hook(digest=digest, size=size, new=new))
+        on_stored = None
+        if listeners:
             def on_stored(digest: bytes, size: int, new: bool) -> None:
-                hook(digest=digest, size=size, new=new)
+                for listener in listeners:
+                    listener(digest, size, new)
         if not (self.store_path / "nebula").exists():
             check_store_fs(self.config)  # a store under /proc: bad config, not a missing store
         return ChunkStore.open(self.store_path / "nebula", self.hasher,

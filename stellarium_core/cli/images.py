@@ -143,11 +143,12 @@ def _pull(args: argparse.Namespace) -> int:
     policy = FetchPolicy(timeout=args.timeout, attempts=args.attempts)  # checks both
     base, tag, digest = parse_url(args.url)
     host = Host.from_config(args.config)
-    res = Puller(ImageStore.for_host(host), base, workers=args.workers, policy=policy).pull(
-        args.name, tag=tag, digest=digest)
+    res = Puller(ImageStore.for_host(host), base, workers=args.workers, policy=policy,
+                 router=host.photon).pull(args.name, tag=tag, digest=digest)
     data = {"name": args.name, "digest": res.digest.hex(), "blobs_needed": res.blobs_needed,
             "blobs_fetched": res.blobs_fetched, "blobs_resumed": res.blobs_resumed,
-            "bytes_fetched": res.bytes_fetched, "requests": res.requests}
+            "blobs_from_tiers": res.blobs_from_tiers, "bytes_fetched": res.bytes_fetched,
+            "requests": res.requests}
     emit(args, data, f"pulled {args.name} {res.digest.hex()}: {res.blobs_fetched} of "
                      f"{res.blobs_needed} blobs fetched, {res.bytes_fetched} bytes")
     return 0

@@ -1,5 +1,6 @@
 """``stellar tiers``: what each PHOTON tier holds and how often reads hit it.
 
+Peer nodes ([cluster] peers) have a row of their own between warm and cold.
 Usage comes from the configured backends themselves (the NEBULA store is the
 warm level when no ``[tiers.warm]`` is configured, the host-wide ``shm`` tier
 the hot level when no ``[tiers.hot]`` is; the ``memory`` tier lives in the
@@ -16,7 +17,7 @@ from stellarium_core.cli.common import JSON, emit, table
 from stellarium_core.errors import StellarError, UsageError
 from stellarium_core.holders import RECORDS
 from stellarium_core.host import Host
-from stellarium_core.photon import LEVELS, NebulaTier, stats
+from stellarium_core.photon import NebulaTier, stats
 from stellarium_core.photon.router import JOURNAL_FILE, nebula_is_warm, shm_is_hot
 from stellarium_core.photon.writeback import journalled
 
@@ -44,8 +45,15 @@ def collect(host: Host) -> dict[str, Any]:
     defaults = {"warm": "nebula"} if nebula_is_warm(host) else {}
     if shm_is_hot(host):
         defaults["hot"] = "shm"
-    for level in LEVELS:
+    peers = host.config.cluster["peers"]
+    for level in ("hot", "warm", "peers", "cold"):
         choice = host.config.tiers.get(level)
+        if level == "peers":
+            if peers:  # other nodes: counted here, their usage is theirs
+                tiers.append({"level": level, "plugin": "http", "objects": len(peers),
+                              "used_bytes": None, "capacity_bytes": None, "error": None,
+                              **_counters(totals.get(level, {}))})
+            continue
         if choice is None and level not in defaults:
             continue
         row: dict[str, Any] = {"level": level,
@@ -68,15 +76,18 @@ def collect(host: Host) -> dict[str, Any]:
             raise  # a config problem, not a tier that is down
         except StellarError as exc:
             row["error"] = str(exc)
-        counters = totals.get(level, {})
-        row.update(hits=counters.get("hits", 0), misses=counters.get("misses", 0),
-                   corrupt=counters.get("corrupt", 0), evicted=counters.get("evicted", 0),
-                   hit_rate=stats.hit_rate(counters))
+        row.update(_counters(totals.get(level, {})))
         tiers.append(row)
     wb = totals.get("writeback", {})
     return {"store": str(host.store_path), "tiers": tiers,
             "writeback": {"pending": len(journalled(state / JOURNAL_FILE)),
                           "uploaded": wb.get("uploaded", 0), "retries": wb.get("retries", 0)}}
+
+
+def _counters(counters: dict[str, int]) -> dict[str, Any]:
+    return {"hits": counters.get("hits", 0), "misses": counters.get("misses", 0),
+            "corrupt": counters.get("corrupt", 0), "evicted": counters.get("evicted", 0),
+            "hit_rate": stats.hit_rate(counters)}
 
 
 def _human(data: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ from stellarium_core.photon.router import (
     ChunkCorrupt,
     ChunkNotFound,
     PhotonRouter,
+    RemoteWriteError,
     confined_paths,
     from_host,
     meminfo,
@@ -14,4 +15,4 @@ from stellarium_core.photon.router import (
 from stellarium_core.photon.writeback import WriteBack
 
 __all__ = ["LEVELS", "ChunkCorrupt", "ChunkNotFound", "NebulaTier", "PhotonRouter", "Policy",
-           "WriteBack", "confined_paths", "from_host", "meminfo"]
+           "RemoteWriteError", "WriteBack", "confined_paths", "from_host", "meminfo"]

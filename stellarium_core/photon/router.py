@@ -49,6 +49,10 @@ class ChunkCorrupt(CorruptChunkError):
     """Every copy found failed its hash check."""
 
 
+class RemoteWriteError(StellarError):
+    """A write under remote durability that the object store did not take."""
+
+
 def meminfo(path: Path = MEMINFO) -> dict[str, int]:
     """The fields of a /proc/meminfo-format file, in bytes."""
     out = {}
@@ -144,15 +148,16 @@ class PhotonRouter:
         self._cold_retry_at = 0.0  # no cold probes before this (monotonic) time
         self._lock = threading.RLock()
         self._hot_closed = False  # placing hot failed for good in this process
+        self._promoting = threading.local()  # this thread copies a remote chunk into warm
         self._local = ViewCache(LOCAL_VIEWS)
-        self.peers = peers
+        self.state_dir = state_dir
+        self.stats = Stats(state_dir / STATS_FILE if state_dir else None)
         self._read_levels = [*self.levels]
         if peers is not None:
+            peers.stats = self.stats  # it counts the copies it rejected
             self.tiers["peers"] = peers
             at = self._read_levels.index("cold") if "cold" in tiers else len(self._read_levels)
             self._read_levels.insert(at, "peers")
-        self.state_dir = state_dir
-        self.stats = Stats(state_dir / STATS_FILE if state_dir else None)
         self.writeback: WriteBack | None = None
         if "cold" in tiers and "warm" in tiers and writeback:
             self.writeback = WriteBack(
@@ -198,6 +203,28 @@ class PhotonRouter:
                     raise
                 time.sleep(min(self._max_delay, self._base_delay * 2 ** attempt))
 
+    def persist(self, key: bytes, *, new: bool = True) -> None:
+        """Make the local chunk ``key`` durable in cold before returning (``durability =
+        "remote"``): a stored chunk is uploaded, a re-referenced one only if cold lacks
+        it; copies the router itself brings in from peers or cold are caches, not writes,
+        and are not uploaded. Raises :class:`RemoteWriteError` when the object store
+        cannot take it."""
+        if key in self._in_cold or getattr(self._promoting, "active", False):
+            return
+        try:
+            if not new and self.tiers["cold"].contains(key):
+                self._mark_cold(key)
+                return
+            data = self._local_copy(key)
+            if data is None:
+                raise StellarError(f"chunk {key.hex()} has no good local copy to upload")
+            self._cold_put(key, data)
+        except StellarError as exc:
+            raise RemoteWriteError(
+                f"not acknowledged: chunk {key.hex()} could not be stored in the cold tier, "
+                f"and durability is \"remote\" ({exc}); the data is kept in this node's "
+                "store, so the same write succeeds once the object store is back") from None
+
     # -- reading ------------------------------------------------------------------
 
     def get(self, key: bytes) -> bytes:
@@ -206,8 +233,9 @@ class PhotonRouter:
         return data.obj if isinstance(data.obj, bytes) and len(data.obj) == len(data) \
             else bytes(data)
 
-    def view(self, key: bytes) -> memoryview:
+    def view(self, key: bytes, *, local: bool = False) -> memoryview:
         """The chunk ``key`` as a memoryview, verified; zero-copy when it is hot.
+        ``local`` looks only on this host (no peers, no cold): what a node serves.
 
         A hot hit is a read that needs no hashing and no decompressing: the chunk
         is in the host-wide hot tier, or among the views this process verified and
@@ -228,7 +256,7 @@ class PhotonRouter:
                 self._hit("hot", key)
                 return memoryview(found)
             self.stats.add("hot", "misses")
-        return self._below_hot(key)
+        return self._below_hot(key, local)
 
     def _hit(self, level: str, key: bytes) -> None:
         self.stats.add(level, "hits")
@@ -244,12 +272,12 @@ class PhotonRouter:
         view = getattr(hot, "view", None)
         return view(key) if view is not None else hot.get(key)
 
-    def _below_hot(self, key: bytes) -> memoryview:
+    def _below_hot(self, key: bytes, local: bool = False) -> memoryview:
         corrupt: list[str] = []
         why: list[str] = []  # what each corrupt copy looked like
         unavailable: list[str] = []
         for level in self._read_levels:
-            if level == "hot":
+            if level == "hot" or (local and level in REMOTE):
                 continue
             tier = self.tiers[level]
             try:
@@ -281,6 +309,28 @@ class PhotonRouter:
         raise ChunkNotFound(f"chunk {key.hex()} is not in the store (no tier holds it: "
                             f"{', '.join(self._read_levels)})")
 
+    def fetch(self, key: bytes) -> bytes | None:
+        """``key`` from beyond this host (peers in ring order, then cold), verified, and
+        not kept: for a caller that stores it itself (a pull). None if none has it."""
+        for level in self._read_levels:
+            if level not in REMOTE:
+                continue
+            tier = self.tiers[level]
+            try:
+                data = tier.get(key)
+            except TierUnavailable:
+                self.stats.add(level, "errors")
+                continue
+            if data is None:
+                self.stats.add(level, "misses")
+                continue
+            if not getattr(tier, "verified", False) and self.hasher.digest(data) != key:
+                self.stats.add(level, "corrupt")
+                continue
+            self._hit(level, key)
+            return data
+        return None
+
     def prefetch(self, keys: Iterable[bytes], workers: int = 8) -> int:
         """Read ``keys`` in parallel so they are promoted (a boot's prefetch set).
 
@@ -293,10 +343,13 @@ class PhotonRouter:
         keys = list(dict.fromkeys(keys))
         with ThreadPoolExecutor(max_workers=max(1, workers),
                                 thread_name_prefix="photon-prefetch") as pool:
-            futures = [pool.submit(self.view, k) for k in keys]
+            futures = [pool.submit(self._fetch, k) for k in keys]
         for f in futures:
             f.result()
         return len(keys)
+
+    def _fetch(self, key: bytes) -> None:
+        self.view(key)  # the view itself is not kept: a set may not fit in memory at once
 
     def contains(self, key: bytes) -> bool:
         """Whether some tier claims ``key`` (unverified; unreachable tiers count as no)."""
@@ -320,7 +373,11 @@ class PhotonRouter:
                     self.tiers[bad].put(key, data)
             if level in REMOTE and "warm" in self.tiers and score >= self.policy.promote_warm:
                 if not self.tiers["warm"].contains(key):
-                    self.tiers["warm"].put(key, data)
+                    self._promoting.active = True  # a cached copy, not a write: no upload
+                    try:
+                        self.tiers["warm"].put(key, data)
+                    finally:
+                        self._promoting.active = False
                     self.stats.add("warm", "promoted")
                 if level == "cold":
                     self._mark_cold(key)
@@ -636,4 +693,10 @@ def from_host(host: Any, *, nebula_warm: bool | None = None, shm_hot: bool | Non
         kw.setdefault("min_available", getattr(tiers["hot"], "min_available", None))
         if getattr(tiers["hot"], "shared", False):
             kw.setdefault("policy", Policy(promote_hot=1.0))
+    cluster = host.config.cluster
+    if cluster["peers"]:
+        from stellarium_core.photon.peers import PeerTier
+
+        kw.setdefault("peers", PeerTier(cluster["node"], cluster["peers"], host.hasher,
+                                        fanout=cluster["fanout"], timeout=cluster["timeout"]))
     return PhotonRouter(tiers, host.hasher, **kw)

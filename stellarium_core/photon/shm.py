@@ -33,6 +33,7 @@ read-only: they then use what trusted processes verified, and never place.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -41,6 +42,7 @@ import os
 import stat
 import struct
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +74,29 @@ FIELDS = {
                                              "MemAvailable is below this (default: 5% of "
                                              "MemTotal; 0: never)"),
 }
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_readonly(fd: int, size: int) -> memoryview:
+    """A read-only view of ``size`` bytes of ``fd``, unmapped when its last view is gone.
+
+    Through libc rather than :mod:`mmap`, which keeps a duplicate of ``fd`` open per
+    mapping: a process holding a thousand hot chunks would run out of descriptors.
+    """
+    addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    buf = (ctypes.c_char * size).from_address(addr)
+    weakref.finalize(buf, _libc.munmap, addr, size)
+    return memoryview(buf).cast("B").toreadonly()
 
 
 def default_path(store_path: Path) -> Path:
@@ -224,8 +249,7 @@ class ShmTier:
             raise TierUnavailable(f"shm tier {self.root}: {exc.strerror}") from None
         try:
             size = os.fstat(fd).st_size
-            mv = memoryview(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)) \
-                if size else _EMPTY
+            mv = map_readonly(fd, size) if size else _EMPTY
             if self._used is not None:
                 self._used[_bucket(key)] = 1  # host-wide recency, without a system call
         finally:
