@@ -85,9 +85,8 @@ class ViewCache:
             if len(self._views) > self.slots:
                 self._views.popitem(last=False)
 
-    def clear(self) -> None:
-        with self._mu:
-            self._views.clear()
+    def __len__(self) -> int:
+        return len(self._views)
 
 
 class PhotonRouter:
@@ -241,7 +240,7 @@ class PhotonRouter:
         is in the host-wide hot tier, or among the views this process verified and
         could not place there (a hot tier that is full or read-only to it).
         """
-        mv = self._local.get(key)
+        mv = self._local.get(key) if self._local else None
         if mv is not None:
             self._hit("hot", key)
             return mv

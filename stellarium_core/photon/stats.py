@@ -48,9 +48,13 @@ class Stats:
         self._lock = threading.Lock()
 
     def add(self, section: str, field: str, n: int = 1) -> None:
+        """Count ``n`` ``field`` events (every read of every chunk passes here)."""
         with self._lock:
-            self._now.setdefault(section, Counter())[field] += n
-            self._unsaved.setdefault(section, Counter())[field] += n
+            for counters in (self._now, self._unsaved):
+                c = counters.get(section)
+                if c is None:
+                    c = counters[section] = Counter()
+                c[field] += n
 
     def get(self, section: str) -> dict[str, int]:
         """This process's counts for ``section``."""
