@@ -43,12 +43,12 @@ import json, random, sys, time
 from stellarium_core.host import Host
 from stellarium_core.volumes.volume import VolumeStore
 
-cfg, mode, reads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg, mode, reads, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 host = Host.from_config(cfg)
 vols = VolumeStore.for_host(host) if mode == "photon" else \\
     VolumeStore(host.store_path / "volumes", host.store, host.hasher)
 rng = random.Random(11)
-offsets = [rng.randrange(0, %d // 4096) * 4096 for _ in range(reads)]
+offsets = [rng.randrange(0, size // 4096) * 4096 for _ in range(reads)]
 buf = bytearray(4096)
 with vols.open("bench", readonly=True) as vol:
     vol.readinto(0, buf)  # imports, opening the pack and the hot tier: not per read
@@ -58,7 +58,7 @@ with vols.open("bench", readonly=True) as vol:
     seconds = time.perf_counter() - t
 report = host.photon.report() if mode == "photon" else {}
 print(json.dumps({"us_per_read": seconds / reads * 1e6, "report": report}))
-""" % SIZE
+"""
 
 
 def load() -> str:
@@ -66,7 +66,7 @@ def load() -> str:
 
 
 def reader(cfg: Path, mode: str, reads: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", READER, str(cfg), mode, str(reads)],
+    out = subprocess.run([sys.executable, "-c", READER, str(cfg), mode, str(reads), str(SIZE)],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout)
 
