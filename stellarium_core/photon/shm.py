@@ -33,6 +33,7 @@ read-only: they then use what trusted processes verified, and never place.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -191,8 +192,8 @@ class ShmTier:
     def _locked(self, exclusive: bool) -> _Ledger:
         return _Ledger(self._open(), self._ledger_mu, exclusive)
 
-    def _file(self, key: bytes) -> Path:
-        return self.root / key.hex()
+    def _file(self, key: bytes) -> str:
+        return f"{self.root}/{key.hex()}"  # a str: pathlib costs more than the syscalls
 
     # -- the tier contract -----------------------------------------------------------
 
@@ -202,10 +203,11 @@ class ShmTier:
         if not self._writable:
             raise TierUnavailable(f"shm tier {self.root} is read-only to this process")
         final = self._file(key)
-        if final.exists():
+        if os.path.exists(final):
             return
         n = len(data)
-        tmp = self.root / f".{key.hex()}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp = f"{self.root}/.{key.hex()}.{os.getpid()}.{threading.get_ident()}.tmp"
+        placed = False
         try:
             tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o400)
             try:
@@ -216,12 +218,13 @@ class ShmTier:
                 os.close(tfd)
             with self._locked(True):
                 used, files = self._read_ledger(fd)
-                if final.exists():
+                if os.path.exists(final):
                     return
                 if used + n > self.capacity:
                     raise TierFull(f"shm tier: {n} more bytes exceed its capacity of "
                                    f"{self.capacity} ({used} in use)")
                 os.rename(tmp, final)
+                placed = True
                 self._write_ledger(fd, used + n, files + 1)
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -230,8 +233,9 @@ class ShmTier:
                 raise TierFull(f"shm tier {self.root}: {exc.strerror}") from None
             raise TierUnavailable(f"shm tier {self.root}: {exc.strerror}") from None
         finally:
-            if tmp.exists():
-                tmp.unlink(missing_ok=True)
+            if not placed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
 
     def view(self, key: bytes) -> memoryview | None:
         """The chunk as a read-only view over shared pages, or None if it is not here."""
@@ -271,7 +275,7 @@ class ShmTier:
             if key in self._maps:
                 return True
         self._open()
-        return self._file(key).exists()
+        return os.path.exists(self._file(key))
 
     def delete(self, key: bytes) -> None:
         fd = self._open()
