@@ -126,7 +126,7 @@ STORE_FIELDS = {
 def _peer_urls(value: dict[str, Any]) -> str | None:
     for name, url in value.items():
         if not isinstance(url, str) or not re.fullmatch(r"https?://[^/\s]+/?", url):
-            return f"peer {name!r}: expected a base URL such as \"http://10.0.0.2:7070\", " \
+            return f"peer {name!r}: expected a base URL such as \"http://node-b:7070\", " \
                    f"got {url!r}"
     return None
 
