@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from stellarium_core.nebula import CorruptChunkError, MissingChunkError
 from stellarium_core.photon.nebula_tier import NebulaTier, nebula_exists
 from stellarium_core.photon.policy import Policy
 from stellarium_core.photon.stats import STATS_FILE, Stats
+from stellarium_core.photon.views import ViewCache
 from stellarium_core.photon.writeback import WriteBack
 
 LEVELS = TIER_LEVELS  # fastest first; the config accepts exactly these
@@ -64,29 +65,18 @@ def meminfo(path: Path = MEMINFO) -> dict[str, int]:
     return out
 
 
-class ViewCache:
-    """A bounded LRU of verified chunk views, for one process."""
+@dataclass
+class _Trouble:
+    """What one lookup met on its way down: corrupt copies (levels, and why), and
+    levels it could not reach."""
 
-    def __init__(self, slots: int) -> None:
-        self.slots = slots
-        self._views: OrderedDict[bytes, memoryview] = OrderedDict()
-        self._mu = threading.Lock()
+    corrupt: list[str] = field(default_factory=list)
+    why: list[str] = field(default_factory=list)
+    unavailable: list[str] = field(default_factory=list)
 
-    def get(self, key: bytes) -> memoryview | None:
-        with self._mu:
-            mv = self._views.get(key)
-            if mv is not None:
-                self._views.move_to_end(key)
-            return mv
-
-    def put(self, key: bytes, view: memoryview) -> None:
-        with self._mu:
-            self._views[key] = view
-            if len(self._views) > self.slots:
-                self._views.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._views)
+    def bad(self, level: str, why: str) -> None:
+        self.corrupt.append(level)
+        self.why.append(why)
 
 
 class PhotonRouter:
@@ -148,7 +138,7 @@ class PhotonRouter:
         self._lock = threading.RLock()
         self._hot_closed = False  # placing hot failed for good in this process
         self._promoting = threading.local()  # this thread copies a remote chunk into warm
-        self._local = ViewCache(LOCAL_VIEWS)
+        self._local = ViewCache(max_items=LOCAL_VIEWS)
         self.state_dir = state_dir
         self.stats = Stats(state_dir / STATS_FILE if state_dir else None)
         self._read_levels = [*self.levels]
@@ -272,63 +262,55 @@ class PhotonRouter:
         return view(key) if view is not None else hot.get(key)
 
     def _below_hot(self, key: bytes, local: bool = False) -> memoryview:
-        corrupt: list[str] = []
-        why: list[str] = []  # what each corrupt copy looked like
-        unavailable: list[str] = []
-        for level in self._read_levels:
-            if level == "hot" or (local and level in REMOTE):
-                continue
+        trouble = _Trouble()
+        levels = [lvl for lvl in self._read_levels
+                  if lvl != "hot" and not (local and lvl in REMOTE)]
+        found = self._good_copy(key, levels, trouble)
+        if found is not None:
+            level, data = found
+            return self._after_hit(key, memoryview(data), level, trouble.corrupt)
+        if trouble.corrupt:
+            raise ChunkCorrupt(f"chunk {key.hex()}: no tier has a good copy "
+                               f"({'; '.join(trouble.why)})")
+        if trouble.unavailable:
+            raise TierUnavailable(f"chunk {key.hex()} not found; unreachable: "
+                                  + "; ".join(trouble.unavailable))
+        raise ChunkNotFound(f"chunk {key.hex()} is not in the store (no tier holds it: "
+                            f"{', '.join(self._read_levels)})")
+
+    def _good_copy(self, key: bytes, levels: list[str],
+                   trouble: _Trouble) -> tuple[str, bytes | memoryview] | None:
+        """The first level of ``levels`` with a copy that checks out, and that copy;
+        counts every miss, error and corrupt copy on the way (also in ``trouble``)."""
+        for level in levels:
             tier = self.tiers[level]
             try:
                 data = tier.view(key) if hasattr(tier, "view") else tier.get(key)
             except TierUnavailable as exc:
                 self.stats.add(level, "errors")
-                unavailable.append(str(exc))
+                trouble.unavailable.append(str(exc))
                 continue
             except CorruptChunkError as exc:  # NEBULA checked the bytes itself
+                trouble.bad(level, f"{level}: {exc}")
                 self.stats.add(level, "corrupt")
-                corrupt.append(level)
-                why.append(f"{level}: {exc}")
                 continue
             if data is None:
                 self.stats.add(level, "misses")
                 continue
             if not getattr(tier, "verified", False) and self.hasher.digest(data) != key:
+                trouble.bad(level, f"the copy in {level} fails its {self.hasher.name} check")
                 self.stats.add(level, "corrupt")
-                corrupt.append(level)
-                why.append(f"the copy in {level} fails its {self.hasher.name} check")
                 continue
             self._hit(level, key)
-            return self._after_hit(key, memoryview(data), level, corrupt)
-        if corrupt:
-            raise ChunkCorrupt(f"chunk {key.hex()}: no tier has a good copy ({'; '.join(why)})")
-        if unavailable:
-            raise TierUnavailable(f"chunk {key.hex()} not found; unreachable: "
-                                  + "; ".join(unavailable))
-        raise ChunkNotFound(f"chunk {key.hex()} is not in the store (no tier holds it: "
-                            f"{', '.join(self._read_levels)})")
+            return level, data
+        return None
 
     def fetch(self, key: bytes) -> bytes | None:
         """``key`` from beyond this host (peers in ring order, then cold), verified, and
         not kept: for a caller that stores it itself (a pull). None if none has it."""
-        for level in self._read_levels:
-            if level not in REMOTE:
-                continue
-            tier = self.tiers[level]
-            try:
-                data = tier.get(key)
-            except TierUnavailable:
-                self.stats.add(level, "errors")
-                continue
-            if data is None:
-                self.stats.add(level, "misses")
-                continue
-            if not getattr(tier, "verified", False) and self.hasher.digest(data) != key:
-                self.stats.add(level, "corrupt")
-                continue
-            self._hit(level, key)
-            return data
-        return None
+        found = self._good_copy(key, [lvl for lvl in self._read_levels if lvl in REMOTE],
+                                _Trouble())
+        return None if found is None else bytes(found[1])
 
     def prefetch(self, keys: Iterable[bytes], workers: int = 8) -> int:
         """Read ``keys`` in parallel so they are promoted (a boot's prefetch set).

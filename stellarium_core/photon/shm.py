@@ -44,7 +44,6 @@ import stat
 import struct
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from stellarium_core.hookspecs import (
     TierUsage,
     hookimpl,
 )
+from stellarium_core.photon.views import ViewCache
 
 SHM_ROOT = Path("/dev/shm")
 LEDGER = "ledger"
@@ -124,13 +124,11 @@ class ShmTier:
         self.min_available: int | None = self.params["min_available"]
         self.root = hot_dir(context.store_path, self.params)
         self.store_path = context.store_path
-        self._map_budget: int = self.params["map_cache"]
-        self._maps: OrderedDict[bytes, memoryview] = OrderedDict()
-        self._mapped = 0
+        self._maps = ViewCache(max_bytes=self.params["map_cache"])
         self._ledger_fd = -1
         self._used: mmap.mmap | None = None  # the shared "used" table, when we may write
         self._writable = True
-        self._lock = threading.Lock()  # the mappings and opening
+        self._lock = threading.Lock()  # opening and closing
         self._ledger_mu = threading.Lock()  # flock excludes processes, this our threads
 
     # -- the directory and its ledger ----------------------------------------------
@@ -239,11 +237,9 @@ class ShmTier:
 
     def view(self, key: bytes) -> memoryview | None:
         """The chunk as a read-only view over shared pages, or None if it is not here."""
-        with self._lock:
-            mv = self._maps.get(key)
-            if mv is not None:
-                self._maps.move_to_end(key)
-                return mv
+        mv = self._maps.get(key)
+        if mv is not None:
+            return mv
         self._open()
         try:
             fd = os.open(self._file(key), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -258,12 +254,7 @@ class ShmTier:
                 self._used[_bucket(key)] = 1  # host-wide recency, without a system call
         finally:
             os.close(fd)
-        with self._lock:
-            self._maps[key] = mv
-            self._mapped += len(mv)
-            while self._mapped > self._map_budget and len(self._maps) > 1:
-                _, old = self._maps.popitem(last=False)
-                self._mapped -= len(old)  # unmapped once the last view of it is gone
+        self._maps.put(key, mv)  # dropped ones are unmapped once their last view is gone
         return mv
 
     def get(self, key: bytes) -> bytes | None:
@@ -271,18 +262,14 @@ class ShmTier:
         return None if mv is None else bytes(mv)
 
     def contains(self, key: bytes) -> bool:
-        with self._lock:
-            if key in self._maps:
-                return True
+        if key in self._maps:
+            return True
         self._open()
         return os.path.exists(self._file(key))
 
     def delete(self, key: bytes) -> None:
         fd = self._open()
-        with self._lock:
-            old = self._maps.pop(key, None)
-            if old is not None:
-                self._mapped -= len(old)
+        self._maps.pop(key)
         try:
             with self._locked(True):
                 try:
@@ -336,9 +323,8 @@ class ShmTier:
 
     def close(self) -> None:
         """Drop this process's mappings (views handed out stay valid); the chunks stay."""
+        self._maps.clear()
         with self._lock:
-            self._maps.clear()
-            self._mapped = 0
             if self._used is not None:
                 self._used.close()
                 self._used = None
