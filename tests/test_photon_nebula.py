@@ -106,3 +106,19 @@ def test_nebula_warm_and_configured_warm_conflict(tmp_path: Path) -> None:
     init_store(h)
     with pytest.raises(Exception, match="cannot also be the NEBULA store"):
         from_host(h, nebula_warm=True)
+
+
+def test_a_damaged_photon_record_costs_promotions_not_reads(host: Host) -> None:
+    with from_host(host, nebula_warm=True, base_delay=0.01) as r:
+        data = os.urandom(30000)
+        key = r.put(data)
+        assert r.flush(10) and r.demote(key) == ["warm"]
+        host.store.gc()
+        shard = host.store_path / "records" / "photon" / f"warm-{key[0]:02x}.json"
+        shard.write_text('{"chunks": {"warm": [["nothex", ')  # torn
+        assert r.get(key) == data  # from cold; the copy could not be recorded, so not kept
+        assert r.report()["warm"]["errors"] == 1
+    host.store.close()  # a repair needs the store to itself
+    res = run_cli(["--config", host.config.source, "fsck", "--repair"])
+    assert "records/photon/warm-" in res.stdout, res.stdout  # named, and set aside
+    assert not shard.exists() and shard.with_name(shard.name + ".damaged").exists()

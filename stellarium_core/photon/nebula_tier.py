@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from stellarium_core.errors import StellarError
 from stellarium_core.fsutil import write_atomic
 from stellarium_core.hookspecs import TierUsage
 from stellarium_core.nebula import ChunkStore, MissingChunkError
@@ -66,9 +67,12 @@ class NebulaTier:
     def _listed(self, shard: Path) -> dict[str, int]:
         try:
             doc = json.loads(shard.read_bytes())
+            return {h: n for h, n in doc["chunks"]["warm"]}
         except FileNotFoundError:
             return {}
-        return {h: n for h, n in doc["chunks"]["warm"]}
+        except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
+            raise StellarError(f"{shard}: damaged PHOTON record ({type(exc).__name__}); "
+                               "`stellar fsck --repair` sets it aside") from None
 
     def _save(self, shard: Path, listed: dict[str, int]) -> None:
         doc = {"chunks": {"warm": [[h, n] for h, n in sorted(listed.items())]}}

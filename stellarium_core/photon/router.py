@@ -349,6 +349,8 @@ class PhotonRouter:
         score = self.policy.touch(key)
         try:
             for bad in corrupt:  # every corrupt copy is above the good one: rewrite it
+                if bad == "peers":
+                    continue  # another node's copy: not ours to rewrite
                 self.tiers[bad].delete(key)
                 if bad != "hot":
                     self.tiers[bad].put(key, data)
