@@ -32,6 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -44,9 +45,11 @@ from stellarium_core.distribution.images import (
 )
 from stellarium_core.errors import UsageError
 from stellarium_core.fsutil import write_atomic
-from stellarium_core.photon import PhotonRouter
 from stellarium_core.volumes import filetree
 from stellarium_core.volumes.tinyvol import ManifestError
+
+if TYPE_CHECKING:
+    from stellarium_core.photon import PhotonRouter
 
 _MANIFEST_URL = re.compile(r"^(?P<base>.*/)manifests/(?P<hex>[0-9a-f]{64})\.json$")
 _TAG_URL = re.compile(r"^(?P<base>.*/)tags/(?P<tag>[^/]+)$")
