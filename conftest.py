@@ -1,8 +1,11 @@
-"""Hygiene for every test in the repo: the host-wide hot tiers (``shm``) that stores
-under a test's temporary directory made live in /dev/shm, outside it; remove them."""
+"""Hygiene for every test in the repo: the host-wide hot tiers (``shm``) that test
+stores made live in /dev/shm, outside any temporary directory. At the end of the
+session, remove those of stores under pytest's base temp dir, and those whose store
+is gone (tests that make stores with ``tempfile``): both are caches of nothing."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 
@@ -20,5 +23,5 @@ def _remove_test_hot_tiers(tmp_path_factory: pytest.TempPathFactory) -> Iterator
             store = (d / STORE).read_text().strip()
         except OSError:
             continue
-        if store.startswith(base + "/"):
+        if store.startswith(base + "/") or not os.path.exists(store):
             shutil.rmtree(d, ignore_errors=True)

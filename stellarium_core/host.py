@@ -90,7 +90,12 @@ class Host:
         from stellarium_core.photon import from_host
 
         router = from_host(self, writeback=False)
-        atexit.register(router.stats.save)
+
+        def save_counters() -> None:
+            if self.store_path.is_dir():  # not into a store removed meanwhile (tests)
+                router.stats.save()
+
+        atexit.register(save_counters)
         return router
 
     @cached_property

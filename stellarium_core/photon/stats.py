@@ -74,7 +74,7 @@ class Stats:
                 for f, n in counts.items():
                     t[f] = t.get(f, 0) + n
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.parent.mkdir(exist_ok=True)  # <store>/tiers, in a store made before it
                 write_atomic(self.path,
                              (json.dumps(totals, indent=2, sort_keys=True) + "\n").encode(),
                              durable=False)
