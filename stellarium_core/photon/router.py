@@ -110,10 +110,12 @@ class PhotonRouter:
         self.policy = policy or Policy()
         caps = dict(capacities or {})
         if "hot" in tiers:  # the tighter of the configured and the backend's own cap
-            try:
-                own = tiers["hot"].usage().capacity_bytes
-            except TierUnavailable:  # reads then skip it; placing stops at the first try
-                own = None
+            own = getattr(tiers["hot"], "capacity", None)  # without opening the tier:
+            if own is None:  # a VMM builds its router before it is confined
+                try:
+                    own = tiers["hot"].usage().capacity_bytes
+                except TierUnavailable:  # reads then skip it; placing stops at the first try
+                    own = None
             limits = [c for c in (caps.get("hot"), own) if c is not None]
             caps["hot"] = min(limits) if limits else None
         self.capacities = {lvl: caps.get(lvl) for lvl in self.levels if lvl != "cold"}

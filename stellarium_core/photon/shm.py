@@ -19,11 +19,13 @@ Bounds: a ``ledger`` file holds the bytes and files in use; every put and
 delete updates it under an ``flock``, so the capacity holds across processes.
 Each process keeps its recently used mappings (``map_cache`` bytes, LRU); an
 evicted chunk's pages are freed once no process maps it. Recency is host-wide
-and costs no system call (a confined reader may not change file times): the
-ledger also holds a shared table of "used" bytes, one per digest bucket, set
-by any process that maps a chunk; :meth:`ShmTier.keys` lists unused chunks
-before used ones, oldest first, and clears the table (a second chance, as the
-CLOCK algorithm gives).
+and needs no right to change file times (which a confined reader lacks): the
+ledger also holds a table of "used" bytes, one per digest bucket, set (one
+pwrite) by any process that maps a chunk; :meth:`ShmTier.keys` lists unused
+chunks before used ones, oldest first, and clears the table (a second chance,
+as the CLOCK algorithm gives). The ledger is never mapped: a process that
+truncated it could then only skew the counts (healed by the next recount), not
+raise SIGBUS in its readers.
 
 Trust: the directory must be owned by this user and closed to everyone else
 (checked on open), because readers do not re-hash what they find there.
@@ -126,7 +128,6 @@ class ShmTier:
         self.store_path = context.store_path
         self._maps = ViewCache(max_bytes=self.params["map_cache"])
         self._ledger_fd = -1
-        self._used: mmap.mmap | None = None  # the shared "used" table, when we may write
         self._writable = True
         self._lock = threading.Lock()  # opening and closing
         self._ledger_mu = threading.Lock()  # flock excludes processes, this our threads
@@ -139,15 +140,7 @@ class ShmTier:
             return self._ledger_fd
         with self._lock:
             if self._ledger_fd < 0:
-                fd = self._open_dir()
-                if self._writable:
-                    try:
-                        if os.fstat(fd).st_size < _LEDGER.size + USED_BUCKETS:
-                            os.ftruncate(fd, _LEDGER.size + USED_BUCKETS)  # only grows
-                        self._used = mmap.mmap(fd, _LEDGER.size + USED_BUCKETS)
-                    except OSError:
-                        self._used = None
-                self._ledger_fd = fd
+                self._ledger_fd = self._open_dir()
             return self._ledger_fd
 
     def _open_dir(self) -> int:
@@ -250,11 +243,12 @@ class ShmTier:
         try:
             size = os.fstat(fd).st_size
             mv = map_readonly(fd, size) if size else _EMPTY
-            if self._used is not None:
-                self._used[_bucket(key)] = 1  # host-wide recency, without a system call
         finally:
             os.close(fd)
         self._maps.put(key, mv)  # dropped ones are unmapped once their last view is gone
+        if self._writable:
+            with contextlib.suppress(OSError):  # host-wide recency; only a hint
+                os.pwrite(self._ledger_fd, b"\1", _bucket(key))
         return mv
 
     def get(self, key: bytes) -> bytes | None:
@@ -285,9 +279,10 @@ class ShmTier:
     def keys(self) -> Iterator[bytes]:
         """Every chunk held, least recently mapped first; recounts the ledger."""
         fd = self._open()
-        found: list[tuple[int, bytes]] = []
+        found: list[tuple[int, int, bytes]] = []
         used = 0
         with self._locked(self._writable):
+            table = os.pread(fd, USED_BUCKETS, _LEDGER.size).ljust(USED_BUCKETS, b"\0")
             with os.scandir(self.root) as it:
                 for entry in it:
                     name = entry.name
@@ -305,13 +300,11 @@ class ShmTier:
                         st = entry.stat(follow_symlinks=False)
                     except (ValueError, OSError):
                         continue
-                    recent = self._used is not None and self._used[_bucket(key)]
-                    found.append((recent, st.st_mtime_ns, key))
+                    found.append((table[_bucket(key) - _LEDGER.size], st.st_mtime_ns, key))
                     used += st.st_size
             if self._writable:
                 self._write_ledger(fd, used, len(found))  # heals a writer killed mid-put
-            if self._used is not None:  # a second chance: used since the last round
-                self._used[_LEDGER.size:] = bytes(USED_BUCKETS)
+                os.pwrite(fd, bytes(USED_BUCKETS), _LEDGER.size)  # a second chance, once
         found.sort()
         return iter([k for _, _, k in found])
 
@@ -325,9 +318,6 @@ class ShmTier:
         """Drop this process's mappings (views handed out stay valid); the chunks stay."""
         self._maps.clear()
         with self._lock:
-            if self._used is not None:
-                self._used.close()
-                self._used = None
             if self._ledger_fd >= 0:
                 os.close(self._ledger_fd)
                 self._ledger_fd = -1
