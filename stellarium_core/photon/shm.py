@@ -45,13 +45,14 @@ import os
 import stat
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from stellarium_core.config import Field, at_least, validate_params
-from stellarium_core.fsutil import abandoned_tmp, write_atomic
+from stellarium_core.fsutil import write_atomic
 from stellarium_core.hookspecs import (
     TierContext,
     TierFull,
@@ -65,6 +66,7 @@ SHM_ROOT = Path("/dev/shm")
 LEDGER = "ledger"
 STORE = "store"  # which store the directory caches (for people, and for cleaning up)
 _LEDGER = struct.Struct("<QQ")  # bytes in use, files
+ABANDONED_AFTER = 60.0  # seconds: a temporary file this old lost its writer
 USED_BUCKETS = 1 << 16  # the "used since the last eviction round" table after the header
 _EMPTY = memoryview(b"")
 
@@ -130,6 +132,9 @@ class ShmTier:
         self._ledger_fd = -1
         self._writable = True
         self._lock = threading.Lock()  # opening and closing
+        # Asked now: a confined process opens the tier lazily, where seccomp may refuse
+        # geteuid (as it refuses the kill(pid, 0) a pid-based sweep would need).
+        self._uid = os.geteuid()
         self._ledger_mu = threading.Lock()  # flock excludes processes, this our threads
 
     # -- the directory and its ledger ----------------------------------------------
@@ -149,9 +154,9 @@ class ShmTier:
             st = os.lstat(self.root)
         except OSError as exc:
             raise TierUnavailable(f"shm tier {self.root}: {exc.strerror}") from None
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != self._uid or st.st_mode & 0o077:
             raise TierUnavailable(
-                f"shm tier {self.root} is not a directory private to uid {os.geteuid()} "
+                f"shm tier {self.root} is not a directory private to uid {self._uid} "
                 f"(owner {st.st_uid}, mode {stat.filemode(st.st_mode)}); its chunks are "
                 "trusted unverified, so it is not used")
         path = self.root / LEDGER
@@ -287,11 +292,10 @@ class ShmTier:
                 for entry in it:
                     name = entry.name
                     if name.endswith(".tmp"):
-                        if self._writable and abandoned_tmp(name):
-                            try:
+                        with contextlib.suppress(OSError):  # a writer renames in microseconds
+                            if self._writable and \
+                                    entry.stat().st_mtime < time.time() - ABANDONED_AFTER:
                                 os.unlink(entry.path)
-                            except OSError:
-                                pass
                         continue
                     if len(name) != 64:
                         continue  # the ledger, the store label

@@ -29,7 +29,7 @@ PROBE = textwrap.dedent("""
     vol = VolumeStore.for_host(host).open("v1", readonly=True)  # as the device would
     pol = Policy.for_vm(sys.argv[2], None, [("virtio-stellar", {"volume": "v1",
                                              "readonly": "true", "config": cfg})])
-    Confinement("on", "off").apply_process(pol)
+    Confinement("on", "kill").apply_process(pol)  # a VMM main thread's filter too
     hot = bytes.fromhex(sys.argv[3])
     cold = bytes.fromhex(sys.argv[4])
     assert vol.read(0, 5) == b"hot!!"
