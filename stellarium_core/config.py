@@ -138,6 +138,35 @@ def one_of(*choices: str) -> Callable[[Any], str | None]:
 STORE_FIELDS = {
     "path": Field(str, str(DEFAULT_STORE), doc="store directory, relative to this file"),
     "verify_reads": Field(bool, True, doc="re-hash every chunk on read"),
+    "durability": Field(str, "local", one_of("local", "remote"),
+                        doc="remote: a write is acknowledged only once the cold tier "
+                            "(S3) holds every chunk it stored"),
+}
+
+
+def _peer_urls(value: dict[str, Any]) -> str | None:
+    for name, url in value.items():
+        if not isinstance(url, str) or not re.fullmatch(r"https?://[^/\s]+/?", url):
+            return f"peer {name!r}: expected a base URL such as \"http://node-b:7070\", " \
+                   f"got {url!r}"
+    return None
+
+
+def _listen(value: str) -> str | None:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"expected HOST:PORT, got {value!r}"
+    return None
+
+
+CLUSTER_FIELDS = {
+    "node": Field(str, "", doc="this node's name on the placement ring (default: hostname)"),
+    "listen": Field(str, "127.0.0.1:7070", _listen,
+                    doc="where `stellar node serve` serves this node's chunks by hash"),
+    "peers": Field(dict, {}, _peer_urls, doc="other nodes by name: their base URLs"),
+    "fanout": Field(int, 2, at_least(1), doc="peers asked for a chunk, in ring order"),
+    "timeout": Field(float, 5.0, lambda v: None if 0 < v <= 600 else "must be in (0, 600]",
+                     doc="seconds per request to a peer"),
 }
 PLUGIN_FIELDS = {"name": Field(str), "params": Field(dict, {})}
 TIER_FIELDS = {
@@ -180,11 +209,14 @@ class HostConfig:
     tiers: dict[str, TierChoice] = field(default_factory=dict)
     #: The [vm] table as written: VM defaults, checked by the VM_RUNTIME plugin.
     vm: dict[str, Any] = field(default_factory=dict)
+    durability: str = "local"
+    cluster: dict[str, Any] = field(default_factory=lambda: validate_params({}, CLUSTER_FIELDS))
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a TOML-shaped dict (what ``stellar host show`` prints)."""
         return {
-            "store": {"path": str(self.store_path), "verify_reads": self.verify_reads},
+            "store": {"path": str(self.store_path), "verify_reads": self.verify_reads,
+                      "durability": self.durability},
             "hasher": {"name": self.hasher.name, "params": self.hasher.params},
             "chunker": {"name": self.chunker.name, "params": self.chunker.params},
             "compressor": {"name": self.compressor.name, "params": self.compressor.params},
@@ -192,6 +224,7 @@ class HostConfig:
                             **({"capacity": t.capacity} if t.capacity is not None else {})}
                       for lvl, t in self.tiers.items()},
             "vm": dict(self.vm),
+            "cluster": dict(self.cluster),
         }
 
 
@@ -204,7 +237,7 @@ def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
 
 def parse(data: Mapping[str, Any], source: Path | None = None) -> HostConfig:
     """Validate a parsed TOML document and build the effective config."""
-    sections = {"store", "hasher", "chunker", "compressor", "tiers", "vm"}
+    sections = {"store", "hasher", "chunker", "compressor", "tiers", "vm", "cluster"}
     for key in data:
         if key not in sections:
             raise ConfigError(f"unknown section (known: {', '.join(sorted(sections))})", key=key)
@@ -226,8 +259,16 @@ def parse(data: Mapping[str, Any], source: Path | None = None) -> HostConfig:
         if not isinstance(table, dict):
             raise ConfigError("expected a table", key=f"tiers.{level}")
         tiers[level] = TierChoice(**validate_params(table, TIER_FIELDS, f"tiers.{level}."))
+    cluster = validate_params(_section(data, "cluster"), CLUSTER_FIELDS, "cluster.")
+    if store["durability"] == "remote" and "cold" not in tiers:
+        raise ConfigError("durability \"remote\" needs a cold tier to be durable in "
+                          "(add [tiers.cold], e.g. plugin = \"s3\")", key="store.durability")
+    if cluster["node"] in cluster["peers"]:
+        raise ConfigError(f"this node ({cluster['node']!r}) is listed as its own peer",
+                          key="cluster.peers")
     return HostConfig(source, store_path, store["verify_reads"], plugins["hasher"],
-                      plugins["chunker"], plugins["compressor"], tiers, dict(_section(data, "vm")))
+                      plugins["chunker"], plugins["compressor"], tiers, dict(_section(data, "vm")),
+                      store["durability"], cluster)
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> tuple[Path, bool]:

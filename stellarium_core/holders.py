@@ -19,7 +19,8 @@ Holders, under the store path, and the references each holds:
 - ``records/<owner>/*.json``: records of plugins. The core cannot import a
   plugin, so this is the contract instead: a JSON object whose ``"chunks"``
   maps labels to ``[[digest hex, length], ...]`` holds one reference per pair
-  (Volt's kernel registry keeps its kernels there).
+  (Volt's kernel registry keeps its kernels there, and PHOTON, under
+  ``records/photon``, the chunks it copied into NEBULA from S3 or a peer).
 
 A file that cannot be read is listed as damaged, and so is one that ``fsck
 --repair`` set aside (``*.damaged``): while any exists the census is

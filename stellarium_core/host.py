@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from stellarium_core.plugins import Registry
 
 if TYPE_CHECKING:
     from stellarium_core.nebula import ChunkStore
+    from stellarium_core.photon import PhotonRouter
 
 
 class Host:
@@ -98,16 +100,45 @@ class Host:
             for level, t in self.config.tiers.items()
         }
 
+    def shm_tier(self) -> TierBackend:
+        """The host-wide shared-memory tier with its defaults: the hot level when
+        ``[tiers.hot]`` names no other."""
+        return self._placed("tiers.hot", self.registry.create, "tier", "shm", {},
+                            context=TierContext(self.config.store_path))
+
+    @cached_property
+    def photon(self) -> PhotonRouter:
+        """This process's PHOTON router: what volumes, image disks, the FUSE view and
+        pulls read chunks through. Its counters are saved at exit (best effort)."""
+        import atexit
+
+        from stellarium_core.photon import from_host
+
+        router = from_host(self, writeback=False)
+
+        def save_counters() -> None:
+            if self.store_path.is_dir():  # not into a store removed meanwhile (tests)
+                router.stats.save()
+
+        atexit.register(save_counters)
+        return router
+
     @cached_property
     def store(self) -> ChunkStore:
         """The NEBULA chunk store under ``<store_path>/nebula`` (made by ``init_store``)."""
         from stellarium_core.nebula import ChunkStore
 
         hook = self.registry.hook.stellarium_chunk_stored
-        on_stored = None
+        listeners: list[Callable[[bytes, int, bool], None]] = []
+        if self.config.durability == "remote":  # acknowledged only once S3 holds it
+            listeners.append(lambda digest, size, new: self.photon.persist(digest, new=new))
         if hook.get_hookimpls():
+            listeners.append(lambda digest, size, new: hook(digest=digest, size=size, new=new))
+        on_stored = None
+        if listeners:
             def on_stored(digest: bytes, size: int, new: bool) -> None:
-                hook(digest=digest, size=size, new=new)
+                for listener in listeners:
+                    listener(digest, size, new)
         if not (self.store_path / "nebula").exists():
             check_store_fs(self.config)  # a store under /proc: bad config, not a missing store
         return ChunkStore.open(self.store_path / "nebula", self.hasher, **self.store_options(),

@@ -100,6 +100,17 @@ BAD_CONFIGS = {
     "plugin param order": ('[chunker.params]\nmin_size = "128KiB"\nmax_size = "64KiB"\n',
                            "chunker.params.min_size: need min_size <= avg_size"),
     "plugin missing": ('[hasher]\nname = "md4"\n', "hasher: no hasher plugin named 'md4'"),
+    "remote durability, no cold tier": (
+        '[store]\npath = "store"\ndurability = "remote"\n',
+        'store.durability: durability "remote" needs a cold tier'),
+    "bad durability": ('[store]\npath = "store"\ndurability = "cloud"\n',
+                       "store.durability: must be one of local, remote"),
+    "peer not a URL": ('[cluster]\npeers = { b = "ftp://b/x" }\n',
+                       "cluster.peers: peer 'b': expected a base URL"),
+    "listen without port": ('[cluster]\nlisten = "7070"\n', "cluster.listen: expected HOST:PORT"),
+    "node is its own peer": ('[cluster]\nnode = "a"\npeers = { a = "http://a:1" }\n',
+                             "cluster.peers: this node ('a') is listed as its own peer"),
+    "no peer to ask": ("[cluster]\nfanout = 0\n", "cluster.fanout: must be at least 1"),
 }
 
 

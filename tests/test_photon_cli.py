@@ -61,11 +61,17 @@ def test_hot_capacity_is_the_tighter_of_config_and_backend(tmp_path: Path) -> No
         assert "warm" in r.tiers and r.tiers["warm"].name == "nvme"  # configured, not NEBULA
 
 
-def test_no_tiers_configured_says_so(tmp_path: Path) -> None:
+def test_default_tiers_are_the_host_wide_shm_and_nebula(tmp_path: Path) -> None:
     cfg = tmp_path / "host.toml"
     cfg.write_text('[store]\npath = "store"\n')
-    res = run_cli(["--config", cfg, "tiers"])
-    assert res.returncode == 0 and "no tiers configured" in res.stdout
+    res = run_cli(["--config", cfg, "tiers", "--json"])
+    assert res.returncode == 0, res.stderr
+    assert [(t["level"], t["plugin"]) for t in json.loads(res.stdout)["tiers"]] == \
+        [("hot", "shm")]  # no store yet: no NEBULA to be warm
+    assert run_cli(["--config", cfg, "host", "init"]).returncode == 0
+    rows = json.loads(run_cli(["--config", cfg, "tiers", "--json"]).stdout)["tiers"]
+    assert [(t["level"], t["plugin"], t["capacity_bytes"]) for t in rows] == \
+        [("hot", "shm", 256 << 20), ("warm", "nebula", None)]
 
 
 def test_unknown_tier_plugin_is_a_config_error(tmp_path: Path) -> None:

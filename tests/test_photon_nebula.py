@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from stellarium_core.holders import census
 from stellarium_core.host import Host, init_store
 from stellarium_core.nebula import CorruptChunkError, MissingChunkError
 from stellarium_core.photon import NebulaTier, from_host
@@ -69,6 +70,12 @@ def test_router_writes_are_nebula_chunks_with_one_photon_reference(host: Host) -
         assert not host.store.contains(key)
         assert r.get(key) == data  # back from cold, into the packs again
         assert host.store.get(key) == data
+        # PHOTON's reference is a holder fsck counts, shared by every process
+        assert census(host.store_path, host.hasher).held[key] == host.store.refs(key) == 1
+        assert NebulaTier(host.store, host.store_path / "records").held(key)
+    with from_host(host, nebula_warm=True, base_delay=0.01) as r:  # another router
+        assert r.demote(key) == ["warm"] and host.store.refs(key) == 0
+        assert census(host.store_path, host.hasher).held[key] == 0
 
 
 def test_corrupt_pack_bytes_are_served_from_cold(host: Host) -> None:
@@ -99,3 +106,19 @@ def test_nebula_warm_and_configured_warm_conflict(tmp_path: Path) -> None:
     init_store(h)
     with pytest.raises(Exception, match="cannot also be the NEBULA store"):
         from_host(h, nebula_warm=True)
+
+
+def test_a_damaged_photon_record_costs_promotions_not_reads(host: Host) -> None:
+    with from_host(host, nebula_warm=True, base_delay=0.01) as r:
+        data = os.urandom(30000)
+        key = r.put(data)
+        assert r.flush(10) and r.demote(key) == ["warm"]
+        host.store.gc()
+        shard = host.store_path / "records" / "photon" / f"warm-{key[0]:02x}.json"
+        shard.write_text('{"chunks": {"warm": [["nothex", ')  # torn
+        assert r.get(key) == data  # from cold; the copy could not be recorded, so not kept
+        assert r.report()["warm"]["errors"] == 1
+    host.store.close()  # a repair needs the store to itself
+    res = run_cli(["--config", host.config.source, "fsck", "--repair"])
+    assert "records/photon/warm-" in res.stdout, res.stdout  # named, and set aside
+    assert not shard.exists() and shard.with_name(shard.name + ".damaged").exists()

@@ -10,6 +10,7 @@ from stellarium_core.cli.common import run
 MODULES = (
     "stellarium_core.cli.host",
     "stellarium_core.cli.images",
+    "stellarium_core.cli.node",
     "stellarium_core.cli.plugins",
     "stellarium_core.cli.store",
     "stellarium_core.cli.tiers",

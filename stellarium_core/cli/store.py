@@ -65,7 +65,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def _cat(args: argparse.Namespace) -> int:
     digest = _digest(args.hash)
-    data = Host.from_config(args.config).store.get(digest)
+    data = Host.from_config(args.config).photon.view(digest)
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
     return 0
@@ -73,7 +73,7 @@ def _cat(args: argparse.Namespace) -> int:
 
 def _catalogs(host: Host) -> tuple[ImageStore, VolumeStore, ImageDisks]:
     return (ImageStore.for_host(host),
-            VolumeStore(host.store_path / "volumes", host.store, host.hasher),
+            VolumeStore.for_host(host),
             ImageDisks.for_host(host))
 
 

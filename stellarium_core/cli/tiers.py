@@ -1,8 +1,10 @@
 """``stellar tiers``: what each PHOTON tier holds and how often reads hit it.
 
+Peer nodes ([cluster] peers) have a row of their own between warm and cold.
 Usage comes from the configured backends themselves (the NEBULA store is the
-warm level when no ``[tiers.warm]`` is configured; the memory tier lives in
-the process that uses it, so a fresh CLI process reports it empty); hits and
+warm level when no ``[tiers.warm]`` is configured, the host-wide ``shm`` tier
+the hot level when no ``[tiers.hot]`` is; the ``memory`` tier lives in the
+process that uses it, so a fresh CLI process reports it empty); hits and
 misses are the running totals routers saved under ``<store>/tiers/``.
 """
 
@@ -13,9 +15,10 @@ from typing import Any
 
 from stellarium_core.cli.common import JSON, emit, table
 from stellarium_core.errors import StellarError, UsageError
+from stellarium_core.holders import RECORDS
 from stellarium_core.host import Host
-from stellarium_core.photon import LEVELS, NebulaTier, stats
-from stellarium_core.photon.router import JOURNAL_FILE, nebula_is_warm
+from stellarium_core.photon import NebulaTier, stats
+from stellarium_core.photon.router import JOURNAL_FILE, nebula_is_warm, shm_is_hot
 from stellarium_core.photon.writeback import journalled
 
 
@@ -39,17 +42,32 @@ def collect(host: Host) -> dict[str, Any]:
     state = host.store_path / "tiers"
     totals = stats.load(state / stats.STATS_FILE)
     tiers = []
-    nebula_warm = nebula_is_warm(host)
-    for level in LEVELS:
+    defaults = {"warm": "nebula"} if nebula_is_warm(host) else {}
+    if shm_is_hot(host):
+        defaults["hot"] = "shm"
+    peers = host.config.cluster["peers"]
+    for level in ("hot", "warm", "peers", "cold"):
         choice = host.config.tiers.get(level)
-        if choice is None and not (level == "warm" and nebula_warm):
+        if level == "peers":
+            if peers:  # other nodes: counted here, their usage is theirs
+                tiers.append({"level": level, "plugin": "http", "objects": len(peers),
+                              "used_bytes": None, "capacity_bytes": None, "error": None,
+                              **_counters(totals.get(level, {}))})
             continue
-        row: dict[str, Any] = {"level": level, "plugin": choice.plugin if choice else "nebula",
+        if choice is None and level not in defaults:
+            continue
+        row: dict[str, Any] = {"level": level,
+                               "plugin": choice.plugin if choice else defaults[level],
                                "objects": None, "used_bytes": None,
                                "capacity_bytes": choice.capacity if choice else None,
                                "error": None}
         try:
-            backend = host.tiers[level] if choice else NebulaTier(host.store)
+            if choice:
+                backend = host.tiers[level]
+            elif level == "hot":
+                backend = host.shm_tier()
+            else:
+                backend = NebulaTier(host.store, host.store_path / RECORDS)
             usage = backend.usage()
             row.update(objects=usage.objects, used_bytes=usage.used_bytes)
             if row["capacity_bytes"] is None:
@@ -58,10 +76,7 @@ def collect(host: Host) -> dict[str, Any]:
             raise  # a config problem, not a tier that is down
         except StellarError as exc:
             row["error"] = str(exc)
-        counters = totals.get(level, {})
-        row.update(hits=counters.get("hits", 0), misses=counters.get("misses", 0),
-                   corrupt=counters.get("corrupt", 0), evicted=counters.get("evicted", 0),
-                   hit_rate=stats.hit_rate(counters))
+        row.update(_counters(totals.get(level, {})))
         tiers.append(row)
     wb = totals.get("writeback", {})
     return {"store": str(host.store_path), "tiers": tiers,
@@ -69,10 +84,13 @@ def collect(host: Host) -> dict[str, Any]:
                           "uploaded": wb.get("uploaded", 0), "retries": wb.get("retries", 0)}}
 
 
+def _counters(counters: dict[str, int]) -> dict[str, Any]:
+    return {"hits": counters.get("hits", 0), "misses": counters.get("misses", 0),
+            "corrupt": counters.get("corrupt", 0), "evicted": counters.get("evicted", 0),
+            "hit_rate": stats.hit_rate(counters)}
+
+
 def _human(data: dict[str, Any]) -> str:
-    if not data["tiers"]:
-        return ("no tiers configured "
-                "(add [tiers.hot], [tiers.warm], [tiers.cold] to the host config)")
     rows = []
     for t in data["tiers"]:
         rate = "-" if t["hit_rate"] is None else f"{100 * t['hit_rate']:.1f}%"

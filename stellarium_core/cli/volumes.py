@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _volumes(args: argparse.Namespace) -> tuple[Host, VolumeStore]:
     host = Host.from_config(args.config)
-    return host, VolumeStore(host.store_path / "volumes", host.store, host.hasher)
+    return host, VolumeStore.for_host(host)
 
 
 def _created(host: Host, name: str, size: int) -> None:

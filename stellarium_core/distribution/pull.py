@@ -5,8 +5,10 @@ Order of events, and why:
 1. GET the image manifest and each layer manifest this store lacks; each must
    hash to the digest it was asked by, else nothing is kept.
 2. Work out which chunks and packs of the new layers the store does not hold and
-   GET only those, from a bounded thread pool. A blob is put into NEBULA only
-   after it hashed to its name, so the store never holds unverified bytes.
+   fetch only those, from a bounded thread pool: through this host's PHOTON
+   router first (peer nodes, then the cold tier, when configured), else with a
+   GET from the pull URL. A blob is put into NEBULA only after it hashed to its
+   name, so the store never holds unverified bytes.
 3. Each committed batch of fetched blobs is listed in ``images/pulls/<hex>.json``.
    Those blobs carry one reference each, so ``gc`` keeps them while the pull is
    unfinished; a pull that is interrupted and run again finds them stored and
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -44,6 +47,9 @@ from stellarium_core.errors import UsageError
 from stellarium_core.fsutil import write_atomic
 from stellarium_core.volumes import filetree
 from stellarium_core.volumes.tinyvol import ManifestError
+
+if TYPE_CHECKING:
+    from stellarium_core.photon import PhotonRouter
 
 _MANIFEST_URL = re.compile(r"^(?P<base>.*/)manifests/(?P<hex>[0-9a-f]{64})\.json$")
 _TAG_URL = re.compile(r"^(?P<base>.*/)tags/(?P<tag>[^/]+)$")
@@ -62,6 +68,7 @@ class PullResult:
     blobs_resumed: int
     bytes_fetched: int
     requests: int
+    blobs_from_tiers: int = 0  # of blobs_fetched: from peers or the cold tier, not the URL
 
 
 def parse_url(url: str) -> tuple[str, str | None, bytes | None]:
@@ -82,8 +89,11 @@ class Puller:
 
     def __init__(self, images: ImageStore, base_url: str, *, workers: int = 8,
                  policy: FetchPolicy | None = None, progress: bool | None = None,
-                 sleep: Callable[[float], None] | None = None) -> None:
+                 sleep: Callable[[float], None] | None = None,
+                 router: PhotonRouter | None = None) -> None:
         self.images = images
+        self.router = router
+        self.from_tiers = 0
         self.hasher = images.hasher
         kw = {"sleep": sleep} if sleep else {}
         self.fetcher = Fetcher(base_url, policy, **kw)
@@ -177,7 +187,7 @@ class Puller:
         if held:
             os.unlink(self._journal_path(digest))
         return PullResult(digest, len(refs), fetched, resumed,
-                          self.fetcher.bytes_received, self.fetcher.requests)
+                          self.fetcher.bytes_received, self.fetcher.requests, self.from_tiers)
 
     def _fetch_all(self, digest: bytes, missing: list[bytes], sizes: dict[bytes, int],
                    held: set[bytes]) -> int:
@@ -192,15 +202,18 @@ class Puller:
         pending: set[bytes] = set()
         todo = iter(missing)
 
-        def get(d: bytes) -> tuple[bytes, bytes]:
+        def get(d: bytes) -> tuple[bytes, bytes, bool]:
+            body = self.router.fetch(d) if self.router is not None else None
+            if body is not None:
+                return d, body, True
             body = self.fetcher.get(f"blobs/{d.hex()}", self._verified(d), limit=MAX_BLOB)
             if d in sizes and len(body) != sizes[d]:
                 raise FetchError(f"GET {self.fetcher.url('blobs/' + d.hex())}: "
                                  f"{len(body)} bytes, the manifest says {sizes[d]}")
-            return d, body
+            return d, body, False
 
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="pull")
-        inflight: set[Future[tuple[bytes, bytes]]] = set()
+        inflight: set[Future[tuple[bytes, bytes, bool]]] = set()
         batch = store.batch()
 
         def commit() -> None:
@@ -220,7 +233,8 @@ class Puller:
                     break
                 finished, inflight = wait(inflight, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    d, body = fut.result()
+                    d, body, from_tiers = fut.result()
+                    self.from_tiers += from_tiers
                     batch.put(body)
                     pending.add(d)
                     done += 1

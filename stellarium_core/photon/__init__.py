@@ -7,10 +7,12 @@ from stellarium_core.photon.router import (
     ChunkCorrupt,
     ChunkNotFound,
     PhotonRouter,
+    RemoteWriteError,
+    confined_paths,
     from_host,
     meminfo,
 )
 from stellarium_core.photon.writeback import WriteBack
 
 __all__ = ["LEVELS", "ChunkCorrupt", "ChunkNotFound", "NebulaTier", "PhotonRouter", "Policy",
-           "WriteBack", "from_host", "meminfo"]
+           "RemoteWriteError", "WriteBack", "confined_paths", "from_host", "meminfo"]

@@ -14,26 +14,33 @@ durably (``put`` returned there, or the object store says it has it).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stellarium_core.config import TIER_LEVELS
 from stellarium_core.errors import StellarError
+from stellarium_core.holders import RECORDS
 from stellarium_core.hookspecs import Hasher, TierBackend, TierFull, TierUnavailable, TierUsage
 from stellarium_core.nebula import CorruptChunkError, MissingChunkError
 from stellarium_core.photon.nebula_tier import NebulaTier, nebula_exists
 from stellarium_core.photon.policy import Policy
 from stellarium_core.photon.stats import STATS_FILE, Stats
+from stellarium_core.photon.views import ViewCache
 from stellarium_core.photon.writeback import WriteBack
 
 LEVELS = TIER_LEVELS  # fastest first; the config accepts exactly these
 JOURNAL_FILE = "writeback.journal"
 MEMINFO = Path("/proc/meminfo")
-SAVE_EVERY = 4096  # lookups between saves of the counters
+SAVE_EVERY = 4096  # lookups between saves of the counters ...
+SAVE_SECONDS = 1.0  # ... or seconds, whichever comes first (servers that get killed)
 IN_COLD_CACHE = 1 << 18  # digests remembered as durable in cold
+LOCAL_VIEWS = 128  # verified views a process keeps when it cannot place them hot
+REMOTE = ("peers", "cold")  # read levels beyond this host: a hit there is copied to warm
 
 
 class ChunkNotFound(MissingChunkError):
@@ -42,6 +49,10 @@ class ChunkNotFound(MissingChunkError):
 
 class ChunkCorrupt(CorruptChunkError):
     """Every copy found failed its hash check."""
+
+
+class RemoteWriteError(StellarError):
+    """A write under remote durability that the object store did not take."""
 
 
 def meminfo(path: Path = MEMINFO) -> dict[str, int]:
@@ -53,6 +64,20 @@ def meminfo(path: Path = MEMINFO) -> dict[str, int]:
         if parts and parts[0].isdigit():
             out[name] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
     return out
+
+
+@dataclass
+class _Trouble:
+    """What one lookup met on its way down: corrupt copies (levels, and why), and
+    levels it could not reach."""
+
+    corrupt: list[str] = field(default_factory=list)
+    why: list[str] = field(default_factory=list)
+    unavailable: list[str] = field(default_factory=list)
+
+    def bad(self, level: str, why: str) -> None:
+        self.corrupt.append(level)
+        self.why.append(why)
 
 
 class PhotonRouter:
@@ -74,7 +99,8 @@ class PhotonRouter:
                  meminfo_path: Path = MEMINFO, pressure_every: int = 16,
                  admit_writes: bool = False, queue_size: int = 1024,
                  base_delay: float = 0.05, max_delay: float = 5.0,
-                 cold_attempts: int = 5, writeback_workers: int = 4) -> None:
+                 cold_attempts: int = 5, writeback_workers: int = 4,
+                 writeback: bool = True, peers: TierBackend | None = None) -> None:
         unknown = set(tiers) - set(LEVELS)
         if unknown or not tiers:
             raise ValueError(f"tier levels must be a non-empty subset of {LEVELS}, "
@@ -85,8 +111,13 @@ class PhotonRouter:
         self.policy = policy or Policy()
         caps = dict(capacities or {})
         if "hot" in tiers:  # the tighter of the configured and the backend's own cap
-            limits = [c for c in (caps.get("hot"), tiers["hot"].usage().capacity_bytes)
-                      if c is not None]
+            own = getattr(tiers["hot"], "capacity", None)  # without opening the tier:
+            if own is None:  # a VMM builds its router before it is confined
+                try:
+                    own = tiers["hot"].usage().capacity_bytes
+                except TierUnavailable:  # reads then skip it; placing stops at the first try
+                    own = None
+            limits = [c for c in (caps.get("hot"), own) if c is not None]
             caps["hot"] = min(limits) if limits else None
         self.capacities = {lvl: caps.get(lvl) for lvl in self.levels if lvl != "cold"}
         self.admit_writes = admit_writes
@@ -100,6 +131,7 @@ class PhotonRouter:
         self._pressure_every = max(1, pressure_every)
         self._placements = 0
         self._lookups = 0
+        self._save_at = time.monotonic() + SAVE_SECONDS
         self._base_delay, self._max_delay = base_delay, max_delay
         self._cold_attempts = cold_attempts
         self._in_cold: set[bytes] = set()
@@ -107,10 +139,19 @@ class PhotonRouter:
         self._stuck: dict[str, int] = {}  # level -> _durable_gen when trimming last failed
         self._cold_retry_at = 0.0  # no cold probes before this (monotonic) time
         self._lock = threading.RLock()
+        self._hot_closed = False  # placing hot failed for good in this process
+        self._promoting = threading.local()  # this thread copies a remote chunk into warm
+        self._local = ViewCache(max_items=LOCAL_VIEWS)
         self.state_dir = state_dir
         self.stats = Stats(state_dir / STATS_FILE if state_dir else None)
+        self._read_levels = [*self.levels]
+        if peers is not None:
+            peers.stats = self.stats  # it counts the copies it rejected
+            self.tiers["peers"] = peers
+            at = self._read_levels.index("cold") if "cold" in tiers else len(self._read_levels)
+            self._read_levels.insert(at, "peers")
         self.writeback: WriteBack | None = None
-        if "cold" in tiers and "warm" in tiers:
+        if "cold" in tiers and "warm" in tiers and writeback:
             self.writeback = WriteBack(
                 tiers["cold"], self._local_copy, on_done=self._cold_done,
                 journal=state_dir / JOURNAL_FILE if state_dir else None,
@@ -154,43 +195,125 @@ class PhotonRouter:
                     raise
                 time.sleep(min(self._max_delay, self._base_delay * 2 ** attempt))
 
+    def persist(self, key: bytes, *, new: bool = True) -> None:
+        """Make the local chunk ``key`` durable in cold before returning (``durability =
+        "remote"``): a stored chunk is uploaded, a re-referenced one only if cold lacks
+        it; copies the router itself brings in from peers or cold are caches, not writes,
+        and are not uploaded. Raises :class:`RemoteWriteError` when the object store
+        cannot take it."""
+        if key in self._in_cold or getattr(self._promoting, "active", False):
+            return
+        try:
+            if not new and self.tiers["cold"].contains(key):
+                self._mark_cold(key)
+                return
+            data = self._local_copy(key)
+            if data is None:
+                raise StellarError(f"chunk {key.hex()} has no good local copy to upload")
+            self._cold_put(key, data)
+        except StellarError as exc:
+            raise RemoteWriteError(
+                f"not acknowledged: chunk {key.hex()} could not be stored in the cold tier, "
+                f"and durability is \"remote\" ({exc}); the data is kept in this node's "
+                "store, so the same write succeeds once the object store is back") from None
+
     # -- reading ------------------------------------------------------------------
 
     def get(self, key: bytes) -> bytes:
         """The chunk ``key``, from the fastest tier holding a good copy."""
-        corrupt: list[str] = []
-        unavailable: list[str] = []
-        for level in self.levels:
+        data = self.view(key)
+        return data.obj if isinstance(data.obj, bytes) and len(data.obj) == len(data) \
+            else bytes(data)
+
+    def view(self, key: bytes, *, local: bool = False) -> memoryview:
+        """The chunk ``key`` as a memoryview, verified; zero-copy when it is hot.
+        ``local`` looks only on this host (no peers, no cold): what a node serves.
+
+        A hot hit is a read that needs no hashing and no decompressing: the chunk
+        is in the host-wide hot tier, or among the views this process verified and
+        could not place there (a hot tier that is full or read-only to it).
+        """
+        mv = self._local.get(key) if self._local else None
+        if mv is not None:
+            self._hit("hot", key)
+            return mv
+        hot = self.tiers.get("hot")
+        if hot is not None:
             try:
-                data = self.tiers[level].get(key)
+                found = self._hot_view(key)
+            except TierUnavailable:
+                self.stats.add("hot", "errors")
+                found = None
+            if found is not None:
+                self._hit("hot", key)
+                return memoryview(found)
+            self.stats.add("hot", "misses")
+        return self._below_hot(key, local)
+
+    def _hit(self, level: str, key: bytes) -> None:
+        self.stats.add(level, "hits")
+        self._lookups += 1
+        if self._lookups % SAVE_EVERY == 0 or time.monotonic() > self._save_at:
+            self._save_at = time.monotonic() + SAVE_SECONDS
+            self.stats.save()  # so `stellar tiers` sees a long-running router
+        if level == "hot":
+            self.policy.touch(key)
+
+    def _hot_view(self, key: bytes) -> memoryview | bytes | None:
+        hot = self.tiers["hot"]
+        view = getattr(hot, "view", None)
+        return view(key) if view is not None else hot.get(key)
+
+    def _below_hot(self, key: bytes, local: bool = False) -> memoryview:
+        trouble = _Trouble()
+        levels = [lvl for lvl in self._read_levels
+                  if lvl != "hot" and not (local and lvl in REMOTE)]
+        found = self._good_copy(key, levels, trouble)
+        if found is not None:
+            level, data = found
+            return self._after_hit(key, memoryview(data), level, trouble.corrupt)
+        if trouble.corrupt:
+            raise ChunkCorrupt(f"chunk {key.hex()}: no tier has a good copy "
+                               f"({'; '.join(trouble.why)})")
+        if trouble.unavailable:
+            raise TierUnavailable(f"chunk {key.hex()} not found; unreachable: "
+                                  + "; ".join(trouble.unavailable))
+        raise ChunkNotFound(f"chunk {key.hex()} is not in the store (no tier holds it: "
+                            f"{', '.join(self._read_levels)})")
+
+    def _good_copy(self, key: bytes, levels: list[str],
+                   trouble: _Trouble) -> tuple[str, bytes | memoryview] | None:
+        """The first level of ``levels`` with a copy that checks out, and that copy;
+        counts every miss, error and corrupt copy on the way (also in ``trouble``)."""
+        for level in levels:
+            tier = self.tiers[level]
+            try:
+                data = tier.view(key) if hasattr(tier, "view") else tier.get(key)
             except TierUnavailable as exc:
                 self.stats.add(level, "errors")
-                unavailable.append(str(exc))
+                trouble.unavailable.append(str(exc))
                 continue
-            except CorruptChunkError:  # NEBULA checked the bytes itself
+            except CorruptChunkError as exc:  # NEBULA checked the bytes itself
+                trouble.bad(level, f"{level}: {exc}")
                 self.stats.add(level, "corrupt")
-                corrupt.append(level)
                 continue
             if data is None:
                 self.stats.add(level, "misses")
                 continue
-            if level != "hot" and self.hasher.digest(data) != key:
+            if not getattr(tier, "verified", False) and self.hasher.digest(data) != key:
+                trouble.bad(level, f"the copy in {level} fails its {self.hasher.name} check")
                 self.stats.add(level, "corrupt")
-                corrupt.append(level)
                 continue
-            self.stats.add(level, "hits")
-            self._lookups += 1
-            if self._lookups % SAVE_EVERY == 0:
-                self.stats.save()  # so `stellar tiers` sees a long-running router
-            self._after_hit(key, data, level, corrupt)
-            return data
-        if corrupt:
-            raise ChunkCorrupt(f"chunk {key.hex()}: the copy in {', '.join(corrupt)} fails its "
-                               f"{self.hasher.name} check and no tier has a good one")
-        if unavailable:
-            raise TierUnavailable(f"chunk {key.hex()} not found; unreachable: "
-                                  + "; ".join(unavailable))
-        raise ChunkNotFound(f"chunk {key.hex()} is in no tier ({', '.join(self.levels)})")
+            self._hit(level, key)
+            return level, data
+        return None
+
+    def fetch(self, key: bytes) -> bytes | None:
+        """``key`` from beyond this host (peers in ring order, then cold), verified, and
+        not kept: for a caller that stores it itself (a pull). None if none has it."""
+        found = self._good_copy(key, [lvl for lvl in self._read_levels if lvl in REMOTE],
+                                _Trouble())
+        return None if found is None else bytes(found[1])
 
     def prefetch(self, keys: Iterable[bytes], workers: int = 8) -> int:
         """Read ``keys`` in parallel so they are promoted (a boot's prefetch set).
@@ -204,10 +327,13 @@ class PhotonRouter:
         keys = list(dict.fromkeys(keys))
         with ThreadPoolExecutor(max_workers=max(1, workers),
                                 thread_name_prefix="photon-prefetch") as pool:
-            futures = [pool.submit(self.get, k) for k in keys]
+            futures = [pool.submit(self._fetch, k) for k in keys]
         for f in futures:
             f.result()
         return len(keys)
+
+    def _fetch(self, key: bytes) -> None:
+        self.view(key)  # the view itself is not kept: a set may not fit in memory at once
 
     def contains(self, key: bytes) -> bool:
         """Whether some tier claims ``key`` (unverified; unreachable tiers count as no)."""
@@ -219,25 +345,41 @@ class PhotonRouter:
                 continue
         return False
 
-    def _after_hit(self, key: bytes, data: bytes, level: str, corrupt: list[str]) -> None:
-        """Repair and promote; best effort, since the reader already has good bytes."""
+    def _after_hit(self, key: bytes, data: memoryview, level: str,
+                   corrupt: list[str]) -> memoryview:
+        """Repair and promote; best effort, since the reader already has good bytes.
+        Returns the view to hand out: the hot copy when the chunk was placed there."""
         score = self.policy.touch(key)
         try:
             for bad in corrupt:  # every corrupt copy is above the good one: rewrite it
+                if bad == "peers":
+                    continue  # another node's copy: not ours to rewrite
                 self.tiers[bad].delete(key)
                 if bad != "hot":
                     self.tiers[bad].put(key, data)
-            if level == "cold" and "warm" in self.tiers and score >= self.policy.promote_warm:
+            if level in REMOTE and "warm" in self.tiers and score >= self.policy.promote_warm:
                 if not self.tiers["warm"].contains(key):
-                    self.tiers["warm"].put(key, data)
+                    self._promoting.active = True  # a cached copy, not a write: no upload
+                    try:
+                        self.tiers["warm"].put(key, data)
+                    finally:
+                        self._promoting.active = False
                     self.stats.add("warm", "promoted")
-                self._mark_cold(key)
+                if level == "cold":
+                    self._mark_cold(key)
                 self._trim("warm")
         except (StellarError, OSError):
             self.stats.add("warm", "errors")  # e.g. a full disk: serve the read anyway
-        if level != "hot" and "hot" in self.tiers and (
-                self.policy.pinned(key) or score >= self.policy.promote_hot):
-            self._place_hot(key, data)
+        if "hot" in self.tiers and (self.policy.pinned(key) or score >= self.policy.promote_hot):
+            if self._place_hot(key, data):
+                try:
+                    placed = self._hot_view(key)
+                except TierUnavailable:
+                    placed = None
+                if placed is not None:
+                    return memoryview(placed)
+            self._local.put(key, data)  # wanted hot, could not be: verified once all the same
+        return data
 
     # -- placement and eviction ---------------------------------------------------
 
@@ -268,11 +410,13 @@ class PhotonRouter:
 
     def _place_hot(self, key: bytes, data: bytes | memoryview, required: bool = False) -> bool:
         hot = self.tiers["hot"]
+        if self._hot_closed and not required:
+            return False
         with self._lock:
-            if hot.contains(key):
-                return True
-            cap = self.capacities.get("hot")
             try:
+                if hot.contains(key):
+                    return True
+                cap = self.capacities.get("hot")
                 if cap is not None and len(data) > cap:
                     raise TierFull(f"a {len(data)}-byte chunk exceeds the hot capacity {cap}")
                 self._make_room("hot", len(data))
@@ -280,6 +424,12 @@ class PhotonRouter:
             except TierFull as exc:
                 if required:
                     raise TierFull(f"chunk {key.hex()} cannot be kept hot: {exc}") from None
+                return False
+            except TierUnavailable:
+                if required:
+                    raise
+                self.stats.add("hot", "errors")
+                self._hot_closed = True  # e.g. read-only to this process: stop trying
                 return False
             self.stats.add("hot", "promoted")
             self._placements += 1
@@ -299,7 +449,14 @@ class PhotonRouter:
         if level != "hot" and self._stuck.get(level) == self._durable_gen:
             self.stats.add(level, "over_capacity")  # nothing became evictable since last try
             return
-        for victim in self.policy.victims(tier.keys()):
+        if getattr(tier, "shared", False):
+            # Recency is host-wide and listing costs a scan: evict in the tier's own
+            # order (least recently used by any process first), an eighth extra.
+            victims = [k for k in tier.keys() if not self.policy.pinned(k)]
+            need += cap // 8
+        else:
+            victims = self.policy.victims(tier.keys())
+        for victim in victims:
             used -= self._evict(level, victim)
             if used + need <= cap:
                 self._stuck.pop(level, None)
@@ -437,7 +594,7 @@ class PhotonRouter:
 
     def report(self) -> dict[str, Any]:
         """Counters of this process by level, plus the write-back state."""
-        out: dict[str, Any] = {lvl: self.stats.get(lvl) for lvl in self.levels}
+        out: dict[str, Any] = {lvl: self.stats.get(lvl) for lvl in self._read_levels}
         if self.writeback is not None:
             wb = self.writeback
             out["writeback"] = {"pending": wb.pending(), "uploaded": wb.uploaded,
@@ -469,14 +626,54 @@ def nebula_is_warm(host: Any) -> bool:
     return "warm" not in host.config.tiers and nebula_exists(host.store_path)
 
 
-def from_host(host: Any, *, nebula_warm: bool | None = None, **kw: Any) -> PhotonRouter:
+def shm_is_hot(host: Any) -> bool:
+    """Whether the host-wide ``shm`` tier plays the hot level by default: no
+    ``[tiers.hot]`` is configured."""
+    return "hot" not in host.config.tiers
+
+
+def confined_paths(cfg: Any, *, writes: bool) -> list[tuple[str, bool]]:
+    """(path, writable) grants beside the store of host config ``cfg`` for a confined
+    process that reads it (and writes it, if ``writes``): the host-wide hot directory
+    read-only, if the hot level is ``shm`` (a process that parses untrusted input uses
+    chunks trusted processes verified but never places any), and PHOTON's counters,
+    writable when this uid owns them (a store writer has them with the store)."""
+    from stellarium_core.photon.shm import hot_dir
+
+    hot = cfg.tiers.get("hot")
+    out: list[tuple[str, bool]] = []
+    if hot is None or hot.plugin == "shm":
+        path = hot_dir(cfg.store_path, hot.params if hot else {})
+        if path.is_dir():
+            out.append((str(path), False))
+    counters = str(cfg.store_path / "tiers")
+    if not writes and _owned(counters):
+        out.append((counters, True))
+    return out
+
+
+def _owned(tree: str) -> bool:
+    """Whether ``tree`` exists and all of it belongs to this uid: what a process without
+    capabilities can write (for root, os.access would say yes to anything)."""
+    paths = [os.path.join(top, f) for top, _d, files in os.walk(tree) for f in ["", *files]]
+    try:
+        return bool(paths) and all(os.lstat(p).st_uid == os.geteuid() for p in paths)
+    except OSError:
+        return False
+
+
+def from_host(host: Any, *, nebula_warm: bool | None = None, shm_hot: bool | None = None,
+              **kw: Any) -> PhotonRouter:
     """The router for a :class:`~stellarium_core.host.Host`'s configured tiers.
 
     Capacities come from ``[tiers.<level>] capacity``; the MemAvailable
     watermark from the hot backend's ``min_available`` when it has one. The
     host's NEBULA store is the warm level when ``nebula_warm`` is true, or when
     it is None (the default), no ``[tiers.warm]`` is configured and the store
-    has been initialised.
+    has been initialised. Likewise the host-wide ``shm`` tier is the hot level
+    unless ``[tiers.hot]`` names another (or ``shm_hot`` is false). A hot tier
+    shared by the host takes a chunk on its first read: any later reader, in
+    any process, is then spared verifying and decompressing it.
     """
     tiers = dict(host.tiers)
     if nebula_warm is None:
@@ -485,7 +682,11 @@ def from_host(host: Any, *, nebula_warm: bool | None = None, **kw: Any) -> Photo
         if "warm" in tiers:
             raise StellarError("the warm level is configured ([tiers.warm]); it cannot also "
                                "be the NEBULA store")
-        tiers["warm"] = NebulaTier(host.store)
+        tiers["warm"] = NebulaTier(host.store, host.store_path / RECORDS)
+    if shm_hot is None:
+        shm_hot = shm_is_hot(host)
+    if shm_hot and "hot" not in tiers:
+        tiers["hot"] = host.shm_tier()
     if not tiers:
         raise StellarError("no tiers are configured (add [tiers.hot|warm|cold] to the host "
                            "config)")
@@ -493,4 +694,12 @@ def from_host(host: Any, *, nebula_warm: bool | None = None, **kw: Any) -> Photo
     kw.setdefault("state_dir", host.store_path / "tiers")
     if "hot" in tiers:
         kw.setdefault("min_available", getattr(tiers["hot"], "min_available", None))
+        if getattr(tiers["hot"], "shared", False):
+            kw.setdefault("policy", Policy(promote_hot=1.0))
+    cluster = host.config.cluster
+    if cluster["peers"]:
+        from stellarium_core.photon.peers import PeerTier
+
+        kw.setdefault("peers", PeerTier(cluster["node"], cluster["peers"], host.hasher,
+                                        fanout=cluster["fanout"], timeout=cluster["timeout"]))
     return PhotonRouter(tiers, host.hasher, **kw)

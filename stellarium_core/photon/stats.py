@@ -48,9 +48,13 @@ class Stats:
         self._lock = threading.Lock()
 
     def add(self, section: str, field: str, n: int = 1) -> None:
+        """Count ``n`` ``field`` events (every read of every chunk passes here)."""
         with self._lock:
-            self._now.setdefault(section, Counter())[field] += n
-            self._unsaved.setdefault(section, Counter())[field] += n
+            for counters in (self._now, self._unsaved):
+                c = counters.get(section)
+                if c is None:
+                    c = counters[section] = Counter()
+                c[field] += n
 
     def get(self, section: str) -> dict[str, int]:
         """This process's counts for ``section``."""
@@ -59,7 +63,8 @@ class Stats:
             return {f: c.get(f, 0) for f in sorted(set(FIELDS) | set(c))}
 
     def save(self) -> None:
-        """Add the unsaved counts to the totals file."""
+        """Add the unsaved counts to the totals file; kept for the next try if it
+        cannot be written (a read-only store, a confined process)."""
         if self.path is None:
             return
         with self._lock:
@@ -68,9 +73,13 @@ class Stats:
                 t = totals.setdefault(section, {})
                 for f, n in counts.items():
                     t[f] = t.get(f, 0) + n
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, (json.dumps(totals, indent=2, sort_keys=True) + "\n").encode(),
-                         durable=False)
+            try:
+                self.path.parent.mkdir(exist_ok=True)  # <store>/tiers, in a store made before it
+                write_atomic(self.path,
+                             (json.dumps(totals, indent=2, sort_keys=True) + "\n").encode(),
+                             durable=False)
+            except OSError:
+                return
             self._unsaved.clear()
 
     def snapshot(self) -> dict[str, Any]:

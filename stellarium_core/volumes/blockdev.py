@@ -1,8 +1,9 @@
 """The sector view of a volume, as the virtio-stellar block device uses it.
 
 Everything is addressed in 512-byte sectors, like virtio-blk requests. Reads can
-hand out memoryviews straight over NEBULA's pack mappings (``read_views``), so a
-device can copy once, from the shared chunk into guest memory. The disk is a
+hand out memoryviews straight over the chunks (``read_views``): the host-wide hot
+tier's shared pages, or NEBULA's pack mappings, so a device copies once, from the
+shared chunk into guest memory. The disk is a
 writable :class:`Volume` or a read-only :class:`ImageDisk` (an image's VM form).
 """
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import bisect
 import fcntl
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +34,7 @@ from stellarium_core.nebula.errors import ChunkError
 from stellarium_core.volumes import cosmic, erofs
 from stellarium_core.volumes.filetree import Entry, Manifest
 from stellarium_core.volumes.tinyvol import Extent, ExtentMap, ManifestError, decode_extents
-from stellarium_core.volumes.volume import VolumeError
+from stellarium_core.volumes.volume import ChunkReader, VolumeError
 
 if TYPE_CHECKING:
     from stellarium_core.host import Host
@@ -43,9 +42,6 @@ if TYPE_CHECKING:
 SUFFIX = ".tinyvol"
 META_PIECE = 64 * 1024
 _ZEROS = memoryview(bytes(META_PIECE))
-#: Verified chunk views an open disk keeps (at most 256 KiB each): a guest reading a
-#: file 4 KiB at a time then hashes or decompresses each chunk once, not per read.
-VIEW_CACHE = 128
 
 
 class ImageDisk:
@@ -54,27 +50,19 @@ class ImageDisk:
 
     readonly = True
 
-    def __init__(self, name: str, disk: ExtentMap, store: Any, lock_fd: int) -> None:
+    def __init__(self, name: str, disk: ExtentMap, reader: ChunkReader, lock_fd: int) -> None:
         self.name = name
         self.disk = disk
-        self._store = store
+        self._reader = reader
         self._fd = lock_fd
         self._starts = [x.offset for x in disk.extents]
-        self._views: OrderedDict[bytes, memoryview] = OrderedDict()
 
     @property
     def size(self) -> int:
         return self.disk.size
 
     def _chunk(self, x: Extent) -> memoryview:
-        view = self._views.get(x.digest)
-        if view is None:
-            view = self._store.view(x.digest)
-            self._views[x.digest] = view
-            if len(self._views) > VIEW_CACHE:
-                self._views.popitem(last=False)
-        else:
-            self._views.move_to_end(x.digest)
+        view = self._reader.view(x.digest)  # PHOTON on a host: hashed and unpacked once
         if x.chunk_offset + x.length > len(view):
             raise ManifestError(f"image disk {self.name}: extent at {x.offset} reaches past "
                                 f"the end of chunk {x.digest.hex()} ({len(view)} bytes)")
@@ -119,7 +107,6 @@ class ImageDisk:
         return bytes(out)
 
     def close(self) -> None:
-        self._views.clear()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -134,14 +121,19 @@ class ImageDisk:
 class ImageDisks:
     """The image-disk catalog under ``<store>/volumes/images``, keyed by image digest."""
 
-    def __init__(self, root: str | os.PathLike[str], store: Any, hasher: Hasher) -> None:
+    def __init__(self, root: str | os.PathLike[str], store: Any, hasher: Hasher,
+                 reader: ChunkReader | None = None) -> None:
+        """Disks read their chunks through ``reader`` (default: the store itself)."""
         self.root = Path(root)
         self.store, self.hasher = store, hasher
+        self.reader: ChunkReader = reader if reader is not None else store
         self.root.mkdir(parents=True, exist_ok=True)
 
     @classmethod
     def for_host(cls, host: Host) -> ImageDisks:
-        return cls(host.store_path / "volumes" / "images", host.store, host.hasher)
+        """The catalog of ``host``'s store, read through the host's PHOTON router."""
+        return cls(host.store_path / "volumes" / "images", host.store, host.hasher,
+                   reader=host.photon)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -277,7 +269,7 @@ class ImageDisks:
         except BaseException:
             os.close(fd)
             raise
-        return ImageDisk(name or image.hex(), disk, self.store, fd)
+        return ImageDisk(name or image.hex(), disk, self.reader, fd)
 
     def export_raw(self, image: bytes, dest: str | os.PathLike[str]) -> int:
         """Write the disk as a sparse raw image (e.g. to loop-mount); returns data bytes."""

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from stellarium_core.errors import StellarError, UsageError
 from stellarium_core.fsutil import claim, fsync_dir, sweep_unclaimed, write_atomic
@@ -36,10 +36,19 @@ from stellarium_core.hookspecs import Hasher
 from stellarium_core.volumes import tinyvol
 from stellarium_core.volumes.tinyvol import NO_BASE, REF_ZERO, ChunkRef, ManifestError, TinyVol
 
+if TYPE_CHECKING:
+    from stellarium_core.host import Host
+
 SUFFIX = ".tinyvol"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _ZEROS = bytes(1 << 16)
 _ZERO_VIEW = memoryview(_ZEROS)
+
+
+class ChunkReader(Protocol):
+    """Where volumes read chunks: a ChunkStore, or the PHOTON router above it."""
+
+    def view(self, digest: bytes) -> memoryview: ...
 
 
 class VolumeError(StellarError):
@@ -137,7 +146,8 @@ class Volume:
         return None if ref is None or ref.zero else ref
 
     def slot_view(self, idx: int) -> memoryview:
-        """The slot's bytes, zero-copy from NEBULA when the chunk is stored uncompressed."""
+        """The slot's bytes through the catalog's reader (PHOTON on a host): zero-copy
+        from the hot tier's shared pages, or from NEBULA for an uncompressed chunk."""
         buf = self._dirty.get(idx)
         if buf is not None:
             return memoryview(buf)
@@ -145,7 +155,7 @@ class Volume:
         n = self.manifest.slot_len(idx)
         if ref is None:
             return _ZERO_VIEW[:n]
-        view = self._store.view(ref.digest)
+        view = self._cat.reader.view(ref.digest)
         return view if len(view) == n else memoryview(bytes(view[:n]).ljust(n, b"\0"))
 
     def stable_slot(self, idx: int) -> memoryview | None:
@@ -288,11 +298,13 @@ class VolumeStore:
     """The named-volume catalog under ``<store>/volumes`` over one NEBULA ChunkStore."""
 
     def __init__(self, root: Path, store: Any, hasher: Hasher, *, durable: bool = True,
-                 cache_slots: int = 1024) -> None:
+                 cache_slots: int = 1024, reader: ChunkReader | None = None) -> None:
         """``durable=False`` skips the fsyncs when a new manifest is created (create,
         clone, snapshot): a crash may then lose the new volume and leak its chunk
         references, never free a chunk still listed. ``cache_slots`` bounds each open
-        volume's write-back cache (1024 x 64 KiB = 64 MiB)."""
+        volume's write-back cache (1024 x 64 KiB = 64 MiB). Reads go through
+        ``reader`` (default: the store itself)."""
+        self.reader: ChunkReader = reader if reader is not None else store
         self.root = Path(root)
         self.durable = durable
         self.cache_slots = cache_slots
@@ -300,6 +312,11 @@ class VolumeStore:
         self.store = store
         self.hasher = hasher
         self.bases.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def for_host(cls, host: Host) -> VolumeStore:
+        """The catalog of ``host``'s store, read through the host's PHOTON router."""
+        return cls(host.store_path / "volumes", host.store, host.hasher, reader=host.photon)
 
     # -- files --------------------------------------------------------------------
 

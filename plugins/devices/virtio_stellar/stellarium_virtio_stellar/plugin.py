@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from stellarium_core.config import Field, validate_params
 from stellarium_core.errors import ConfigError
 from stellarium_core.hookspecs import DeviceContext, hookimpl
+from stellarium_core.photon import confined_paths
 from stellarium_core.volumes.blockdev import BlockDevice
 from stellarium_core.volumes.imagedisk import ImageDisks
 from stellarium_core.volumes.volume import Volume, VolumeStore
@@ -43,8 +44,7 @@ def _boolean(value: Any) -> bool:
 
 
 def _catalogs(host: Host) -> tuple[VolumeStore, ImageDisks]:
-    return (VolumeStore(host.store_path / "volumes", host.store, host.hasher),
-            ImageDisks.for_host(host))
+    return VolumeStore.for_host(host), ImageDisks.for_host(host)
 
 
 def open_device(host: Host, volume: str, *, readonly: bool = False) -> VirtioStellar:
@@ -82,7 +82,9 @@ def _device(vol: Volume | ImageDisk, serial: str, host: Host, *, writes: bool,
         vol.close()
         raise
     return VirtioStellar(disk, serial=serial, on_close=vol.close,
-                         host_paths=[(str(host.store_path), writes)], sharing=sharing)
+                         host_paths=[(str(host.store_path), writes),
+                                     *confined_paths(host.config, writes=writes)],
+                         sharing=sharing)
 
 
 @hookimpl

@@ -139,6 +139,11 @@ def test_container_runs_on_pulled_image(pulled: tuple[Path, Path]) -> None:
     assert mounts_below(store) == [] and list((store / "runtime").iterdir()) == []
     names = [r["name"] for r in stellar(cfg, "image", "ls")["images"]]
     assert names == ["debian"]  # the per-run pins are gone
+    # Each run's FUSE server read through PHOTON: what the first verified and
+    # decompressed, the later ones found in the host-wide hot tier.
+    tiers = {t["level"]: t for t in stellar(cfg, "tiers")["tiers"]}
+    assert tiers["hot"]["plugin"] == "shm" and tiers["hot"]["objects"] > 0
+    assert tiers["warm"]["hits"] > 0 and tiers["hot"]["hits"] > 0, tiers
 
 
 @pytest.mark.slow

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         host = Host.from_config(args.config)
         images = ImageStore.for_host(host)
         tree = tree_from_manifest(images.flatten(args.digest))
-        serve(tree, host.store.get, host.hasher, args.mountpoint)
+        serve(tree, host.photon.view, host.hasher, args.mountpoint)
+        host.photon.stats.save()  # now: the runner's SIGTERM may follow the unmount
     except StellarError as exc:
         print(f"voltainer-serve: error: {exc}", file=sys.stderr)
         return 1

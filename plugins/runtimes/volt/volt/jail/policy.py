@@ -3,8 +3,9 @@
 Everything else on the host is out of reach. The list is derived from the VM's
 config and its built devices, never from the guest: kernel and initrd files
 (read), what each device declares it still opens (``host_paths``: a Stellarium
-device's store, read-write unless every device on it is read-only), and the
-KVM/TUN/vhost device nodes that exist on this host.
+device's store, read-write unless every device on it is read-only, and PHOTON's
+hot tier and counters beside it), and the KVM/TUN/vhost device nodes that exist
+on this host.
 """
 
 from __future__ import annotations
