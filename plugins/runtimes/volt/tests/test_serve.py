@@ -62,26 +62,43 @@ def test_each_request_is_a_confined_vm_with_the_clients_console(server, tmp_path
 
 @needs_kvm
 def test_a_vm_holds_nothing_of_the_server(server, tmp_path):
-    """Not the listening socket, not another client's connection: a compromised VM cannot
-    take requests meant for the server or answer for another VM."""
+    """Not the listening socket, not another client's connection (the server keeps each
+    running VM's, to send its exit code): a compromised VM cannot take requests meant for
+    the server or answer for another VM."""
     k = tmp_path / "spin.elf"
     k.write_bytes(make_elf(body=bytes.fromhex("ebfe"), pvh=0x1000000))     # jmp $
+    argv = ["--kernel", str(k), "--mem", "32", "--serial", "none"]
     null = os.open(os.devnull, os.O_RDWR)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other, \
-            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-        other.connect(str(server))           # a second client's connection is open
-        c.connect(str(server))
-        argv = ["--kernel", str(k), "--mem", "32", "--serial", "none"]
-        socket.send_fds(c, [json.dumps({"argv": argv}).encode()], [null, null, null])
-        replies = c.makefile("rb")
-        pid = json.loads(replies.readline())["pid"]
+    clients, pids = [], []
+    try:
+        for _ in range(2):                   # the first VM's connection is open meanwhile
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(c)
+            c.connect(str(server))
+            socket.send_fds(c, [json.dumps({"argv": argv}).encode()], [null, null, null])
+            pids.append(json.loads(c.makefile("rb").readline())["pid"])
         time.sleep(1)                        # built and running by now
-        links = [os.readlink(f"/proc/{pid}/fd/{f}") for f in os.listdir(f"/proc/{pid}/fd")]
-        os.kill(pid, signal.SIGTERM)
-        assert json.loads(replies.readline()) == {"exit": exitcodes.TERMINATED}
-    os.close(null)
+        fds = f"/proc/{pids[1]}/fd"
+        links = [os.readlink(f"{fds}/{f}") for f in os.listdir(fds)]
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        for c in clients:
+            c.close()
+        os.close(null)
     assert "/dev/kvm" in links
     assert not [link for link in links if link.startswith("socket:")], links
+
+
+def test_a_silent_client_does_not_hold_up_the_others(server):
+    """Requests are taken one at a time: one that never comes is given up on, with an
+    answer saying so, and the next client is served."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(str(server))
+        res = spawn(server, "--no-such-flag")
+        assert json.loads(silent.makefile("rb").readline()) == \
+            {"error": "no request within 5 s of connecting"}
+    assert res.returncode == 2, res.stderr           # served: argparse answered
 
 
 @needs_kvm

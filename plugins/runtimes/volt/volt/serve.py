@@ -31,6 +31,9 @@ from stellarium_core.errors import StellarError
 
 #: A request is one small JSON object.
 MAX_REQUEST = 64 * 1024
+#: Seconds a client has to send its request once connected: requests are taken one at a
+#: time, so a client that connects and says nothing must not hold up the others.
+REQUEST_TIMEOUT = 5.0
 #: What a VM imports on its way to the first KVM_RUN, loaded once by the server.
 PRELOAD = ("volt.vmm.__main__", "volt.vmm.builder", "volt.vmm.runner", "volt.vmm.vm",
            "volt.vmm.devices.console", "volt.vmm.loader.kernel", "volt.jail.confine",
@@ -101,7 +104,12 @@ def serve(path: str | os.PathLike[str]) -> int:
 
 
 def _start_vm(conn: socket.socket, handlers: dict) -> None:
-    msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 3)
+    conn.settimeout(REQUEST_TIMEOUT)
+    try:
+        msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 3)
+    except TimeoutError:
+        raise ServeError(f"no request within {REQUEST_TIMEOUT:g} s of connecting") from None
+    conn.settimeout(None)
     try:
         if len(fds) != 3:
             raise ServeError(f"a request carries 3 file descriptors (stdin, stdout, "
