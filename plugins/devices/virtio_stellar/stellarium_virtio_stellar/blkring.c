@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define VB_MAX_REGIONS 8
@@ -70,6 +71,8 @@ struct vb_dev {
     uint32_t used_since_signal;
     char error[160];
     uint64_t served, slowed;
+    /* what the device's metrics() reports for requests C completed (served() counts) */
+    uint64_t requests, errors, read_bytes, write_bytes, latency_ns, latency_ns_max;
 };
 
 /* -- guest memory ------------------------------------------------------------ */
@@ -240,8 +243,16 @@ static int in_range(struct vb_dev *d, uint64_t sector, uint64_t count)
 }
 
 /* Returns the bytes written into the chain (status included), or SLOW. */
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 static long long serve(struct vb_dev *d)
 {
+    uint64_t started = now_ns();
     struct seg *seg = d->seg;
     int wfrom = d->writable_from;
     /* split_tail(1): the status byte is the last byte of the writable buffers */
@@ -260,11 +271,12 @@ static long long serve(struct vb_dev *d)
     int st = S_OK;
     uint8_t hdr[16];
 
+    uint32_t type = 0;
+    uint64_t sector = 0, payload = 0;
     if (r_len < 16) { st = S_IOERR; goto done; }
     cur_copy(&rd, hdr, 16, 0);
-    uint32_t type; uint64_t sector;
     memcpy(&type, hdr, 4); memcpy(&sector, hdr + 8, 8);
-    uint64_t payload = r_len - 16;
+    payload = r_len - 16;
     switch (type) {
     case T_IN: {
         if (payload || w_len % SECTOR || w_len > d->max_request) { st = S_IOERR; break; }
@@ -320,6 +332,13 @@ done:
     if (st != S_OK) written = 0;
     seg[last].len = saved;
     *status = (uint8_t)st;
+    uint64_t took = now_ns() - started;
+    d->requests++;
+    d->errors += st != S_OK;
+    if (st == S_OK && type == T_IN) d->read_bytes += written;
+    if (st == S_OK && type == T_OUT) d->write_bytes += payload;
+    d->latency_ns += took;
+    if (took > d->latency_ns_max) d->latency_ns_max = took;
     return (long long)written + 1;
 }
 

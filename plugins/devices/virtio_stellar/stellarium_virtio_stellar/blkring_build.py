@@ -33,6 +33,7 @@ struct vb_dev {
     uint32_t used_since_signal;
     char error[160];
     uint64_t served, slowed;
+    uint64_t requests, errors, read_bytes, write_bytes, latency_ns, latency_ns_max;
     ...;
 };
 int vb_drain(struct vb_dev *d);

@@ -121,7 +121,7 @@ class VirtioStellar:
         self.driver_features = features
         self.mem, self.queue, self.interrupt = mem, queues[0], interrupt
         self.broken = False
-        self._native = None
+        self._retire_native()
         if self.queue.ready and native.supported(self.disk):
             self._native = native.NativeRing(mem, self.queue, self.disk, serial=self.serial,
                                              max_request=MAX_REQUEST)
@@ -154,7 +154,8 @@ class VirtioStellar:
         """Requests, errors, bytes and mean/max latency since start (the VMM's metrics
         lines carry them under this device's id), and how many of the disk's chunks
         other disks of the store share, when the disk is a Stellarium one."""
-        s, n = self.stats, self.stats["requests"]
+        s = self._totals()
+        n = s["requests"]
         out: dict[str, int | float] = {
             "requests": n, "errors": s["errors"], "read_bytes": s["read_bytes"],
             "write_bytes": s["write_bytes"],
@@ -168,8 +169,23 @@ class VirtioStellar:
         """Where the disk reads (and writes) once the VMM is confined: its store."""
         return list(self._host_paths)
 
-    def reset(self) -> None:
+    def _totals(self) -> Counter[str]:
+        """Python's counters plus the C loop's (requests either one completed)."""
+        s = Counter(self.stats)
+        if self._native is not None:
+            c = self._native.stats()
+            s["latency_ns_max"] = max(s["latency_ns_max"], c.pop("latency_ns_max"))
+            s.update(c)
+        return s
+
+    def _retire_native(self) -> None:
+        """Drop the C loop's ring, keeping what it counted."""
+        if getattr(self, "_native", None) is not None:
+            self.stats = self._totals()
         self._native: native.NativeRing | None = None
+
+    def reset(self) -> None:
+        self._retire_native()
         self.mem: GuestMemory | None = None
         self.queue: Virtqueue | None = None
         self.interrupt: Callable[[], None] = _no_interrupt

@@ -109,6 +109,13 @@ class NativeRing:
             self.store(q)
         return wants, broken
 
+    def stats(self) -> dict[str, int]:
+        """The device's metrics counters for the requests C completed."""
+        d = self.d
+        return {"requests": d.requests, "errors": d.errors, "read_bytes": d.read_bytes,
+                "write_bytes": d.write_bytes, "latency_ns": d.latency_ns,
+                "latency_ns_max": d.latency_ns_max}
+
     def serve_again(self, head: int) -> int | None:
         """The chain at ``head`` served by C after :meth:`publish` (bytes written), or
         None when it still needs Python."""

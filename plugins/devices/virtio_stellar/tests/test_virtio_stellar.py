@@ -270,12 +270,19 @@ def test_plugin_opens_the_named_volume_from_the_host_store(host_cfg, image):
 
 
 def test_plugin_declares_its_store_for_the_vmm_sandbox(host_cfg, tmp_path):
-    """What a confined VMM must still reach: the store, writable only for a writable disk."""
+    """What a confined VMM must still reach: the store, writable only for a writable disk,
+    and beside a read-only one PHOTON's counters (the hot tier, read-only, once it exists)."""
     store = str(tmp_path / "store")
+    counters = (str(tmp_path / "store" / "tiers"), True)
+    (tmp_path / "store" / "tiers").mkdir(exist_ok=True)
     for params, writes in (({"volume": "root"}, True),
                            ({"volume": "root", "readonly": "true"}, False)):
         dev = create(host_cfg, params)
-        assert isinstance(dev, HostPathsDevice) and dev.host_paths() == [(store, writes)]
+        assert isinstance(dev, HostPathsDevice)
+        paths = dev.host_paths()
+        assert paths[0] == (store, writes)
+        assert (counters in paths) is not writes, paths
+        assert all(not w for p, w in paths[1:] if p != counters[0]), paths
         dev.close()
 
 
