@@ -156,14 +156,16 @@ def vsock(args: dict) -> dict:
     def connect_to_guest(text: str, _proc: subprocess.Popen) -> None:
         if not text.startswith(f"VSOCK-LISTENING {guest_port}"):
             return
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(60)
-        s.connect(uds)
-        s.sendall(f"CONNECT {guest_port}\n".encode())
-        seen["handshake"] = read_line(s)
-        s.sendall(b"hello-from-host\n")
-        seen["echo"] = read_line(s)
-        s.close()
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(60)
+                s.connect(uds)
+                s.sendall(f"CONNECT {guest_port}\n".encode())
+                seen["handshake"] = read_line(s)
+                s.sendall(b"hello-from-host\n")
+                seen["echo"] = read_line(s)
+        except OSError as exc:           # the result still carries the VMM's stderr
+            seen["host_error"] = f"{type(exc).__name__}: {exc}"
 
     t = threading.Thread(target=answer, daemon=True)
     t.start()

@@ -57,7 +57,8 @@ NET_IOCTLS = ("ioctl:TUNSETOFFLOAD", "ioctl:VHOST_SET_FEATURES", "ioctl:VHOST_SE
 #: virtio-vsock in the I/O thread: host programs connect to its unix socket (accept4),
 #: guest connections become unix connections to <uds_path>_PORT (socket, connect), and
 #: the streams move both ways (DEVICE's sendmsg/recvmsg) and are half-closed (shutdown).
-VSOCK = ("accept4", "socket:AF_UNIX", "connect", "shutdown")
+#: Python's accept() asks the new socket its name, and setblocking() is FIONBIO.
+VSOCK = ("accept4", "socket:AF_UNIX", "connect", "shutdown", "getsockname", "ioctl:FIONBIO")
 #: KVM ioctls a vCPU thread makes while the guest runs (exits, pause probes, irq lines).
 VCPU_IOCTLS = ("RUN", "GET_REGS", "SET_REGS", "GET_SREGS", "SET_SREGS", "GET_MP_STATE",
                "IRQ_LINE")
@@ -77,7 +78,7 @@ MAIN = ("clone:THREAD", "seccomp", "prctl:SET_NAME", "prctl:SET_NO_NEW_PRIVS",
         "getcwd", "dup", "dup3")
 
 CLONE_THREAD = 0x10000
-FIONREAD, TCGETS = 0x541B, 0x5401
+FIONREAD, TCGETS, FIONBIO = 0x541B, 0x5401, 0x5421
 U32 = 0xFFFFFFFF
 
 
@@ -103,6 +104,7 @@ CHECKS = {"clone:THREAD": (0, CLONE_THREAD, CLONE_THREAD), "socket:AF_UNIX": (0,
           "prctl:SET_NAME": (0, U32, 15), "prctl:SET_SECCOMP": (0, U32, 22),
           "prctl:SET_NO_NEW_PRIVS": (0, U32, 38),
           "ioctl:FIONREAD": (1, U32, FIONREAD), "ioctl:TCGETS": (1, U32, TCGETS),
+          "ioctl:FIONBIO": (1, U32, FIONBIO),
           "tgkill:SELF": (0, U32, SELF),
           **{f"ioctl:{name}": (1, U32, nr) for name, nr in NET_IOCTL_NUMBERS.items()}}
 
