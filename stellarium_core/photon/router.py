@@ -142,6 +142,9 @@ class PhotonRouter:
         self._hot_closed = False  # placing hot failed for good in this process
         self._promoting = threading.local()  # this thread copies a remote chunk into warm
         self._local = ViewCache(max_items=LOCAL_VIEWS)
+        #: When a dict, every chunk read through :meth:`view` is added in first-access
+        #: order (a boot's trace, from which its prefetch set is recorded).
+        self.trace: dict[bytes, None] | None = None
         self.state_dir = state_dir
         self.stats = Stats(state_dir / STATS_FILE if state_dir else None)
         self._read_levels = [*self.levels]
@@ -233,6 +236,8 @@ class PhotonRouter:
         is in the host-wide hot tier, or among the views this process verified and
         could not place there (a hot tier that is full or read-only to it).
         """
+        if self.trace is not None:
+            self.trace.setdefault(key)
         mv = self._local.get(key) if self._local else None
         if mv is not None:
             self._hit("hot", key)
