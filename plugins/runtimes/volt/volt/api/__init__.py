@@ -58,6 +58,7 @@ def launch(args: argparse.Namespace) -> int:
         listener = bind(args.api_sock)
         bound = time.monotonic()
     from stellarium_core.host import Host
+    from volt import boots
     from volt.jail import confine
     from volt.vmm import config, firecracker
     from volt.vmm.firecracker import Telemetry
@@ -68,18 +69,21 @@ def launch(args: argparse.Namespace) -> int:
         if args.config_file:
             base = config.layered(config.host_layer(host.config))
             file_layer, telemetry = firecracker.file_layer(args.config_file, base)
-        cfg = config.from_args(args, host.config, file_layer)
+        cfg = config.from_args(args, host.config, file_layer,
+                               expand=lambda ref, flags: boots.expand(host, ref, flags))
     except BaseException:
         if listener is not None:
             listener.close()
         raise
     confinement = confine.from_args(args)
-    if listener is not None:
-        return serve(cfg, host, listener, boot=bool(args.config_file), timing=args.timing,
-                     confinement=confinement, telemetry=telemetry, bound=bound)
-    from volt.vmm.runner import launch as run_vm
+    with boots.chunk_trace(host, args.trace_chunks):
+        if listener is not None:
+            return serve(cfg, host, listener, boot=bool(args.config_file), timing=args.timing,
+                         confinement=confinement, telemetry=telemetry, bound=bound)
+        from volt.vmm.runner import launch as run_vm
 
-    return run_vm(cfg, host, timing=args.timing, confinement=confinement, telemetry=telemetry)
+        return run_vm(cfg, host, timing=args.timing, confinement=confinement,
+                      telemetry=telemetry)
 
 
 def serve(cfg: VmConfig, host: Host, listener: socket.socket, *, boot: bool,
