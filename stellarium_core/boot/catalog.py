@@ -11,13 +11,11 @@ exactly what its record held.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from stellarium_core.boot.manifest import Blob, BootManifest, BootManifestError, decode
 from stellarium_core.errors import StellarError, UsageError
 from stellarium_core.fsutil import fsync_dir, write_atomic
-from stellarium_core.holders import RECORDS
+from stellarium_core.holders import record_dir, records_locked
 
 if TYPE_CHECKING:
     from stellarium_core.host import Host
@@ -62,20 +60,11 @@ def check_name(name: str) -> str:
 
 
 def _dir(host: Host) -> Path:
-    top = host.store_path / RECORDS
-    if not top.is_dir():
-        raise StellarError(f"no record directory at {top} (run `stellar host init`)")
-    d = top / OWNER
-    d.mkdir(exist_ok=True)
-    return d
+    return record_dir(host.store_path, OWNER)
 
 
-@contextmanager
-def _locked(host: Host) -> Iterator[Path]:
-    d = _dir(host)
-    with open(d / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield d
+def _locked(host: Host) -> AbstractContextManager[Path]:
+    return records_locked(host.store_path, OWNER)
 
 
 def check(host: Host, m: BootManifest) -> None:

@@ -140,7 +140,7 @@ def _check(doc: dict[str, Any]) -> BootManifest:
         root_kind=kind, root=name, cmdline=cmdline,
         memory_mib=_int(doc["memory_mib"], "memory_mib", 8, MAX_MEMORY_MIB),
         vcpus=_int(doc["vcpus"], "vcpus", 1, MAX_VCPUS),
-        prefetch=tuple(_digest(h, f"prefetch[{i}]") for i, h in enumerate(prefetch)))
+        prefetch=tuple(parse_digest(h, f"prefetch[{i}]") for i, h in enumerate(prefetch)))
 
 
 def _int(v: Any, what: str, low: int, high: int) -> int:
@@ -149,7 +149,8 @@ def _int(v: Any, what: str, low: int, high: int) -> int:
     return v
 
 
-def _digest(h: Any, what: str) -> bytes:
+def parse_digest(h: Any, what: str) -> bytes:
+    """A chunk digest from its hex text; BootManifestError naming ``what`` otherwise."""
     if not isinstance(h, str) or not _HEX64.fullmatch(h):
         raise BootManifestError(f"{what}: {str(h)[:80]!r} is not a chunk digest "
                                 "(64 lowercase hex digits)")
@@ -160,7 +161,7 @@ def _blob(doc: Any, what: str) -> Blob:
     if not isinstance(doc, dict) or set(doc) != {"digest", "size", "chunks"}:
         raise BootManifestError(f"{what}: expected {{digest, size, chunks}}")
     digest = doc["digest"]
-    _digest(digest, f"{what}.digest")
+    parse_digest(digest, f"{what}.digest")
     size = _int(doc["size"], f"{what}.size", 1, MAX_BLOB_BYTES)
     chunks = doc["chunks"]
     if not isinstance(chunks, list) or not 1 <= len(chunks) <= MAX_BLOB_CHUNKS:
@@ -170,7 +171,7 @@ def _blob(doc: Any, what: str) -> Blob:
     for i, pair in enumerate(chunks):
         if not isinstance(pair, list) or len(pair) != 2:
             raise BootManifestError(f"{what}.chunks[{i}]: expected [digest, length]")
-        out.append((_digest(pair[0], f"{what}.chunks[{i}]"),
+        out.append((parse_digest(pair[0], f"{what}.chunks[{i}]"),
                     _int(pair[1], f"{what}.chunks[{i}] length", 1, MAX_BLOB_BYTES)))
     if sum(n for _, n in out) != size:
         raise BootManifestError(f"{what}: its chunks add up to {sum(n for _, n in out)} "

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stellarium_core import boot
+from stellarium_core.boot.manifest import parse_digest
 from stellarium_core.errors import StellarError, UsageError
 from volt.vmm import config as vm_config
 from volt.vmm import exitcodes
@@ -48,16 +49,8 @@ def blob(host: Host, ref: str, slots: tuple[str, ...], what: str) -> boot.Blob:
 
 def read_trace(path: Path) -> tuple[bytes, ...]:
     """The chunk digests a ``volt run --trace-chunks`` file lists, in order."""
-    out = []
-    for i, line in enumerate(path.read_text().split(), 1):
-        try:
-            digest = bytes.fromhex(line)
-        except ValueError:
-            digest = b""
-        if len(digest) != 32:
-            raise StellarError(f"{path}:{i}: {line[:80]!r} is not a chunk digest")
-        out.append(digest)
-    return tuple(dict.fromkeys(out))
+    lines = path.read_text().split()
+    return tuple(dict.fromkeys(parse_digest(h, f"{path}:{i}") for i, h in enumerate(lines, 1)))
 
 
 def record(host: Host, name: str, *, kernel: str, initrd: str | None, root_kind: str,
