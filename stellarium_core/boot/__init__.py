@@ -3,6 +3,7 @@ prefetch set) stored in NEBULA and bound to names (:mod:`.manifest`, :mod:`.cata
 
 from stellarium_core.boot.catalog import (
     RESERVED,
+    NoSuchManifest,
     Recorded,
     check,
     check_name,
@@ -14,5 +15,6 @@ from stellarium_core.boot.catalog import (
 )
 from stellarium_core.boot.manifest import Blob, BootManifest, BootManifestError, decode
 
-__all__ = ["RESERVED", "Blob", "BootManifest", "BootManifestError", "Recorded", "check",
-           "check_name", "decode", "list_manifests", "load", "read_blob", "record", "remove"]
+__all__ = ["RESERVED", "Blob", "BootManifest", "BootManifestError", "NoSuchManifest",
+           "Recorded", "check", "check_name", "decode", "list_manifests", "load", "read_blob",
+           "record", "remove"]

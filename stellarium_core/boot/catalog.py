@@ -34,6 +34,10 @@ RESERVED = ("auto", "linux64", "pvh")
 OWNER = "boot"
 
 
+class NoSuchManifest(StellarError):
+    """No manifest has that name (or digest)."""
+
+
 @dataclass(frozen=True)
 class Recorded:
     """A named manifest: its name, digest, when it was recorded, and the manifest."""
@@ -101,12 +105,16 @@ def record(host: Host, name: str, m: BootManifest) -> Recorded:
         "initrd": [[d.hex(), n] for d, n in m.initrd.chunks] if m.initrd else [],
         "prefetch": [[d.hex(), lengths[d]] for d in m.prefetch]}
     refs = Counter(m.chunks())
+    data = m.encode()
     with store.pending() as journal:
-        data = m.encode()
-        digest = store.put(data)
-        journal.record({digest: 1})
-        store.ref_many(refs)
+        store.ref_many(refs)     # all or nothing: a chunk gc took meanwhile fails it here
         journal.record(refs)
+        try:
+            digest = store.put(data)
+        except BaseException:
+            store.release_many(refs)
+            raise
+        journal.record({digest: 1})
         journal.settle()
     refs[digest] += 1
     chunks["manifest"] = [[digest.hex(), len(data)]]
@@ -144,7 +152,7 @@ def _held(doc: dict[str, Any]) -> Counter[bytes]:
 def _load(host: Host, path: Path) -> Recorded:
     doc = _read_record(path)
     if doc is None:
-        raise StellarError(f"no boot manifest named {path.stem!r} (see `volt boot list`)")
+        raise NoSuchManifest(f"no boot manifest named {path.stem!r} (see `volt boot list`)")
     try:
         digest = bytes.fromhex(doc["manifest"])
         data = host.store.get(digest)
@@ -174,8 +182,10 @@ def load(host: Host, ref: str) -> Recorded:
         hits = [p for p in sorted(d.glob("*.json")) if re.fullmatch(r"[0-9a-f]{8,64}", ref)
                 and str((_read_record(p) or {}).get("manifest", "")).startswith(ref)]
         if len(hits) != 1:
-            raise StellarError(f"no boot manifest named or hashed {ref!r} (see `volt boot list`)"
-                               if not hits else f"digest prefix {ref} is ambiguous")
+            if hits:
+                raise UsageError(f"digest prefix {ref} is ambiguous")
+            raise NoSuchManifest(f"no boot manifest named or hashed {ref!r} "
+                                 "(see `volt boot list`)")
         rec = _load(host, hits[0])
     check(host, rec.manifest)
     return rec
@@ -192,7 +202,7 @@ def remove(host: Host, name: str) -> str:
         path = d / f"{name}.json"
         doc = _read_record(path)
         if doc is None:
-            raise StellarError(f"no boot manifest named {name!r} (see `volt boot list`)")
+            raise NoSuchManifest(f"no boot manifest named {name!r} (see `volt boot list`)")
         path.unlink()
         fsync_dir(d)
     host.store.release_many(_held(doc))

@@ -89,9 +89,11 @@ def expand(host: Host, ref: str, flags: vm_config.Layer) -> tuple[vm_config.Laye
     """``volt run --boot REF``: the manifest (checked against the store) as VmConfig layers."""
     try:
         rec = boot.load(host, ref)
-    except StellarError as exc:
+    except boot.NoSuchManifest as exc:
         raise VoltError(f"--boot {ref}: not a boot protocol ({', '.join(vm_config.BOOT_MODES)}) "
                         f"and {exc}", exitcodes.USAGE) from None
+    except StellarError as exc:
+        raise VoltError(f"--boot {ref}: {exc}", exitcodes.USAGE) from None
     m = rec.manifest
     defaults: dict[str, Any] = {"memory_mib": m.memory_mib, "vcpus": m.vcpus}
     if m.cmdline:
