@@ -27,8 +27,6 @@ from volt.vmm.exitcodes import VoltError
 if TYPE_CHECKING:
     from stellarium_core.host import Host
 
-#: Registry images a manifest's kernel may be, best first (the 64-bit boot protocol).
-KERNEL_SLOTS = ("bzImage", "vmlinux")
 #: The longest a traced first boot may run before it is stopped.
 TRACE_TIMEOUT = 900.0
 
@@ -56,9 +54,12 @@ def read_trace(path: Path) -> tuple[bytes, ...]:
 def record(host: Host, name: str, *, kernel: str, initrd: str | None, root_kind: str,
            root: str, cmdline: str, memory_mib: int, vcpus: int,
            prefetch: tuple[bytes, ...] = ()) -> boot.Recorded:
-    """Record manifest ``name`` from registry kernel/initrd refs and a root disk."""
+    """Record manifest ``name`` from registry kernel/initrd refs (the kernel image ``volt
+    run`` would pick for them) and a root disk."""
+    from volt.vmm.builder import KERNEL_SLOTS
+
     m = boot.BootManifest(
-        kernel=blob(host, kernel, KERNEL_SLOTS, "kernel"),
+        kernel=blob(host, kernel, KERNEL_SLOTS["auto"], "kernel"),
         initrd=blob(host, initrd, ("initrd",), "initrd") if initrd else None,
         root_kind=root_kind, root=root, cmdline=cmdline, memory_mib=memory_mib, vcpus=vcpus,
         prefetch=prefetch)
