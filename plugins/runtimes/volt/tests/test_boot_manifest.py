@@ -17,6 +17,7 @@ from volt.vmm.config import DeviceSpec
 from volt.vmm.exitcodes import VoltError
 
 from stellarium_core import boot
+from stellarium_core import config as config_mod
 from stellarium_core.host import Host
 from stellarium_core.volumes.volume import VolumeStore
 
@@ -150,6 +151,13 @@ def test_run_boot_name_layers_the_manifest_under_the_flags(host_cfg: Path) -> No
         in str(err.value)
     with pytest.raises(VoltError, match="drop --root and --image"):
         config.from_args(_args("--boot", "web", "--image", "x"), host.config, expand=expand)
+    # The host's [vm] table may name a manifest too; flags still win.
+    named = host_cfg.parent / "named.toml"
+    named.write_text(host_cfg.read_text() + '[vm]\nmanifest = "web"\nmemory_mib = 512\n')
+    cfg = config.from_args(_args("--vcpus", "1"), config_mod.load(named), expand=expand)
+    assert (cfg.manifest, cfg.memory_mib, cfg.vcpus) == (rec.digest.hex(), 64, 1)
+    with pytest.raises(VoltError, match="boot manifests are not supported here yet"):
+        config.from_args(_args("--boot", "web"), host.config)       # e.g. under volt jail
 
 
 def test_chunk_trace_lists_first_reads_in_order(host_cfg: Path, tmp_path: Path) -> None:
