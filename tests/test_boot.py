@@ -146,3 +146,17 @@ def test_a_damaged_stored_manifest_is_an_error_not_a_traceback(host: Host) -> No
 def test_bad_names_are_usage_errors(host: Host, name: str) -> None:
     with pytest.raises(UsageError, match="bad boot manifest name"):
         boot.record(host, name, _manifest(host))
+
+
+def test_a_manifest_at_every_limit_still_fits_the_size_cap() -> None:
+    """The bounds agree: the largest manifest the fields allow encodes within MAX_BYTES."""
+    n = fmt.MAX_BLOB_BYTES // fmt.MAX_BLOB_CHUNKS
+    big = boot.Blob("ab" * 32, n * fmt.MAX_BLOB_CHUNKS,
+                    tuple((i.to_bytes(32, "big"), n) for i in range(fmt.MAX_BLOB_CHUNKS)))
+    m = boot.BootManifest(kernel=big, initrd=big, root_kind="image", root="x" * 255,
+                          cmdline="c" * fmt.MAX_CMDLINE, memory_mib=fmt.MAX_MEMORY_MIB,
+                          vcpus=fmt.MAX_VCPUS,
+                          prefetch=tuple(i.to_bytes(32, "little")
+                                         for i in range(fmt.MAX_PREFETCH)))
+    assert len(m.encode()) <= fmt.MAX_BYTES
+    assert boot.decode(m.encode()) == m

@@ -27,7 +27,7 @@ FORMAT = "stellar-boot/1"
 #: Bounds of a manifest as stored (and so of everything in it).
 MAX_BYTES = 4 << 20
 MAX_PREFETCH = 32768          # chunk digests (2 GiB of 64 KiB chunks)
-MAX_BLOB_CHUNKS = 16384       # chunks of a kernel or an initrd
+MAX_BLOB_CHUNKS = 8192        # chunks of a kernel or an initrd (at least 128 MiB)
 MAX_BLOB_BYTES = 1 << 30
 MAX_CMDLINE = 2047            # Linux's x86 COMMAND_LINE_SIZE - 1
 MAX_MEMORY_MIB = 64 * 1024
