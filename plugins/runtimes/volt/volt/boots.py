@@ -105,13 +105,10 @@ def expand(host: Host, ref: str, flags: vm_config.Layer) -> tuple[vm_config.Laye
 
 
 @contextmanager
-def chunk_trace(host: Host, path: str | None) -> Iterator[None]:
+def chunk_trace(host: Host, path: str) -> Iterator[None]:
     """While it is open, the host's PHOTON router notes every chunk read; at the end the
     digests go to ``path``, one per line, in first-access order. The file is opened
     first, while the VMM may still create files."""
-    if path is None:
-        yield
-        return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     with os.fdopen(fd, "w") as out:
         host.photon.trace = {}

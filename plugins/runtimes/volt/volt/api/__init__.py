@@ -10,9 +10,10 @@ as Firecracker's binary does; the VMM itself never imports the API.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stellarium_core.errors import UsageError
 from volt.vmm import exitcodes
@@ -58,7 +59,6 @@ def launch(args: argparse.Namespace) -> int:
         listener = bind(args.api_sock)
         bound = time.monotonic()
     from stellarium_core.host import Host
-    from volt import boots
     from volt.jail import confine
     from volt.vmm import config, firecracker
     from volt.vmm.firecracker import Telemetry
@@ -70,13 +70,15 @@ def launch(args: argparse.Namespace) -> int:
             base = config.layered(config.host_layer(host.config))
             file_layer, telemetry = firecracker.file_layer(args.config_file, base)
         cfg = config.from_args(args, host.config, file_layer,
-                               expand=lambda ref, flags: boots.expand(host, ref, flags))
+                               expand=lambda ref, flags: _boots().expand(host, ref, flags))
     except BaseException:
         if listener is not None:
             listener.close()
         raise
     confinement = confine.from_args(args)
-    with boots.chunk_trace(host, args.trace_chunks):
+    trace = _boots().chunk_trace(host, args.trace_chunks) if args.trace_chunks \
+        else contextlib.nullcontext()
+    with trace:
         if listener is not None:
             return serve(cfg, host, listener, boot=bool(args.config_file), timing=args.timing,
                          confinement=confinement, telemetry=telemetry, bound=bound)
@@ -84,6 +86,14 @@ def launch(args: argparse.Namespace) -> int:
 
         return run_vm(cfg, host, timing=args.timing, confinement=confinement,
                       telemetry=telemetry)
+
+
+def _boots() -> Any:
+    """:mod:`volt.boots`, imported only by a VM that uses a boot manifest or a chunk trace
+    (it costs every other ``volt run`` about 20 ms of imports)."""
+    from volt import boots
+
+    return boots
 
 
 def serve(cfg: VmConfig, host: Host, listener: socket.socket, *, boot: bool,
