@@ -29,10 +29,12 @@ incomplete, and counts are raised to it but never lowered.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +113,26 @@ def _digest(h: object) -> bytes:
     if not isinstance(h, str) or len(h) != 64:
         raise ValueError(f"{h!r:.80} is not a chunk digest")
     return bytes.fromhex(h)
+
+
+def record_dir(store_path: Path, owner: str) -> Path:
+    """``<store>/records/<owner>``, made on first use in an initialised store."""
+    top = store_path / RECORDS
+    if not top.is_dir():
+        raise StellarError(f"no record directory at {top} (run `stellar host init`)")
+    d = top / owner
+    d.mkdir(exist_ok=True)
+    return d
+
+
+@contextmanager
+def records_locked(store_path: Path, owner: str) -> Iterator[Path]:
+    """:func:`record_dir` under its owner's exclusive lock, for a read-modify-write of a
+    record (replace or remove) that must release exactly what the old one held."""
+    d = record_dir(store_path, owner)
+    with open(d / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield d
 
 
 #: (directory under the store, file pattern, reader)

@@ -13,6 +13,9 @@ KVM_RUN, so inside both figures) and, as ``volt-unconfined``, with
 the runs, timed from the request on its socket to the marker.
 - on the bare machine, with one virtio-stellar device: setup split into phases
   (interpreter, imports, devices, build, confinement, start), fresh and forked.
+- inside the lab: boot from a boot manifest (``volt run --boot``) of a guest that reads
+  16 MiB from its root disk, without and with the manifest's prefetch set, beside QEMU
+  microvm on the same ext4 image (``--only-manifest`` runs just this figure);
 - on the bare machine: process start to the API socket accepting a connection
   (``--api-sock``, no kernel needed; Firecracker reports 6-60 ms for its own).
 The project's modules are byte-compiled first, as an installed package is.
@@ -50,6 +53,83 @@ def in_lab(kernel: Path, initrd: Path, n: int) -> dict:
                    str(n)], timeout=300 + 120 * n, env=env)
     res.check()
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+#: The payload the disk-reading guest reads through its root disk (256 chunks of 64 KiB).
+PAYLOAD_MIB = 16
+DISK_INIT = """#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s /bin
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t ext4 -o ro /dev/vda /mnt && echo "BENCH-DISK-READ $(md5sum < /mnt/payload)"
+reboot -f
+"""
+
+
+def manifest_in_lab(kernel: Path, n: int) -> dict:
+    """Issue 12's boot-from-manifest figure: a guest that reads PAYLOAD_MIB from its root
+    disk, booted from a boot manifest without and with its prefetch set (recorded from a
+    traced first boot in the same lab session), beside QEMU microvm reading the same ext4
+    image through virtio-blk. Seconds from process start to the guest's read marker."""
+    import shutil
+
+    from volt.kernels.initramfs import base_archive
+
+    work = Path(tempfile.mkdtemp(prefix="bench-boot-manifest-"))
+    try:
+        tree = work / "tree"
+        tree.mkdir()
+        (tree / "payload").write_bytes(os.urandom(PAYLOAD_MIB << 20))
+        disk = work / "root.ext4"
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(disk),
+                        f"{PAYLOAD_MIB + 16}M"], check=True, capture_output=True, timeout=120)
+        initrd = base_archive(DISK_INIT).write(work / "init.cpio")
+        cfg = work / "host.toml"
+        cfg.write_text('[store]\npath = "store"\n')
+        for argv in (["-m", "stellarium_core", "--config", str(cfg), "host", "init"],
+                     ["-m", "stellarium_core", "--config", str(cfg), "vol", "import", "root",
+                      str(disk)]):
+            subprocess.run([sys.executable, *argv], check=True, capture_output=True,
+                           timeout=300)
+        subprocess.run([VOLT, "--config", str(cfg), "kernel", "import", str(kernel),
+                        "--initrd", str(initrd), "--name", "guest"], check=True,
+                       capture_output=True, timeout=300)
+        env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
+        res = lab.run([sys.executable, str(HERE / "inlab.py"), "--manifest", VOLT, str(cfg),
+                       str(disk), str(kernel), str(n)], timeout=900 + 300 * n, env=env,
+                      writable=[work])
+        res.check()
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def print_manifest(fig: dict) -> None:
+    print(f"boot from a manifest, guest reads {PAYLOAD_MIB} MiB from its root disk, inside "
+          f"the lab (seconds to the read marker; prefetch set {fig['prefetch_chunks']} "
+          "chunks; every run starts with an empty hot tier and dropped caches):")
+    for name, label in (("volt-manifest", "volt run --boot, no prefetch"),
+                        ("volt-manifest-prefetch", "volt run --boot, prefetch"),
+                        ("qemu", "qemu microvm, virtio-blk")):
+        runs = fig[name]
+        print(f"  {label:<30} median {statistics.median(runs):7.3f}  "
+              f"runs {[round(x, 3) for x in runs]}" if runs else f"  {label:<30} no runs")
+    ms = [x for x in fig["prefetch_ms"] if x is not None]
+    if ms:
+        print(f"  prefetch phase (before the vCPUs start): median {statistics.median(ms):.1f} ms")
+    for e in fig["errors"]:
+        print(f"  error: {e}")
+
+
+def manifest_systems(fig: dict) -> dict[str, dict[str, float | None]]:
+    def med(xs: list[float]) -> float | None:
+        return round(statistics.median(xs), 3) if xs else None
+
+    return {"volt-manifest": {"disk_boot_s": med(fig["volt-manifest"])},
+            "volt-manifest-prefetch": {
+                "disk_boot_s": med(fig["volt-manifest-prefetch"]),
+                "prefetch_ms": med([x for x in fig["prefetch_ms"] if x is not None])},
+            "qemu-microvm": {"disk_boot_s": med(fig["qemu"])}}
 
 
 def rss_excluding_guest(pid: int, guest_bytes: int) -> tuple[int, int]:
@@ -116,7 +196,8 @@ def api_socket_ms(entry: list[str], n: int) -> list[float]:
     return out
 
 
-def json_line(lab_fig: dict, bare: dict, api: dict, phases: dict[str, list[dict]]) -> dict:
+def json_line(lab_fig: dict, bare: dict, api: dict, phases: dict[str, list[dict]],
+              manifest: dict | None = None) -> dict:
     """The DESIGN.md line: medians per system, Volt's beside QEMU microvm's."""
     def med(xs: list[float]) -> float | None:
         return round(statistics.median(xs), 3) if xs else None
@@ -129,9 +210,12 @@ def json_line(lab_fig: dict, bare: dict, api: dict, phases: dict[str, list[dict]
     for kind, runs in phases.items():        # one virtio-stellar device, bare machine
         systems["volt-vmm" if kind == "fresh" else "volt-serve"]["device_setup_ms"] = \
             med([r["setup"] for r in runs if r])
+    for name, figs in manifest_systems(manifest).items() if manifest else ():
+        systems.setdefault(name, {}).update(figs)
     return {"bench": "boot", "peer": "qemu-microvm", "systems": systems,
             "higher_is_better": {"boot_s": False, "setup_ms": False, "api_socket_ms": False,
-                                 "device_setup_ms": False},
+                                 "device_setup_ms": False, "disk_boot_s": False,
+                                 "prefetch_ms": False},
             "host_load": [round(x, 2) for x in os.getloadavg()],
             "firecracker_api_socket_ms": [6, 60]}
 
@@ -211,20 +295,30 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=5, help="runs per VMM")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--only-manifest", action="store_true",
+                    help="only the boot-from-manifest figure (with and without prefetch)")
     args = ap.parse_args()
     kb = build()
     initrd = smoke_initramfs()
     compile_bytecode()
+    manifest = manifest_in_lab(kb.bzimage, args.n)
+    if args.only_manifest:
+        print_manifest(manifest)
+        print(json.dumps({"bench": "boot", "peer": "qemu-microvm",
+                          "systems": manifest_systems(manifest),
+                          "higher_is_better": {"disk_boot_s": False, "prefetch_ms": False},
+                          "host_load": [round(x, 2) for x in os.getloadavg()]}))
+        return 0
     lab_fig = in_lab(kb.bzimage, initrd, args.n)
     bare = {name: bare_setup(entry, kb.bzimage, initrd, min(args.n, 3))
             for name, entry in ENTRIES.items()}
     api = {name: api_socket_ms(entry, args.n) for name, entry in ENTRIES.items()}
     phases = device_setup_phases(kb.bzimage, initrd, min(args.n, 5))
     result = {"lab": lab_fig, "bare": bare, "api_socket_ms": api, "kernel": str(kb.bzimage),
-              "initrd": str(initrd), "device_setup_phases": phases}
+              "initrd": str(initrd), "device_setup_phases": phases, "manifest": manifest}
     if args.json:
         print(json.dumps(result, indent=2))
-        print(json.dumps(json_line(lab_fig, bare, api, phases)))
+        print(json.dumps(json_line(lab_fig, bare, api, phases, manifest)))
         return 0
     labels = {"volt": "volt run", "volt-vmm": "python -m volt.vmm",
               "volt-unconfined": "volt run, unconfined",
@@ -242,6 +336,7 @@ def main() -> int:
               f"runs {[round(x, 3) for x in runs]}{ratio}")
     for e in lab_fig["errors"]:
         print(f"  error: {e}")
+    print_manifest(manifest)
     print_device_phases(phases)
     for name, fig in bare.items():
         s = fig["setup_ms"]
@@ -255,7 +350,7 @@ def main() -> int:
         if ms:
             print(f"bare machine, {labels[name]}: process start -> API socket accepting "
                   f"median {statistics.median(ms):.1f} ms  runs {ms}  (Firecracker: 6-60 ms)")
-    print(json.dumps(json_line(lab_fig, bare, api, phases)))
+    print(json.dumps(json_line(lab_fig, bare, api, phases, manifest)))
     return 0
 
 

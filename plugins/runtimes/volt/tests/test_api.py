@@ -152,7 +152,10 @@ def test_instance_start_moves_the_api_to_a_confined_thread_and_controls_the_vm(
                        ("/actions", {"action_type": "InstanceStart"})]:
         assert a.call("PUT", path, body) == (204, None), path
     assert vm.wait_output(b"R")
-    threads = vm.threads()
+    # The API moves to its thread just after the vCPUs start: the guest may print first.
+    deadline = time.monotonic() + 5
+    while "api" not in (threads := vm.threads()) and time.monotonic() < deadline:
+        time.sleep(0.001)
     assert threads["api"] == {"NoNewPrivs": "1", "Seccomp_filters": "2",
                               "CapEff": "0000000000000000"}
     assert threads["vcpu0"]["Seccomp_filters"] == threads["io"]["Seccomp_filters"] == "2"

@@ -10,9 +10,10 @@ as Firecracker's binary does; the VMM itself never imports the API.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stellarium_core.errors import UsageError
 from volt.vmm import exitcodes
@@ -68,18 +69,31 @@ def launch(args: argparse.Namespace) -> int:
         if args.config_file:
             base = config.layered(config.host_layer(host.config))
             file_layer, telemetry = firecracker.file_layer(args.config_file, base)
-        cfg = config.from_args(args, host.config, file_layer)
+        cfg = config.from_args(args, host.config, file_layer,
+                               expand=lambda ref, flags: _boots().expand(host, ref, flags))
     except BaseException:
         if listener is not None:
             listener.close()
         raise
     confinement = confine.from_args(args)
-    if listener is not None:
-        return serve(cfg, host, listener, boot=bool(args.config_file), timing=args.timing,
-                     confinement=confinement, telemetry=telemetry, bound=bound)
-    from volt.vmm.runner import launch as run_vm
+    trace = _boots().chunk_trace(host, args.trace_chunks) if args.trace_chunks \
+        else contextlib.nullcontext()
+    with trace:
+        if listener is not None:
+            return serve(cfg, host, listener, boot=bool(args.config_file), timing=args.timing,
+                         confinement=confinement, telemetry=telemetry, bound=bound)
+        from volt.vmm.runner import launch as run_vm
 
-    return run_vm(cfg, host, timing=args.timing, confinement=confinement, telemetry=telemetry)
+        return run_vm(cfg, host, timing=args.timing, confinement=confinement,
+                      telemetry=telemetry)
+
+
+def _boots() -> Any:
+    """:mod:`volt.boots`, imported only by a VM that uses a boot manifest or a chunk trace
+    (it costs every other ``volt run`` about 20 ms of imports)."""
+    from volt import boots
+
+    return boots
 
 
 def serve(cfg: VmConfig, host: Host, listener: socket.socket, *, boot: bool,

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from stellarium_core.cli import common
 
 #: Command modules; each adds its subcommands to ``volt``.
-MODULES: tuple[str, ...] = ("volt.cli.lab", "volt.cli.detect", "volt.cli.kernel", "volt.cli.run",
-                             "volt.cli.jail", "volt.cli.serve")
+MODULES: tuple[str, ...] = ("volt.cli.lab", "volt.cli.detect", "volt.cli.kernel",
+                             "volt.cli.boot", "volt.cli.run", "volt.cli.jail", "volt.cli.serve")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

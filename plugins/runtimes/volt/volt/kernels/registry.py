@@ -11,21 +11,19 @@ replacing or removing a record releases exactly the references it held.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stellarium_core.errors import StellarError, UsageError
 from stellarium_core.fsutil import fsync_dir, write_atomic
-from stellarium_core.holders import RECORDS
+from stellarium_core.holders import record_dir, records_locked
 from stellarium_core.host import Host
 from stellarium_core.nebula import Batch
 from volt.kernels.build import KernelBuild
@@ -60,20 +58,11 @@ class KernelRecord:
 
 
 def _dir(host: Host) -> Path:
-    top = host.store_path / RECORDS
-    if not top.is_dir():
-        raise StellarError(f"no record directory at {top} (run `stellar host init`)")
-    d = top / "kernels"
-    d.mkdir(exist_ok=True)
-    return d
+    return record_dir(host.store_path, "kernels")
 
 
-@contextmanager
-def _locked(host: Host) -> Iterator[Path]:
-    d = _dir(host)
-    with open(d / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield d
+def _locked(host: Host) -> AbstractContextManager[Path]:
+    return records_locked(host.store_path, "kernels")
 
 
 def check_name(name: str) -> str:

@@ -40,6 +40,8 @@ class BootSource:
     kernel: kernel_loader.KernelImage
     initrd: bytes | None
     cmdline: bytes
+    #: Chunks to read before the vCPUs start (a boot manifest's prefetch set).
+    prefetch: tuple[bytes, ...] = ()
 
 
 def build(cfg: VmConfig, host: Host, *,
@@ -56,6 +58,9 @@ def build(cfg: VmConfig, host: Host, *,
     try:
         devices = manager.create_devices(cfg.devices, host)
         timing.mark("devices")
+        if boot.prefetch:
+            _prefetch(host, boot.prefetch)
+            timing.mark("prefetch")
         machine = Machine(cfg.memory_mib << 20, cfg.vcpus, hugepages=cfg.hugepages,
                           ksm=cfg.ksm)
         _add_devices(machine, devices, console or open_sink(cfg.serial))
@@ -76,7 +81,14 @@ def boot_source(cfg: VmConfig, host: Host) -> BootSource:
     if not cfg.kernel:
         raise VoltError("no kernel: give --kernel PATH|NAME or set kernel in the host "
                         "config's [vm] table", exitcodes.KERNEL)
-    if _is_path(cfg.kernel):
+    manifest = _manifest(host, cfg.manifest) if cfg.manifest else None
+    blobs = {} if manifest is None else {
+        b.digest: b for b in (manifest.kernel, manifest.initrd) if b is not None}
+    if cfg.kernel in blobs:
+        image = kernel_loader.kernel_from_bytes(
+            f"kernel {cfg.kernel[:16]}", _read_blob(host, blobs[cfg.kernel], "kernel",
+                                                     exitcodes.KERNEL))
+    elif _is_path(cfg.kernel):
         image = kernel_loader.open_kernel(cfg.kernel)
     else:
         label, data = _from_registry(host, cfg.kernel, KERNEL_SLOTS[cfg.boot], "kernel",
@@ -84,7 +96,9 @@ def boot_source(cfg: VmConfig, host: Host) -> BootSource:
         image = kernel_loader.kernel_from_bytes(label, data)
     initrd = None
     if cfg.initrd:
-        if _is_path(cfg.initrd):
+        if cfg.initrd in blobs:
+            initrd = _read_blob(host, blobs[cfg.initrd], "initrd", exitcodes.INITRD)
+        elif _is_path(cfg.initrd):
             initrd = bootparams.read_initrd(cfg.initrd)
         else:
             initrd = _from_registry(host, cfg.initrd, ("initrd",), "initrd",
@@ -95,7 +109,36 @@ def boot_source(cfg: VmConfig, host: Host) -> BootSource:
     except VoltError:
         image.file.close()
         raise
-    return BootSource(image, initrd, raw)
+    return BootSource(image, initrd, raw, manifest.prefetch if manifest else ())
+
+
+def _manifest(host: Host, ref: str) -> Any:
+    """The boot manifest ``ref`` names, verified, with every chunk and its root present."""
+    from stellarium_core import boot
+
+    try:
+        return boot.load(host, ref).manifest
+    except StellarError as exc:
+        raise VoltError(f"boot manifest {ref[:16]}: {exc}", exitcodes.USAGE) from None
+
+
+def _read_blob(host: Host, blob: Any, what: str, code: int) -> bytes:
+    from stellarium_core import boot
+
+    try:
+        return boot.read_blob(host, blob, what)
+    except StellarError as exc:
+        raise VoltError(f"{what} from the boot manifest: {exc}", code) from None
+
+
+def _prefetch(host: Host, digests: tuple[bytes, ...]) -> None:
+    """Read the prefetch set through the host's PHOTON router, so each chunk is verified
+    and hot before the guest asks for it. The worker threads are joined before the
+    process confines itself (that needs a single thread)."""
+    try:
+        host.photon.prefetch(digests)
+    except StellarError as exc:
+        raise VoltError(f"prefetch: {exc}", exitcodes.DEVICE) from None
 
 
 def _is_path(ref: str) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -30,6 +30,7 @@ from volt.vmm import exitcodes
 from volt.vmm.exitcodes import VoltError
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off"
+BOOT_MODES = ("auto", "linux64", "pvh")
 MIN_MEM_MIB = 8
 MAX_MEM_MIB = 64 * 1024
 MAX_VCPUS = 32
@@ -136,9 +137,14 @@ SETTINGS: dict[str, Setting] = {
                              else f"the command line is {len(v)} bytes, longer than "
                                   f"{CMDLINE_MAX}"),
                        "--cmdline", exitcodes.CMDLINE, "kernel command line"),
-    "boot": Setting(Field(str, "auto", one_of("auto", "linux64", "pvh")), "--boot",
+    "boot": Setting(Field(str, "auto", one_of(*BOOT_MODES)), "--boot",
                     exitcodes.USAGE, "entry: 64-bit boot protocol or PVH (auto: PVH for a "
-                    "vmlinux with a PVH note, else 64-bit)"),
+                    "vmlinux with a PVH note, else 64-bit); any other value names a boot "
+                    "manifest (`volt boot list`): its kernel, initrd, root disk, command "
+                    "line, memory and vCPUs are the defaults other flags override, and its "
+                    "prefetch set is read before the vCPUs start", "MODE|MANIFEST"),
+    "manifest": Setting(Field(str, ""), "--boot", exitcodes.USAGE,
+                        "boot manifest name or digest (given as --boot NAME)"),
     "memory_mib": Setting(Field(int, 128, _range(MIN_MEM_MIB, MAX_MEM_MIB, " MiB")), "--mem",
                           exitcodes.MEMORY, "guest memory in MiB", "MIB"),
     "vcpus": Setting(Field(int, 1, _range(1, MAX_VCPUS)), "--vcpus", exitcodes.USAGE,
@@ -182,6 +188,7 @@ class VmConfig:
     devices: tuple[DeviceSpec, ...] = ()
     root: str = ""
     root_partuuid: str = ""
+    manifest: str = ""
 
     def __post_init__(self) -> None:
         values = check({f.name: getattr(self, f.name) for f in fields(self)})
@@ -307,11 +314,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timing", action="store_true",
                         help="print setup time (process start to first KVM_RUN) and the "
                              "vCPU exits by kind to stderr")
+    parser.add_argument("--trace-chunks", metavar="FILE", default=None,
+                        help="write the chunks the VM's disks read to FILE at exit, one "
+                             "digest per line in first-access order (what `volt boot record "
+                             "--trace-from-boot` records as a prefetch set)")
     parser.add_argument("--image", metavar="IMAGE", default=None,
                         help="boot from IMAGE's VM form: a read-only virtio-stellar root disk "
                              f"(= --device virtio-stellar,image=IMAGE with id "
                              f"{IMAGE_ROOT_ID!r} and --root {IMAGE_ROOT_ID})")
     for key, s in SETTINGS.items():
+        if key == "manifest":
+            continue              # given as --boot NAME
         default = s.field.default
         shown = f" (default: {default})" if default not in ("", ()) else ""
         kw: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS, "help": s.help + shown}
@@ -329,6 +342,8 @@ def flags_layer(args: argparse.Namespace) -> Layer:
     """The flags the user gave, as a layer (``--device`` strings parsed into DeviceSpecs;
     ``--image NAME`` is a read-only virtio-stellar root device ``root`` before them)."""
     given = {k: v for k, v in vars(args).items() if k in SETTINGS}
+    if given.get("boot", BOOT_MODES[0]) not in BOOT_MODES:
+        given["manifest"] = given.pop("boot")
     if "devices" in given:
         given["devices"] = [parse_device_option(d) for d in given["devices"]]
     image = getattr(args, "image", None)
@@ -342,9 +357,39 @@ def flags_layer(args: argparse.Namespace) -> Layer:
     return Layer(given, "flags")
 
 
+def manifest_layers(manifest: str, kernel: str, initrd: str, params: Mapping[str, str],
+                    defaults: Mapping[str, Any], flags: Layer) -> tuple[Layer, Layer]:
+    """A boot manifest's settings as a layer under ``flags``, and ``flags`` with the
+    manifest's root disk (virtio-stellar ``params``, id ``root``) before its devices, as
+    ``--image`` puts its disk. ``kernel`` and ``initrd`` are the manifest's digests."""
+    values: dict[str, Any] = {"manifest": manifest, "kernel": kernel, "initrd": initrd,
+                              **defaults}
+    given = dict(flags.values)
+    given.pop("manifest", None)      # the name resolved: the VM boots that digest
+    if "root" in given:
+        raise VoltError("--boot NAME makes the manifest's disk the root device; drop --root "
+                        "and --image", exitcodes.USAGE)
+    given["devices"] = [DeviceSpec("virtio-stellar", dict(params), IMAGE_ROOT_ID),
+                        *given.get("devices", ())]
+    given["root"] = IMAGE_ROOT_ID
+    return Layer(values, "spec"), Layer(given, "flags")
+
+
 def from_args(args: argparse.Namespace, host_config: HostConfig,
-              file_layer: Layer | None = None) -> VmConfig:
+              file_layer: Layer | None = None,
+              expand: Callable[[str, Layer], tuple[Layer, Layer]] | None = None) -> VmConfig:
     """The VmConfig of a ``volt run`` command line over a config file (if any) over the
-    host config's [vm] defaults."""
-    layers = [host_layer(host_config), *([file_layer] if file_layer else []), flags_layer(args)]
-    return layered(*layers)
+    host config's [vm] defaults. ``expand(name, flags)`` turns the boot manifest a layer
+    names (``--boot NAME``, or ``manifest`` in [vm]) into (manifest layer, flags layer)
+    (:func:`manifest_layers`): the manifest's settings sit just below the flags."""
+    flags = flags_layer(args)
+    layers = [host_layer(host_config), *([file_layer] if file_layer else [])]
+    name = next((la.values["manifest"] for la in (flags, *reversed(layers))
+                 if la.values.get("manifest")), "")
+    if name:
+        if expand is None:
+            raise VoltError("--boot NAME: boot manifests are not supported here yet (give "
+                            "--kernel and the devices)", exitcodes.USAGE)
+        manifest, flags = expand(name, flags)
+        layers.append(manifest)
+    return layered(*layers, flags)
