@@ -34,8 +34,13 @@ KERNEL="{kernel}"
 KERNEL_BOOT_ARGS="console=ttyS0 reboot=k panic=1"
 ROOTFS="{rootfs}"
 TAP_DEV="tap0"
+TAP_IP="172.16.0.1"
+MASK_SHORT="/30"
 FC_MAC="06:00:AC:10:00:02"
-ip tuntap add dev "$TAP_DEV" mode tap 2>/dev/null
+ip link del "$TAP_DEV" 2> /dev/null || true
+ip tuntap add dev "$TAP_DEV" mode tap
+ip addr add "${{TAP_IP}}${{MASK_SHORT}}" dev "$TAP_DEV"
+ip link set dev "$TAP_DEV" up
 
 echo "logger $(curl -X PUT --unix-socket "${{API_SOCKET}}" -w ' => %{{http_code}}' \
     --data "{{
@@ -143,7 +148,9 @@ def main() -> int:
     proc = start_volt(volt, console)
     script = GETTING_STARTED.format(sock=SOCK, log=log, kernel=kernel, rootfs=rootfs)
     steps = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300)
-    r = {"steps": steps.stdout.strip().splitlines(), "ready_s": wait_for(console, READY, proc, 300)}
+    lines = steps.stdout.strip().splitlines()
+    started = bool(lines) and lines[-1].startswith("actions") and lines[-1].endswith("204")
+    r = {"steps": lines, "ready_s": wait_for(console, READY, proc, 300) if started else None}
     r.update(finish(proc, console, lambda: curl("-X", "PUT", "--data",
                                                 '{"action_type": "SendCtrlAltDel"}',
                                                 "http://localhost/actions")))
