@@ -44,9 +44,12 @@ def main() -> int:
         "volt-net": base_volt + ["--device", net],
         "volt-vhost": base_volt + ["--device", net + ",vhost=on"],
         "qemu-microvm": [
-            "qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on",
+            # acpi=off: the guest kernel has no ACPI, so QEMU names its virtio-mmio
+            # devices on the command line (as Volt does); modern virtio as Volt's
+            "qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
             "-enable-kvm", "-cpu", "host", "-m", str(GUEST_MIB), "-nodefaults",
             "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
+            "-global", "virtio-mmio.force-legacy=false",
             "-kernel", kernel, "-initrd", initrd, "-append", CMDLINE + " reboot=t",
             "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=on",
             "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"],
