@@ -242,7 +242,6 @@ static int in_range(struct vb_dev *d, uint64_t sector, uint64_t count)
     return sector <= d->sectors && count <= d->sectors - sector;
 }
 
-/* Returns the bytes written into the chain (status included), or SLOW. */
 static uint64_t now_ns(void)
 {
     struct timespec ts;
@@ -250,6 +249,7 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* Returns the bytes written into the chain (status included), or SLOW. */
 static long long serve(struct vb_dev *d)
 {
     uint64_t started = now_ns();
