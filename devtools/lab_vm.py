@@ -32,10 +32,14 @@ Handler = Callable[[str, subprocess.Popen], None]
 
 
 def run_vm(argv: list[str], timeout: float, on_line: Handler | None = None,
-           stdin: int | None = subprocess.DEVNULL) -> dict:
-    """Run a VMM; each console line with the L1 time it arrived; ``on_line`` sees each."""
-    err = open(f"/tmp/vmm-stderr-{os.getpid()}", "w+b")
+           stdin: int | None = subprocess.DEVNULL,
+           on_start: Callable[[subprocess.Popen], None] | None = None) -> dict:
+    """Run a VMM; each console line with the L1 time it arrived; ``on_line`` sees each,
+    ``on_start`` the process as soon as it exists (a profiler attaches there)."""
+    err = open(f"/tmp/vmm-stderr-{os.getpid()}", "w+b")   # a file: a chatty VMM never blocks
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=stdin)
+    if on_start is not None:
+        on_start(proc)
     lines: list[tuple[float, str]] = []
     buf = b""
     fd = proc.stdout.fileno()

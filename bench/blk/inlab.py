@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from devtools.lab_vm import run_vm  # noqa: E402
 
 WORK = Path("/var/tmp/blkbench")
 VHOST_SOCKET = WORK / "vhost.sock"
@@ -30,47 +33,24 @@ CMDLINE = "console=ttyS0 panic=-1 quiet"
 
 def run_vmm(argv: list[str], timeout: float, profile_out: Path | None = None,
             py_spy: str = "") -> tuple[list[tuple[float, str]], int, str]:
-    """Run a VMM; each console line with the L1 monotonic time it arrived."""
-    errf = open(WORK / "vmm.stderr", "w+b")       # a file: a chatty VMM never blocks on it
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errf,
-                            stdin=subprocess.DEVNULL)
-    spy = None
-    if profile_out is not None:
-        spy = subprocess.Popen([py_spy, "record", "--pid", str(proc.pid), "--format", "raw",
-                                "--threads", "--idle", "--nonblocking", "--rate", "100",
-                                "-o", str(profile_out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lines: list[tuple[float, str]] = []
-    buf = b""
-    fd = proc.stdout.fileno()
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            proc.kill()
-            lines.append((time.monotonic(), "BENCH-TIMEOUT"))
-            break
-        r, _, _ = select.select([fd], [], [], min(left, 5))
-        if not r:
-            continue
-        chunk = os.read(fd, 65536)
-        now = time.monotonic()
-        if not chunk:
-            break
-        buf += chunk
-        *done, buf = buf.split(b"\n")
-        for ln in done:
-            text = ln.decode(errors="replace").rstrip("\r")
-            lines.append((now, text))
-            if text.startswith("BENCH-"):
-                print(f"{now:10.3f} {text}", file=sys.stderr, flush=True)   # progress
-    rc = proc.wait(timeout=60)
-    errf.seek(0)
-    err = errf.read().decode(errors="replace")
-    errf.close()
-    if spy is not None:
+    """:func:`devtools.lab_vm.run_vm` with progress on stderr and, for a profiled run,
+    py-spy attached to the VMM."""
+    spies: list[subprocess.Popen] = []
+
+    def attach(proc: subprocess.Popen) -> None:
+        spies.append(subprocess.Popen(
+            [py_spy, "record", "--pid", str(proc.pid), "--format", "raw", "--threads",
+             "--idle", "--nonblocking", "--rate", "100", "-o", str(profile_out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def progress(text: str, _proc: subprocess.Popen) -> None:
+        if text.startswith("BENCH-"):
+            print(f"{time.monotonic():10.3f} {text}", file=sys.stderr, flush=True)
+
+    res = run_vm(argv, timeout, progress, on_start=attach if profile_out is not None else None)
+    for spy in spies:
         spy.wait(timeout=120)
-    return lines, rc, err[-2000:]
+    return res["lines"], res["exit"], res["stderr"][-2000:]
 
 
 def vhost_server(cfg: Path) -> subprocess.Popen:
