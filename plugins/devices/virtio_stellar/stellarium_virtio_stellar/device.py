@@ -14,6 +14,7 @@ the same code that serves every request of disks the loop does not know.
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 from collections import Counter
@@ -34,6 +35,8 @@ from stellarium_core.virtio import (
 from stellarium_core.volumes.blockdev import SECTOR
 from stellarium_virtio_stellar import native
 from stellarium_virtio_stellar.disks import Disk
+
+log = logging.getLogger(__name__)
 
 DEVICE_ID = 2
 
@@ -131,7 +134,11 @@ class VirtioStellar:
             return
         if self._native is not None:
             wants, broken = self._native.drain(self.mem, self._slow)
-            self.broken = broken is not None
+            if broken is not None:        # a hostile ring: said once, then nothing served
+                log.error("virtio-blk %s: the driver's ring is unusable (%s); requests are "
+                          "not served until the driver resets the device",
+                          self.serial.decode(errors="replace"), broken)
+                self.broken = True
             if wants:
                 self.interrupt()
             return
@@ -140,7 +147,10 @@ class VirtioStellar:
             for chain in q.drain(mem):
                 q.add_used(mem, chain.head, self._serve(chain))
                 used += 1
-        except (VirtqueueError, ValueError):
+        except (VirtqueueError, ValueError) as exc:
+            log.error("virtio-blk %s: the driver's ring is unusable (%s); requests are "
+                      "not served until the driver resets the device",
+                      self.serial.decode(errors="replace"), exc)
             self.broken = True            # a hostile ring: stop serving until reset
         if used:
             try:

@@ -204,7 +204,7 @@ def test_chain_without_a_status_byte_is_returned_empty(vols, tmp_path, image):
         assert v.read(0, SECTOR) == image[:SECTOR]
 
 
-def test_hostile_ring_stops_the_queue_until_reset(vols, tmp_path, image):
+def test_hostile_ring_stops_the_queue_until_reset(vols, tmp_path, image, caplog):
     g = make(vols, tmp_path)
     # Descriptor 0 points to itself: the queue rejects the chain; the device must not raise.
     g.mem.write(DESC, struct.pack("<QIHH", HEAP, 16, VIRTQ_DESC_F_NEXT, 0))
@@ -212,7 +212,10 @@ def test_hostile_ring_stops_the_queue_until_reset(vols, tmp_path, image):
     g.mem.write(AVAIL + 2, struct.pack("<H", 1))
     g.dev.notify(0)
     assert g.dev.broken and g.used() is None
+    said = [r.getMessage() for r in caplog.records if "ring is unusable" in r.getMessage()]
+    assert len(said) == 1 and "loop" in said[0], said         # one line, with the reason
     g.dev.notify(0)                                    # further kicks are ignored quietly
+    assert len([r for r in caplog.records if "ring is unusable" in r.getMessage()]) == 1
     g.dev.reset()
     g2 = Guest(g.dev)                                  # the driver re-initialises the device
     assert g2.request(T_IN, 0, inlen=SECTOR) == (S_OK, image[:SECTOR])
