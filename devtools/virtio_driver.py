@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import Any
 
 VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE = 1, 2
 DESC, AVAIL, USED, HEAP = 0x1000, 0x3000, 0x4000, 0x10000
@@ -23,6 +24,20 @@ class BlkDriver:
                  wait: Callable[[], None] = lambda: None) -> None:
         self.ram, self.kick, self.wait = ram, kick, wait
         self.avail_idx = self.used_seen = 0
+
+    @classmethod
+    def inline(cls, device: Any, ram_size: int = 8 << 20) -> BlkDriver:
+        """A driver for ``device`` served inline: fresh RAM, the queue at DESC/AVAIL/USED,
+        the device activated with every feature it offers; a kick is ``notify(0)``."""
+        from stellarium_core.virtio import RegionMemory, Virtqueue
+
+        ram = bytearray(ram_size)
+        mem = RegionMemory.over(ram)
+        q = Virtqueue(QSIZE)
+        q.desc_addr, q.avail_addr, q.used_addr, q.ready = DESC, AVAIL, USED, True
+        q.check(mem)
+        device.activate(device.features, mem, [q], lambda: None)
+        return cls(ram, lambda: device.notify(0))
 
     def submit(self, bufs: list[tuple[bytes | int, bool]]) -> list[int]:
         """Chain ``(data or length, device-writable)`` buffers; offer; kick.

@@ -199,20 +199,13 @@ def test_the_c_loop_serves_raw_files_and_volumes():
 def test_a_volume_read_hashes_its_chunk_once_then_c_serves_it(volumes):
     """The first read of a slot goes to Python, which verifies and publishes the chunk;
     every later read of it is served by the C loop alone; a write unpublishes it."""
-    from devtools.virtio_driver import AVAIL, DESC, USED, BlkDriver
-    from devtools.virtio_driver import QSIZE as DQSIZE
+    from devtools.virtio_driver import BlkDriver
 
     volumes.clone("base", "once")
     vol = volumes.open("once")
     dev = VirtioStellar(BlockDevice(vol), serial="once", on_close=vol.close)
     try:
-        ram = bytearray(1 << 20)
-        mem = RegionMemory.over(ram)
-        q = Virtqueue(DQSIZE)
-        q.desc_addr, q.avail_addr, q.used_addr, q.ready = DESC, AVAIL, USED, True
-        q.check(mem)
-        dev.activate(dev.features, mem, [q], lambda: None)
-        drv = BlkDriver(ram, lambda: dev.notify(0))
+        drv = BlkDriver.inline(dev, ram_size=1 << 20)
         ring = dev._native
         assert ring is not None
         expect = vol.read(0, 4096)

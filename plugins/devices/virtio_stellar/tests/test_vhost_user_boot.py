@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.stellar_host import ext4_image, host_with_volume, stellar
+
 BEGIN, DONE = "VHOST-ROOT-UP", "VHOST-ROOT-DONE"
 MARKER = b"root from a Stellarium volume over vhost-user-blk\n"
 GUEST_WROTE = "written-by-the-guest through vhost-user-blk"
@@ -61,13 +63,6 @@ print("SERVER-LOG", err)
 """
 
 
-def stellar(cfg: Path, *args: object) -> str:
-    r = subprocess.run([sys.executable, "-m", "stellarium_core", "--config", str(cfg),
-                        *map(str, args)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
 def vmm_argv(vmm: str, kernel: Path, sock: str, cfg: Path) -> list[str]:
     if vmm == "qemu":
         return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,"
@@ -96,13 +91,8 @@ def test_vmm_boots_linux_with_its_root_on_a_served_volume(lab, guest_kernel, tmp
     (tree / "sbin/init").write_text(INIT)
     (tree / "sbin/init").chmod(0o755)
     (tree / "etc/marker").write_bytes(MARKER)
-    img = tmp_path / "root.ext4"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(img), "32M"],
-                   check=True, capture_output=True, timeout=60)
-    cfg = tmp_path / "host.toml"
-    cfg.write_text('[store]\npath = "store"\n')
-    stellar(cfg, "host", "init")
-    stellar(cfg, "vol", "import", "root", img)
+    img = ext4_image(tree, tmp_path / "root.ext4", "32M")
+    cfg = host_with_volume(tmp_path, "root", img)
 
     sock = "/run/vhost-root.sock"
     argv = vmm_argv(vmm, guest_kernel.bzimage, sock, cfg)

@@ -22,29 +22,18 @@ from stellarium_virtio_stellar.device import (
 )
 from stellarium_virtio_stellar.disks import Disk, DiskError, RawFileDisk
 
-from devtools.virtio_driver import AVAIL, DESC, QSIZE, USED, BlkDriver
+from devtools.virtio_driver import BlkDriver
 from stellarium_core.config import parse
 from stellarium_core.errors import ConfigError, StellarError
 from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.hookspecs import DeviceContext
 from stellarium_core.host import Host
 from stellarium_core.nebula import ChunkStore
-from stellarium_core.virtio import RegionMemory, Virtqueue
 from stellarium_core.volumes.blockdev import SECTOR, BlockDevice
 from stellarium_core.volumes.volume import VolumeStore
 
 DISK = 1 << 20
 NSECT = DISK // SECTOR
-
-
-def attach(dev: VirtioStellar) -> BlkDriver:
-    ram = bytearray(8 << 20)
-    mem = RegionMemory.over(ram)
-    q = Virtqueue(QSIZE)
-    q.desc_addr, q.avail_addr, q.used_addr, q.ready = DESC, AVAIL, USED, True
-    q.check(mem)
-    dev.activate(dev.features, mem, [q], lambda: None)
-    return BlkDriver(ram, lambda: dev.notify(0))
 
 
 
@@ -75,7 +64,7 @@ def test_both_disks_satisfy_the_backend_protocol(image, tmp_path):
 def test_read_write_flush_through_the_device(image):
     path, data = image
     dev = create({"path": str(path)})
-    drv = attach(dev)
+    drv = BlkDriver.inline(dev)
     assert struct.unpack("<Q", dev.read_config(0, 8))[0] == NSECT
     assert drv.request(T_IN, 120, inlen=16 * SECTOR) == (S_OK, data[120 * 512:136 * 512])
     new = os.urandom(3 * SECTOR)
@@ -91,7 +80,7 @@ def test_read_write_flush_through_the_device(image):
 def test_large_reads_come_in_pieces(image):
     path, data = image
     dev = create({"path": str(path), "serial": "x"})
-    drv = attach(dev)
+    drv = BlkDriver.inline(dev)
     assert drv.request(T_IN, 0, inlen=DISK) == (S_OK, data)   # more than one READ_PIECE
     dev.close()
 
@@ -99,7 +88,7 @@ def test_large_reads_come_in_pieces(image):
 def test_discard_and_write_zeroes_read_back_as_zeros(image):
     path, data = image
     dev = create({"path": str(path)})
-    drv = attach(dev)
+    drv = BlkDriver.inline(dev)
     assert drv.request(T_DISCARD, out=struct.pack("<QII", 0, 128, 0))[0] == S_OK
     assert drv.request(T_WRITE_ZEROES, out=struct.pack("<QII", 1000, 3, 1))[0] == S_OK
     dev.close()
@@ -114,7 +103,7 @@ def test_read_only_file_refuses_writes(image):
     path, data = image
     dev = create({"path": str(path), "readonly": "true"})
     assert dev.features & VIRTIO_BLK_F_RO
-    drv = attach(dev)
+    drv = BlkDriver.inline(dev)
     assert drv.request(T_OUT, 0, out=b"x" * SECTOR)[0] == S_IOERR
     assert drv.request(T_IN, 0, inlen=SECTOR) == (S_OK, data[:SECTOR])
     dev.close()

@@ -5,12 +5,12 @@ writes to a second, writable volume that the host then reads back."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from devtools.stellar_host import ext4_image, host_with_volume, stellar
 from stellarium_core.host import Host
 from stellarium_core.volumes.volume import VolumeStore
 
@@ -43,12 +43,6 @@ poweroff -f
 """
 
 
-def stellar(cfg: Path, *args: object) -> None:
-    r = subprocess.run([sys.executable, "-m", "stellarium_core", "--config", str(cfg),
-                        *map(str, args)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-
-
 @pytest.mark.lab
 def test_linux_guest_reads_its_root_from_a_stellarium_volume(lab, guest_kernel,
                                                              busybox_initramfs, tmp_path):
@@ -60,14 +54,7 @@ def test_linux_guest_reads_its_root_from_a_stellarium_volume(lab, guest_kernel,
     tree = tmp_path / "tree"
     (tree / "etc").mkdir(parents=True)
     (tree / "etc/debian_version").write_bytes(want)
-    img = tmp_path / "root.ext4"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(img), "16M"],
-                   check=True, capture_output=True, timeout=60)
-
-    cfg = tmp_path / "host.toml"
-    cfg.write_text('[store]\npath = "store"\n')
-    stellar(cfg, "host", "init")
-    stellar(cfg, "vol", "import", "debroot", img)
+    cfg = host_with_volume(tmp_path, "debroot", ext4_image(tree, tmp_path / "root.ext4"))
     stellar(cfg, "vol", "create", "scratch", "1MiB")
     initrd = busybox_initramfs(INIT, tmp_path / "init.cpio")
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from devtools.guest import BUSYBOX_PRELUDE, CMDLINE
 from devtools.lab_devices import VOLT
+from devtools.stellar_host import ext4_image, host_with_volume, stellar
 
 #: Prints /mnt/who, then writes ``volttest.write=`` (from the command line) into it.
 INIT = BUSYBOX_PRELUDE + """
@@ -31,12 +31,6 @@ else
 fi
 reboot -f
 """
-
-
-def stellar(cfg: Path, *args: object) -> None:
-    r = subprocess.run([sys.executable, "-m", "stellarium_core", "--config", str(cfg),
-                        *map(str, args)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
 
 
 def who(cfg: Path, volume: str, tmp: Path) -> str:
@@ -56,14 +50,7 @@ def store(tmp_path: Path) -> Path:
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "who").write_text("base\n")
-    img = tmp_path / "base.ext4"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(img), "16M"], check=True,
-                   capture_output=True, timeout=60)
-    cfg = tmp_path / "host.toml"
-    cfg.write_text('[store]\npath = "store"\n')
-    stellar(cfg, "host", "init")
-    stellar(cfg, "vol", "import", "base", img)
-    return cfg
+    return host_with_volume(tmp_path, "base", ext4_image(tree, tmp_path / "base.ext4"))
 
 
 def boots(lab, kernel: Path, initrd: Path, cfg: Path, runs: list[tuple[str, str]]) -> str:

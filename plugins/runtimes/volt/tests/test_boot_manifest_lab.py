@@ -10,13 +10,13 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from volt.cli import main
 
+from devtools.stellar_host import ext4_image, host_with_volume
 from stellarium_core import boot
 from stellarium_core.host import Host
 from stellarium_core.volumes.volume import VolumeStore
@@ -46,15 +46,7 @@ def test_record_with_a_traced_boot_then_boot_from_the_manifest(lab, guest_kernel
     tree.mkdir()
     payload = os.urandom(3 << 20)          # 48 chunks of 64 KiB the guest must read
     (tree / "payload").write_bytes(payload)
-    img = tmp_path / "root.ext4"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(img), "16M"],
-                   check=True, capture_output=True, timeout=60)
-    cfg = tmp_path / "host.toml"
-    cfg.write_text('[store]\npath = "store"\n')
-    from stellarium_core.cli import main as stellar
-
-    assert stellar(["--config", str(cfg), "host", "init"]) == 0
-    assert stellar(["--config", str(cfg), "vol", "import", "root", str(img)]) == 0
+    cfg = host_with_volume(tmp_path, "root", ext4_image(tree, tmp_path / "root.ext4"))
     initrd = busybox_initramfs(INIT, tmp_path / "init.cpio")
     assert main(["--config", str(cfg), "kernel", "import", str(guest_kernel.bzimage),
                  "--initrd", str(initrd), "--name", "guest"]) == 0
