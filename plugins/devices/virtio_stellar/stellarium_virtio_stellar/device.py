@@ -87,6 +87,8 @@ class VirtioStellar:
         self._sharing = sharing
         #: requests, errors, read/write bytes, latency (ns) since the device was made.
         self.stats: Counter[str] = Counter()
+        #: The C loop serving the activated queue (its counters join ``stats`` when dropped).
+        self._native: native.NativeRing | None = None
         self._host_paths = list(host_paths)
         self.serial = serial.encode()[:ID_BYTES]
         self.readonly = disk.readonly
@@ -190,9 +192,9 @@ class VirtioStellar:
 
     def _retire_native(self) -> None:
         """Drop the C loop's ring, keeping what it counted."""
-        if getattr(self, "_native", None) is not None:
+        if self._native is not None:
             self.stats = self._totals()
-        self._native: native.NativeRing | None = None
+            self._native = None
 
     def reset(self) -> None:
         self._retire_native()
