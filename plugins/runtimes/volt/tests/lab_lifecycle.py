@@ -41,10 +41,16 @@ def main() -> int:
             "--cmdline", "console=ttyS0 reboot=k panic=-1 quiet"]
     out: dict[str, object] = {}
 
-    p = subprocess.run([*base, "--initrd", poweroff_initrd], capture_output=True, timeout=300)
-    out["poweroff_rc"] = p.returncode
-    out["poweroff_marker"] = b"VOLT-POWEROFF" in p.stdout
-    out["poweroff_stderr"] = p.stderr.decode(errors="replace")[-300:]
+    try:
+        p = subprocess.run([*base, "--initrd", poweroff_initrd], capture_output=True,
+                           timeout=300)
+        rc, stdout, stderr = p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as exc:       # say so in the JSON, with what it printed
+        rc, stdout, stderr = None, exc.stdout or b"", exc.stderr or b""
+        out["poweroff_console"] = stdout.decode(errors="replace")[-1500:]
+    out["poweroff_rc"] = rc
+    out["poweroff_marker"] = b"VOLT-POWEROFF" in stdout
+    out["poweroff_stderr"] = stderr.decode(errors="replace")[-300:]
 
     proc = subprocess.Popen([*base, "--initrd", ticker_initrd], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)

@@ -75,3 +75,15 @@ def test_writable_share_must_be_a_directory(tmp_path: Path,
 def test_timeout_kills_the_guest_with_a_clear_error(lab) -> None:
     with pytest.raises(LabError, match="timed out after 2s and was killed"):
         lab.run(["sleep", "600"], timeout=2)
+
+
+def test_watchdog_dumps_where_a_still_running_command_is(tmp_path: Path) -> None:
+    """The lab's watchdog job (started by cmd.sh when the timeout allows) names the
+    command's process with each thread's state; run here with a one-second delay."""
+    from volt.lab import _watchdog
+
+    script = f"{_watchdog(1)}\nexec sleep 3\n"
+    res = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert "volt lab watchdog: still running after 1s" in res.stderr, res.stderr[-2000:]
+    assert "(sleep): sleep 3" in res.stderr, res.stderr[-2000:]
+    assert "  task " in res.stderr

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,8 @@ from volt.lab.image import MARK_FAIL, MARK_READY, LabImage, ensure_image
 
 QEMU = "qemu-system-x86_64"
 PR_SET_PDEATHSIG = 1
+#: A command still running this many seconds before its timeout gets the watchdog's dump.
+WATCHDOG_LEAD = 60.0
 #: Per-run directories (command script, outputs, console log); ``keep=True`` leaves them.
 RUNS_ROOT = Path(os.environ.get("VOLT_LAB_RUNS", "/var/tmp/volt-lab"))
 DEFAULT_ENV = {
@@ -98,12 +101,37 @@ def _qemu_opt(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def _script(cmd: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
+def _script(cmd: Sequence[str], cwd: Path, env: Mapping[str, str], timeout: float) -> str:
     lines = ["#!/bin/sh"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     lines.append(f"cd {shlex.quote(str(cwd))} || exit 125")
+    if timeout > 2 * WATCHDOG_LEAD:
+        lines.append(_watchdog(timeout - WATCHDOG_LEAD))
     lines.append(f"exec {shlex.join(cmd)}")
     return "\n".join(lines) + "\n"
+
+
+def _watchdog(after: float) -> str:
+    """A background job that, if the command still runs ``after`` seconds on, writes to
+    its stderr where every process is: state and wait channel, each thread's kernel
+    stack and syscall, and the Python stacks (py-spy, when installed next to this
+    interpreter). A hang that ends in the timeout then says where it hung."""
+    spy = Path(sys.executable).with_name("py-spy")
+    pyspy = (f'case "$(cat /proc/$p/comm)" in python*|volt*|stellar*) '
+             f'{shlex.quote(str(spy))} dump --pid $p;; esac' if spy.exists() else ":")
+    return f"""(sleep {after:.0f}
+echo "=== volt lab watchdog: still running after {after:.0f}s; where each process is ==="
+for d in /proc/[0-9]*; do p=${{d#/proc/}}
+  c=$(tr '\\0' ' ' < $d/cmdline 2>/dev/null | cut -c1-200)
+  [ -n "$c" ] || continue                  # not kernel threads
+  echo "--- pid $p ($(cat $d/comm)): $c"
+  for t in $d/task/*; do
+    echo "  task ${{t##*/}} $(cat $t/comm) wchan=$(cat $t/wchan 2>/dev/null)" \\
+         "syscall=$(cut -d' ' -f1 $t/syscall 2>/dev/null)"
+    sed 's/^/    /' $t/stack 2>/dev/null
+  done
+  {pyspy}
+done) >&2 2>&1 </dev/null &"""
 
 
 def run(cmd: Sequence[str], *, timeout: float = 300.0, cwd: Path | str | None = None,
@@ -137,7 +165,7 @@ def run(cmd: Sequence[str], *, timeout: float = 300.0, cwd: Path | str | None = 
         workdir = Path(cwd) if cwd is not None else Path.cwd()
         (io_dir / "writable").write_text("".join(f"{p}\n" for p in shares))
         (io_dir / "cmd.sh").write_text(_script(cmd, workdir.resolve(),
-                                               {**DEFAULT_ENV, **(env or {})}))
+                                               {**DEFAULT_ENV, **(env or {})}, timeout))
         console = io_dir / "console.log"
         argv = qemu_command(image, io_dir, memory_mib=memory_mib, cpus=cpus, console=console,
                             writable=shares)
@@ -151,7 +179,9 @@ def run(cmd: Sequence[str], *, timeout: float = 300.0, cwd: Path | str | None = 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise LabError(f"lab run timed out after {timeout:g}s and was killed; console "
-                           f"tail:\n{_tail(console)}") from None
+                           f"tail:\n{_tail(console)}\n--- stdout tail\n"
+                           f"{_tail(io_dir / 'stdout', 40)}\n--- stderr tail\n"
+                           f"{_tail(io_dir / 'stderr', 400)}") from None
         except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -182,7 +212,7 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _tail(console: Path, lines: int = 25) -> str:
-    if not console.exists():
-        return "(no console output)"
-    return "\n".join(console.read_text(errors="replace").splitlines()[-lines:])
+def _tail(path: Path, lines: int = 25) -> str:
+    if not path.exists():
+        return f"(no {path.name})"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
