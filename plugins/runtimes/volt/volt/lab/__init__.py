@@ -121,6 +121,8 @@ def _watchdog(after: float) -> str:
              f'{shlex.quote(str(spy))} dump --pid $p;; esac' if spy.exists() else ":")
     return f"""(sleep {after:.0f}
 echo "=== volt lab watchdog: still running after {after:.0f}s; where each process is ==="
+echo "clocksource: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+dmesg | grep -iE 'clocksource|tsc' | tail -5
 for d in /proc/[0-9]*; do p=${{d#/proc/}}
   c=$(tr '\\0' ' ' < $d/cmdline 2>/dev/null | cut -c1-200)
   [ -n "$c" ] || continue                  # not kernel threads
