@@ -3,9 +3,11 @@
     .venv/bin/python bench/ingest/run.py [--runs 3] [--workdir DIR] [--profile OUT.html]
 
 Input: three real debootstrap minbase bookworm trees (plain, +python3-minimal,
-+curl/ca-certificates) from ``devtools.rootfs``, read once beforehand so every tool
-starts from the same warm page cache. Each tool ingests all three into one fresh
-store/repo on the same filesystem, with its defaults:
++curl/ca-certificates) from ``devtools.rootfs``, read again before every tool's run
+so every tool starts from the same warm page cache (``borg create`` drops the files
+it has read from the cache, with ``POSIX_FADV_DONTNEED``: the tool after it read
+them from disk). Each tool ingests all three into one fresh store/repo on the same
+filesystem, with its defaults:
 
 - ``stellar``: ``stellar ingest``'s code path in process (FastCDC 16/64/256 KiB,
   BLAKE3, lz4, fsync'd packs and index; worker processes cut and hash, a thread
@@ -71,6 +73,12 @@ def regular_files(trees: list[Path]) -> list[Path]:
                 if p.is_file() and not p.is_symlink():
                     out.append(p)
     return out
+
+
+def warm(files: list[Path]) -> None:
+    """Read every input file, so the next tool reads them from the page cache."""
+    for p in files:
+        p.read_bytes()
 
 
 def nebula(trees: list[Path], work: Path, profile: str | None, compression: str) -> dict:
@@ -226,8 +234,7 @@ def main() -> int:
     trees = [debian_rootfs(extra_packages=v) for v in VARIANTS]
     files = regular_files(trees)
     total = sum(p.stat().st_size for p in files)
-    for p in files:  # warm the page cache: every tool reads the same cached bytes
-        p.read_bytes()
+    warm(files)
     print(f"input: 3 rootfs trees, {len(files)} regular files, {total / MB:.1f} MB; "
           f"{os.cpu_count()} cores")
     tools = {
@@ -240,6 +247,7 @@ def main() -> int:
     for i in range(args.runs):  # rounds interleave the tools, so load swings hit all alike
         this: dict[str, dict] = {}
         for name, run in tools.items():
+            warm(files)
             work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.workdir))
             load = os.getloadavg()[0]
             try:
