@@ -10,8 +10,8 @@ them from disk). Each tool ingests all three into one fresh store/repo on the sa
 filesystem, with its defaults:
 
 - ``stellar``: ``stellar ingest``'s code path in process (FastCDC 16/64/256 KiB,
-  BLAKE3, lz4, fsync'd packs and index; worker processes cut and hash, a thread
-  compresses), the default host config;
+  BLAKE3, lz4, fsync'd packs and index; worker processes cut and hash, the
+  calling thread compresses the new chunks), the default host config;
 - ``stellar-zstd``: the same with ``[compressor] name = "zstd"`` (the zstd plugin);
 - ``casync``: ``casync make``, one ``.caidx`` per tree into one store (FastCDC-like
   64 KiB avg, SHA-512/256, zstd);
@@ -234,7 +234,6 @@ def main() -> int:
     trees = [debian_rootfs(extra_packages=v) for v in VARIANTS]
     files = regular_files(trees)
     total = sum(p.stat().st_size for p in files)
-    warm(files)
     print(f"input: 3 rootfs trees, {len(files)} regular files, {total / MB:.1f} MB; "
           f"{os.cpu_count()} cores")
     tools = {

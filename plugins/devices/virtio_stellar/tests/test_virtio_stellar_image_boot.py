@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from devtools import stellar_host
 
 BEGIN, END = "STELLAR-IMAGE-ROOT-BEGIN", "STELLAR-IMAGE-ROOT-END"
 
@@ -21,10 +22,7 @@ SCRIPT = f"echo {BEGIN}; cat /etc/debian_version; stat -f -c %T /; echo pid $$; 
 
 
 def stellar(cfg: Path, *args: object) -> str:
-    r = subprocess.run([sys.executable, "-m", "stellarium_core", "--config", str(cfg),
-                        *map(str, args)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
+    return stellar_host.stellar(cfg, *args, timeout=600)
 
 
 @pytest.mark.lab

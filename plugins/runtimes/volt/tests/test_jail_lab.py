@@ -39,12 +39,6 @@ reboot -f
 """
 
 
-def _stellar(cfg: Path, *args: object) -> None:
-    r = subprocess.run([sys.executable, "-m", "stellarium_core", "--config", str(cfg),
-                        *map(str, args)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-
-
 @pytest.mark.lab
 @pytest.mark.slow
 def test_confined_and_jailed_vms_boot_debian_from_a_writable_stellarium_root(
@@ -52,15 +46,13 @@ def test_confined_and_jailed_vms_boot_debian_from_a_writable_stellarium_root(
     if shutil.which("mkfs.ext4") is None or shutil.which("debugfs") is None:
         pytest.skip("mkfs.ext4/debugfs are not installed (apt-get install e2fsprogs)")
     from devtools.rootfs import debian_rootfs
+    from devtools.stellar_host import host_with_volume
 
     root = debian_rootfs()
     img = tmp_path / "root.ext4"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(img), "512M"],
                    check=True, capture_output=True, timeout=600)
-    cfg = tmp_path / "host.toml"
-    cfg.write_text('[store]\npath = "store"\n')
-    _stellar(cfg, "host", "init")
-    _stellar(cfg, "vol", "import", "vm-root", img)
+    cfg = host_with_volume(tmp_path, "vm-root", img)
     img.unlink()
     cfg.chmod(0o644)
     initrd = base_archive(INIT).write(tmp_path / "init.cpio")

@@ -133,7 +133,7 @@ for d in /proc/[0-9]*; do p=${{d#/proc/}}
     sed 's/^/    /' $t/stack 2>/dev/null
   done
   {pyspy}
-done) >&2 2>&1 </dev/null &"""
+done) >&2 </dev/null &"""
 
 
 def run(cmd: Sequence[str], *, timeout: float = 300.0, cwd: Path | str | None = None,
