@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from volt.cli import main
 from volt.kernels.initramfs import Archive
-from volt.lab import LabError
+from volt.lab import LabError, LabWedged, LabWedgeWarning
 from volt.lab.image import find_kernel, module_order
 
 
@@ -77,13 +77,31 @@ def test_timeout_kills_the_guest_with_a_clear_error(lab) -> None:
         lab.run(["sleep", "600"], timeout=2)
 
 
+@pytest.mark.lab
+def test_a_wedged_l1_is_killed_and_the_command_run_again(lab, tmp_path: Path) -> None:
+    """Stopping L1's heartbeat looks, from the host, exactly like an L1 that wedged: the
+    first attempt is killed once no beat came for ``wedge_after`` seconds, and the second
+    (which leaves the heartbeat alone) runs the command to its end."""
+    script = (f"if [ ! -e {tmp_path}/first ]; then touch {tmp_path}/first; "
+              "pkill -STOP -f 'volt-lab-heart[b]eat'; sleep 600; fi; echo second")
+    with pytest.warns(LabWedgeWarning, match=r"wedged: no heartbeat for \d+s .*attempt 2 of 2"):
+        res = lab.run(["sh", "-c", script], writable=[tmp_path], timeout=300, wedge_after=20)
+    assert (res.returncode, res.stdout) == (0, "second\n"), res.stderr
+    (tmp_path / "first").unlink()
+    with pytest.raises(LabWedged, match=r"no heartbeat for \d+s \(last one at L1 uptime [\d.]+s\)"):
+        lab.run(["sh", "-c", script], writable=[tmp_path], timeout=300, wedge_after=20,
+                wedge_retries=0)
+
+
 def test_watchdog_dumps_where_a_still_running_command_is(tmp_path: Path) -> None:
     """The lab's watchdog job (started by cmd.sh when the timeout allows) names the
     command's process with each thread's state; run here with a one-second delay."""
     from volt.lab import _watchdog
 
     script = f"{_watchdog(1)}\nexec sleep 3\n"
-    res = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    # errors="replace": the dump includes every process's command line, bytes as they are.
+    res = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+                         errors="replace", timeout=30)
     assert "volt lab watchdog: still running after 1s" in res.stderr, res.stderr[-2000:]
     assert "(sleep): sleep 3" in res.stderr, res.stderr[-2000:]
     assert "  task " in res.stderr

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,10 @@ QEMU = "qemu-system-x86_64"
 PR_SET_PDEATHSIG = 1
 #: A command still running this many seconds before its timeout gets the watchdog's dump.
 WATCHDOG_LEAD = 60.0
+#: L1 beats every 5 s (its /init); this long without a beat means L1 itself has wedged.
+WEDGE_AFTER = 120.0
+#: How often the host looks at the heartbeat while QEMU runs.
+HEARTBEAT_POLL = 2.0
 #: Per-run directories (command script, outputs, console log); ``keep=True`` leaves them.
 RUNS_ROOT = Path(os.environ.get("VOLT_LAB_RUNS", "/var/tmp/volt-lab"))
 DEFAULT_ENV = {
@@ -44,6 +49,14 @@ DEFAULT_ENV = {
 
 class LabError(StellarError):
     """The lab itself failed (QEMU missing, guest setup failed, timeout)."""
+
+
+class LabWedged(LabError):
+    """The emulated L1 guest stopped making progress (its heartbeat stopped)."""
+
+
+class LabWedgeWarning(RuntimeWarning):
+    """A lab run was started again because L1 wedged in the previous attempt."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +151,8 @@ done) >&2 </dev/null &"""
 
 def run(cmd: Sequence[str], *, timeout: float = 300.0, cwd: Path | str | None = None,
         env: Mapping[str, str] | None = None, memory_mib: int = 2048, cpus: int = 1,
-        writable: Sequence[Path | str] = (), keep: bool = False) -> LabResult:
+        writable: Sequence[Path | str] = (), keep: bool = False,
+        wedge_after: float = WEDGE_AFTER, wedge_retries: int = 1) -> LabResult:
     """Run ``cmd`` inside the lab guest and return what it did.
 
     ``cwd`` defaults to the caller's working directory (the host's / is the
@@ -147,6 +161,12 @@ def run(cmd: Sequence[str], *, timeout: float = 300.0, cwd: Path | str | None = 
     so the command can leave files there for the host. The guest is
     killed after ``timeout`` seconds and :class:`LabError` names the timeout.
     With ``keep`` the per-run directory (console log, outputs) is left in place.
+
+    L1 writes a heartbeat every few seconds. When none arrives for ``wedge_after``
+    seconds, the emulated L1 itself has stopped (no command in it can stop its
+    kernel's timers), so the run is killed and, up to ``wedge_retries`` times, started
+    again with a warning; after that :class:`LabWedged` is raised. The command must
+    therefore tolerate being run again from the start.
 
     One L1 vCPU is the default on purpose: measured here, L2 boots ran twice as
     fast with it, and with two vCPUs the L1 guest occasionally wedged (soft
@@ -161,13 +181,30 @@ def run(cmd: Sequence[str], *, timeout: float = 300.0, cwd: Path | str | None = 
     if shutil.which(QEMU) is None:
         raise LabError(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
     image = ensure_image()
+    script = _script(cmd, Path(cwd if cwd is not None else Path.cwd()).resolve(),
+                     {**DEFAULT_ENV, **(env or {})}, timeout)
+    attempt = 1
+    while True:
+        try:
+            return _run_once(image, script, shares, timeout=timeout, memory_mib=memory_mib,
+                             cpus=cpus, keep=keep, wedge_after=wedge_after)
+        except LabWedged as exc:
+            if attempt > wedge_retries:
+                raise
+            attempt += 1
+            warnings.warn(f"{exc.args[0].splitlines()[0]}; running the command again "
+                          f"(attempt {attempt} of {wedge_retries + 1})", LabWedgeWarning,
+                          stacklevel=2)
+
+
+def _run_once(image: LabImage, script: str, shares: list[Path], *, timeout: float,
+              memory_mib: int, cpus: int, keep: bool, wedge_after: float) -> LabResult:
+    """One boot of L1 running ``script``; see :func:`run`."""
     RUNS_ROOT.mkdir(parents=True, exist_ok=True)
     io_dir = Path(tempfile.mkdtemp(prefix="run-", dir=RUNS_ROOT))
     try:
-        workdir = Path(cwd) if cwd is not None else Path.cwd()
         (io_dir / "writable").write_text("".join(f"{p}\n" for p in shares))
-        (io_dir / "cmd.sh").write_text(_script(cmd, workdir.resolve(),
-                                               {**DEFAULT_ENV, **(env or {})}, timeout))
+        (io_dir / "cmd.sh").write_text(script)
         console = io_dir / "console.log"
         argv = qemu_command(image, io_dir, memory_mib=memory_mib, cpus=cpus, console=console,
                             writable=shares)
@@ -176,18 +213,15 @@ def run(cmd: Sequence[str], *, timeout: float = 300.0, cwd: Path | str | None = 
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_die_with_parent)
         try:
-            qemu_out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise LabError(f"lab run timed out after {timeout:g}s and was killed; console "
-                           f"tail:\n{_tail(console)}\n--- stdout tail\n"
-                           f"{_tail(io_dir / 'stdout', 40)}\n--- stderr tail\n"
-                           f"{_tail(io_dir / 'stderr', 400)}") from None
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
+            qemu_out = _wait(proc, io_dir / "alive", timeout, wedge_after)
+        except LabError as exc:
+            raise type(exc)(f"{exc}; console tail:\n{_tail(console)}\n--- stdout tail\n"
+                            f"{_tail(io_dir / 'stdout', 40)}\n--- stderr tail\n"
+                            f"{_tail(io_dir / 'stderr', 400)}") from None
+        finally:
+            if proc.returncode is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         seconds = time.monotonic() - started
         text = console.read_text(errors="replace") if console.exists() else ""
         rc_file = io_dir / "rc"
@@ -207,6 +241,34 @@ def run(cmd: Sequence[str], *, timeout: float = 300.0, cwd: Path | str | None = 
     finally:
         if not keep:
             shutil.rmtree(io_dir, ignore_errors=True)
+
+
+def _wait(proc: subprocess.Popen, alive: Path, timeout: float, wedge_after: float) -> bytes:
+    """QEMU's output once it exits; :class:`LabError` after ``timeout`` seconds, and
+    :class:`LabWedged` when the heartbeat file ``alive`` has not changed (nor appeared)
+    for ``wedge_after`` seconds. The caller kills QEMU."""
+    started = changed = time.monotonic()
+    beat: bytes | None = None
+    while True:
+        now = time.monotonic()
+        try:
+            out, _ = proc.communicate(timeout=max(0.0, min(HEARTBEAT_POLL,
+                                                           started + timeout - now)))
+            return out
+        except subprocess.TimeoutExpired:
+            now = time.monotonic()
+        if now - started >= timeout:
+            raise LabError(f"lab run timed out after {timeout:g}s and was killed")
+        try:
+            seen: bytes | None = alive.read_bytes()
+        except FileNotFoundError:
+            seen = None
+        if seen != beat:
+            beat, changed = seen, now
+        elif now - changed >= wedge_after:
+            last = f"at L1 uptime {beat.decode(errors='replace').strip()}s" if beat else "ever"
+            raise LabWedged(f"lab guest (L1) wedged: no heartbeat for {now - changed:.0f}s "
+                            f"(last one {last}) and was killed")
 
 
 def _die_with_parent() -> None:

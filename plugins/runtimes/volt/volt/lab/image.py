@@ -74,9 +74,15 @@ while read -r p; do
     || fail "mount writable $p"
   i=$((i+1))
 done <"/newroot$IO/writable"
+# The heartbeat: L1's uptime in $IO/alive every few seconds, so the host can tell a
+# wedged L1 (no new beat) from a slow command.
+sh -c 'while :; do cut -d" " -f1 /proc/uptime >"$1"; sleep 5; done' volt-lab-heartbeat \
+  "/newroot$IO/alive" &
+beat=$!
 echo "VOLT-LAB-READY $(uname -r) kvm=$([ -c /dev/kvm ] && echo yes || echo no)"
 chroot /newroot /bin/sh "$IO/cmd.sh" >"/newroot$IO/stdout" 2>"/newroot$IO/stderr" </dev/null
 echo $? >"/newroot$IO/rc.tmp" && mv "/newroot$IO/rc.tmp" "/newroot$IO/rc"
+kill $beat
 sync
 umount "/newroot$IO"
 reboot -f
