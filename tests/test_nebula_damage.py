@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from stellarium_core.hashing import Blake3Hasher
-from stellarium_core.nebula import ChunkError, ChunkStore, CorruptChunkError, MissingChunkError
+from stellarium_core.nebula import (
+    ChunkError,
+    ChunkStore,
+    CorruptChunkError,
+    MissingChunkError,
+    pending,
+)
 from stellarium_core.nebula.format import LOG_HEADER, LOG_SIZE
 from stellarium_core.nebula.ingest import ingest
 from tests.helpers import tmpfs
@@ -198,3 +204,31 @@ def test_damaged_snapshot_header_still_opens(tmp_path: Path) -> None:
         assert [s.get(d) for d in ds] == blobs
     with ChunkStore.open(root, HASHER) as s:
         assert s.fsck().ok and [s.get(d) for d in ds] == blobs
+
+
+def test_reference_journals_read_back_stop_at_a_torn_record_and_still_read_json(
+        tmp_path: Path) -> None:
+    """A journal's records sum up; reading stops at the first torn or damaged one
+    (never releases what a record that did not become durable lists); the JSON
+    lines of older journals still read; a file of garbage is a ValueError."""
+    a, b = HASHER.digest(b"a"), HASHER.digest(b"b")
+    first, second = pending.encode({a: 2, b: 1}), pending.encode({a: 1})
+    path = tmp_path / "j.refs"
+    path.write_bytes(first + second)
+    assert pending.read_counts(path) == {a: 3, b: 1}
+    for cut in range(1, len(second)):
+        path.write_bytes(first + second[:cut])
+        assert pending.read_counts(path) == {a: 2, b: 1}
+    damaged = bytearray(second)
+    damaged[10] ^= 1
+    path.write_bytes(first + bytes(damaged) + first)
+    assert pending.read_counts(path) == {a: 2, b: 1}
+    path.write_bytes(b'{"%s":2}\n{"%s":1}\n{"%s":' % (a.hex().encode(), b.hex().encode(),
+                                                        a.hex().encode()))
+    assert pending.read_counts(path) == {a: 2, b: 1}
+    for junk in (b"\0" * 100, first[:-1], b"{not json"):
+        path.write_bytes(junk)
+        with pytest.raises(ValueError, match="no readable reference"):
+            pending.read_counts(path)
+    path.write_bytes(b"")
+    assert pending.read_counts(path) == {}

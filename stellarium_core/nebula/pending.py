@@ -5,8 +5,11 @@ An ingest or an import stores chunks in batches, each durable with its
 references, long before the manifest that will hold those references exists.
 If the process dies in between, the references belong to nobody. So such an
 operation keeps a journal, ``<nebula>/pending/<random>.refs``: after each
-durable batch it appends one line, a JSON object ``{digest hex: references}``,
-and fsyncs. The owner holds an exclusive ``flock`` on the file for its whole
+durable batch it appends one record and fsyncs. A record is ``b"NREF"``, a u32
+count, count x (32-byte digest, u32 references) and a crc32 of what precedes
+it in the record (little-endian); binary, it takes half the space of the JSON
+lines ``{digest hex: references}`` that journals held before, which are still
+read. The owner holds an exclusive ``flock`` on the file for its whole
 life; a journal whose lock can be taken belongs to a dead process, and
 :func:`sweep` (run by ``gc``) releases what it lists and deletes it.
 
@@ -22,7 +25,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import struct
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,20 +41,55 @@ if TYPE_CHECKING:
 SUFFIX = ".refs"
 #: ``<nebula>/pending``: the journals of operations still running (or dead, until swept).
 PENDING = "pending"
+MAGIC = b"NREF"
+HEAD = struct.Struct("<4sI")
+ITEM = struct.Struct("<32sI")
+
+
+def encode(counts: Mapping[bytes, int]) -> bytes:
+    """One journal record (see the module docstring)."""
+    body = HEAD.pack(MAGIC, len(counts)) + b"".join(ITEM.pack(d, n) for d, n in counts.items())
+    return body + zlib.crc32(body).to_bytes(4, "little")
 
 
 def read_counts(path: str | os.PathLike[str]) -> Counter[bytes]:
-    """The references a journal or ingest record lists (summed over its lines).
+    """The references a journal or ingest record lists (summed over its records).
 
-    A line that does not parse is skipped: a torn last line is a batch whose
-    journal entry never became durable, so its references stay leaked (never
-    released twice). Raises ValueError when nothing in the file parses.
+    Reading stops at a record that is torn or damaged: a torn last record is a
+    batch whose journal entry never became durable, so its references stay
+    leaked (never released twice). Raises ValueError when nothing in the file
+    parses.
     """
-    out: Counter[bytes] = Counter()
     with open(path, "rb") as fh:
-        lines = fh.read().splitlines()
+        data = fh.read()
+    if data.startswith(b"{"):
+        return _read_json_lines(path, data)
+    out: Counter[bytes] = Counter()
+    at = good = 0
+    while at + HEAD.size <= len(data):
+        magic, count = HEAD.unpack_from(data, at)
+        end = at + HEAD.size + count * ITEM.size
+        if magic != MAGIC or count == 0 or end + 4 > len(data) or \
+                zlib.crc32(data[at:end]) != int.from_bytes(data[end:end + 4], "little"):
+            break
+        items = [ITEM.unpack_from(data, i) for i in range(at + HEAD.size, end, ITEM.size)]
+        if any(n < 1 for _, n in items):
+            break
+        for d, n in items:
+            out[d] += n
+        good += 1
+        at = end + 4
+    if data and not good:
+        raise ValueError(f"{path}: no readable reference record")
+    return out
+
+
+def _read_json_lines(path: str | os.PathLike[str], data: bytes) -> Counter[bytes]:
+    """A journal as written before records were binary: a line that does not parse
+    (a torn last line) is skipped."""
+    out: Counter[bytes] = Counter()
     good = 0
-    for line in lines:
+    for line in data.splitlines():
         try:
             doc = json.loads(line)
             counts = {bytes.fromhex(h): int(n) for h, n in doc.items()}
@@ -59,7 +99,7 @@ def read_counts(path: str | os.PathLike[str]) -> Counter[bytes]:
             continue
         out.update(counts)
         good += 1
-    if lines and not good:
+    if not good:
         raise ValueError(f"{path}: no readable reference line")
     return out
 
@@ -86,12 +126,11 @@ class RefJournal:
         fsync_dir(self.dir)
 
     def record(self, counts: Mapping[bytes, int]) -> None:
-        """Append references that just became durable (one line, fsync'd)."""
+        """Append references that just became durable (one record, fsync'd)."""
         if not counts:
             return
         self._open()
-        line = json.dumps({d.hex(): n for d, n in counts.items()}, separators=(",", ":"))
-        os.write(self._fd, line.encode() + b"\n")
+        os.write(self._fd, encode(counts))
         os.fdatasync(self._fd)
 
     def settle(self) -> None:
