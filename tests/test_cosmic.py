@@ -6,9 +6,9 @@ import os
 
 import pytest
 
+from stellarium_core.nebula import cosmic
+from stellarium_core.nebula.cosmic import PackError
 from stellarium_core.plugins import Registry
-from stellarium_core.volumes import cosmic
-from stellarium_core.volumes.cosmic import PackError
 from stellarium_core.volumes.filetree import capture, footprint, release
 
 

@@ -60,7 +60,7 @@ def paths(images: ImageStore, name: str) -> dict[str, filetree.Entry]:
 
 def read(images: ImageStore, e: filetree.Entry) -> bytes:
     if e.pack is not None:
-        from stellarium_core.volumes import cosmic
+        from stellarium_core.nebula import cosmic
         return cosmic.read_slot(images.store.get(e.pack), e.slot, images.hasher, expect=e.hash)
     return b"".join(images.store.get(d) for d, _ in e.chunks)
 

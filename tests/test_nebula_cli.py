@@ -68,7 +68,7 @@ def test_fsck_exit_status_names_damage(cfg: Path, tmp_path: Path) -> None:
     f.write_bytes(random.Random(1).randbytes(9000))
     manifest = run_cli(["--config", cfg, "ingest", f]).stdout.strip()
     doc = json.loads(run_cli(["--config", cfg, "cat", manifest]).stdout)
-    chunk = doc["entries"][0]["chunks"][0][0]
+    chunk = doc["entries"][0]["packed"][0]   # a small file: its Cosmic Pack is the chunk
     pack = tmp_path / "store" / "nebula" / "packs" / "pack-000001.dat"
     with open(pack, "r+b") as fh:
         fh.seek(10)

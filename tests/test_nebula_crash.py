@@ -69,8 +69,10 @@ while True:
                          rnd.randbytes(rnd.randrange(0, 30000)))
         res = ingest(s, tree, Fixed())
         doc = load_manifest(s, res.manifest)
+        # one reference per chunk of a file, one per pack (its slot 0), one for the manifest
         for d in [bytes.fromhex(h) for e in doc["entries"] for h, _ in e.get("chunks", [])] + \
-                [res.manifest]:
+                [bytes.fromhex(e["packed"][0]) for e in doc["entries"]
+                 if e.get("packed", [0, 1])[1] == 0] + [res.manifest]:
             net[d] = net.get(d, 0) + 1
             print("P", d.hex(), flush=True)
     elif x < 0.97:

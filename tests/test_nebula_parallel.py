@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from stellarium_core.hashing import Blake3Hasher
-from stellarium_core.nebula import ChunkError, ChunkStore
+from stellarium_core.nebula import ChunkError, ChunkStore, cosmic
 from stellarium_core.nebula import batch as batch_mod
-from stellarium_core.nebula.ingest import ingest, load_manifest
+from stellarium_core.nebula.ingest import file_bytes, ingest, load_manifest
 from stellarium_core.plugins import Registry
 
 HASHER = Blake3Hasher({})
@@ -159,6 +159,88 @@ def test_ingest_of_a_tree_in_parallel_reads_back(tmp_path: Path, tree, monkeypat
         doc = load_manifest(s, res.manifest)
         for e in doc["entries"]:
             if e["type"] == "file":
-                data = b"".join(s.get(bytes.fromhex(h)) for h, _ in e["chunks"])
-                assert data == (tmp_path / "tree" / e["path"]).read_bytes()
+                assert file_bytes(s, e) == (tmp_path / "tree" / e["path"]).read_bytes()
     assert res.files == len(tree) and os.cpu_count()
+
+
+def _packs(tree: list[tuple[str, int]]) -> list[tuple[tuple[tuple[str, int], ...], int]]:
+    """The tree's files under 16 KiB as Cosmic Pack items, four files each."""
+    small = [(p, n) for p, n in tree if 0 < n < 16384]
+    return [(tuple(small[i:i + 4]), sum(n for _, n in small[i:i + 4]))
+            for i in range(0, len(small), 4)]
+
+
+def test_packs_from_workers_equal_packs_built_here(tmp_path: Path, tree, monkeypatch) -> None:
+    items = _packs(tree) * 2 + tree[4:8]   # a repeated pack is one chunk, two references
+    assert len(items) > 6
+    chunker = Registry().create("chunker", "fastcdc", {})
+    out = {}
+    for parallel in (0, 1 << 40):
+        monkeypatch.setattr(batch_mod, "PARALLEL_BYTES", parallel)
+        with ChunkStore.open(tmp_path / f"s{parallel}", HASHER, create=True) as s:
+            with s.batch(limit=1 << 16) as b:
+                out[parallel] = list(b.put_files(items, chunker, workers=2))
+            out[parallel, "items"] = {d: (e.raw, e.refs) for d, e in s.items()}
+            for (src, _), parts in zip(items, out[parallel], strict=True):
+                if isinstance(src, tuple):
+                    ((pack, _),) = parts
+                    for slot, (path, _) in enumerate(src):
+                        data = cosmic.read_slot(s.get(pack), slot, HASHER)
+                        assert data == Path(path).read_bytes()
+    assert out[0] == out[1 << 40] and out[0, "items"] == out[1 << 40, "items"]
+
+
+def test_a_small_file_that_changes_before_its_pack_is_stored_stops_the_batch(
+        tmp_path: Path, tree, monkeypatch) -> None:
+    """A worker hashed the pack; the file changes before this thread reads it again
+    to store the pack: the digest no longer matches, nothing wrong is stored."""
+    monkeypatch.setattr(batch_mod, "PARALLEL_BYTES", 0)
+    (files, size), *_ = _packs(tree)
+    path = files[-1][0]
+    chunker = Registry().create("chunker", "fastcdc", {})
+    cut = batch_mod.cut
+
+    def cut_then_change(*args, **kw):   # between the worker's hash and the re-read
+        for item, parts in cut(*args, **kw):
+            Path(path).write_bytes(bytes(len(Path(path).read_bytes())))
+            yield item, parts
+
+    monkeypatch.setattr(batch_mod, "cut", cut_then_change)
+    with ChunkStore.open(tmp_path / "s", HASHER, create=True) as s:
+        with pytest.raises(ChunkError, match="changed while it was being stored"):
+            with s.batch() as b:
+                list(b.put_files([(files, size)], chunker, workers=1))
+        assert len(s) == 0
+        Path(path).write_bytes(b"now shorter")
+        with pytest.raises(ChunkError, match="changed size while being stored"):
+            with s.batch() as b:
+                b.put_pack(files)
+        assert len(s) == 0
+
+
+def test_ingest_packs_small_files_and_two_trees_share_their_packs(tmp_path: Path) -> None:
+    """Pack cuts follow the paths: one added and one changed file in a second tree
+    make only the packs around them new; every file reads back."""
+    rnd = random.Random(3)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for root in (one, two):
+        rnd2 = random.Random(5)
+        for i in range(400):
+            d = root / f"d{i // 50}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"f{i:03d}").write_bytes(rnd2.randbytes(rnd2.randrange(1, 12_000)))
+    (two / "d3" / "f170b").write_bytes(rnd.randbytes(900))
+    (two / "d6" / "f333").write_bytes(rnd.randbytes(700))
+    chunker = Registry().create("chunker", "fastcdc", {})
+    with ChunkStore.open(tmp_path / "s", HASHER, create=True) as s:
+        packs = []
+        for root in (one, two):
+            doc = load_manifest(s, ingest(s, root, chunker).manifest)
+            files = [e for e in doc["entries"] if e["type"] == "file"]
+            assert all("packed" in e for e in files)
+            for e in files:
+                assert file_bytes(s, e) == (root / e["path"]).read_bytes()
+            packs.append({e["packed"][0] for e in files})
+        assert len(packs[0]) < 400 / 4
+        assert 2 <= len(packs[1] - packs[0]) <= 6, (len(packs[0]), len(packs[1] - packs[0]))
+        assert s.fsck().ok

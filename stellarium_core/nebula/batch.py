@@ -14,11 +14,12 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from stellarium_core.nebula.chunking import Source, chunks, min_chunk
+from stellarium_core.nebula.cosmic import pack_files
 from stellarium_core.nebula.errors import ChunkError
 from stellarium_core.nebula.format import PUT, REF, log_record
 from stellarium_core.nebula.pending import RefJournal
 from stellarium_core.nebula.table import MAPPABLE, MAX_LEN
-from stellarium_core.nebula.workers import cores, cut
+from stellarium_core.nebula.workers import Item, Pack, cores, cut
 
 if TYPE_CHECKING:
     from stellarium_core.hookspecs import Chunker
@@ -40,7 +41,7 @@ class _Pending:
     __slots__ = ("data", "raw", "codec", "refs", "src", "flags")
 
     def __init__(self, data: bytes | memoryview | None, raw: int, codec: str | None,
-                 src: tuple[str, int] | None = None, flags: int = 0) -> None:
+                 src: tuple[Item, int] | None = None, flags: int = 0) -> None:
         self.data, self.raw, self.codec, self.refs, self.src = data, raw, codec, 1, src
         self.flags = flags   # MAPPABLE when some put asked for it
 
@@ -108,10 +109,16 @@ class Batch:
         return [(self.put(c, mappable), len(c))
                 for c in chunks(src, chunker, self._floor_of(chunker))]
 
-    def put_files(self, files: Iterable[tuple[str, int]], chunker: Chunker,
+    def put_pack(self, files: Pack) -> tuple[bytes, int]:
+        """Queue one Cosmic Pack of small files (path, size as listed): (digest, length)."""
+        pack = pack_files(files, self._store.hasher)
+        return self.put(pack), len(pack)
+
+    def put_files(self, files: Iterable[tuple[Item, int]], chunker: Chunker,
                   workers: int | None = None) -> Iterator[list[tuple[bytes, int]]]:
         """Store many files using every core; yields each file's [(digest, length)]
-        in the order given. ``files`` are (path, size as listed).
+        in the order given. ``files`` are (path, size as listed), or (pack, total
+        size) for small files that go into one Cosmic Pack (see :meth:`put_pack`).
 
         Worker processes read, cut and hash files ahead of the caller (see
         :mod:`~stellarium_core.nebula.workers`); this thread decides what is new,
@@ -125,13 +132,15 @@ class Batch:
         floor = self._floor_of(chunker)
         files = list(files)
         if sum(n for _, n in files) < PARALLEL_BYTES:
-            for path, _ in files:
-                yield self.put_stream(path, chunker)
+            for src, _ in files:
+                yield [self.put_pack(src)] if isinstance(src, tuple) else \
+                    self.put_stream(src, chunker)
             return
         s = self._store
         for path, parts in cut(s.hasher, files, chunker, floor,
                                workers or max(1, cores() - 1)):
             if parts is None:
+                assert isinstance(path, str)
                 yield self.put_stream(path, chunker)
                 continue
             fresh: dict[bytes, list[int]] = {}   # digest -> [length, offset, uses]
@@ -209,8 +218,20 @@ def _raw_bytes(s: ChunkStore, digest: bytes, p: _Pending) -> bytes | memoryview:
     if p.data is not None:
         return p.data
     assert p.src is not None
-    with open(p.src[0], "rb") as fh:
-        return _reread(s, fh.fileno(), p.src[0], p.src[1], p.raw, digest)
+    src, offset = p.src
+    if isinstance(src, tuple):
+        return _repack(s, src, digest)
+    with open(src, "rb") as fh:
+        return _reread(s, fh.fileno(), src, offset, p.raw, digest)
+
+
+def _repack(s: ChunkStore, files: Pack, digest: bytes) -> bytes:
+    """A Cosmic Pack of small files built again, which must still hash to ``digest``."""
+    data = pack_files(files, s.hasher)
+    if s.hasher.digest(data) != digest:
+        raise ChunkError(f"{files[0][0]} or a small file after it changed while it was "
+                         "being stored")
+    return data
 
 
 def _reread(s: ChunkStore, fd: int, path: str, offset: int, n: int, digest: bytes) -> bytes:
@@ -224,10 +245,14 @@ def _reread(s: ChunkStore, fd: int, path: str, offset: int, n: int, digest: byte
     return data
 
 
-def _fresh(s: ChunkStore, path: str, fresh: dict[bytes, list[int]]
+def _fresh(s: ChunkStore, path: Item, fresh: dict[bytes, list[int]]
            ) -> Iterator[tuple[bytes, bytes | memoryview, str]]:
-    """New chunks of one file ({digest: [length, offset, uses]}; workers sent only
-    digests): read again, checked against their digest, compressed."""
+    """New chunks of one file or pack ({digest: [length, offset, uses]}; workers
+    sent only digests): read again, checked against their digest, compressed."""
+    if isinstance(path, tuple):
+        for digest in fresh:
+            yield (digest, *s.compress(_repack(s, path, digest)))
+        return
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
@@ -287,7 +312,7 @@ def _commit(s: ChunkStore, new: dict[bytes, _Pending], refs: dict[bytes, _Pendin
         except OSError as exc:
             raise ChunkError(f"write to the chunk store {s.root} failed: "
                              f"{exc.strerror or exc}; nothing was added") from None
-        if index.log_bytes > s.compact_log_bytes:
+        if s.log_outgrown():
             try:
                 index.compact()
             except OSError:  # the log stays valid; compaction is retried next commit

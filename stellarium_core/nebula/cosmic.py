@@ -2,9 +2,12 @@
 
 NEBULA gives every chunk a 64-byte record in its pack, an index row and a log
 record, and compresses it alone, so a 100-byte file stored as its own chunk costs
-about 230 bytes and hardly compresses. A Cosmic Pack puts files under 4 KiB side
-by side in one chunk with an inline index (compressed together); a file is then
+about 230 bytes and hardly compresses. A Cosmic Pack puts small files side by
+side in one chunk with an inline index (compressed together); a file is then
 named by (pack digest, slot) and is checked against its own hash when read.
+Image layers pack files under 4 KiB in arrival order (:class:`Packer`);
+``stellar ingest`` packs files under 16 KiB in groups that :func:`groups` cuts
+where the paths say, so the same files in another tree make the same packs.
 
 Layout (little-endian), at most 64 KiB::
 
@@ -27,22 +30,25 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from stellarium_core.hookspecs import Hasher
-from stellarium_core.volumes.tinyvol import ManifestError
+from stellarium_core.nebula.errors import ChunkError
 
 MAGIC = b"COSMICPK"
 VERSION = 1
 PACK_SIZE = 64 * 1024
 SMALL_FILE = 4096  # files strictly smaller than this are packed
+#: A group ends after a file whose path hashes to 0 modulo this (when not full first).
+GROUP_CUT = 16
 HEADER = struct.Struct("<8sIII44x")
 ENTRY = struct.Struct("<32sIIII")
 assert HEADER.size == 64 and ENTRY.size == 48
 
 
-class PackError(ManifestError):
+class PackError(ChunkError):
     """A Cosmic Pack is damaged, or a slot does not match its hash."""
 
 
@@ -88,6 +94,57 @@ def read_slot(pack: bytes | memoryview, slot: int, hasher: Hasher,
     if hasher.digest(data) != digest or (expect is not None and expect != digest):
         raise PackError(f"Cosmic Pack slot {slot} does not match its hash")
     return data
+
+
+def pack_files(files: Sequence[tuple[str, int]], hasher: Hasher) -> bytes:
+    """The pack of small files (path, size as listed), read whole, in order.
+
+    ChunkError (a PackError) when one cannot be read or its size changed.
+    """
+    items = []
+    for path, size in files:
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(size + 1)
+        except OSError as exc:
+            raise PackError(f"cannot read {path}: {exc.strerror}") from None
+        if len(data) != size:
+            raise PackError(f"{path} changed size while being stored ({size} bytes listed, "
+                            f"{len(data)} read)")
+        items.append((hasher.digest(data), data))
+    return encode(items)
+
+
+T = TypeVar("T")
+
+
+def groups(files: Iterable[tuple[str, int, T]]) -> Iterator[list[tuple[str, int, T]]]:
+    """``files`` (path, size, anything), in tree order, cut into groups that each
+    fit one pack.
+
+    A group holds files of one directory. It ends after a file whose path hashes
+    to 0 modulo :data:`GROUP_CUT`, or where the next file would not fit. Cuts that
+    depend on paths alone come back in step after an inserted, removed or changed
+    file, so two trees that share most of their small files share most of their
+    packs (as content-defined chunking does for bytes), and a directory added
+    between two others changes neither's packs.
+    """
+    group: list[tuple[str, int, T]] = []
+    used, where = HEADER.size, ""
+    for item in files:
+        path, size = item[0], item[1]
+        here = path.rpartition("/")[0]
+        if group and (here != where or used + ENTRY.size + size > PACK_SIZE):
+            yield group
+            group, used = [], HEADER.size
+        group.append(item)
+        used += ENTRY.size + size
+        where = here
+        if zlib.crc32(path.encode(errors="surrogateescape")) % GROUP_CUT == 0:
+            yield group
+            group, used = [], HEADER.size
+    if group:
+        yield group
 
 
 @dataclass

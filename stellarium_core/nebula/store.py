@@ -44,8 +44,12 @@ from stellarium_core.nebula.packs import PACK_MAX, Packs
 from stellarium_core.nebula.pending import PENDING, RefJournal
 from stellarium_core.nebula.table import PAGE, UNIT, Entry
 
-#: Fold the log into a snapshot once it grows past this (a snapshot loads ~30x faster).
+#: Fold the log into a snapshot once it grows past this (a snapshot loads ~30x faster),
+#: or past the snapshot's own size once over ``COMPACT_LOG_FLOOR``: reference records
+#: of chunks stored long ago (an ingest of a tree much like one before) would
+#: otherwise make the log several times the index it describes.
 COMPACT_LOG_BYTES = 64 << 20
+COMPACT_LOG_FLOOR = 256 << 10
 
 
 class ChunkStore:
@@ -153,6 +157,12 @@ class ChunkStore:
     def lock(self, writing: bool = True) -> AbstractContextManager[None]:
         """The store lock (reentrant), with the index caught up (see :meth:`Index.locked`)."""
         return self.index.locked(writing)
+
+    def log_outgrown(self) -> bool:
+        """Whether the index log should be folded into a snapshot (see
+        :data:`COMPACT_LOG_BYTES`)."""
+        limit = max(COMPACT_LOG_FLOOR, self.index.table.nbytes())
+        return self.index.log_bytes > min(self.compact_log_bytes, limit)
 
     def compact_index(self) -> None:
         """Fold the index log into a new snapshot (caller holds :meth:`lock`)."""

@@ -14,7 +14,9 @@ safety are those of a single writer; workers die with it (``PR_SET_PDEATHSIG``).
 
 Files go to workers in groups of about ``GROUP_BYTES`` (one task per file would
 cost more in queueing than small files cost to chunk), and at most
-``READ_AHEAD`` bytes of files are in flight.
+``READ_AHEAD`` bytes of files are in flight. An item may also be a Cosmic Pack
+to build from small files (:data:`Pack`): its worker reads them, packs them and
+hashes the pack, one chunk.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from typing import TYPE_CHECKING
 
 from stellarium_core.nebula.chunking import WHOLE_FILE, chunks
+from stellarium_core.nebula.cosmic import pack_files
 from stellarium_core.nebula.errors import ChunkError
 
 if TYPE_CHECKING:
@@ -39,6 +42,11 @@ GROUP_FILES = 256
 READ_AHEAD = 64 << 20
 _PR_SET_PDEATHSIG = 1
 
+#: Small files (path, size) to store as one Cosmic Pack.
+Pack = tuple[tuple[str, int], ...]
+#: What to store: a file, or a pack of small files.
+Item = str | Pack
+
 _worker: tuple[Hasher, Chunker, int] | None = None
 
 
@@ -47,20 +55,20 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def cut(hasher: Hasher, files: Iterable[tuple[str, int]], chunker: Chunker,
-        floor: int, workers: int) -> Iterator[tuple[str, list[tuple[bytes, int]] | None]]:
-    """(path, [(digest, length)]) for each of ``files`` (path, size), in order, from
-    ``workers`` processes; None instead of chunks for a file larger than a
+def cut(hasher: Hasher, files: Iterable[tuple[Item, int]], chunker: Chunker,
+        floor: int, workers: int) -> Iterator[tuple[Item, list[tuple[bytes, int]] | None]]:
+    """(item, [(digest, length)]) for each of ``files`` (item, size), in order,
+    from ``workers`` processes; None instead of chunks for a file larger than a
     whole-file read, which the caller streams itself (in its turn)."""
     ctx = multiprocessing.get_context("fork")
     ahead: deque[tuple[Future[list[list[tuple[bytes, int]] | ChunkError]] | None,
-                      list[tuple[str, int]]]] = deque()
+                      list[tuple[Item, int]]]] = deque()
     in_flight = 0
     todo = iter(files)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start,
                              initargs=(hasher, chunker, floor, os.getpid())) as pool:
         try:
-            group: list[tuple[str, int]] = []
+            group: list[tuple[Item, int]] = []
             size = 0
             done = False
             while True:
@@ -107,15 +115,19 @@ def _start(hasher: Hasher, chunker: Chunker, floor: int, parent: int) -> None:
         os._exit(1)
 
 
-def _cut_group(paths: list[str]) -> list[list[tuple[bytes, int]] | ChunkError]:
-    """Chunks of ``paths``; a file that cannot be read is its error, raised by the
+def _cut_group(sources: list[Item]) -> list[list[tuple[bytes, int]] | ChunkError]:
+    """Chunks of ``sources``; one that cannot be read is its error, raised by the
     caller in its turn (after the files before it)."""
     assert _worker is not None
     hasher, chunker, floor = _worker
     out: list[list[tuple[bytes, int]] | ChunkError] = []
-    for path in paths:
+    for src in sources:
         try:
-            out.append([(hasher.digest(c), len(c)) for c in chunks(path, chunker, floor)])
+            if isinstance(src, tuple):
+                pack = pack_files(src, hasher)
+                out.append([(hasher.digest(pack), len(pack))])
+            else:
+                out.append([(hasher.digest(c), len(c)) for c in chunks(src, chunker, floor)])
         except ChunkError as exc:
             out.append(exc)
     return out

@@ -8,8 +8,8 @@
 - :mod:`.blockdev`  ``BlockDevice``, the 512-byte-sector view virtio-stellar uses
   (over a volume or an image disk)
 - :mod:`.filetree`  file-tree manifests for image layers: capture, restore, stack
-  (OCI whiteouts), diff_trees
-- :mod:`.cosmic`    Cosmic Packs: files under 4 KiB packed 64 KiB at a time
+  (OCI whiteouts), diff_trees; files under 4 KiB go into Cosmic Packs
+  (:mod:`stellarium_core.nebula.cosmic`)
 - :mod:`.erofs`     EROFS metadata for a tree whose file data already is chunks
 - :mod:`.imagedisk` ``ImageDisks``/``ImageDisk``: an image's VM form, a read-only
   EROFS disk over the image's own chunks (only metadata is new)

@@ -42,10 +42,9 @@ from stellarium_core.confined import ConfinedDir
 from stellarium_core.errors import StellarError
 from stellarium_core.fsutil import claim, remove_tree, sweep_unclaimed, write_atomic
 from stellarium_core.hookspecs import Chunker, Hasher
-from stellarium_core.nebula import packs
+from stellarium_core.nebula import cosmic, packs
 from stellarium_core.nebula.pending import RefJournal
 from stellarium_core.nebula.table import MAX_LEN
-from stellarium_core.volumes import cosmic
 from stellarium_core.volumes.tinyvol import ManifestError
 
 FORMAT = "stellarium-tree"

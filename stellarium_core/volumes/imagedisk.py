@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 from stellarium_core.fsutil import fsync_dir, write_atomic
 from stellarium_core.hookspecs import Hasher
+from stellarium_core.nebula import cosmic
 from stellarium_core.nebula.errors import ChunkError
-from stellarium_core.volumes import cosmic, erofs
+from stellarium_core.volumes import erofs
 from stellarium_core.volumes.filetree import Entry, Manifest
 from stellarium_core.volumes.tinyvol import Extent, ExtentMap, ManifestError, decode_extents
 from stellarium_core.volumes.volume import ChunkReader, VolumeError

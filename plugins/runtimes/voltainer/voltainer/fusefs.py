@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from fuse import FUSE, FuseOSError, Operations
 
 from stellarium_core.hookspecs import Hasher
-from stellarium_core.volumes import cosmic, filetree
+from stellarium_core.nebula import cosmic
+from stellarium_core.volumes import filetree
 from stellarium_core.volumes.tinyvol import ManifestError
 
 
