@@ -78,20 +78,28 @@ def test_an_unreadable_file_stops_in_its_turn_and_rolls_back(tmp_path: Path, tre
         assert all(e.refs == 0 for _, e in s.items())   # rolled back
 
 
-def test_a_dedup_hit_dropped_before_the_commit_is_read_again(tmp_path: Path, tree,
+@pytest.mark.parametrize("kind", ["file", "pack"])
+def test_a_dedup_hit_dropped_before_the_commit_is_read_again(tmp_path: Path, tree, kind,
                                                             monkeypatch) -> None:
     """A worker saw the chunk indexed, so only its place came back; a gc dropped it
-    before the commit: it is read again from its file, hash-checked, and stored."""
+    before the commit: it is read again from its file (or its pack is built again
+    from its files), hash-checked, and stored."""
     monkeypatch.setattr(batch_mod, "PARALLEL_BYTES", 0)
     chunker = Registry().create("chunker", "fastcdc", {})
-    path, size = next((p, n) for p, n in tree if 1000 < n <= 16384)  # one chunk
-    data = Path(path).read_bytes()
+    if kind == "file":
+        path, size = next((p, n) for p, n in tree if 1000 < n <= 16384)  # one chunk
+        item: tuple = (path, size)
+        data = Path(path).read_bytes()
+    else:
+        item = _packs(tree)[0]
+        path, size = item[0][-1]
+        data = cosmic.pack_files(item[0], HASHER)
     with ChunkStore.open(tmp_path / "s", HASHER, create=True) as s:
         d = s.put(data)
         for change in (False, True):
             with s.batch() as b:
-                files = b.put_files([(path, size), *tree[:2]], chunker, workers=2)
-                assert next(files) == [(d, size)]
+                files = b.put_files([item, *tree[:2]], chunker, workers=2)
+                assert next(files) == [(d, len(data))]
                 s.release(d)
                 assert s.gc()["chunks_removed"] == 1 and not s.contains(d)
                 if change:
@@ -190,32 +198,37 @@ def test_packs_from_workers_equal_packs_built_here(tmp_path: Path, tree, monkeyp
     assert out[0] == out[1 << 40] and out[0, "items"] == out[1 << 40, "items"]
 
 
-def test_a_small_file_that_changes_before_its_pack_is_stored_stops_the_batch(
-        tmp_path: Path, tree, monkeypatch) -> None:
-    """A worker hashed the pack; the file changes before this thread reads it again
-    to store the pack: the digest no longer matches, nothing wrong is stored."""
+def test_a_new_chunk_is_stored_as_its_worker_read_it(tmp_path: Path, tree,
+                                                    monkeypatch) -> None:
+    """Workers compress the chunks they find new and send them: a file (or a small
+    file of a pack) rewritten after its worker read it does not change what is
+    stored, which matches its digest; a small file that shrank before its pack was
+    read is named."""
     monkeypatch.setattr(batch_mod, "PARALLEL_BYTES", 0)
     (files, size), *_ = _packs(tree)
-    path = files[-1][0]
+    big = next(p for p, n in tree if n > 100_000)
+    before = {p: Path(p).read_bytes() for p in (files[-1][0], big)}
     chunker = Registry().create("chunker", "fastcdc", {})
     cut = batch_mod.cut
 
-    def cut_then_change(*args, **kw):   # between the worker's hash and the re-read
+    def cut_then_change(*args, **kw):   # after the worker's read, before the commit
         for item, parts in cut(*args, **kw):
-            Path(path).write_bytes(bytes(len(Path(path).read_bytes())))
+            for p, data in before.items():
+                Path(p).write_bytes(bytes(len(data)))
             yield item, parts
 
     monkeypatch.setattr(batch_mod, "cut", cut_then_change)
     with ChunkStore.open(tmp_path / "s", HASHER, create=True) as s:
-        with pytest.raises(ChunkError, match="changed while it was being stored"):
-            with s.batch() as b:
-                list(b.put_files([(files, size)], chunker, workers=1))
-        assert len(s) == 0
-        Path(path).write_bytes(b"now shorter")
+        with s.batch() as b:
+            (pack,), parts = list(b.put_files([(files, size), (big, len(before[big]))],
+                                              chunker, workers=1))
+        assert s.fsck().ok
+        assert cosmic.read_slot(s.get(pack[0]), len(files) - 1, HASHER) == before[files[-1][0]]
+        assert b"".join(s.get(d) for d, _ in parts) == before[big]
+        Path(files[0][0]).write_bytes(b"now shorter")
         with pytest.raises(ChunkError, match="changed size while being stored"):
             with s.batch() as b:
                 b.put_pack(files)
-        assert len(s) == 0
 
 
 def test_ingest_packs_small_files_and_two_trees_share_their_packs(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ them from disk). Each tool ingests all three into one fresh store/repo on the sa
 filesystem, with its defaults:
 
 - ``stellar``: ``stellar ingest``'s code path in process (FastCDC 16/64/256 KiB,
-  files under 16 KiB in Cosmic Packs, BLAKE3, lz4, fsync'd packs and index; worker
-  processes cut, pack and hash, the calling thread compresses the new chunks), the
+  files under 16 KiB in Cosmic Packs, BLAKE3, lz4, fsync'd packs and index; one
+  worker process per core cuts, packs, hashes and compresses the new chunks), the
   default host config;
 - ``stellar-zstd``: the same with ``[compressor] name = "zstd"`` (the zstd plugin);
 - ``casync``: ``casync make``, one ``.caidx`` per tree into one store (FastCDC-like

@@ -120,14 +120,12 @@ class Batch:
         in the order given. ``files`` are (path, size as listed), or (pack, total
         size) for small files that go into one Cosmic Pack (see :meth:`put_pack`).
 
-        Worker processes read, cut and hash files ahead of the caller (see
-        :mod:`~stellarium_core.nebula.workers`); this thread decides what is new,
-        reads those chunks again, checks their hash, compresses them, queues in
-        order and commits, so what becomes durable, and when, is as with
-        :meth:`put_stream` file after file. ``workers`` defaults to one less than
-        the cores this process may use (this thread keeps one busy), at least
-        one; for fewer than ``PARALLEL_BYTES`` in all (a fork would cost more),
-        files are stored in this thread alone.
+        Worker processes read, cut, hash and compress files ahead of the caller
+        (see :mod:`~stellarium_core.nebula.workers`); this thread decides what is
+        new, queues in order and commits, so what becomes durable, and when, is
+        as with :meth:`put_stream` file after file. ``workers`` defaults to the
+        cores this process may use; for fewer than ``PARALLEL_BYTES`` in all (a
+        fork would cost more), files are stored in this thread alone.
         """
         floor = self._floor_of(chunker)
         files = list(files)
@@ -137,15 +135,15 @@ class Batch:
                     self.put_stream(src, chunker)
             return
         s = self._store
-        for path, parts in cut(s.hasher, files, chunker, floor,
-                               workers or max(1, cores() - 1)):
+        for path, parts in cut(s.hasher, files, chunker, floor, workers or cores(),
+                               s.index.table.__contains__, s.compress):
             if parts is None:
                 assert isinstance(path, str)
                 yield self.put_stream(path, chunker)
                 continue
             fresh: dict[bytes, list[int]] = {}   # digest -> [length, offset, uses]
             offset = 0
-            for digest, n in parts:
+            for digest, n, stored, codec in parts:
                 p = self._new.get(digest) or self._refs.get(digest)
                 if p is not None:
                     p.refs += 1
@@ -154,7 +152,10 @@ class Batch:
                 elif s.indexed(digest):
                     self._refs[digest] = _Pending(None, n, None, (path, offset))
                     self._bytes += n
-                else:
+                elif stored is not None:
+                    self._new[digest] = _Pending(stored, n, codec)
+                    self._bytes += n
+                else:   # the worker took it for stored; it is not (gc, another worker)
                     fresh[digest] = [n, offset, 1]
                 offset += n
             if fresh:
@@ -165,7 +166,7 @@ class Batch:
                     self._bytes += n
             if self._bytes >= self._limit:
                 self.commit()
-            yield parts
+            yield [(d, n) for d, n, _, _ in parts]
 
     def commit(self) -> None:
         """Make everything queued durable; afterwards the batch is empty and reusable."""

@@ -11,7 +11,7 @@ by one digest and read back.
 
 All chunks of an ingest go through one :class:`~stellarium_core.nebula.batch.Batch`,
 so many small files share fsyncs, and its ``put_files`` reads, hashes and
-compresses them in threads on every core. If anything fails, the references the ingest
+compresses them in worker processes on every core. If anything fails, the references the ingest
 already made durable are released again: no manifest, no leaked references. If
 the process dies instead, its reference journal lets ``gc`` release them.
 
