@@ -28,6 +28,7 @@ Layout (little-endian), at most 64 KiB::
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -103,9 +104,12 @@ def pack_files(files: Sequence[tuple[str, int]], hasher: Hasher) -> bytes:
     """
     items = []
     for path, size in files:
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read(size + 1)
+        try:   # os-level calls: a rootfs has thousands of these, open() costs twice as much
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.read(fd, size + 1)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise PackError(f"cannot read {path}: {exc.strerror}") from None
         if len(data) != size:
