@@ -66,6 +66,7 @@ class _Worker(NamedTuple):
     sent: set[bytes]    # digests this worker compressed already
 
     def prepare(self, chunk: memoryview) -> Prepared:
+        """The chunk's digest and length, with its bytes to store if it looks new."""
         d = self.hasher.digest(chunk)
         if d in self.sent or self.known(d):
             return d, len(chunk), None, ""
