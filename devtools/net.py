@@ -10,9 +10,20 @@ from typing import Any
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (and nothing will answer)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` different free ports: each :func:`free_port` call alone may hand out the
+    port a previous call did (a SeaweedFS master and volume server once got the same)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def wait_listening(port: int, proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:

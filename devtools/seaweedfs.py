@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from devtools.net import free_port
+from devtools.net import free_ports
 
 SERVER_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                 "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc")
@@ -139,7 +139,7 @@ class SeaweedFS(_S3):
         self.root = root
         data = root / "data"
         data.mkdir(parents=True, exist_ok=True)
-        self.ports = {name: free_port() for name in SERVER_PORTS}
+        self.ports = dict(zip(SERVER_PORTS, free_ports(len(SERVER_PORTS)), strict=True))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
         self.processes = [_Process(weed, "weed", root, [
             "server", f"-dir={data}", *LOOPBACK, "-s3", "-master.telemetry=false",
@@ -158,7 +158,8 @@ class SeaweedCluster(_S3):
         self.root = root
         self.replication = replication
         root.mkdir(parents=True, exist_ok=True)
-        master, master_grpc = free_port(), free_port()
+        ports = iter(free_ports(6 + 2 * volumes))   # master, volumes, filer: 2 each; s3: 2
+        master, master_grpc = next(ports), next(ports)
         self.master = f"127.0.0.1:{master}.{master_grpc}"  # host:port.grpcPort
         (root / "master").mkdir(exist_ok=True)
         self.master_process = _Process(weed, "master", root, [
@@ -170,9 +171,9 @@ class SeaweedCluster(_S3):
             d = root / f"volume{i}"
             d.mkdir(exist_ok=True)
             self.volume_processes.append(_Process(weed, f"volume{i}", root, [
-                "volume", *LOOPBACK, f"-port={free_port()}", f"-port.grpc={free_port()}",
+                "volume", *LOOPBACK, f"-port={next(ports)}", f"-port.grpc={next(ports)}",
                 f"-dir={d}", "-max=0", f"-master={self.master}", "-rack=rack1"]))
-        filer, filer_grpc, s3 = free_port(), free_port(), free_port()
+        filer, filer_grpc, s3 = next(ports), next(ports), next(ports)
         self.endpoint = f"http://127.0.0.1:{s3}"
         (root / "filer").mkdir(exist_ok=True)
         self.filer_process = _Process(weed, "filer", root, [
@@ -181,7 +182,7 @@ class SeaweedCluster(_S3):
             f"-localSocket={root}/filer.sock", f"-defaultReplicaPlacement={replication}"])
         self.s3_process = _Process(weed, "s3", root, [
             "s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-port={s3}",
-            f"-port.grpc={free_port()}", f"-filer=127.0.0.1:{filer}.{filer_grpc}",
+            f"-port.grpc={next(ports)}", f"-filer=127.0.0.1:{filer}.{filer_grpc}",
             "-port.iceberg=0", "-port.lance=0", f"-localSocket={root}/s3.sock"])
         self.processes = [self.master_process, *self.volume_processes, self.filer_process,
                           self.s3_process]
