@@ -248,8 +248,9 @@ def _reread(s: ChunkStore, fd: int, path: str, offset: int, n: int, digest: byte
 
 def _fresh(s: ChunkStore, path: Item, fresh: dict[bytes, list[int]]
            ) -> Iterator[tuple[bytes, bytes | memoryview, str]]:
-    """New chunks of one file or pack ({digest: [length, offset, uses]}; workers
-    sent only digests): read again, checked against their digest, compressed."""
+    """New chunks of one file or pack ({digest: [length, offset, uses]}) that a
+    worker took for stored and sent no bytes of: read again, checked against their
+    digest, compressed."""
     if isinstance(path, tuple):
         for digest in fresh:
             yield (digest, *s.compress(_repack(s, path, digest)))

@@ -11,9 +11,10 @@ by one digest and read back.
 
 All chunks of an ingest go through one :class:`~stellarium_core.nebula.batch.Batch`,
 so many small files share fsyncs, and its ``put_files`` reads, hashes and
-compresses them in worker processes on every core. If anything fails, the references the ingest
-already made durable are released again: no manifest, no leaked references. If
-the process dies instead, its reference journal lets ``gc`` release them.
+compresses them in worker processes on every core. If anything fails, the
+references the ingest already made durable are released again: no manifest, no
+leaked references. If the process dies instead, its reference journal lets
+``gc`` release them.
 
 What an ingest holds is recorded in ``<nebula>/ingests/<manifest hex>.refs``
 (its journal, renamed there when the manifest is durable), so ``fsck`` can
@@ -106,10 +107,8 @@ def ingest(store: ChunkStore, path: str | os.PathLike[str], chunker: Chunker,
                if stat.S_ISREG(st.st_mode)]
     if progress is not None:
         progress.total = sum(n for _, _, n in regular)
-    items: list[tuple[Item, int]] = [(full, n) for _, full, n in regular
-                                     if not 0 < n < PACKED_FILE]
-    packs = list(cosmic.groups((rel, n, full) for rel, full, n in regular
-                               if 0 < n < PACKED_FILE))
+    items: list[tuple[Item, int]] = [(full, n) for _, full, n in regular if not _packed(n)]
+    packs = list(cosmic.groups((rel, n, full) for rel, full, n in regular if _packed(n)))
     items += [(tuple((full, n) for _, n, full in g), sum(n for _, n, _ in g)) for g in packs]
     entries: list[dict[str, Any]] = []
     chunks = 0
@@ -138,7 +137,7 @@ def ingest(store: ChunkStore, path: str | os.PathLike[str], chunker: Chunker,
                                      "gid": st.st_gid, "mtime_ns": st.st_mtime_ns}
                 if stat.S_ISREG(mode):
                     e.update(type="file", size=st.st_size)
-                    e["packed" if 0 < st.st_size < PACKED_FILE else "chunks"] = stored[full]
+                    e["packed" if _packed(st.st_size) else "chunks"] = stored[full]
                 elif stat.S_ISDIR(mode):
                     e["type"] = "dir"
                 elif stat.S_ISLNK(mode):
@@ -162,6 +161,11 @@ def ingest(store: ChunkStore, path: str | os.PathLike[str], chunker: Chunker,
             journal.settle()  # first: a crash now leaks, never releases twice
             batch.rollback()
     return IngestResult(digest, len(regular), sum(n for _, _, n in regular), chunks)
+
+
+def _packed(size: int) -> bool:
+    """Whether a file of ``size`` bytes goes into a Cosmic Pack."""
+    return 0 < size < PACKED_FILE
 
 
 def load_manifest(store: ChunkStore, digest: bytes) -> dict[str, Any]:
