@@ -17,17 +17,18 @@ def stellar(cfg: Path, *args: object, timeout: float = 300) -> str:
     return r.stdout
 
 
-def ext4_image(tree: Path, img: Path, size: str = "16M") -> Path:
-    """An ext4 image holding ``tree`` (``mkfs.ext4 -d``)."""
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(img), size],
+def ext4_image(tree: Path, img: Path, size: str = "16M", *mkfs_args: str) -> Path:
+    """An ext4 image holding ``tree`` (``mkfs.ext4 -d``; ``mkfs_args``, e.g. ``-b 4096``)."""
+    subprocess.run(["mkfs.ext4", "-q", "-F", *mkfs_args, "-d", str(tree), str(img), size],
                    check=True, capture_output=True, timeout=60)
     return img
 
 
-def host_with_volume(tmp: Path, name: str, img: Path) -> Path:
-    """The config of a new host under ``tmp`` whose store holds ``img`` as volume ``name``."""
+def host_with_volume(tmp: Path, name: str, img: Path, *import_args: str) -> Path:
+    """The config of a new host under ``tmp`` whose store holds ``img`` as volume ``name``
+    (``import_args``: e.g. ``--mappable``)."""
     cfg = tmp / "host.toml"
     cfg.write_text('[store]\npath = "store"\n')
     stellar(cfg, "host", "init")
-    stellar(cfg, "vol", "import", name, img)
+    stellar(cfg, "vol", "import", name, img, *import_args)
     return cfg

@@ -183,6 +183,8 @@ class TestLink:
     loop: TestLoop = field(default_factory=TestLoop)
     resets: list[str] = field(default_factory=list)
     config_changes: int = 0
+    #: (host address, size, readonly) of each map_memory call.
+    mapped: list[tuple[int, int, bool]] = field(default_factory=list)
 
     def config_changed(self) -> None:
         self.config_changes += 1
@@ -192,6 +194,11 @@ class TestLink:
 
     def queue_eventfds(self, queue: int) -> QueueEventfds:
         raise RuntimeError("no KVM irqfd in a unit test")
+
+    def map_memory(self, addr: int, size: int, readonly: bool) -> int:
+        """Records the request; places each range at the next 4 GiB boundary."""
+        self.mapped.append((addr, size, readonly))
+        return len(self.mapped) << 32
 
 
 class Rig:

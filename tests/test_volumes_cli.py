@@ -40,6 +40,30 @@ def test_volume_lifecycle(cfg: Path, tmp_path: Path) -> None:
     assert not any((cfg.parent / "store/volumes/bases").iterdir())
 
 
+def test_a_volume_imported_mappable_can_be_mapped_chunk_by_chunk(cfg: Path,
+                                                                  tmp_path: Path) -> None:
+    """``--mappable``: a DAX base's chunks are raw and page-aligned from the start, so
+    no VM has to make a mappable copy first."""
+    from stellarium_core.host import Host
+    from stellarium_core.volumes.volume import VolumeStore
+
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"compressible " * 20_000)
+    stellar(cfg, "vol", "import", "plain", raw)
+    stellar(cfg, "vol", "import", "dax", raw, "--mappable")
+    host = Host.from_config(cfg)
+    with host.store as store:
+        vols = VolumeStore.for_host(host)
+        with vols.open("dax", readonly=True) as vol:
+            slots = vol.chunk_slots()
+        assert sorted(slots) == [0, 1, 2, 3]
+        data = raw.read_bytes()
+        for i, d in slots.items():
+            assert store.entry(d).mappable and not store.entry(d).compressed
+            with store.mapping(d) as m:
+                assert os.pread(m.fd, m.length, m.offset) == data[i << 16:(i + 1) << 16]
+
+
 def test_bad_input_exits_cleanly(cfg: Path, tmp_path: Path) -> None:
     stellar(cfg, "vol", "create", "v", "1MiB")
     for args, code, msg in (

@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("name", "volume name"), ("size", "size, e.g. 10GiB"))
     add("import", _import, "import a raw disk image (zero chunks are not stored)",
         ("name", "new volume name"), ("image", "raw image file"))
+    vs.choices["import"].add_argument(
+        "--mappable", action="store_true",
+        help="store the chunks raw and page-aligned, ready to be mapped into VMs (a "
+             "virtio-pmem DAX base) with no copy on first use")
     add("export", _export, "export a volume as a sparse raw image",
         ("name", "volume name"), ("image", "raw image file to write"))
     add("clone", _clone, "writable copy (manifest only, no data)",
@@ -91,7 +95,7 @@ def _import(args: argparse.Namespace) -> int:
     host, vols = _volumes(args)
     if not Path(args.image).is_file():
         raise StellarError(f"{args.image} is not a file")
-    with vols.import_raw(args.name, args.image) as v:
+    with vols.import_raw(args.name, args.image, mappable=args.mappable) as v:
         size = v.size
     _created(host, args.name, size)
     info = vols.info(args.name)

@@ -13,7 +13,11 @@ The core of the contract is :class:`VirtioDevice`: config space, ``activate``,
 - ``link.queue_eventfds(i)``: take queue ``i``'s notification and interrupt over as
   eventfds (kick: the guest's doorbell, call: the device's interrupt), so a kernel
   or external backend (vhost-net, vhost-user) serves the ring with no Python in
-  the path. Guest memory's ``regions`` give that backend the memory to map.
+  the path. Guest memory's ``regions`` give that backend the memory to map;
+- ``link.map_memory(addr, size, readonly)``: show ``size`` bytes of the VMM's own
+  memory at ``addr`` to the guest as a guest-physical range of their own (a memory
+  slot), so guest loads and stores reach it with no exit: device memory such as
+  virtio-pmem's DAX window, whose place the driver learns from config space.
 
 A device may also define ``close()``; the VMM calls it when the VM ends.
 Nothing here knows about KVM or any particular VMM.
@@ -108,6 +112,14 @@ class DeviceLink(Protocol):
     def queue_eventfds(self, queue: int) -> QueueEventfds:
         """Hand queue ``queue`` over for good: ``notify(queue)`` is not called any more.
         Raises RuntimeError when the VMM cannot (no irqfd in this KVM)."""
+        ...
+
+    def map_memory(self, addr: int, size: int, readonly: bool) -> int:
+        """Map the host range [addr, addr + size) (page-aligned, valid until the VM is
+        closed) into guest-physical space; returns its guest-physical address, aligned
+        for memory hotplug. With ``readonly`` the guest's stores never reach it (the VMM
+        drops and counts them). Only before the guest runs, i.e. from ``attach``.
+        Raises RuntimeError when the VMM cannot (no read-only memory in this KVM)."""
         ...
 
 

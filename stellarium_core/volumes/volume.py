@@ -145,6 +145,13 @@ class Volume:
             ref = self.base.ref(idx)
         return None if ref is None or ref.zero else ref
 
+    def chunk_slots(self) -> dict[int, bytes]:
+        """Slot -> chunk of every flushed slot that holds one (its own over its base's);
+        the slots left out read as zeros."""
+        refs = dict(self.base.manifest.refs) if self.base is not None else {}
+        refs.update(self.manifest.refs)
+        return {i: r.digest for i, r in sorted(refs.items()) if not r.zero}
+
     def slot_view(self, idx: int) -> memoryview:
         """The slot's bytes through the catalog's reader (PHOTON on a host): zero-copy
         from the hot tier's shared pages, or from NEBULA for an uncompressed chunk."""
@@ -456,8 +463,9 @@ class VolumeStore:
             raise
 
     def import_raw(self, name: str, src: str | os.PathLike[str] | BinaryIO,
-                   *, shift: int = tinyvol.DEFAULT_SHIFT) -> Volume:
+                   *, shift: int = tinyvol.DEFAULT_SHIFT, mappable: bool = False) -> Volume:
         """A new volume holding a raw disk image; all-zero slots are not stored.
+        ``mappable``: its chunks are stored so they can be mapped (a DAX base).
 
         The references taken are journaled until the manifest holds them, so a
         killed import leaks nothing ``gc`` cannot release.
@@ -480,7 +488,7 @@ class VolumeStore:
                                               f"(slot {idx}: {len(data)} of {want} bytes)")
                             break
                         if not _is_zero(data):
-                            m.refs[idx] = ChunkRef(batch.put(data), want)
+                            m.refs[idx] = ChunkRef(batch.put(data, mappable), want)
             finally:
                 if fh is not src:
                     fh.close()

@@ -17,9 +17,7 @@ from stellarium_core.volumes.volume import Volume, VolumeStore
 
 def volume_chunks(vol: Volume) -> set[bytes]:
     """The chunks ``vol`` reads from: its own slots over its base's."""
-    refs = dict(vol.base.manifest.refs) if vol.base is not None else {}
-    refs.update(vol.manifest.refs)
-    return {r.digest for r in refs.values() if not r.zero}
+    return set(vol.chunk_slots().values())
 
 
 def shared(mine: set[bytes], vols: VolumeStore, disks: ImageDisks, *,

@@ -122,3 +122,34 @@ def test_a_ksm_machine_hands_kvm_mergeable_private_memory() -> None:
         assert region.fd == -1 and "mg" in _vm_flags(region.host_addr)
     finally:
         m.close()
+
+
+@pytest.mark.skipif(kvm_unusable() is not None, reason=str(kvm_unusable()))
+def test_device_memory_gets_slots_above_ram_and_drops_the_guests_stores() -> None:
+    """What virtio-pmem's window asks of the machine: its own slot at a hot-pluggable
+    boundary above RAM and the 32-bit gap; with ``readonly``, a guest store into it (a
+    KVM MMIO exit) is dropped and counted, never written."""
+    import ctypes
+    import mmap
+
+    from volt.vmm import layout
+    from volt.vmm.vm import Machine
+
+    m = Machine(8 << 20)
+    window = mmap.mmap(-1, 4 << 20)
+    window[:4] = b"BASE"
+    host = ctypes.addressof(ctypes.c_char.from_buffer(window))
+    try:
+        first = m.map_memory("pmem0", host, 4 << 20, readonly=True)
+        second = m.map_memory("pmem1", host, 2 << 20, readonly=False)
+        assert first == MMIO_GAP_END                              # above RAM and the gap
+        assert second == first + layout.DEVICE_MEMORY_ALIGN       # the next boundary
+        assert m.mmio.write(first + 2, b"xx")                    # the exit KVM would make
+        assert window[:4] == b"BASE" and m.dropped_stores["pmem0"].count == 1
+        assert not m.mmio.write(second, b"x")                     # writable: no exit, no sink
+        with pytest.raises(ValueError, match="whole pages"):
+            m.map_memory("odd", host, 4097, readonly=True)
+    finally:
+        m.close()
+        del host
+        window.close()

@@ -212,6 +212,9 @@ class Instance:
         for v in m.vcpus:
             exits.update(dict(v.exits))        # one C-level copy: vCPUs keep counting
         line["vcpu"] = {f"exits_{k}": n for k, n in sorted(exits.items())}
+        if m.dropped_stores:
+            line["read_only_memory"] = {name: {"dropped_stores": d.count}
+                                        for name, d in m.dropped_stores.items()}
         if m.i8042 is not None:
             line["i8042"] = {"resets": m.i8042.resets, "ctrl_alt_del": m.i8042.keys_sent}
         devices = self.in_io(self._device_metrics) if not m.stopped.is_set() \

@@ -26,3 +26,6 @@ IRQ_MAX = 23
 SERIAL_IRQ = 4
 KEYBOARD_IRQ = 1              # the i8042 keyboard (ISA IRQ 1)
 E820_RAM, E820_RESERVED = 1, 2
+#: Device memory (virtio-pmem windows) starts above RAM and the 32-bit gap, each range
+#: at a memory-section boundary so the guest can hot-add it (ZONE_DEVICE pages).
+DEVICE_MEMORY_ALIGN = 128 << 20

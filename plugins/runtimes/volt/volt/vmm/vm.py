@@ -8,11 +8,14 @@ no threads: :mod:`volt.vmm.runner` starts them. Every way a VM ends funnels into
 
 from __future__ import annotations
 
+import logging
+import mmap
 import os
 import threading
 import time
 from collections.abc import Callable
 
+from stellarium_core.nebula.format import align
 from volt.vmm import exitcodes, kvm, layout
 from volt.vmm.devices.bus import Bus
 from volt.vmm.devices.event_loop import EventLoop
@@ -20,8 +23,10 @@ from volt.vmm.devices.i8042 import I8042
 from volt.vmm.devices.manager import DeviceManager
 from volt.vmm.devices.serial import Serial
 from volt.vmm.exitcodes import VoltError
-from volt.vmm.memory import GuestMemory, GuestMemoryError
+from volt.vmm.memory import MMIO_GAP_END, GuestMemory, GuestMemoryError
 from volt.vmm.vcpu import PauseGate, Vcpu
+
+log = logging.getLogger(__name__)
 
 COM1 = 0x3F8
 I8042_PORT = 0x60
@@ -39,6 +44,25 @@ class Interrupt:
         else:
             self._vm.irq_line(self.gsi, 1)
             self._vm.irq_line(self.gsi, 0)
+
+
+class DroppedStores:
+    """A read-only memory slot on the MMIO bus: KVM turns each guest store into it into
+    an exit, which is dropped and counted (the memory stays as it was). Loads never
+    exit: KVM serves them from the slot."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.count = 0
+
+    def read(self, offset: int, size: int) -> bytes:
+        return b"\xff" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        if not self.count:
+            log.warning("%s: the guest writes to read-only memory (at +%#x); "
+                        "its stores are dropped", self.name, offset)
+        self.count += 1
 
 
 class Machine:
@@ -67,6 +91,11 @@ class Machine:
             raise VoltError(str(exc), exitcodes.MEMORY) from None
         for slot, r in enumerate(self.mem.regions):
             self.vm.set_user_memory_region(slot, r.guest_addr, r.size, r.host_addr)
+        self._next_slot = len(self.mem.regions)
+        self._device_memory = align(max(self.mem.regions[-1].end, MMIO_GAP_END),
+                                     layout.DEVICE_MEMORY_ALIGN)
+        #: Read-only slots' dropped stores, by name: the metrics writer reports them.
+        self.dropped_stores: dict[str, DroppedStores] = {}
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         #: MMIO reads the vCPUs answer in C: (address, cell) pairs (kvm.FastReads).
@@ -117,6 +146,27 @@ class Machine:
         except kvm.KvmError:
             return None
         return efd
+
+    def map_memory(self, name: str, host_addr: int, size: int, readonly: bool) -> int:
+        """Give host memory its own slot above RAM; its guest-physical address (see
+        :meth:`stellarium_core.virtio.DeviceLink.map_memory`)."""
+        if size <= 0 or size % mmap.PAGESIZE or host_addr % mmap.PAGESIZE:
+            raise ValueError(f"{name}: device memory must be whole pages, got {size} "
+                             f"bytes at {host_addr:#x}")
+        flags = 0
+        if readonly:
+            if not self.kvm.check_extension(kvm.CAP_READONLY_MEM):
+                raise RuntimeError("this KVM has no read-only memory slots "
+                                   "(KVM_CAP_READONLY_MEM)")
+            flags = kvm.MEM_READONLY
+        guest = self._device_memory
+        self.vm.set_user_memory_region(self._next_slot, guest, size, host_addr, flags)
+        self._next_slot += 1
+        self._device_memory = align(guest + size, layout.DEVICE_MEMORY_ALIGN)
+        if readonly:
+            self.dropped_stores[name] = DroppedStores(name)
+            self.mmio.add(guest, size, self.dropped_stores[name])
+        return guest
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -107,8 +107,11 @@ class DeviceManager:
         kicks = [m.ioeventfd(base + QUEUE_NOTIFY, 4, q) or m.eventfd()
                  for q in range(len(device.queue_sizes))]
         ack = m.ioeventfd(base + INTERRUPT_ACK, 4, INT_VRING)
-        t = VirtioMmio(device, m.mem, m.interrupt(gsi), m.loop, kicks, name=device_id,
-                       ack_in_kernel=ack is not None)
+        try:   # the device's attach runs here, and may ask for what this KVM lacks
+            t = VirtioMmio(device, m.mem, m.interrupt(gsi), m.loop, kicks, name=device_id,
+                           ack_in_kernel=ack is not None, map_memory=m.map_memory)
+        except (RuntimeError, ValueError, StellarError) as exc:
+            raise VoltError(f"device {device_id}: {exc}", exitcodes.DEVICE) from None
         m.mmio.add(base, layout.MMIO_SIZE, t)
         m.fast_reads.append((base + INTERRUPT_STATUS, t.isr_cell))
         self.transports[device_id] = t

@@ -89,10 +89,13 @@ class VirtioMmio:
 
     def __init__(self, device: VirtioDevice, mem: GuestMemory, irq: Callable[[], None],
                  loop: EventLoop, kick_fds: Sequence[int], name: str = "",
-                 ack_in_kernel: bool = False) -> None:
+                 ack_in_kernel: bool = False,
+                 map_memory: Callable[[str, int, int, bool], int] | None = None) -> None:
         """``irq`` pulses the device's interrupt; its ``fd`` attribute, when there is one,
         is the irqfd a handed-over queue's backend writes. ``ack_in_kernel``: KVM absorbs
-        the guest's INTERRUPT_ACK of the used-ring bit (an ioeventfd on it)."""
+        the guest's INTERRUPT_ACK of the used-ring bit (an ioeventfd on it).
+        ``map_memory(name, addr, size, readonly)`` gives host memory a guest-physical
+        range (the machine's), for :meth:`map_memory`."""
         self.state = DeviceState(device)
         self.device = device
         self.mem = mem
@@ -114,6 +117,7 @@ class VirtioMmio:
         self.handed_over: set[int] = set()
         self._loop = loop
         self._events = DeviceEvents(loop, self.needs_reset)
+        self._map_memory = map_memory
         for q, fd in enumerate(self.kick_fds):
             loop.add(fd, lambda _ev, q=q: self._kicked(q))
         attach = getattr(device, "attach", None)
@@ -169,6 +173,11 @@ class VirtioMmio:
                 self.sticky_status |= INT_VRING
                 self._set_isr(self.interrupt_status)
         return QueueEventfds(self.kick_fds[queue], call)
+
+    def map_memory(self, addr: int, size: int, readonly: bool) -> int:
+        if self._map_memory is None:
+            raise RuntimeError("this transport has no machine to map device memory into")
+        return self._map_memory(self.name, addr, size, readonly)
 
     # -- notifications (I/O thread) --------------------------------------------------------
 
