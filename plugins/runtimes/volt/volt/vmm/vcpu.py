@@ -7,6 +7,7 @@ KVM errors end the VM through :meth:`Machine.stop` with their own exit code.
 
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 from collections import Counter
@@ -113,6 +114,14 @@ class Vcpu:
                 if self.probe:
                     self.dead, self.probe = self._dead_halted(), False
                 continue
+            except kvm.KvmError as exc:
+                if exc.errno != errno.EFAULT:
+                    raise
+                # KVM could not fault in a page of guest memory: a file mapped into the
+                # guest (a virtio-pmem base's pack) lost it, e.g. was truncated under us.
+                raise VoltError(f"vcpu{self.index}: guest memory is gone from under the VM "
+                                "(KVM_RUN: EFAULT): a file mapped into the guest was "
+                                "truncated or removed", exitcodes.GUEST_ERROR) from None
             if reason is not None:
                 self._handle_exit(reason)
 
