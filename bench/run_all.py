@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("ingest", "volumes", "unify", "pull", "photon", "boot", "blk", "net")
+ORDER = ("ingest", "volumes", "unify", "pull", "photon", "boot", "blk", "net", "density")
 
 
 def main() -> int:

@@ -40,7 +40,13 @@ def map_volume(host: Host, volume: str) -> Composition:
                                f"a multiple of the {PAGE}-byte page")
         slots = vol.chunk_slots()
         size = align(max(vol.size, 1), WINDOW_ALIGN)
-    materialise(host.store, slots.values())
+    try:
+        materialise(host.store, slots.values())
+    except OSError as exc:
+        raise StellarError(f"volume {volume!r}: cannot store mappable copies of its "
+                           f"compressed chunks in {host.store_path}: {exc.strerror} (import "
+                           "it with `stellar vol import --mappable`, or run once with "
+                           "write access to the store)") from None
     return compose(host.store, [(i * grid, d) for i, d in slots.items()], size)
 
 

@@ -146,3 +146,17 @@ def test_plugin_refuses_bad_params_and_missing_volumes(host_cfg):
         create(cfg, {"volume": "base", "image": "x"})
     with pytest.raises(StellarError, match="nope"):
         create(cfg, {"volume": "nope"})
+
+
+def test_a_store_the_vmm_cannot_write_is_a_clear_error(host_cfg, monkeypatch):
+    """Compressed chunks need a mappable copy; when the store refuses the write (a
+    read-only mount, another user's store), the device says so and how to avoid it."""
+    import stellarium_virtio_pmem.plugin as plugin
+
+    def refuse(*_args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(plugin, "materialise", refuse)
+    cfg, _ = host_cfg
+    with pytest.raises(StellarError, match="cannot store mappable copies.*--mappable"):
+        create(cfg, {"volume": "base"})
