@@ -152,9 +152,11 @@ def test_instance_start_moves_the_api_to_a_confined_thread_and_controls_the_vm(
                        ("/actions", {"action_type": "InstanceStart"})]:
         assert a.call("PUT", path, body) == (204, None), path
     assert vm.wait_output(b"R")
-    # The API moves to its thread just after the vCPUs start: the guest may print first.
+    # The API moves to its thread just after the vCPUs start: the guest may print first,
+    # and the thread has its name a moment before it has confined itself.
     deadline = time.monotonic() + 5
-    while "api" not in (threads := vm.threads()) and time.monotonic() < deadline:
+    while (threads := vm.threads()).get("api", {}).get("Seccomp_filters") != "2" \
+            and time.monotonic() < deadline:
         time.sleep(0.001)
     assert threads["api"] == {"NoNewPrivs": "1", "Seccomp_filters": "2",
                               "CapEff": "0000000000000000"}
