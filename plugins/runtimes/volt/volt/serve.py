@@ -18,7 +18,6 @@ terminal, SIGINT/SIGTERM are forwarded to the child, and its exit code is the VM
 from __future__ import annotations
 
 import contextlib
-import gc
 import importlib
 import json
 import os
@@ -65,12 +64,6 @@ def serve(path: str | os.PathLike[str]) -> int:
     """Accept requests on ``path`` until SIGTERM or SIGINT; each VM runs in a child."""
     path = Path(path)
     preload()
-    # Everything imported so far is what the children share copy-on-write. A collection
-    # in a child writes the GC header of every object it visits, copying the page: move
-    # those objects out of the collector's reach first (the children still collect their
-    # own). bench/density measures what a child costs.
-    gc.collect()
-    gc.freeze()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
@@ -127,7 +120,6 @@ def _start_vm(conn: socket.socket, handlers: dict) -> None:
             raise ServeError('a request is {"argv": [strings]}')
         sys.stdout.flush()
         sys.stderr.flush()
-        gc.freeze()                 # and what the server made since, for the same reason
         pid = os.fork()
         if pid == 0:
             _child(fds, argv, handlers)                # never returns
