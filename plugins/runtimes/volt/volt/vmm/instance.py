@@ -102,6 +102,7 @@ class Instance:
         configuration can be fixed and the start tried again.
         """
         self._preboot()
+        from volt.vmm import heap
         from volt.vmm.builder import build
         from volt.vmm.devices.console import feed_console, open_sink
         from volt.vmm.runner import Runner
@@ -117,7 +118,9 @@ class Instance:
             sink(data)
 
         setup_timing.mark("imports")
+        heap.one_arena()
         machine = build(cfg, self.host, console=console)
+        heap.trim()
         self.metrics.mark("built")
         try:
             if self.confinement is not None:

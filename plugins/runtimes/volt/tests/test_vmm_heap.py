@@ -1,0 +1,64 @@
+"""The VMM's C heap: one malloc arena for all its threads, and freed pages given back.
+
+Each case runs in a fresh interpreter: glibc's arena limit and heap are process-wide."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ARENAS = textwrap.dedent("""
+    import ctypes, sys, threading
+    from volt.vmm import heap
+    if sys.argv[1] == "one":
+        assert heap.one_arena()
+    alive = threading.Barrier(5)
+    def work():
+        keep = [bytes(1000 + i) for i in range(100)]   # malloc, not pymalloc
+        alive.wait()                                   # all four threads hold an arena
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    alive.wait()
+    for t in threads:
+        t.join()
+    ctypes.CDLL(None).malloc_stats()                   # "Arena N:" per arena, on stderr
+""")
+
+TRIM = textwrap.dedent("""
+    from volt.vmm import heap
+    def heap_kib():
+        kib, inside = 0, False
+        for line in open("/proc/self/smaps"):
+            head = line.split()
+            if not head[0].endswith(":"):
+                inside = line.rstrip().endswith("[heap]")
+            elif inside and head[0] == "Private_Dirty:":
+                kib += int(head[1])
+        return kib
+    keep = [bytes(2000) for _ in range(20000)]        # 40 MB of the heap
+    last = bytes(2000)                                 # pins the top: only a trim frees below
+    del keep
+    before = heap_kib()
+    assert heap.trim()
+    print(before, heap_kib())
+""")
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                          text=True, check=True, timeout=60)
+
+
+@pytest.mark.parametrize("mode, arenas", [("one", 1), ("many", 5)])
+def test_threads_share_the_main_arena_once_asked(mode: str, arenas: int) -> None:
+    err = _run(ARENAS, mode).stderr
+    assert err.count("Arena ") == arenas, err
+
+
+def test_trim_gives_the_freed_heap_back() -> None:
+    before, after = map(int, _run(TRIM).stdout.split())
+    assert before > 30 << 10 and after < before - (30 << 10), (before, after)
