@@ -67,6 +67,25 @@ def test_a_composition_reads_as_its_chunks_with_zeros_between(store, grid) -> No
     assert c.addr == 0 and not _leases(store)
 
 
+def test_chunks_that_follow_each_other_in_a_pack_are_one_mmap_and_one_lease(store) -> None:
+    """A volume imported in order: 40 chunks in one pack, one mmap, one lease held."""
+    rnd = random.Random(11)
+    data = [rnd.randbytes(GRID) for _ in range(40)]
+    with store.batch() as b:
+        digests = [b.put(d, mappable=True) for d in data]
+    layout = [(i * GRID, d) for i, d in enumerate(digests)]
+    del layout[20]                                # a hole: the run is cut in two
+    with compose(store, layout, 40 * GRID) as c:
+        assert (c.chunks, c.maps) == (39, 2)
+        assert len(_leases(store)) == 1 and len(c._leases) == 1
+        assert _range(c.addr, 40 * GRID) == b"".join(data[:20]) + bytes(GRID) \
+            + b"".join(data[21:])
+        maps = [line for line in Path("/proc/self/maps").read_text().splitlines()
+                if c.addr <= int(line.split("-")[0], 16) < c.addr + c.size]
+        assert len(maps) == 3                     # two runs and the zero page between
+    assert not _leases(store)
+
+
 def test_a_private_composition_keeps_its_writes_to_itself(store, grid) -> None:
     layout = _layout(store, grid)
     materialise(store, [d for _, d in layout])

@@ -47,22 +47,33 @@ def _mmap(addr: int | None, size: int, prot: int, flags: int, fd: int, offset: i
 
 
 class Composition:
-    """``size`` bytes at host address ``addr``, chunks mapped in place; close to unmap."""
+    """``size`` bytes at host address ``addr``, ``chunks`` mapped in place in ``maps``
+    mmaps; close to unmap.
 
-    def __init__(self, addr: int, size: int, mappings: list[ChunkMapping]) -> None:
+    It holds one chunk mapping per pack: a lease covers a whole pack, so one keeps
+    every chunk of it in place, and a VM composing thousands of chunks keeps a few
+    objects, not thousands (what a VM keeps is what limits density)."""
+
+    def __init__(self, addr: int, size: int) -> None:
         self.addr = addr
         self.size = size
-        self.chunks = len(mappings)
-        self._mappings = mappings
+        self.chunks = 0
+        self.maps = 0
+        self._leases: dict[int, ChunkMapping] = {}   # pack fd -> the mapping holding it
+
+    def _hold(self, m: ChunkMapping) -> None:
+        """Keep ``m``'s pack leased; a second mapping of the same pack is given back."""
+        if self._leases.setdefault(m.fd, m) is not m:
+            m.release()
 
     def close(self) -> None:
         """Unmap the range and give the leases back (once)."""
         if self.addr:
             _libc.munmap(self.addr, self.size)
             self.addr = 0
-        for m in self._mappings:
+        for m in self._leases.values():
             m.release()
-        self._mappings = []
+        self._leases = {}
 
     def __enter__(self) -> Composition:
         return self
@@ -87,7 +98,19 @@ def compose(store: ChunkStore, chunks: Sequence[tuple[int, bytes]], size: int, *
     except OSError as exc:
         raise ChunkError(f"cannot reserve {size >> 20} MiB of address space: "
                          f"{exc.strerror}") from None
-    done = Composition(base, size, [])
+    done = Composition(base, size)
+    share = (mmap.MAP_PRIVATE if private else mmap.MAP_SHARED) | MAP_FIXED
+    run: list = []        # [fd, pack offset, range offset, length, path]: one mmap to come
+
+    def flush() -> None:
+        fd, at, offset, length, path = run
+        try:
+            _mmap(base + offset, length, prot, share, fd, at)
+        except OSError as exc:
+            raise ChunkError(f"cannot map {length} bytes at {at} of {path}: "
+                             f"{exc.strerror}") from None
+        done.maps += 1
+
     try:
         end = 0
         for offset, digest in chunks:
@@ -96,18 +119,23 @@ def compose(store: ChunkStore, chunks: Sequence[tuple[int, bytes]], size: int, *
                                  f"page-aligned, sorted and not overlap (the last ended "
                                  f"at {end})")
             m = store.mapping(digest)
-            done._mappings.append(m)
+            done._hold(m)
             end = offset + m.size
             if end > size:
                 raise ChunkError(f"chunk {digest.hex()} at {offset} ({m.length} bytes) "
                                  f"reaches past the end of the {size}-byte range")
-            share = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
-            try:
-                _mmap(base + offset, m.size, prot, share | MAP_FIXED, m.fd, m.offset)
-            except OSError as exc:
-                raise ChunkError(f"cannot map chunk {digest.hex()} from {m.path}: "
-                                 f"{exc.strerror}") from None
-        done.chunks = len(done._mappings)
+            done.chunks += 1
+            # chunks stored one after the other in a pack, placed one after the other,
+            # are one mmap (an import writes a volume's chunks in order)
+            if run and run[0] == m.fd and run[1] + run[3] == m.offset \
+                    and run[2] + run[3] == offset:
+                run[3] += m.size
+                continue
+            if run:
+                flush()
+            run[:] = [m.fd, m.offset, offset, m.size, m.path]
+        if run:
+            flush()
         return done
     except BaseException:
         done.close()

@@ -14,8 +14,9 @@ MAP_PRIVATE):
   (the chunk's bytes). Map ``size`` bytes (``length`` rounded up to a page; the
   rest is zeros) at ``offset``, shared read-only or private copy-on-write;
   :meth:`ChunkMapping.map` does that with Python's ``mmap``. Composing a base:
-  one mapping per chunk, each ``mmap(fd, size, offset)``, at consecutive
-  addresses when the chunks are a fixed grid of page multiples.
+  one ``mmap(fd, size, offset)`` per chunk, at consecutive addresses when the
+  chunks are a fixed grid of page multiples; chunks that also follow each other
+  in their pack can share one mmap.
 - The store checks, before handing it out, that the pack file covers
   ``offset + size``, so mapping it can never fault past the end of the file.
   The first time a process maps a chunk, its bytes (and the zeros after them)
