@@ -37,7 +37,8 @@ REQUEST_TIMEOUT = 5.0
 #: What a VM imports on its way to the first KVM_RUN, loaded once by the server.
 PRELOAD = ("volt.vmm.__main__", "volt.vmm.builder", "volt.vmm.runner", "volt.vmm.vm",
            "volt.vmm.devices.console", "volt.vmm.loader.kernel", "volt.jail.confine",
-           "volt.jail.landlock", "stellarium_core.host", "stellarium_core.nebula")
+           "volt.jail.landlock", "volt.jail.caps", "stellarium_core.host",
+           "stellarium_core.nebula", "stellarium_core.hashing", "stellarium_core.photon.shm")
 
 
 class ServeError(StellarError):
@@ -45,12 +46,14 @@ class ServeError(StellarError):
 
 
 def preload() -> None:
-    """Import the VMM, the confinement libraries and every installed device plugin."""
+    """Import the VMM, the confinement libraries and every installed device plugin; build
+    the VMM's argument parser."""
     from stellarium_core import plugins
     from volt.jail import confine, seccomp
 
     for name in (*PRELOAD, *confine.PRELOAD):
         importlib.import_module(name)
+    importlib.import_module("volt.vmm.__main__").parser()
     seccomp._pyseccomp()
     for info in plugins.installed("device"):
         try:

@@ -102,7 +102,7 @@ class Instance:
         configuration can be fixed and the start tried again.
         """
         self._preboot()
-        from volt.vmm import heap
+        from volt.vmm import footprint
         from volt.vmm.builder import build
         from volt.vmm.devices.console import feed_console, open_sink
         from volt.vmm.runner import Runner
@@ -118,9 +118,9 @@ class Instance:
             sink(data)
 
         setup_timing.mark("imports")
-        heap.one_arena()
+        footprint.limit()
         machine = build(cfg, self.host, console=console)
-        heap.trim()
+        footprint.trim()
         self.metrics.mark("built")
         try:
             if self.confinement is not None:

@@ -1,4 +1,5 @@
-"""The VMM's C heap: one malloc arena for all its threads, and freed pages given back.
+"""The VMM's own memory: one malloc arena for all its threads, no transparent huge pages,
+and the heap's freed pages given back.
 
 Each case runs in a fresh interpreter: glibc's arena limit and heap are process-wide."""
 
@@ -12,9 +13,9 @@ import pytest
 
 ARENAS = textwrap.dedent("""
     import ctypes, sys, threading
-    from volt.vmm import heap
+    from volt.vmm import footprint
     if sys.argv[1] == "one":
-        assert heap.one_arena()
+        footprint.limit()
     alive = threading.Barrier(5)
     def work():
         keep = [bytes(1000 + i) for i in range(100)]   # malloc, not pymalloc
@@ -29,7 +30,7 @@ ARENAS = textwrap.dedent("""
 """)
 
 TRIM = textwrap.dedent("""
-    from volt.vmm import heap
+    from volt.vmm import footprint
     def heap_kib():
         kib, inside = 0, False
         for line in open("/proc/self/smaps"):
@@ -43,8 +44,19 @@ TRIM = textwrap.dedent("""
     last = bytes(2000)                                 # pins the top: only a trim frees below
     del keep
     before = heap_kib()
-    assert heap.trim()
+    assert footprint.trim()
     print(before, heap_kib())
+""")
+
+
+THP = textwrap.dedent("""
+    from volt.vmm import footprint
+    def thp():
+        return next(line.split()[1] for line in open("/proc/self/status")
+                    if line.startswith("THP_enabled:"))
+    before = thp()
+    footprint.limit()
+    print(before, thp())
 """)
 
 
@@ -62,3 +74,7 @@ def test_threads_share_the_main_arena_once_asked(mode: str, arenas: int) -> None
 def test_trim_gives_the_freed_heap_back() -> None:
     before, after = map(int, _run(TRIM).stdout.split())
     assert before > 30 << 10 and after < before - (30 << 10), (before, after)
+
+
+def test_no_transparent_huge_pages_once_limited() -> None:
+    assert _run(THP).stdout.split() == ["1", "0"]
