@@ -46,12 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def launch(args: argparse.Namespace) -> int:
     """Everything ``volt run`` does after parsing its arguments; returns the exit code.
 
-    The API socket is bound first, so clients can connect while the rest loads.
+    The API socket is bound first, so clients can connect while the rest loads. This
+    process exists to run the VM, so it takes the VMM's memory limits
+    (:func:`volt.vmm.footprint.limit`); an embedder calling :func:`volt.vmm.runner.launch`
+    keeps its own.
     """
     if args.no_api and not args.config_file:
         raise UsageError("--no-api needs --config-file (the VM must come from somewhere)")
     if args.no_api and args.api_sock:
         raise UsageError("--no-api and --api-sock exclude each other")
+    from volt.vmm import footprint
+
+    footprint.limit()
     listener = None
     if args.api_sock:
         from volt.api.server import bind

@@ -10,7 +10,10 @@
 - The build (reading the kernel, parsing configs, opening stores) frees megabytes the
   heap keeps resident unless trimmed.
 
-On a C library without these calls (not glibc) the malloc ones are no-ops.
+Both limits are process-wide and the huge-page one is inherited by children, so only a
+process that exists to run one VM takes them (``volt run``, ``volt-vmm``, the children
+of ``volt serve``: :func:`volt.api.launch`); trimming is harmless anywhere. On a C
+library without these calls (not glibc) the malloc ones are no-ops.
 """
 
 from __future__ import annotations

@@ -118,7 +118,6 @@ class Instance:
             sink(data)
 
         setup_timing.mark("imports")
-        footprint.limit()
         machine = build(cfg, self.host, console=console)
         footprint.trim()
         self.metrics.mark("built")
