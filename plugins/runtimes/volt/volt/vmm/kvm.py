@@ -91,6 +91,12 @@ class MsrsHeader(ctypes.Structure):
     _fields_ = [("nmsrs", u32), ("pad", u32)]
 
 
+class MsrList(ctypes.Structure):
+    """The head of ``struct kvm_msr_list``; ``nmsrs`` u32 indices follow."""
+
+    _fields_ = [("nmsrs", u32)]
+
+
 class CpuidEntry2(ctypes.Structure):
     _fields_ = [("function", u32), ("index", u32), ("flags", u32), ("eax", u32),
                 ("ebx", u32), ("ecx", u32), ("edx", u32), ("padding", u32 * 3)]
@@ -124,6 +130,93 @@ class Ioeventfd(ctypes.Structure):
 
 class MpState(ctypes.Structure):
     _fields_ = [("mp_state", u32)]
+
+
+class Xsave(ctypes.Structure):
+    """``struct kvm_xsave`` as KVM_GET_XSAVE fills it (KVM_GET_XSAVE2 may write more)."""
+
+    _fields_ = [("region", u32 * 1024)]
+
+
+class Xcr(ctypes.Structure):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+class Xcrs(ctypes.Structure):
+    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", Xcr * 16), ("padding", u64 * 16)]
+
+
+class _EventException(ctypes.Structure):
+    _fields_ = [("injected", u8), ("nr", u8), ("has_error_code", u8), ("pending", u8),
+                ("error_code", u32)]
+
+
+class _EventInterrupt(ctypes.Structure):
+    _fields_ = [("injected", u8), ("nr", u8), ("soft", u8), ("shadow", u8)]
+
+
+class _EventNmi(ctypes.Structure):
+    _fields_ = [("injected", u8), ("pending", u8), ("masked", u8), ("pad", u8)]
+
+
+class _EventSmi(ctypes.Structure):
+    _fields_ = [("smm", u8), ("pending", u8), ("smm_inside_nmi", u8), ("latched_init", u8)]
+
+
+class VcpuEvents(ctypes.Structure):
+    _fields_ = [("exception", _EventException), ("interrupt", _EventInterrupt),
+                ("nmi", _EventNmi), ("sipi_vector", u32), ("flags", u32), ("smi", _EventSmi),
+                ("triple_fault_pending", u8), ("reserved", u8 * 26),
+                ("exception_has_payload", u8), ("exception_payload", u64)]
+
+
+class DebugRegs(ctypes.Structure):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64),
+                ("reserved", u64 * 9)]
+
+
+class PicState(ctypes.Structure):
+    _fields_ = [(n, u8) for n in (
+        "last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select", "poll",
+        "special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi",
+        "special_fully_nested_mode", "init4", "elcr", "elcr_mask")]
+
+
+class IoapicState(ctypes.Structure):
+    """``struct kvm_ioapic_state``; each redirection entry as its raw 64 bits."""
+
+    _fields_ = [("base_address", u64), ("ioregsel", u32), ("id", u32), ("irr", u32),
+                ("pad", u32), ("redirtbl", u64 * 24)]
+
+
+class _IrqchipUnion(ctypes.Union):
+    _fields_ = [("dummy", u8 * 512), ("pic", PicState), ("ioapic", IoapicState)]
+
+
+class Irqchip(ctypes.Structure):
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", _IrqchipUnion)]
+
+
+class PitChannelState(ctypes.Structure):
+    _fields_ = [("count", u32), ("latched_count", u16), ("count_latched", u8),
+                ("status_latched", u8), ("status", u8), ("read_state", u8),
+                ("write_state", u8), ("write_latch", u8), ("rw_mode", u8), ("mode", u8),
+                ("bcd", u8), ("gate", u8), ("count_load_time", ctypes.c_int64)]
+
+
+class PitState2(ctypes.Structure):
+    _fields_ = [("channels", PitChannelState * 3), ("flags", u32), ("reserved", u32 * 9)]
+
+
+class ClockData(ctypes.Structure):
+    _fields_ = [("clock", u64), ("flags", u32), ("pad0", u32), ("realtime", u64),
+                ("host_tsc", u64), ("pad", u32 * 4)]
+
+
+class DirtyLog(ctypes.Structure):
+    """``struct kvm_dirty_log``: a slot and the address of the bitmap KVM fills."""
+
+    _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
 class _RunIo(ctypes.Structure):
@@ -165,19 +258,24 @@ class Run(ctypes.Structure):
 
 GET_API_VERSION = _io(0x00)
 CREATE_VM = _io(0x01)
-GET_MSR_INDEX_LIST = _iowr(0x02, MsrsHeader)
+GET_MSR_INDEX_LIST = _iowr(0x02, MsrList)
 CHECK_EXTENSION = _io(0x03)
 GET_VCPU_MMAP_SIZE = _io(0x04)
 GET_SUPPORTED_CPUID = _iowr(0x05, Cpuid2Header)
 CREATE_VCPU = _io(0x41)
+GET_DIRTY_LOG = _iow(0x42, DirtyLog)
 SET_USER_MEMORY_REGION = _iow(0x46, UserspaceMemoryRegion)
 SET_TSS_ADDR = _io(0x47)
 SET_IDENTITY_MAP_ADDR = _iow(0x48, u64)
 CREATE_IRQCHIP = _io(0x60)
 IRQ_LINE = _iow(0x61, IrqLevel)
+GET_IRQCHIP = _iowr(0x62, Irqchip)
+SET_IRQCHIP = _ior(0x63, Irqchip)       # sic: the kernel header declares it _IOR
 IRQFD = _iow(0x76, Irqfd)
 CREATE_PIT2 = _iow(0x77, PitConfig)
 IOEVENTFD = _iow(0x79, Ioeventfd)
+SET_CLOCK = _iow(0x7B, ClockData)
+GET_CLOCK = _ior(0x7C, ClockData)
 RUN = _io(0x80)
 GET_REGS = _ior(0x81, Regs)
 SET_REGS = _iow(0x82, Regs)
@@ -190,8 +288,22 @@ SET_FPU = _iow(0x8D, Fpu)
 GET_LAPIC = _ior(0x8E, LapicState)
 SET_LAPIC = _iow(0x8F, LapicState)
 SET_CPUID2 = _iow(0x90, Cpuid2Header)
-GET_TSC_KHZ = _io(0xA3)
+GET_CPUID2 = _iowr(0x91, Cpuid2Header)
 GET_MP_STATE = _ior(0x98, MpState)
+SET_MP_STATE = _iow(0x99, MpState)
+GET_VCPU_EVENTS = _ior(0x9F, VcpuEvents)      # vCPU fd
+SET_VCPU_EVENTS = _iow(0xA0, VcpuEvents)      # vCPU fd
+GET_PIT2 = _ior(0x9F, PitState2)              # VM fd
+SET_PIT2 = _iow(0xA0, PitState2)              # VM fd
+GET_DEBUGREGS = _ior(0xA1, DebugRegs)
+SET_DEBUGREGS = _iow(0xA2, DebugRegs)
+GET_TSC_KHZ = _io(0xA3)
+GET_XSAVE = _ior(0xA4, Xsave)
+SET_XSAVE = _iow(0xA5, Xsave)
+GET_XCRS = _ior(0xA6, Xcrs)
+SET_XCRS = _iow(0xA7, Xcrs)
+KVMCLOCK_CTRL = _io(0xAD)
+GET_XSAVE2 = _ior(0xCF, Xsave)
 MP_STATE_HALTED = 3
 
 API_VERSION = 12
@@ -201,15 +313,26 @@ CAP_SET_TSS_ADDR = 4
 CAP_READONLY_MEM = 31
 CAP_IRQFD = 32
 CAP_PIT2 = 33
+CAP_PIT_STATE2 = 35
 CAP_IOEVENTFD = 36
+CAP_ADJUST_CLOCK = 39
+CAP_VCPU_EVENTS = 41
+CAP_DEBUGREGS = 50
+CAP_XSAVE = 55
+CAP_XCRS = 56
 CAP_GET_TSC_KHZ = 61
 CAP_TSC_DEADLINE_TIMER = 72
+CAP_KVMCLOCK_CTRL = 76
 CAP_IMMEDIATE_EXIT = 136
+CAP_XSAVE2 = 208
 
 MEM_LOG_DIRTY_PAGES = 1
 MEM_READONLY = 2
 PIT_SPEAKER_DUMMY = 1
 IOEVENTFD_FLAG_DATAMATCH = 1
+IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE, IRQCHIP_IOAPIC = 0, 1, 2
+#: KVM_GET_XSAVE's size; KVM_GET_XSAVE2 writes KVM_CAP_XSAVE2's (never less).
+XSAVE_SIZE = ctypes.sizeof(Xsave)
 
 EXIT_NAMES = {
     0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT", 6: "MMIO",
@@ -223,6 +346,8 @@ SYSTEM_EVENT_SHUTDOWN, SYSTEM_EVENT_RESET, SYSTEM_EVENT_CRASH = 1, 2, 3
 
 #: Upper bound on CPUID entries asked of KVM_GET_SUPPORTED_CPUID.
 MAX_CPUID_ENTRIES = 256
+#: Room for MSR indices asked of KVM_GET_MSR_INDEX_LIST first (KVM says when it needs more).
+MSR_LIST_GUESS = 128
 
 
 class KvmError(OSError):
@@ -266,6 +391,22 @@ class Kvm:
         buf, head, entries = cpuid_buffer(MAX_CPUID_ENTRIES)
         _ioctl(self.fd, GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
         return [CpuidEntry2.from_buffer_copy(entries[i]) for i in range(head.nent)]
+
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM can save and restore for a guest."""
+        n = MSR_LIST_GUESS
+        while True:
+            buf = bytearray(ctypes.sizeof(MsrList) + 4 * n)
+            MsrList.from_buffer(buf).nmsrs = n
+            try:
+                _ioctl(self.fd, GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
+            except KvmError as exc:
+                if exc.errno != errno.E2BIG:
+                    raise
+                n = MsrList.from_buffer(buf).nmsrs       # KVM wrote back how many it has
+                continue
+            count = MsrList.from_buffer(buf).nmsrs
+            return list((u32 * count).from_buffer(buf, ctypes.sizeof(MsrList)))
 
     def create_vm(self) -> int:
         return _ioctl(self.fd, CREATE_VM, 0, "KVM_CREATE_VM")
@@ -313,6 +454,43 @@ class VmFd:
 
     def create_vcpu(self, index: int) -> int:
         return _ioctl(self.fd, CREATE_VCPU, index, "KVM_CREATE_VCPU")
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION asked of this VM (KVM_CAP_XSAVE2's size is per VM)."""
+        return _ioctl(self.fd, CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
+
+    def get_irqchip(self, chip_id: int) -> Irqchip:
+        """One in-kernel interrupt controller: IRQCHIP_PIC_MASTER, _PIC_SLAVE or _IOAPIC."""
+        chip = Irqchip(chip_id=chip_id)
+        _ioctl(self.fd, GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
+        return chip
+
+    def set_irqchip(self, chip: Irqchip) -> None:
+        _ioctl(self.fd, SET_IRQCHIP, chip, "KVM_SET_IRQCHIP")
+
+    def get_pit2(self) -> PitState2:
+        s = PitState2()
+        _ioctl(self.fd, GET_PIT2, s, "KVM_GET_PIT2")
+        return s
+
+    def set_pit2(self, s: PitState2) -> None:
+        _ioctl(self.fd, SET_PIT2, s, "KVM_SET_PIT2")
+
+    def get_clock(self) -> ClockData:
+        c = ClockData()
+        _ioctl(self.fd, GET_CLOCK, c, "KVM_GET_CLOCK")
+        return c
+
+    def set_clock(self, c: ClockData) -> None:
+        _ioctl(self.fd, SET_CLOCK, c, "KVM_SET_CLOCK")
+
+    def get_dirty_log(self, slot: int, npages: int) -> bytes:
+        """The pages of memory slot ``slot`` (``npages`` long, flagged MEM_LOG_DIRTY_PAGES)
+        written since the last call: bit ``i`` of the bitmap (LSB first) is page ``i``."""
+        bitmap = ctypes.create_string_buffer((npages + 63) // 64 * 8)   # whole u64 words
+        log = DirtyLog(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
+        _ioctl(self.fd, GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+        return bitmap.raw
 
     def close(self) -> None:
         os.close(self.fd)
@@ -398,6 +576,24 @@ class VcpuFd:
     def set_lapic(self, s: LapicState) -> None:
         _ioctl(self.fd, SET_LAPIC, s, "KVM_SET_LAPIC")
 
+    def get_cpuid2(self) -> list[CpuidEntry2]:
+        """The CPUID table KVM_SET_CPUID2 gave this vCPU."""
+        n = MAX_CPUID_ENTRIES
+        while True:
+            buf, head, entries = cpuid_buffer(n)
+            try:
+                _ioctl(self.fd, GET_CPUID2, buf, "KVM_GET_CPUID2")
+            except KvmError as exc:
+                if exc.errno != errno.E2BIG:
+                    raise
+                n *= 2          # KVM does not say how many it has on E2BIG
+                continue
+            # Linux before 6.3 leaves nent at the buffer's size on success; the tail it
+            # did not fill stays zero, and no real entry is all zero: drop it
+            empty = bytes(ctypes.sizeof(CpuidEntry2))
+            return [CpuidEntry2.from_buffer_copy(entries[i]) for i in range(head.nent)
+                    if bytes(entries[i]) != empty]
+
     def set_cpuid2(self, entries: list[CpuidEntry2]) -> None:
         buf, _head, arr = cpuid_buffer(len(entries))
         for i, e in enumerate(entries):
@@ -418,6 +614,60 @@ class VcpuFd:
         s = MpState()
         _ioctl(self.fd, GET_MP_STATE, s, "KVM_GET_MP_STATE")
         return s.mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        _ioctl(self.fd, SET_MP_STATE, MpState(mp_state), "KVM_SET_MP_STATE")
+
+    def get_xsave(self, size: int = XSAVE_SIZE) -> bytearray:
+        """The guest's FPU/SSE/AVX... state in XSAVE layout: KVM_GET_XSAVE, or KVM_GET_XSAVE2
+        when ``size`` (KVM_CAP_XSAVE2 on the VM fd) is larger than 4096 bytes."""
+        buf = bytearray(max(size, XSAVE_SIZE))
+        if size > XSAVE_SIZE:
+            _ioctl(self.fd, GET_XSAVE2, buf, "KVM_GET_XSAVE2")
+        else:
+            _ioctl(self.fd, GET_XSAVE, buf, "KVM_GET_XSAVE")
+        return buf
+
+    def set_xsave(self, data: bytes) -> None:
+        """KVM_SET_XSAVE; KVM reads KVM_CAP_XSAVE2's size (at least 4096 bytes) of ``data``."""
+        if len(data) < XSAVE_SIZE:
+            raise ValueError(f"KVM_SET_XSAVE needs at least {XSAVE_SIZE} bytes, got {len(data)}")
+        _ioctl(self.fd, SET_XSAVE, bytearray(data), "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> Xcrs:
+        x = Xcrs()
+        _ioctl(self.fd, GET_XCRS, x, "KVM_GET_XCRS")
+        return x
+
+    def set_xcrs(self, x: Xcrs) -> None:
+        _ioctl(self.fd, SET_XCRS, x, "KVM_SET_XCRS")
+
+    def get_vcpu_events(self) -> VcpuEvents:
+        e = VcpuEvents()
+        _ioctl(self.fd, GET_VCPU_EVENTS, e, "KVM_GET_VCPU_EVENTS")
+        return e
+
+    def set_vcpu_events(self, e: VcpuEvents) -> None:
+        _ioctl(self.fd, SET_VCPU_EVENTS, e, "KVM_SET_VCPU_EVENTS")
+
+    def get_debugregs(self) -> DebugRegs:
+        d = DebugRegs()
+        _ioctl(self.fd, GET_DEBUGREGS, d, "KVM_GET_DEBUGREGS")
+        return d
+
+    def set_debugregs(self, d: DebugRegs) -> None:
+        _ioctl(self.fd, SET_DEBUGREGS, d, "KVM_SET_DEBUGREGS")
+
+    def kvmclock_ctrl(self) -> bool:
+        """Tell the guest's kvmclock it was paused (so its watchdogs do not fire); False
+        when the guest has not enabled kvmclock (KVM answers EINVAL)."""
+        try:
+            _ioctl(self.fd, KVMCLOCK_CTRL, 0, "KVM_KVMCLOCK_CTRL")
+        except KvmError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            return False
+        return True
 
     def get_tsc_khz(self) -> int:
         return _ioctl(self.fd, GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
