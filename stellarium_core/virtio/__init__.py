@@ -6,7 +6,8 @@ Device plugins implement :class:`VirtioDevice` and see guest memory only through
 :class:`Reader` / :class:`Writer`. A VMM transport (Volt's virtio-mmio) owns the
 registers, tells the device when the driver is ready and when a queue was kicked,
 and hands it a callable raising the interrupt; a device that wants more defines
-``attach(link: DeviceLink)``. Nothing here knows about KVM or any particular VMM.
+``attach(link: DeviceLink)``; one with state of its own for snapshots is a
+:class:`StatefulDevice`. Nothing here knows about KVM or any particular VMM.
 """
 
 from stellarium_core.virtio.base import QueueDevice
@@ -25,6 +26,8 @@ from stellarium_core.virtio.device import (
     HostPathsDevice,
     LinkedDevice,
     QueueEventfds,
+    QuiescingDevice,
+    StatefulDevice,
     VirtioDevice,
 )
 from stellarium_core.virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion, RegionMemory
@@ -39,6 +42,7 @@ from stellarium_core.virtio.queue import (
     Virtqueue,
     VirtqueueError,
 )
+from stellarium_core.virtio.state import StateError, unpack_state
 from stellarium_core.virtio.timer import Timer
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "VIRTQ_DESC_F_WRITE", "ChainTooShort", "Descriptor", "DescriptorChain", "DeviceLink",
     "DeviceState", "EventLoop", "GuestMemory", "GuestMemoryError", "HostPathsDevice",
     "LinkedDevice",
-    "MemoryRegion", "QueueDevice", "QueueEventfds", "Reader", "RegionMemory", "Timer",
-    "VirtioDevice", "Writer", "Virtqueue", "VirtqueueError",
+    "MemoryRegion", "QueueDevice", "QueueEventfds", "QuiescingDevice", "Reader",
+    "RegionMemory", "StateError", "StatefulDevice", "Timer", "VirtioDevice", "Writer",
+    "Virtqueue", "VirtqueueError", "unpack_state",
 ]

@@ -20,6 +20,18 @@ The core of the contract is :class:`VirtioDevice`: config space, ``activate``,
   virtio-pmem's DAX window, whose place the driver learns from config space.
 
 A device may also define ``close()``; the VMM calls it when the VM ends.
+
+Snapshots are optional for a device, so older plugins stay valid. The transport saves
+what it holds for every device (:meth:`DeviceState.save`: status, features, config
+generation, each queue's layout and ring indices); a device with nothing more (rng,
+pmem) implements nothing. A device with state of its own beyond its queues (the
+balloon's target and held stats buffer, vsock's connections) is a
+:class:`StatefulDevice`. Before a snapshot the VMM stops delivering kicks and fd events
+to every device (all device work runs in its I/O thread, so a device served there has
+nothing in flight once that thread holds still); a device whose requests run elsewhere
+(a kernel or another process serving handed-over queues) is a :class:`QuiescingDevice`,
+or the VMM refuses to snapshot it.
+
 Nothing here knows about KVM or any particular VMM.
 """
 
@@ -28,10 +40,11 @@ from __future__ import annotations
 import select
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from stellarium_core.virtio.memory import GuestMemory
 from stellarium_core.virtio.queue import VIRTIO_RING_F_EVENT_IDX, Virtqueue
+from stellarium_core.virtio.state import StateError, unpack_state
 
 VIRTIO_F_VERSION_1 = 1 << 32
 
@@ -142,6 +155,45 @@ class HostPathsDevice(VirtioDevice, Protocol):
         ...
 
 
+@runtime_checkable
+class StatefulDevice(VirtioDevice, Protocol):
+    """A device with state beyond its queues' (which the transport saves) for snapshots.
+
+    ``save_state`` runs with the device quiesced (no kick or fd event is delivered) and
+    returns the device's own state as bytes. ``restore_state`` gets those bytes on a
+    newly made device of the same kind, after the transport restored its status and
+    queues and, when the driver had set DRIVER_OK (and no NEEDS_RESET), activated it
+    with the saved features and queues; before any vCPU runs. The bytes are untrusted:
+    anything malformed raises ValueError. Needed by devices holding guest-visible
+    state of their own: a config space the driver writes, a buffer popped from a queue
+    and kept, a session the guest must learn is gone (vsock: its transport reset).
+    """
+
+    def save_state(self) -> bytes: ...
+
+    def restore_state(self, data: bytes) -> None: ...
+
+
+@runtime_checkable
+class QuiescingDevice(VirtioDevice, Protocol):
+    """A device whose requests may be in flight outside the VMM's I/O thread (a worker
+    thread, a kernel or another process serving queues it handed over).
+
+    ``quiesce`` stops taking new requests and returns how many are still in flight; the
+    VMM calls it, in its I/O thread, until it returns 0 (or gives up after a timeout)
+    and then expects each queue's ``last_avail`` and ``used_idx`` to be current.
+    ``resume`` lets it take requests again (the VM carries on after the snapshot).
+    """
+
+    def quiesce(self) -> int: ...
+
+    def resume(self) -> None: ...
+
+
+_U32_MAX, _U64_MAX = 0xFFFFFFFF, (1 << 64) - 1
+_ACTIVE = STATUS_DRIVER_OK | STATUS_FEATURES_OK
+
+
 @dataclass
 class DeviceState:
     """Transport-independent negotiation state: status, feature words, queues."""
@@ -181,16 +233,55 @@ class DeviceState:
             value &= ~STATUS_FEATURES_OK       # legacy drivers are refused
         self.status = value | (self.status & STATUS_NEEDS_RESET)
         if newly & STATUS_DRIVER_OK and value & STATUS_FEATURES_OK:
-            event_idx = bool(self.driver_features & VIRTIO_RING_F_EVENT_IDX)
             try:
-                for q in self.queues:
-                    q.event_idx = event_idx
-                    if q.ready:
-                        q.check(mem)
-                self.device.activate(self.driver_features, mem,
-                                     self.queues, interrupt)
+                self._activate(mem, interrupt)
             except ValueError:
                 self.status |= STATUS_NEEDS_RESET
+
+    def _activate(self, mem: GuestMemory, interrupt: Callable[[], None]) -> None:
+        event_idx = bool(self.driver_features & VIRTIO_RING_F_EVENT_IDX)
+        for q in self.queues:
+            q.event_idx = event_idx
+            if q.ready:
+                q.check(mem)
+        self.device.activate(self.driver_features, mem, self.queues, interrupt)
+
+    def save(self) -> dict[str, Any]:
+        """Status, accepted features, config generation and every queue, JSON-able."""
+        return {"status": self.status, "driver_features": self.driver_features,
+                "config_generation": self.config_generation,
+                "queues": [q.save() for q in self.queues]}
+
+    def restore(self, state: object, mem: GuestMemory,
+                interrupt: Callable[[], None]) -> None:
+        """Take a state :meth:`save` made, without the driver: the device is activated with
+        the saved features and queues when the driver had set DRIVER_OK and FEATURES_OK
+        (and no NEEDS_RESET: such a device waits for the driver's reset unactivated).
+        Untrusted input: anything malformed, features this device does not offer, or a
+        queue :meth:`Virtqueue.restore` refuses raises :class:`StateError` and changes
+        nothing; what ``activate`` raises is raised."""
+        s = unpack_state(state, "device state", {
+            "status": (0, 0xFF), "driver_features": (0, _U64_MAX),
+            "config_generation": (0, _U32_MAX), "queues": list})
+        extra = s["driver_features"] & ~self.device.features
+        if extra:
+            raise StateError(f"device state: accepted features {extra:#x} that this device "
+                             f"does not offer (it offers {self.device.features:#x})")
+        if s["status"] & STATUS_FEATURES_OK and not s["driver_features"] & VIRTIO_F_VERSION_1:
+            raise StateError("device state: FEATURES_OK without VIRTIO_F_VERSION_1")
+        if len(s["queues"]) != len(self.device.queue_sizes):
+            raise StateError(f"device state: {len(s['queues'])} queues saved, the device "
+                             f"has {len(self.device.queue_sizes)}")
+        queues = [Virtqueue(n) for n in self.device.queue_sizes]
+        for i, (q, saved) in enumerate(zip(queues, s["queues"], strict=True)):
+            try:
+                q.restore(saved, mem)
+            except StateError as exc:
+                raise StateError(f"queue {i}: {exc}") from None
+        self.status, self.driver_features = s["status"], s["driver_features"]
+        self.config_generation, self.queues = s["config_generation"], queues
+        if self.status & (_ACTIVE | STATUS_NEEDS_RESET) == _ACTIVE:
+            self._activate(mem, interrupt)
 
     def needs_reset(self) -> None:
         """The device cannot go on until the driver resets it."""

@@ -11,6 +11,10 @@ activation (``struct.unpack_from`` / ``pack_into``), so serving a request alloca
 no copy of guest memory. With VIRTIO_RING_F_EVENT_IDX negotiated the queue keeps
 ``avail_event`` (kick me when you pass this index) when the ring runs empty and
 honours the driver's ``used_event`` in :meth:`Virtqueue.wants_interrupt`.
+
+For a snapshot, :meth:`Virtqueue.save` gives what defines a queue (layout and ring
+indices) as a JSON-able dict, and :meth:`Virtqueue.restore` takes one back, checked
+like the driver's register writes and activation are.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 
 from stellarium_core.virtio.buffers import Reader, Writer
 from stellarium_core.virtio.memory import GuestMemory
+from stellarium_core.virtio.state import StateError, unpack_state
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -37,6 +42,12 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 _FENCE = threading.Lock()
 _EMPTY = memoryview(b"")
+_U16_MAX, _U64_MAX = 0xFFFF, (1 << 64) - 1
+#: A saved queue's fields (event_idx is not among them: it follows the features).
+_SAVED = {"max_size": (1, MAX_QUEUE_SIZE), "size": (1, MAX_QUEUE_SIZE), "ready": bool,
+          "desc_addr": (0, _U64_MAX), "avail_addr": (0, _U64_MAX), "used_addr": (0, _U64_MAX),
+          "last_avail": (0, _U16_MAX), "used_idx": (0, _U16_MAX),
+          "signalled_used": (0, _U16_MAX)}
 
 
 def _fence() -> None:
@@ -143,6 +154,34 @@ class Virtqueue:
             views.append(_window(mem, addr, length, name))
         self._desc, self._avail, self._used = views
         self._mem = mem
+
+    def save(self) -> dict[str, int | bool]:
+        """Layout and ring indices, JSON-able (the queue's rings live in guest memory)."""
+        return {k: getattr(self, k) for k in _SAVED}
+
+    def restore(self, state: object, mem: GuestMemory) -> None:
+        """Take a state :meth:`save` made. It is untrusted: a missing, unknown or
+        out-of-range field, a size that is no power of two up to ``max_size``, or a ready
+        queue's ring outside ``mem`` raises :class:`StateError` and changes nothing.
+        ``event_idx`` is the activation's to set, from the features."""
+        s = unpack_state(state, "virtqueue", _SAVED)
+        if s["max_size"] != self.max_size:
+            raise StateError(f"virtqueue: saved for a queue of at most {s['max_size']} "
+                             f"entries, this device's holds {self.max_size}")
+        scratch = Virtqueue(self.max_size)
+        for k in _SAVED:
+            setattr(scratch, k, s[k])
+        n = scratch.size
+        if n > self.max_size or n & (n - 1):
+            raise StateError(f"virtqueue: size {n} is not a power of two <= {self.max_size}")
+        if scratch.ready:
+            try:
+                scratch.check(mem)
+            except VirtqueueError as exc:
+                raise StateError(f"virtqueue: {exc}") from None
+        self.reset()
+        for k in _SAVED:
+            setattr(self, k, s[k])
 
     def _bound(self, mem: GuestMemory) -> None:
         """Take the ring windows on first use (a queue used without ``check``)."""

@@ -13,11 +13,15 @@ Statistics follow the spec's protocol: the driver leaves one buffer of (tag, val
 pairs in the stats queue; the device keeps it and, every polling interval, hands it
 back so the driver refills it. Target and statistics are what Firecracker's balloon
 API reads and writes (``set_target_mib``, ``set_stats_interval``, ``statistics``).
+
+Across a snapshot the device keeps its target, the driver's ``actual``, the polling
+interval and the stats buffer it holds (popped from the stats queue, not yet returned).
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import mmap
 import select
 import struct
@@ -29,9 +33,11 @@ from stellarium_core.virtio import (
     DeviceLink,
     GuestMemory,
     QueueDevice,
+    StateError,
     Timer,
     Virtqueue,
     VirtqueueError,
+    unpack_state,
 )
 
 DEVICE_ID = 5
@@ -195,6 +201,36 @@ class VirtioBalloon(QueueDevice):
                 self.give_up(str(exc))
                 return
             self.used(q)
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        with self.lock:
+            return json.dumps({"target_pages": self.target_pages,
+                               "actual_pages": self.actual_pages,
+                               "stats_interval": self.stats_interval,
+                               "stats_head": self._stats_head}).encode()
+
+    def restore_state(self, data: bytes) -> None:
+        """After activation: the saved sizes, interval and held stats buffer (a head that
+        must be a descriptor of an activated stats queue)."""
+        try:
+            state = json.loads(data)
+        except ValueError:
+            raise StateError("virtio-balloon: state is not JSON") from None
+        u32 = (0, 0xFFFFFFFF)
+        s = unpack_state(state, "virtio-balloon", {
+            "target_pages": (0, MAX_MIB * PAGES_PER_MIB), "actual_pages": u32,
+            "stats_interval": u32, "stats_head": (int, type(None))})
+        head = s["stats_head"]
+        with self.lock:
+            if head is not None and not (self.active and len(self.queues) > STATS
+                                         and 0 <= head < self.queues[STATS].size):
+                raise StateError(f"virtio-balloon: held stats buffer {head} is not a "
+                                 "descriptor of an activated stats queue")
+            self.target_pages, self.actual_pages = s["target_pages"], s["actual_pages"]
+            self._stats_head = head
+            self.set_stats_interval(s["stats_interval"])
 
     # -- runtime control (Firecracker's balloon API) ---------------------------------------
 

@@ -163,3 +163,30 @@ def test_fuzz_random_rings(fuzz_rig, queue, program):
         fuzz_rig.dev._poll_stats(0)
         fuzz_rig.kick(queue)
     fuzz_rig.ram.check_guards()
+
+
+def test_snapshot_state_keeps_sizes_interval_and_the_held_stats_buffer():
+    from stellarium_virtio_balloon.device import STATS
+
+    from stellarium_core.virtio import StateError
+
+    src = Rig(VirtioBalloon(amount_mib=8, stats_polling_interval_s=0))
+    src.dev.write_config(4, struct.pack("<I", 100))
+    head, _ = src.rings[STATS].add([(struct.pack("<HQ", 4, 12345), False)])
+    src.kick(STATS)
+    src.dev.set_target_mib(16)
+    saved = src.dev.save_state()
+    dst = Rig(VirtioBalloon(amount_mib=8))
+    dst.dev.restore_state(saved)
+    stats = dst.dev.statistics()
+    assert (stats["target_mib"], stats["actual_pages"]) == (16, 100)
+    assert dst.dev._stats_head == head
+    for bad, message in ((b"not json", "not JSON"),
+                         (saved.replace(b'"stats_head": 0', b'"stats_head": 4096'),
+                          "not a descriptor"),
+                         (b'{"target_pages": 1}', "missing actual_pages")):
+        with pytest.raises(StateError, match=message):
+            dst.dev.restore_state(bad)
+    assert dst.dev.statistics()["target_mib"] == 16
+    src.close()
+    dst.close()

@@ -16,11 +16,17 @@ receive buffer too small for the header, a transmit chain that is not a frame, a
 the tap refuses.
 
 With vhost-net the kernel serves both rings from the first kick to the reset.
+
+A snapshot keeps the MAC the guest read from config space (a restored device shows the
+guest the same one); a frame read from the tap and not yet delivered is dropped, as a
+network may. With vhost-net the rings' indices are the kernel's, so such a device is not
+a :class:`~stellarium_core.virtio.QuiescingDevice` yet and the VMM refuses to snapshot it.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import select
 import struct
@@ -34,8 +40,10 @@ from stellarium_core.virtio import (
     GuestMemory,
     QueueDevice,
     QueueEventfds,
+    StateError,
     Virtqueue,
     VirtqueueError,
+    unpack_state,
 )
 from stellarium_virtio_net.tap import (
     TUN_F_CSUM,
@@ -127,6 +135,24 @@ class VirtioNet(QueueDevice):
                 self._watch_tap(False)
             super().reset()
             self._held = 0
+
+    def save_state(self) -> bytes:
+        return json.dumps({"mac": self.mac.hex()}).encode()
+
+    def restore_state(self, data: bytes) -> None:
+        """The guest's MAC (its driver read it from config space before the snapshot)."""
+        try:
+            state = json.loads(data)
+        except ValueError:
+            raise StateError("virtio-net: state is not JSON") from None
+        mac = unpack_state(state, "virtio-net", {"mac": str})["mac"]
+        try:
+            raw = bytes.fromhex(mac)
+        except ValueError:
+            raw = b""
+        if len(raw) != 6:
+            raise StateError(f"virtio-net: mac {mac!r} is not 6 bytes of hex")
+        self.mac = raw
 
     def notify(self, queue: int) -> None:
         with self.lock:

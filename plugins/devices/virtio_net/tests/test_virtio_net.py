@@ -228,3 +228,19 @@ def test_fuzz_random_rings(fuzz_net, queue, program, incoming):
         except BlockingIOError:
             break
     rig.ram.check_guards()
+
+
+def test_a_restored_device_shows_the_guest_the_mac_it_knew():
+    from stellarium_core.virtio import StateError
+
+    rig, peer, _tap = rig_and_peer()
+    saved = rig.dev.save_state()
+    other, peer2, _ = rig_and_peer()
+    other.dev.mac = bytes(6)
+    other.dev.restore_state(saved)
+    assert other.dev.read_config(0, 6) == MAC
+    with pytest.raises(StateError, match="not 6 bytes of hex"):
+        other.dev.restore_state(b'{"mac": "0102"}')
+    for r, p in ((rig, peer), (other, peer2)):
+        r.close()
+        p.close()

@@ -7,10 +7,14 @@ space. Linux's virtio_pmem driver turns it into /dev/pmem0 with struct pages
 executables, straight from the window: no copy into the guest's page cache, and no
 exit to the VMM. The one queue carries flush requests; a read-only window has
 nothing to write back, so each is answered at once.
+
+A snapshot keeps where the window was (the guest mapped it there); a restore into a VM
+that placed it elsewhere, or with another size, is refused.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 from typing import Protocol
 
@@ -20,7 +24,9 @@ from stellarium_core.virtio import (
     ChainTooShort,
     DeviceLink,
     QueueDevice,
+    StateError,
     VirtqueueError,
+    unpack_state,
 )
 
 DEVICE_ID = 27
@@ -61,6 +67,21 @@ class VirtioPmem(QueueDevice):
     def config(self) -> bytes:
         """``le64 start; le64 size``."""
         return struct.pack("<QQ", self.start or 0, self.window.size)
+
+    def save_state(self) -> bytes:
+        return json.dumps({"start": self.start, "size": self.window.size}).encode()
+
+    def restore_state(self, data: bytes) -> None:
+        """Check the window is where, and as large as, the guest knew it."""
+        try:
+            state = json.loads(data)
+        except ValueError:
+            raise StateError("virtio-pmem: state is not JSON") from None
+        s = unpack_state(state, "virtio-pmem", {"start": (int, type(None)), "size": int})
+        if (s["start"], s["size"]) != (self.start, self.window.size):
+            raise StateError(f"virtio-pmem: the guest knew the window at {s['start']} with "
+                             f"{s['size']} bytes; here it is at {self.start} with "
+                             f"{self.window.size}")
 
     def notify(self, queue: int) -> None:
         with self.lock:

@@ -160,3 +160,21 @@ def test_a_store_the_vmm_cannot_write_is_a_clear_error(host_cfg, monkeypatch):
     cfg, _ = host_cfg
     with pytest.raises(StellarError, match="cannot store mappable copies.*--mappable"):
         create(cfg, {"volume": "base"})
+
+
+def test_a_restore_needs_the_window_where_the_guest_knew_it():
+    from stellarium_core.virtio import StateError
+
+    src = Rig(VirtioPmem(AnonWindow()))
+    saved = src.dev.save_state()
+    same = Rig(VirtioPmem(AnonWindow()))
+    same.dev.restore_state(saved)                     # placed alike: accepted
+    other = Rig(VirtioPmem(AnonWindow()))
+    other.link.mapped.clear()
+    other.dev.start = 2 << 32
+    with pytest.raises(StateError, match="knew the window at 4294967296"):
+        other.dev.restore_state(saved)
+    with pytest.raises(StateError, match="not JSON"):
+        same.dev.restore_state(b"\xff")
+    for r in (src, same, other):
+        r.close()

@@ -10,10 +10,15 @@ The queue is drained by the C loop of :mod:`~stellarium_virtio_stellar.native`
 (raw files, and volume reads from verified chunk memory); it hands back what only
 Python does (volume writes, discard, write-zeroes), which ``_serve`` performs,
 the same code that serves every request of disks the loop does not know.
+
+Every request is complete when ``notify`` returns, so a snapshot finds none in flight;
+it keeps whether the device gave up on a hostile ring, and the disk's size the guest
+read (a restore over a disk of another size is refused).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import struct
 import time
@@ -28,9 +33,11 @@ from stellarium_core.virtio import (
     DescriptorChain,
     GuestMemory,
     Reader,
+    StateError,
     Virtqueue,
     VirtqueueError,
     Writer,
+    unpack_state,
 )
 from stellarium_core.volumes.blockdev import SECTOR
 from stellarium_virtio_stellar import native
@@ -161,6 +168,23 @@ class VirtioStellar:
                 wants = True
             if wants:
                 self.interrupt()
+
+    def save_state(self) -> bytes:
+        """Flushes the disk first: a snapshot of the VM snapshots its volume next."""
+        self.disk.flush()
+        return json.dumps({"broken": self.broken, "sectors": self.disk.sectors}).encode()
+
+    def restore_state(self, data: bytes) -> None:
+        """Given up or not; the disk must have the size the guest knew."""
+        try:
+            state = json.loads(data)
+        except ValueError:
+            raise StateError("virtio-blk: state is not JSON") from None
+        s = unpack_state(state, "virtio-blk", {"broken": bool, "sectors": int})
+        if s["sectors"] != self.disk.sectors:
+            raise StateError(f"virtio-blk: the guest knew a disk of {s['sectors']} sectors, "
+                             f"this one has {self.disk.sectors}")
+        self.broken = s["broken"]
 
     def metrics(self) -> dict[str, int | float]:
         """Requests, errors, bytes and mean/max latency since start (the VMM's metrics

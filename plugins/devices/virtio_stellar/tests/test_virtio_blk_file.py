@@ -146,3 +146,23 @@ def test_bad_params_get_clear_errors(tmp_path, setup, params, error, match):
         params = {"path": str(target), **params}
     with pytest.raises(error, match=match):
         create(params)
+
+
+def test_snapshot_state_keeps_a_given_up_device_and_checks_the_disk_size(image, tmp_path):
+    from stellarium_core.virtio import StateError
+
+    dev = create({"path": str(image[0])})
+    dev.broken = True
+    saved = dev.save_state()
+    dev.close()
+    again = create({"path": str(image[0])})
+    again.restore_state(saved)
+    assert again.broken
+    small = tmp_path / "small.raw"
+    small.write_bytes(bytes(SECTOR))
+    other = create({"path": str(small)})
+    with pytest.raises(StateError, match=f"knew a disk of {NSECT} sectors, this one has 1"):
+        other.restore_state(saved)
+    assert not other.broken
+    again.close()
+    other.close()

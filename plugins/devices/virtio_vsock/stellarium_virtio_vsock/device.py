@@ -17,6 +17,12 @@ is received straight into the guest's RX buffer (one copy), without a Python buf
 
 Everything runs in the VMM's I/O thread: kicks, the listening socket, each connection's
 socket. A host socket is read only while the guest has credit and RX buffers for it.
+
+Connections do not survive a snapshot: their host ends belong to the process that took
+it. A restored device starts with none and tells the guest so with a transport reset
+event (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET) in the event queue, as Firecracker does: the
+guest's driver resets every connected socket and re-reads its CID; its listening
+sockets stay, and new connections work at once.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from stellarium_core.virtio import (
     DeviceLink,
     GuestMemory,
     QueueDevice,
+    StateError,
     Virtqueue,
     VirtqueueError,
 )
@@ -61,6 +68,9 @@ MAX_PENDING = 64
 CONNECT_LINE_MAX = 32
 #: Host-side ports for host-initiated connections start here (as Firecracker's do).
 LOCAL_PORT_BASE = 1 << 30
+#: struct virtio_vsock_event (le32 id) and its one id.
+EVENT_ID = struct.Struct("<I")
+EVENT_TRANSPORT_RESET = 0
 
 
 @dataclass
@@ -105,6 +115,7 @@ class VirtioVsock(QueueDevice):
         self.control: collections.deque[bytes] = collections.deque()
         self._rx_waiting: set[tuple[int, int]] = set()    # readable, but no RX buffer
         self._next_port = LOCAL_PORT_BASE
+        self._reset_event = False             # a transport reset waits for an event buffer
         self.counters = dict.fromkeys((
             "host_connections", "guest_connections", "refused", "resets", "rx_bytes",
             "tx_bytes", "bad_packets", "credit_violations"), 0)
@@ -129,6 +140,7 @@ class VirtioVsock(QueueDevice):
             for c in list(self.conns.values()):
                 self._drop(c)
             self.control.clear()
+            self._reset_event = False
             super().reset()
 
     def host_paths(self) -> list[tuple[str, bool]]:
@@ -154,6 +166,37 @@ class VirtioVsock(QueueDevice):
     def metrics(self) -> dict[str, int]:
         return {**self.counters, "connections": len(self.conns)}
 
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        """Nothing carries over (connections cannot); restoring sends the transport reset."""
+        return b""
+
+    def restore_state(self, data: bytes) -> None:
+        """Queue the transport reset event; it goes out with the next kick of any queue
+        (the transport kicks every ready queue after a restore)."""
+        if data:
+            raise StateError(f"virtio-vsock: expected no saved state, got {len(data)} bytes")
+        with self.lock:
+            self._reset_event = self.active
+
+    def _send_reset_event(self) -> None:
+        """Into the first event buffer the event fits (the driver posts them at probe)."""
+        mem, q = self.mem, self.queues[EVENT]
+        assert mem is not None
+        used = 0
+        while self._reset_event and (chain := q.pop(mem)) is not None:
+            w = chain.writer(mem)
+            if w.remaining >= EVENT_ID.size:
+                w.pack(EVENT_ID, EVENT_TRANSPORT_RESET)
+                self._reset_event = False
+            else:
+                self.counters["bad_packets"] += 1
+            q.add_used(mem, chain.head, w.written)
+            used += 1
+        if used:
+            self.used(q)
+
     # -- kicks -------------------------------------------------------------------------------
 
     def notify(self, queue: int) -> None:
@@ -161,6 +204,8 @@ class VirtioVsock(QueueDevice):
             if not self.active:
                 return
             try:
+                if self._reset_event:
+                    self._send_reset_event()
                 if queue == TX:
                     self._tx()
                 elif queue == RX:

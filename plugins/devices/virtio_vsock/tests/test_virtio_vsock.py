@@ -250,3 +250,30 @@ def test_fuzz_random_rings(fuzz_vsock, queue, program):
             rig.turn()
         rig.kick(queue)
     rig.ram.check_guards()
+
+
+def test_a_restored_device_tells_the_guest_its_connections_are_gone(tmp_path):
+    """Snapshot restore: the transport reset event goes into the first event buffer that
+    holds it, once a queue is kicked (the transport kicks every ready queue)."""
+    from stellarium_virtio_vsock.device import EVENT, EVENT_TRANSPORT_RESET
+
+    from stellarium_core.virtio import StateError, StatefulDevice
+
+    g = Guest(tmp_path)
+    assert isinstance(g.dev, StatefulDevice) and g.dev.save_state() == b""
+    events = g.rig.rings[EVENT]
+    g.dev.restore_state(b"")
+    g.rig.kick(RX)
+    assert events.used() == []                        # no event buffer posted yet
+    events.add([(2, True)])                           # too small: returned empty
+    head, (addr,) = events.add([(4, True)])
+    g.rig.kick(EVENT)
+    used = events.used()
+    assert [n for _h, n in used] == [0, 4] and used[1][0] == head
+    assert struct.unpack("<I", events.read(addr, 4))[0] == EVENT_TRANSPORT_RESET
+    events.add([(4, True)])
+    g.rig.kick(EVENT)
+    assert events.used() == []                        # one event per restore
+    with pytest.raises(StateError, match="expected no saved state"):
+        g.dev.restore_state(b"{}")
+    g.rig.close()

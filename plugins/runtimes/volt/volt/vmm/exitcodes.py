@@ -18,6 +18,7 @@ MEMORY = 12            # guest memory too small for kernel/initrd, or too large
 CMDLINE = 13           # kernel command line too long
 DEVICE = 14            # unknown device or device option
 CONFINE = 15           # confinement asked for (Landlock, seccomp) but not possible here
+SNAPSHOT = 16          # snapshot missing, corrupt, or made for another CPU or device set
 TRIPLE_FAULT = 20      # guest triple fault (KVM_EXIT_SHUTDOWN)
 GUEST_ERROR = 21       # KVM could not run the guest (internal error, failed entry)
 TERMINATED = 143       # stopped by SIGTERM/SIGINT; shut down cleanly
@@ -33,6 +34,7 @@ TABLE: tuple[tuple[int, str], ...] = (
     (CMDLINE, "kernel command line too long"),
     (DEVICE, "unknown device or device option"),
     (CONFINE, "confinement asked for (--landlock, --seccomp) cannot be applied"),
+    (SNAPSHOT, "snapshot missing, corrupt, or made for another CPU or device set"),
     (TRIPLE_FAULT, "guest triple fault"),
     (GUEST_ERROR, "KVM could not run the guest (emulation error, failed entry)"),
     (TERMINATED, "stopped by SIGTERM/SIGINT, shut down cleanly"),

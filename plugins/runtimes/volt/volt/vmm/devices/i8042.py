@@ -15,6 +15,9 @@ so Linux drives the keyboard in scan code set 2. Keyboard bytes raise IRQ 1 when
 control byte enables it, one pulse per byte; controller replies raise none (Linux
 polls for them). The guest resets the machine through output-port bit 0: command
 0xFE (pulse it, Linux's ``reboot=k``) or 0xD1 with the bit clear.
+
+:meth:`I8042.save` / :meth:`I8042.restore` carry the controller's and keyboard's state
+(bytes waiting in the output buffer, a command awaiting its argument) across a snapshot.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Any
+
+from stellarium_core.virtio import StateError, unpack_state
 
 DATA_PORT = 0x60      # the bus registers the controller at 0x60 with length 5 (0x60..0x64)
 CMD_OFFSET = 4
@@ -51,6 +57,14 @@ CTRL_ALT_DEL = {
 }
 
 
+_BYTE = (0, 0xFF)
+_SAVED = {"ctr": _BYTE, "outp": _BYTE, "out": list, "last": _BYTE, "last_was_cmd": bool,
+          "ctl_pending": frozenset({None, CMD_WRITE_CTR, CMD_WRITE_OUTP}),
+          "kbd_pending": frozenset({None, KBD_SET_LEDS, KBD_SCANCODE_SET, KBD_TYPEMATIC}),
+          "kbd_last": _BYTE, "scanning": bool, "scancode_set": frozenset(CTRL_ALT_DEL),
+          "leds": (0, 7)}
+
+
 class KeyboardNotReady(Exception):
     """The guest has not enabled the keyboard (no driver yet, or it turned it off)."""
 
@@ -75,6 +89,36 @@ class I8042:
         self.leds = 0
         self.resets = 0
         self.keys_sent = 0
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def save(self) -> dict[str, Any]:
+        """Controller and keyboard state, JSON-able (the counters are not the guest's)."""
+        with self._lock:
+            return {"ctr": self.ctr, "outp": self.outp,
+                    "out": [[b, kbd] for b, kbd in self._out], "last": self._last,
+                    "last_was_cmd": self._last_was_cmd, "ctl_pending": self._ctl_pending,
+                    "kbd_pending": self._kbd_pending, "kbd_last": self._kbd_last,
+                    "scanning": self.scanning, "scancode_set": self.scancode_set,
+                    "leds": self.leds}
+
+    def restore(self, state: object) -> None:
+        """Take a state :meth:`save` made; anything malformed raises StateError (a
+        ValueError) and changes nothing. No interrupt is raised (the irqchip has it)."""
+        s = unpack_state(state, "i8042", _SAVED)
+        out = s["out"]
+        if len(out) > BUFFER or not all(
+                type(e) is list and len(e) == 2 and type(e[0]) is int and 0 <= e[0] <= 0xFF
+                and type(e[1]) is bool for e in out):
+            raise StateError(f"i8042: out must be at most {BUFFER} [byte, from keyboard] "
+                             "pairs")
+        with self._lock:
+            self.ctr, self.outp, self._last = s["ctr"], s["outp"], s["last"]
+            self._out = deque((b, kbd) for b, kbd in out)
+            self._last_was_cmd = s["last_was_cmd"]
+            self._ctl_pending, self._kbd_pending = s["ctl_pending"], s["kbd_pending"]
+            self._kbd_last, self.scanning = s["kbd_last"], s["scanning"]
+            self.scancode_set, self.leds = s["scancode_set"], s["leds"]
 
     # -- the bus --------------------------------------------------------------------------
 

@@ -4,13 +4,21 @@ Transmit is instant (bytes go straight to the sink), so the transmitter is
 always empty; the FIFO is reported so Linux writes 16 bytes per interrupt.
 Interrupts are edge-style: ``irq()`` is called when a new enabled condition
 becomes pending, and Linux's handler drains by reading IIR until it is clear.
+
+:meth:`Serial.save` / :meth:`Serial.restore` carry the registers and the input not yet
+read across a snapshot; an interrupt already raised is the irqchip's state, not this.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
 import threading
 from collections.abc import Callable
+from typing import Any
+
+from stellarium_core.virtio import StateError, unpack_state
 
 DATA, IER, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
 IER_RDI, IER_THRI = 0x01, 0x02
@@ -20,6 +28,9 @@ MCR_LOOP = 0x10
 LSR_DR, LSR_THRE, LSR_TEMT = 0x01, 0x20, 0x40
 MSR_CTS, MSR_DSR, MSR_RI, MSR_DCD = 0x10, 0x20, 0x40, 0x80
 RX_FIFO_MAX = 64
+_BYTE = (0, 0xFF)
+_SAVED = {"ier": (0, 0x0F), "lcr": _BYTE, "mcr": (0, 0x1F), "scr": _BYTE, "fcr": (0, 0xC9),
+          "dll": _BYTE, "dlm": _BYTE, "thr_pending": bool, "rx": str}
 
 
 class Serial:
@@ -129,3 +140,29 @@ class Serial:
         elif offset == SCR:
             self.scr = v
         self._update(before)
+
+    def save(self) -> dict[str, Any]:
+        """Registers, the pending transmit interrupt and unread input, JSON-able."""
+        with self._lock:
+            return {"ier": self.ier, "lcr": self.lcr, "mcr": self.mcr, "scr": self.scr,
+                    "fcr": self.fcr, "dll": self.dll, "dlm": self.dlm,
+                    "thr_pending": self._thr_pending,
+                    "rx": base64.b64encode(bytes(self.rx)).decode()}
+
+    def restore(self, state: object) -> None:
+        """Take a state :meth:`save` made; anything malformed raises StateError (a
+        ValueError) and changes nothing. No interrupt is raised: one pending at the
+        snapshot is in the irqchip's state."""
+        s = unpack_state(state, "serial", _SAVED)
+        try:
+            rx = base64.b64decode(s["rx"], validate=True)
+        except binascii.Error:
+            raise StateError("serial: rx is not base64") from None
+        if len(rx) > RX_FIFO_MAX or s["fcr"] & ~0xC9:
+            raise StateError(f"serial: {len(rx)} bytes of input (at most {RX_FIFO_MAX}) or "
+                             f"FCR {s['fcr']:#x} (bits 0xc9 only)")
+        with self._lock:
+            self.ier, self.lcr, self.mcr, self.scr = s["ier"], s["lcr"], s["mcr"], s["scr"]
+            self.fcr, self.dll, self.dlm = s["fcr"], s["dll"], s["dlm"]
+            self._thr_pending = s["thr_pending"]
+            self.rx = collections.deque(rx)

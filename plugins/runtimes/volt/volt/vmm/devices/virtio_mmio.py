@@ -18,10 +18,21 @@ fds it registers run under a guard, and a device that raises (in ``notify``,
 ``activate`` or an fd callback) is marked NEEDS_RESET with a logged reason, while
 the VM and the other devices carry on. A queue handed over as eventfds needs that permanent
 used-ring bit too: the backend's irqfd interrupts the guest directly.
+
+For snapshots, :meth:`VirtioMmio.quiesce` stops delivering kicks and fd events to the
+device (masked in epoll, so nothing is lost: they are delivered after
+:meth:`VirtioMmio.resume`); :meth:`VirtioMmio.save` gives the registers, the device's
+negotiation and queue state and its own state (a :class:`StatefulDevice`) as a JSON-able
+dict, and :meth:`VirtioMmio.restore` puts a newly made transport and device into it
+without the guest, then kicks every ready queue once, so work the snapshot caught
+half-way (buffers made available, a throttled request) is picked up when the I/O
+thread runs.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import select
@@ -35,7 +46,11 @@ from stellarium_core.virtio import (
     DeviceState,
     GuestMemory,
     QueueEventfds,
+    QuiescingDevice,
+    StateError,
+    StatefulDevice,
     VirtioDevice,
+    unpack_state,
 )
 from volt.vmm._vcpurun import ffi
 from volt.vmm.devices.event_loop import EventLoop
@@ -63,7 +78,10 @@ class DeviceEvents:
 
     def __init__(self, loop: EventLoop, fail: Callable[[str], None]) -> None:
         self._loop, self._fail = loop, fail
-        self.fds: set[int] = set()
+        #: The device's fds and the events it watches each for.
+        self.fds: dict[int, int] = {}
+        #: While paused every fd is watched for nothing (its events wait in the kernel).
+        self.paused = False
 
     def add(self, fd: int, callback: Callable[[int], None],
             events: int = select.EPOLLIN) -> None:
@@ -73,15 +91,26 @@ class DeviceEvents:
             except Exception as exc:
                 self.remove(fd)
                 self._fail(f"callback for fd {fd} raised {type(exc).__name__}: {exc}")
-        self._loop.add(fd, guarded, events)
-        self.fds.add(fd)
+        self._loop.add(fd, guarded, 0 if self.paused else events)
+        self.fds[fd] = events
 
     def modify(self, fd: int, events: int) -> None:
-        self._loop.modify(fd, events)
+        if not self.paused:
+            self._loop.modify(fd, events)
+        elif fd not in self.fds:
+            raise ValueError(f"fd {fd} is not registered with the event loop")
+        self.fds[fd] = events
 
     def remove(self, fd: int) -> None:
         self._loop.remove(fd)
-        self.fds.discard(fd)
+        self.fds.pop(fd, None)
+
+    def pause(self, on: bool) -> None:
+        """Stop (or restart) delivering this device's fd events."""
+        if on != self.paused:
+            self.paused = on
+            for fd, events in self.fds.items():
+                self._loop.modify(fd, 0 if on else events)
 
 
 class VirtioMmio:
@@ -178,6 +207,94 @@ class VirtioMmio:
         if self._map_memory is None:
             raise RuntimeError("this transport has no machine to map device memory into")
         return self._map_memory(self.name, addr, size, readonly)
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    @property
+    def kind(self) -> str:
+        """The device model's class, by module and name: what a snapshot's state is for."""
+        cls = type(self.device)
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    def quiesce(self) -> int:
+        """Stop delivering kicks and fd events to the device (I/O thread); returns how many
+        requests it still has in flight (a :class:`QuiescingDevice` may have some)."""
+        with self._lock:
+            if not self._events.paused:
+                self._events.pause(True)
+                for q, fd in enumerate(self.kick_fds):
+                    if q not in self.handed_over:
+                        self._loop.modify(fd, 0)
+            if isinstance(self.device, QuiescingDevice):
+                return self.device.quiesce()
+            return 0
+
+    def resume(self) -> None:
+        """Undo :meth:`quiesce`: what arrived meanwhile is delivered now."""
+        with self._lock:
+            if not self._events.paused:
+                return
+            if isinstance(self.device, QuiescingDevice):
+                self.device.resume()
+            for q, fd in enumerate(self.kick_fds):
+                if q not in self.handed_over:
+                    self._loop.modify(fd, select.EPOLLIN)
+            self._events.pause(False)
+
+    def save(self) -> dict[str, Any]:
+        """Everything that defines this device to the guest, JSON-able: registers, the
+        negotiation and queue state, and the device's own state (base64) when it is a
+        :class:`StatefulDevice`. Take it quiesced, so no request is half-served."""
+        with self._lock:
+            blob = None
+            if isinstance(self.device, StatefulDevice):
+                blob = base64.b64encode(self.device.save_state()).decode()
+            with self._isr_lock:
+                isr = self.interrupt_status
+            return {"kind": self.kind, "device_type": self.device.device_id,
+                    "features_sel": self.features_sel,
+                    "driver_features_sel": self.driver_features_sel,
+                    "queue_sel": self.queue_sel, "interrupt_status": isr,
+                    "state": self.state.save(), "device_state": blob}
+
+    def restore(self, state: object) -> None:
+        """Put this transport and its device into a state :meth:`save` made, without the
+        guest's involvement: before any vCPU runs, and after the irqchip's state (the
+        device may raise its interrupt). Untrusted input: anything malformed, or made for
+        another kind of device, raises :class:`StateError` before anything changes; what
+        the device's ``activate`` or ``restore_state`` raises is raised."""
+        u32 = (0, 0xFFFFFFFF)
+        s = unpack_state(state, "virtio-mmio transport", {
+            "kind": str, "device_type": u32, "features_sel": u32,
+            "driver_features_sel": u32, "queue_sel": u32,
+            "interrupt_status": (0, INT_VRING | INT_CONFIG), "state": dict,
+            "device_state": (str, type(None))})
+        if (s["kind"], s["device_type"]) != (self.kind, self.device.device_id):
+            raise StateError(f"saved for a {s['kind']} (virtio type {s['device_type']}), "
+                             f"this is a {self.kind} (virtio type {self.device.device_id})")
+        blob = None
+        if s["device_state"] is not None:
+            try:
+                blob = base64.b64decode(s["device_state"], validate=True)
+            except binascii.Error:
+                raise StateError("device_state is not base64") from None
+            if not isinstance(self.device, StatefulDevice):
+                raise StateError(f"the snapshot holds state of its own for {self.kind}, "
+                                 "and this device cannot take it (no restore_state)")
+        with self._lock:
+            if self.state.status:
+                self.state.reset()
+            self.state.restore(s["state"], self.mem, self.signal_used)
+            self.features_sel, self.queue_sel = s["features_sel"], s["queue_sel"]
+            self.driver_features_sel = s["driver_features_sel"]
+            with self._isr_lock:
+                self._set_isr(s["interrupt_status"])
+            if blob is not None:
+                self.device.restore_state(blob)        # type: ignore[attr-defined]
+            if self.state.live:
+                for q, queue in enumerate(self.state.queues):
+                    if queue.ready:
+                        os.eventfd_write(self.kick_fds[q], 1)
 
     # -- notifications (I/O thread) --------------------------------------------------------
 
