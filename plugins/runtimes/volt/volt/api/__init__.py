@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve Firecracker's REST API on this unix socket; without "
                              "--config-file, wait for PUT /actions InstanceStart (no kernel "
                              "needed until then)")
+    parser.add_argument("--snapshot", metavar="NAME",
+                        help="restore the VM of snapshot NAME (`volt snapshot list`) instead "
+                             "of booting, and run it; its memory, vCPUs and devices are the "
+                             "snapshot's (only --serial and the confinement flags apply)")
     parser.add_argument("--no-api", action="store_true",
                         help="no API socket (the default without --api-sock); needs "
                              "--config-file, as in Firecracker")
@@ -70,6 +74,10 @@ def launch(args: argparse.Namespace) -> int:
     from volt.vmm.firecracker import Telemetry
 
     try:
+        if args.snapshot and (args.config_file or args.image or set(vars(args)) & (
+                set(config.SETTINGS) - {"serial"})):
+            raise UsageError("--snapshot restores the VM as it was: give no other VM "
+                             "settings than --serial")
         host = Host.from_config(args.config)
         file_layer, telemetry = None, Telemetry()
         if args.config_file:
@@ -87,11 +95,12 @@ def launch(args: argparse.Namespace) -> int:
     with trace:
         if listener is not None:
             return serve(cfg, host, listener, boot=bool(args.config_file), timing=args.timing,
-                         confinement=confinement, telemetry=telemetry, bound=bound)
+                         confinement=confinement, telemetry=telemetry, bound=bound,
+                         snapshot=args.snapshot)
         from volt.vmm.runner import launch as run_vm
 
         return run_vm(cfg, host, timing=args.timing, confinement=confinement,
-                      telemetry=telemetry)
+                      telemetry=telemetry, snapshot=args.snapshot)
 
 
 def _boots() -> Any:
@@ -104,10 +113,12 @@ def _boots() -> Any:
 
 def serve(cfg: VmConfig, host: Host, listener: socket.socket, *, boot: bool,
           timing: bool = False, confinement: Confinement | None = None,
-          telemetry: Telemetry | None = None, bound: float | None = None) -> int:
+          telemetry: Telemetry | None = None, bound: float | None = None,
+          snapshot: str | None = None) -> int:
     """Serve the API on ``listener`` (:func:`~volt.api.server.bind`, at monotonic time
-    ``bound``); boot ``cfg`` now (``boot``) or on InstanceStart, then run until the VM
-    ends. Returns its exit code.
+    ``bound``); boot ``cfg`` now (``boot``), restore ``snapshot`` now, or wait for
+    InstanceStart or PUT /snapshot/load, then run until the VM ends. Returns its exit
+    code.
 
     Before the start the main thread serves the API (the VM's confinement depends on
     its configuration, so there is nothing to confine yet); InstanceStart builds and
@@ -137,7 +148,9 @@ def serve(cfg: VmConfig, host: Host, listener: socket.socket, *, boot: bool,
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     try:
-        if boot:
+        if snapshot:
+            instance.load_snapshot(snapshot, resume=True)
+        elif boot:
             instance.start()
         else:
             server.serve(until=lambda: instance.state != NOT_STARTED)

@@ -73,6 +73,8 @@ class FirecrackerApi:
             ("PUT", ("metrics",)): self.put_metrics,
             ("PUT", ("actions",)): self.put_actions,
             ("PATCH", ("vm",)): self.patch_vm,
+            ("PUT", ("snapshot", "create")): self.put_snapshot_create,
+            ("PUT", ("snapshot", "load")): self.put_snapshot_load,
             ("GET", ("vm", "config")): self.get_vm_config,
             ("PUT", ("stellar", "devices", ANY)): self.put_stellar_device,
             ("GET", ("stellar", "metrics")): self.get_stellar_metrics,
@@ -291,6 +293,16 @@ class FirecrackerApi:
             self.vm.pause()
         else:
             self.vm.resume()
+
+    def put_snapshot_create(self, body: Body, ids: list[str]) -> None:
+        b = fc.checked(body, fc.SNAPSHOT_CREATE)
+        self._running()
+        self.vm.create_snapshot(b["snapshot_path"], b["snapshot_type"])
+
+    def put_snapshot_load(self, body: Body, ids: list[str]) -> None:
+        b = fc.checked(body, fc.SNAPSHOT_LOAD)
+        self._preboot()
+        self.vm.load_snapshot(b["snapshot_path"], resume=b["resume_vm"])
 
     def get_vm_config(self, body: Body, ids: list[str]) -> Response:
         return Response(200, fc.render(self.vm.config, self.vm.telemetry))

@@ -8,7 +8,8 @@ from stellarium_core.cli import common
 
 #: Command modules; each adds its subcommands to ``volt``.
 MODULES: tuple[str, ...] = ("volt.cli.lab", "volt.cli.detect", "volt.cli.kernel",
-                             "volt.cli.boot", "volt.cli.run", "volt.cli.jail", "volt.cli.serve")
+                             "volt.cli.boot", "volt.cli.run", "volt.cli.snapshot", "volt.cli.jail",
+                             "volt.cli.serve")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

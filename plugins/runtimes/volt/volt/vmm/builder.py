@@ -4,8 +4,8 @@ Input errors that need no KVM (kernel and initrd, command line, devices) are fou
 before /dev/kvm is opened, so they report the same way on any machine. Then
 :func:`build` creates the machine (KVM VM, memory; :func:`_add_devices`: legacy and
 virtio devices) and boots Linux into it (:func:`_boot_linux`: kernel, initrd, boot
-tables, vCPU registers). Restoring from a snapshot will create the machine and add
-its devices the same way, then load the saved state instead of ``_boot_linux``.
+tables, vCPU registers). :func:`build_restored` creates the machine and adds its
+devices the same way, then loads a snapshot's state instead of ``_boot_linux``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from volt.vmm.vm import Machine
 
 if TYPE_CHECKING:
     from stellarium_core.host import Host
+    from volt.snapshot.catalog import Snapshot
 
 #: Which registry image a boot mode wants, best first.
 KERNEL_SLOTS = {"auto": ("bzImage", "vmlinux"), "linux64": ("bzImage", "vmlinux"),
@@ -72,6 +73,35 @@ def build(cfg: VmConfig, host: Host, *,
         manager.close_devices(dev for spec, dev in devices if spec.id not in attached)
         if machine is not None:
             machine.close()
+        raise
+    return machine
+
+
+def build_restored(snap: Snapshot, cfg: VmConfig, host: Host, *,
+                   console: Callable[[bytes], None] | None = None) -> Machine:
+    """The VM of snapshot ``snap`` (configured as ``cfg``: :func:`restored_config`), its
+    RAM mapped from the snapshot's chunks, every state restored; nothing runs yet. On
+    failure everything made so far is released."""
+    from volt.snapshot.machine import restore
+
+    devices: list[tuple[Any, Any]] = []
+    made: list[Machine] = []
+
+    def machine_for(memory: Any) -> Machine:
+        made.append(Machine(cfg.memory_mib << 20, cfg.vcpus, memory=memory))
+        _add_devices(made[0], devices, console or open_sink(cfg.serial))
+        return made[0]
+
+    try:
+        devices = manager.create_devices(cfg.devices, host)
+        timing.mark("devices")
+        machine = restore(machine_for, snap, host)
+        timing.mark("build")
+    except BaseException:
+        attached = made[0].devices.transports if made else {}
+        manager.close_devices(dev for spec, dev in devices if spec.id not in attached)
+        if made:
+            made[0].close()
         raise
     return machine
 

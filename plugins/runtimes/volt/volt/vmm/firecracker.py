@@ -167,6 +167,15 @@ LOGGER = {"level": Field(str, "Info", lambda v: None if v.lower() in LEVELS else
 LEVELS = ("error", "warning", "info", "debug", "trace", "off")
 METRICS = {"metrics_path": Field(str)}
 
+_MEMORY_IN_STORE = ("Volt keeps guest memory in the store, as the snapshot's chunks; "
+                    "leave it out")
+SNAPSHOT_CREATE = {"snapshot_type": Field(str, "Full", one_of("Full", "Diff")),
+                   "snapshot_path": Field(str, doc="the snapshot's name in the store"),
+                   "mem_file_path": Field(str, None, lambda v: _MEMORY_IN_STORE)}
+SNAPSHOT_LOAD = {"snapshot_path": Field(str, doc="the snapshot's name in the store"),
+                 "resume_vm": Field(bool, False),
+                 "mem_file_path": Field(str, None, lambda v: _MEMORY_IN_STORE),
+                 "mem_backend": Field(dict, None, lambda v: _MEMORY_IN_STORE)}
 VM_STATE = {"state": Field(str, check=one_of("Paused", "Resumed"))}
 ACTION = {"action_type": Field(str, check=one_of("FlushMetrics", "InstanceStart",
                                                  "SendCtrlAltDel"))}

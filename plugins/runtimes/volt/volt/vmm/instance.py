@@ -17,8 +17,10 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from stellarium_core.errors import StellarError
 from volt.vmm import exitcodes, logger
 from volt.vmm import timing as setup_timing
 from volt.vmm.config import VmConfig
@@ -30,6 +32,7 @@ from volt.vmm.timing import process_start
 if TYPE_CHECKING:
     from stellarium_core.host import Host
     from volt.jail.confine import Confinement
+    from volt.snapshot.catalog import Snapshot
     from volt.vmm.runner import Runner
     from volt.vmm.vm import Machine
 
@@ -39,6 +42,8 @@ T = TypeVar("T")
 NOT_STARTED, RUNNING, PAUSED = "Not started", "Running", "Paused"
 #: End reasons that are a normal guest shutdown (nothing to report).
 CLEAN_ENDS = ("guest reset", "guest powered off")
+#: How long a snapshot may keep the I/O thread (reading and storing all of RAM).
+SNAPSHOT_S = 600.0
 AFTER_START = "The requested operation is not supported after starting the microVM."
 BEFORE_START = "The requested operation is not supported before starting the microVM."
 
@@ -57,6 +62,8 @@ class Instance:
         self.logger: dict[str, Any] | None = None
         self.machine: Machine | None = None
         self.runner: Runner | None = None
+        #: This VM's last snapshot, or the one it was restored from: a Diff's parent.
+        self.snapshot: Snapshot | None = None
         if telemetry.logger is not None:
             self.set_logger(telemetry.logger)
         if telemetry.metrics is not None:
@@ -102,8 +109,66 @@ class Instance:
         configuration can be fixed and the start tried again.
         """
         self._preboot()
-        from volt.vmm import footprint
         from volt.vmm.builder import build
+
+        self._launch(lambda console: build(self.config, self.host, console=console))
+
+    def load_snapshot(self, name: str, *, resume: bool = False) -> None:
+        """Build the VM from snapshot ``name`` instead (Firecracker's PUT /snapshot/load):
+        its RAM mapped copy-on-write from the store, every state restored, its volumes
+        cloned. It stays paused unless ``resume``."""
+        self._preboot()
+        from volt.snapshot import catalog
+        from volt.snapshot.machine import drop_volumes, restored_config
+        from volt.vmm.builder import build_restored
+
+        try:
+            snap = catalog.load(self.host, name)
+        except StellarError as exc:
+            raise VoltError(str(exc), exitcodes.SNAPSHOT) from None
+        cfg = replace(restored_config(self.host, snap, self.id), serial=self.config.serial)
+        old, self.config = self.config, cfg
+        try:
+            self._launch(lambda console: build_restored(snap, cfg, self.host, console=console),
+                         paused=not resume)
+        except BaseException:
+            self.config = old
+            drop_volumes(self.host, [str(d.params["volume"]) for d in cfg.devices
+                                     if d.id in snap.manifest.volumes])
+            raise
+        self.snapshot = snap
+
+    def create_snapshot(self, name: str, kind: str = "Full") -> Snapshot:
+        """Snapshot the paused VM as ``name`` in the store (PUT /snapshot/create). A Diff
+        builds on this VM's last snapshot (or the one it was restored from)."""
+        machine, runner = self._running()
+        if not runner.paused:
+            raise VoltError("a snapshot needs a paused VM (PATCH /vm {\"state\": \"Paused\"} "
+                            "first)")
+        c = self.confinement
+        if c is not None and (c.landlock, c.seccomp) != ("off", "off"):
+            # the store is out of a confined VMM's reach (Landlock), and the syscalls
+            # that write it would end the VM (seccomp): refuse, and lose nothing
+            raise VoltError("snapshots are written by the VMM itself, which cannot reach "
+                            "the store once confined: run this VM with --landlock off "
+                            "--seccomp off to snapshot it (a restore may be confined)")
+        from volt.snapshot.machine import capture
+
+        cfg, parent = self.config, self.snapshot
+        try:
+            snap = machine.loop.call(lambda: capture(machine, self.host, name, cfg, kind=kind,
+                                                     parent=parent), timeout=SNAPSHOT_S)
+        except (TimeoutError, RuntimeError) as exc:
+            raise VoltError(f"the VM's I/O thread: {exc}") from None
+        except StellarError as exc:
+            raise VoltError(f"snapshot {name!r}: {exc}") from None
+        self.snapshot = snap
+        return snap
+
+    def _launch(self, build: Callable[[Callable[[bytes], None]], Machine],
+                paused: bool = False) -> None:
+        """The start's common part: build (with the console sink), confine, run."""
+        from volt.vmm import footprint
         from volt.vmm.devices.console import feed_console, open_sink
         from volt.vmm.runner import Runner
 
@@ -118,7 +183,7 @@ class Instance:
             sink(data)
 
         setup_timing.mark("imports")
-        machine = build(cfg, self.host, console=console)
+        machine = build(console)
         footprint.trim()
         self.metrics.mark("built")
         try:
@@ -143,6 +208,7 @@ class Instance:
                 "pid": os.getpid(), "kernel": cfg.kernel, "vcpus": cfg.vcpus,
                 "memory_mib": cfg.memory_mib, "devices": [d.id for d in cfg.devices]})
         self.runner = Runner(machine)
+        machine.gate.set_paused(paused)
         self.runner.start()
         log.info("microVM %s started: %s", self.id, cfg.kernel)
 

@@ -6,6 +6,9 @@ sealed against shrinking and growing, so such a process can trust its size. With
 pages the memfd is hugetlbfs-backed and the pages are reserved when it is mapped,
 so a shortage is an error at start, not a SIGBUS in the guest later.
 
+A restored VM's RAM is instead already mapped, copy-on-write from a snapshot's
+chunks (:meth:`GuestMemory.mapped`); it is private to this process too.
+
 KSM merges only private anonymous pages (the kernel ignores MADV_MERGEABLE on
 shared and hugetlb mappings), so ``ksm=True`` maps private anonymous memory
 instead and marks it mergeable; that memory is not shareable (``fd`` -1).
@@ -18,6 +21,7 @@ import errno
 import fcntl
 import mmap
 import os
+from typing import Protocol
 
 from stellarium_core.virtio.memory import GuestMemoryError, MemoryRegion, RegionMemory
 
@@ -40,6 +44,18 @@ def _huge_pages_available() -> str:
         return "?"
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+def _layout(size: int) -> list[tuple[int, int]]:
+    """(guest address, length) of the RAM regions of a ``size``-byte guest."""
+    layout = [(0, min(size, MMIO_GAP_START))]
+    if size > MMIO_GAP_START:
+        layout.append((MMIO_GAP_END, size - MMIO_GAP_START))
+    return layout
+
+
 class GuestMemory(RegionMemory):
     """All guest RAM: below 3 GiB in one region, the rest above 4 GiB, one memfd behind both."""
 
@@ -50,15 +66,13 @@ class GuestMemory(RegionMemory):
                                    f"the {page >> 10} KiB page size")
         if hugepages and ksm:
             raise GuestMemoryError("KSM cannot merge huge pages")
-        layout = [(0, min(size, MMIO_GAP_START))]
-        if size > MMIO_GAP_START:
-            layout.append((MMIO_GAP_END, size - MMIO_GAP_START))
         self.fd = -1 if ksm else self._memfd(size, hugepages)
         self._maps: list[mmap.mmap] = []
+        self._owner: Closable | None = None
         parts = []
         try:
             offset = 0
-            for guest_addr, length in layout:
+            for guest_addr, length in _layout(size):
                 mm = self._map(length, offset, hugepages, ksm)
                 self._maps.append(mm)
                 host = ctypes.addressof(ctypes.c_char.from_buffer(mm))
@@ -70,6 +84,21 @@ class GuestMemory(RegionMemory):
             self._unmap()
             raise
         super().__init__(parts)
+
+    @classmethod
+    def mapped(cls, addr: int, size: int, owner: Closable) -> GuestMemory:
+        """``size`` bytes of RAM already mapped at host ``addr`` (flat: the regions end
+        to end, as in the memfd), laid out as any guest RAM; :meth:`close` closes
+        ``owner``, the mapping's keeper."""
+        self = cls.__new__(cls)
+        self.fd, self._maps, self._owner = -1, [], owner
+        parts, offset = [], 0
+        for guest_addr, length in _layout(size):
+            buf = memoryview((ctypes.c_char * length).from_address(addr + offset)).cast("B")
+            parts.append((MemoryRegion(guest_addr, length, addr + offset), buf))
+            offset += length
+        RegionMemory.__init__(self, parts)
+        return self
 
     @staticmethod
     def _memfd(size: int, hugepages: bool) -> int:
@@ -143,6 +172,9 @@ class GuestMemory(RegionMemory):
             except BufferError:
                 pass
         self._maps.clear()
+        if self._owner is not None:
+            self._owner.close()
+            self._owner = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

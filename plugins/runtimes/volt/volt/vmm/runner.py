@@ -140,9 +140,10 @@ class Runner:
 
 
 def launch(cfg: VmConfig, host: Host, *, timing: bool = False,
-           confinement: Confinement | None = None, telemetry: Telemetry = Telemetry()) -> int:
-    """Build and run the VM ``cfg`` describes; returns its exit code (``volt run`` without
-    an API socket, and the ``volt`` runtime plugin).
+           confinement: Confinement | None = None, telemetry: Telemetry = Telemetry(),
+           snapshot: str | None = None) -> int:
+    """Build and run the VM ``cfg`` describes (or restore the one of ``snapshot``); returns
+    its exit code (``volt run`` without an API socket, and the ``volt`` runtime plugin).
 
     ``confinement`` is applied after the build and before any thread starts, so it
     holds from the guest's first instruction. The console reads stdin when output
@@ -154,5 +155,8 @@ def launch(cfg: VmConfig, host: Host, *, timing: bool = False,
     from volt.vmm.instance import Instance
 
     instance = Instance(host, cfg, confinement=confinement, telemetry=telemetry)
-    instance.start()
+    if snapshot:
+        instance.load_snapshot(snapshot, resume=True)
+    else:
+        instance.start()
     return instance.finish(timing=timing)

@@ -69,10 +69,15 @@ class Machine:
     """A KVM VM with its memory, in-kernel irqchip + PIT, PIO/MMIO buses, vCPUs and devices."""
 
     def __init__(self, mem_bytes: int, vcpus: int = 1, *, hugepages: bool = False,
-                 ksm: bool = False, kvm_path: str = "/dev/kvm") -> None:
+                 ksm: bool = False, kvm_path: str = "/dev/kvm",
+                 memory: GuestMemory | None = None) -> None:
+        """``memory``: RAM already made (a snapshot's, :meth:`GuestMemory.mapped`); the
+        machine owns it from here, and closes it when its creation fails too."""
         try:
             self.kvm = kvm.Kvm(kvm_path)
         except OSError as exc:
+            if memory is not None:
+                memory.close()
             raise VoltError(f"{kvm_path}: {exc.strerror or exc}", exitcodes.NO_KVM) from None
         self.vm = kvm.VmFd(self.kvm.create_vm())
         self._eventfds: list[int] = []
@@ -86,11 +91,11 @@ class Machine:
         self.has_irqfd = bool(self.kvm.check_extension(kvm.CAP_IRQFD))
         self.has_ioeventfd = bool(self.kvm.check_extension(kvm.CAP_IOEVENTFD))
         try:
-            self.mem = GuestMemory(mem_bytes, hugepages=hugepages, ksm=ksm)
+            self.mem = memory or GuestMemory(mem_bytes, hugepages=hugepages, ksm=ksm)
         except GuestMemoryError as exc:
             raise VoltError(str(exc), exitcodes.MEMORY) from None
-        for slot, r in enumerate(self.mem.regions):
-            self.vm.set_user_memory_region(slot, r.guest_addr, r.size, r.host_addr)
+        self.dirty_logging = False
+        self._set_ram_slots()
         self._next_slot = len(self.mem.regions)
         self._device_memory = align(max(self.mem.regions[-1].end, MMIO_GAP_END),
                                      layout.DEVICE_MEMORY_ALIGN)
@@ -146,6 +151,31 @@ class Machine:
         except kvm.KvmError:
             return None
         return efd
+
+    def _set_ram_slots(self) -> None:
+        flags = kvm.MEM_LOG_DIRTY_PAGES if self.dirty_logging else 0
+        for slot, r in enumerate(self.mem.regions):
+            self.vm.set_user_memory_region(slot, r.guest_addr, r.size, r.host_addr, flags)
+
+    def dirty_pages(self) -> list[tuple[int, bytes]] | None:
+        """(flat offset, KVM dirty bitmap) of each RAM slot: the pages vCPUs wrote since
+        the last call (reading clears them); None until :meth:`log_dirty_pages` turned
+        logging on. Devices' writes are not in it (they do not go through KVM)."""
+        if not self.dirty_logging:
+            return None
+        out, flat = [], 0
+        for slot, r in enumerate(self.mem.regions):
+            out.append((flat, self.vm.get_dirty_log(slot, r.size // mmap.PAGESIZE)))
+            flat += r.size
+        return out
+
+    def log_dirty_pages(self) -> None:
+        """Start KVM's dirty log of guest RAM now (or clear it when on)."""
+        if self.dirty_logging:
+            self.dirty_pages()
+            return
+        self.dirty_logging = True
+        self._set_ram_slots()
 
     def map_memory(self, name: str, host_addr: int, size: int, readonly: bool) -> int:
         """Give host memory its own slot above RAM; its guest-physical address (see

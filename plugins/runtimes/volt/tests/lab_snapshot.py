@@ -1,0 +1,110 @@
+"""Run inside the lab by test_snapshot_lab.py: snapshot a ticking Linux guest, restore it twice.
+
+Usage: python lab_snapshot.py VOLT HOST_CONFIG KERNEL TICKER_INITRD
+Prints one JSON object with what it observed (times from L1's clock).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+TICK = re.compile(rb"tick (\d+)")
+
+
+class Unix(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=300)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+
+
+def api(sock: str, method: str, path: str, body: dict) -> int:
+    c = Unix(sock)
+    c.request(method, path, json.dumps(body), {"Content-Type": "application/json"})
+    status = c.getresponse().status
+    c.close()
+    return status
+
+
+def ticks_until(proc: subprocess.Popen, buf: bytearray, count: int, timeout: float) -> list[int]:
+    """Read the console until ``count`` ticks arrived (or the time is up); the ticks."""
+    end = time.monotonic() + timeout
+    while len(TICK.findall(buf)) < count and time.monotonic() < end:
+        r, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
+        if r:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            buf += chunk
+    return [int(n) for n in TICK.findall(buf)]
+
+
+def main() -> int:
+    volt, cfg, kernel, ticker = sys.argv[1:5]
+    base = [volt, "--config", cfg, "run"]
+    out: dict[str, object] = {}
+    sock = "/tmp/snapshot-api.sock"          # L1's tmpfs: 9p cannot hold a unix socket
+    src = subprocess.Popen([*base, "--api-sock", sock, "--landlock", "off", "--seccomp", "off",
+                            "--kernel", kernel, "--initrd", ticker, "--mem", "128",
+                            "--cmdline", "console=ttyS0 reboot=k panic=-1 quiet"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           stdin=subprocess.DEVNULL)
+    while not os.path.exists(sock) and src.poll() is None:
+        time.sleep(0.05)
+    if src.poll() is not None:
+        print(json.dumps({"source_failed": src.stderr.read().decode(errors="replace")}))
+        return 1
+    out["start"] = api(sock, "PUT", "/actions", {"action_type": "InstanceStart"})
+    buf = bytearray()
+    before = ticks_until(src, buf, 3, 300)
+    t0 = time.monotonic()
+    r = subprocess.run([volt, "--config", cfg, "snapshot", "create", "snap", "--api-sock", sock,
+                        "--keep-paused", "--json"], capture_output=True, text=True, timeout=600)
+    out["create_s"] = round(time.monotonic() - t0, 3)
+    out["create_rc"], out["create_err"] = r.returncode, r.stderr[-1500:]
+    out["snapshot"] = json.loads(r.stdout) if r.returncode == 0 else None
+    before = ticks_until(src, buf, 1 << 30, 3)    # all that came before the pause
+    out["ticks_before"] = before
+    src.send_signal(signal.SIGTERM)
+    try:
+        src.wait(60)
+    except subprocess.TimeoutExpired:
+        src.kill()
+    clones = []
+    t0 = time.monotonic()
+    for _ in range(2):
+        clones.append(subprocess.Popen([*base, "--snapshot", "snap"], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL))
+    results = []
+    for p in clones:
+        cbuf = bytearray()
+        got = ticks_until(p, cbuf, 2, 300)
+        results.append({"ticks": got, "first_tick_s": round(time.monotonic() - t0, 3)})
+    for p in clones:
+        p.send_signal(signal.SIGTERM)
+    for p, res in zip(clones, results, strict=True):
+        try:
+            _, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+        res["rc"], res["stderr"] = p.returncode, err.decode(errors="replace")[-1500:]
+    out["clones"] = results
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
