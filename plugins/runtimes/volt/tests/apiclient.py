@@ -67,11 +67,12 @@ class VoltProcess:
     SIGTERM at exit."""
 
     def __init__(self, sock: Path, *args: str, console: Path | None = None,
-                 volt_args: list[str] | None = None) -> None:
+                 volt_args: list[str] | None = None, prefix: tuple[str, ...] = ()) -> None:
+        """``prefix``: what runs volt (e.g. ``ip netns exec NS``)."""
         self.sock, self.console = str(sock), console
         out = open(console, "wb") if console else subprocess.DEVNULL   # noqa: SIM115
-        self.proc = subprocess.Popen([VOLT, *(volt_args or []), "run", "--api-sock", self.sock,
-                                      *args],
+        self.proc = subprocess.Popen([*prefix, VOLT, *(volt_args or []), "run", "--api-sock",
+                                      self.sock, *args],
                                      stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.PIPE)
         if console:

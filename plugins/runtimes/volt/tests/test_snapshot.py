@@ -46,7 +46,7 @@ def host(tmp_path: Path) -> Host:
 
 def _save(host: Host, mem: RegionMemory, **kw: object) -> list[pages.Piece]:
     with host.store.batch() as batch:
-        return pages.save(mem, batch, **kw)  # type: ignore[arg-type]
+        return pages.save(mem, lambda d: batch.put(d, mappable=True), **kw)  # type: ignore[arg-type]
 
 
 def test_zero_pages_are_not_stored_and_equal_cells_are_stored_once(host: Host) -> None:
@@ -143,7 +143,7 @@ def test_removing_a_snapshot_gives_its_references_back(host: Host) -> None:
     buf = bytearray(1 << 20)
     buf[0:PAGE] = b"\x09" * PAGE
     snap = catalog.save(host, "s1", lambda batch: (_manifest(pieces=tuple(
-        pages.save(RegionMemory.over(buf), batch))), []))
+        pages.save(RegionMemory.over(buf), lambda d: batch.put(d, mappable=True)))), []))
     digest = snap.manifest.pieces[0].digest
     assert host.store.refs(digest) == 1 and host.store.refs(snap.digest) == 1
     assert catalog.names(host) == ["s1"]

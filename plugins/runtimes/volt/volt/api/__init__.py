@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="restore the VM of snapshot NAME (`volt snapshot list`) instead "
                              "of booting, and run it; its memory, vCPUs and devices are the "
                              "snapshot's (only --serial and the confinement flags apply)")
+    parser.add_argument("--incoming", metavar="HOST:PORT",
+                        help="wait at HOST:PORT for a VM that `volt migrate` (PUT "
+                             "/stellar/migrate) moves here, and run it (as QEMU's -incoming); "
+                             "like --snapshot, it brings its own VM settings")
     parser.add_argument("--no-api", action="store_true",
                         help="no API socket (the default without --api-sock); needs "
                              "--config-file, as in Firecracker")
@@ -74,9 +78,12 @@ def launch(args: argparse.Namespace) -> int:
     from volt.vmm.firecracker import Telemetry
 
     try:
-        if args.snapshot and (args.config_file or args.image or set(vars(args)) & (
+        restored = "--snapshot" if args.snapshot else "--incoming" if args.incoming else ""
+        if args.snapshot and args.incoming:
+            raise UsageError("--snapshot and --incoming exclude each other")
+        if restored and (args.config_file or args.image or set(vars(args)) & (
                 set(config.SETTINGS) - {"serial"})):
-            raise UsageError("--snapshot restores the VM as it was: give no other VM "
+            raise UsageError(f"{restored} brings the VM as it was: give no other VM "
                              "settings than --serial")
         host = Host.from_config(args.config)
         file_layer, telemetry = None, Telemetry()
@@ -96,11 +103,11 @@ def launch(args: argparse.Namespace) -> int:
         if listener is not None:
             return serve(cfg, host, listener, boot=bool(args.config_file), timing=args.timing,
                          confinement=confinement, telemetry=telemetry, bound=bound,
-                         snapshot=args.snapshot)
+                         snapshot=args.snapshot, incoming=args.incoming)
         from volt.vmm.runner import launch as run_vm
 
         return run_vm(cfg, host, timing=args.timing, confinement=confinement,
-                      telemetry=telemetry, snapshot=args.snapshot)
+                      telemetry=telemetry, snapshot=args.snapshot, incoming=args.incoming)
 
 
 def _boots() -> Any:
@@ -114,11 +121,11 @@ def _boots() -> Any:
 def serve(cfg: VmConfig, host: Host, listener: socket.socket, *, boot: bool,
           timing: bool = False, confinement: Confinement | None = None,
           telemetry: Telemetry | None = None, bound: float | None = None,
-          snapshot: str | None = None) -> int:
+          snapshot: str | None = None, incoming: str | None = None) -> int:
     """Serve the API on ``listener`` (:func:`~volt.api.server.bind`, at monotonic time
-    ``bound``); boot ``cfg`` now (``boot``), restore ``snapshot`` now, or wait for
-    InstanceStart or PUT /snapshot/load, then run until the VM ends. Returns its exit
-    code.
+    ``bound``); boot ``cfg`` now (``boot``), restore ``snapshot`` now, take the VM
+    migrated to ``incoming``, or wait for InstanceStart or PUT /snapshot/load, then run
+    until the VM ends. Returns its exit code.
 
     Before the start the main thread serves the API (the VM's confinement depends on
     its configuration, so there is nothing to confine yet); InstanceStart builds and
@@ -150,6 +157,8 @@ def serve(cfg: VmConfig, host: Host, listener: socket.socket, *, boot: bool,
     try:
         if snapshot:
             instance.load_snapshot(snapshot, resume=True)
+        elif incoming:
+            instance.incoming(incoming)
         elif boot:
             instance.start()
         else:

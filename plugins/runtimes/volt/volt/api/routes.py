@@ -8,7 +8,8 @@ validated alike; before the start, a request changes the instance's VmConfig, af
 it, the running VM. A device whose plugin is not installed is refused when it is
 configured, naming the plugin. Volt's own extensions live under ``/stellar/``:
 ``PUT /stellar/devices/{id}`` takes any device plugin (``{"plugin", "params"}``) and
-``GET /stellar/metrics`` answers the current metrics object.
+``GET /stellar/metrics`` answers the current metrics object, and ``PUT /stellar/migrate``
+(``{"to": "HOST:PORT"}``) moves the running VM to a ``volt run --incoming`` process.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class FirecrackerApi:
             ("PUT", ("snapshot", "load")): self.put_snapshot_load,
             ("GET", ("vm", "config")): self.get_vm_config,
             ("PUT", ("stellar", "devices", ANY)): self.put_stellar_device,
+            ("PUT", ("stellar", "migrate")): self.put_stellar_migrate,
             ("GET", ("stellar", "metrics")): self.get_stellar_metrics,
         }
 
@@ -313,6 +315,11 @@ class FirecrackerApi:
             raise Fault(reason)
         spec = fc.stellar_device(body, ids[0])
         self._put(spec, (spec.plugin,), f"device {spec.id}")
+
+    def put_stellar_migrate(self, body: Body, ids: list[str]) -> Response:
+        b = fc.checked(body, fc.MIGRATE)
+        self._running()
+        return Response(200, self.vm.migrate(b["to"], b["timeout_s"]))
 
     def get_stellar_metrics(self, body: Body, ids: list[str]) -> Response:
         return Response(200, self.vm.metrics_line())

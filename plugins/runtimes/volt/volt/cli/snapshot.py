@@ -1,20 +1,18 @@
-"""``volt snapshot create|list|show|rm``: VM snapshots in the store (``volt run --snapshot``).
+"""``volt snapshot create|list|show|rm`` (VM snapshots in the store, ``volt run
+--snapshot``) and ``volt migrate`` (a running VM to a ``volt run --incoming`` process).
 
-Parsing only. ``create`` drives a running VM through its API socket, as any
-Firecracker client would: pause, ``PUT /snapshot/create``, resume (unless
-``--keep-paused``); the other actions read the store (:mod:`volt.snapshot.catalog`).
+Parsing only. ``create`` and ``migrate`` drive a running VM through its API socket:
+pause, ``PUT /snapshot/create``, resume (unless ``--keep-paused``); ``PUT
+/stellar/migrate``. The other actions read the store (:mod:`volt.snapshot.catalog`).
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
-import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from stellarium_core.cli.common import JSON, emit, table
-from stellarium_core.errors import StellarError
+from volt.cli.apicall import call
 
 if TYPE_CHECKING:
     from stellarium_core.host import Host
@@ -40,46 +38,32 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "deletes its volume snapshots)")
     rm.add_argument("name", metavar="NAME")
     rm.set_defaults(func=_rm)
+    m = sub.add_parser("migrate", parents=[JSON], help="move the VM serving --api-sock to "
+                       "the `volt run --incoming HOST:PORT` waiting at --to")
+    m.add_argument("--api-sock", required=True, metavar="PATH", help="the VM's API socket")
+    m.add_argument("--to", required=True, metavar="HOST:PORT")
+    m.add_argument("--timeout", type=int, default=30, metavar="S",
+                   help="how long one step may wait for the target (default: 30)")
+    m.set_defaults(func=_migrate)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=900)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
-
-
-def _call(sock: str, method: str, path: str, body: dict[str, Any]) -> None:
-    """One API request; a refusal is a StellarError with the VMM's fault message."""
-    conn = _UnixConnection(sock)
-    try:
-        conn.request(method, path, json.dumps(body), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        data = resp.read()
-    except OSError as exc:
-        raise StellarError(f"{sock}: {exc.strerror or exc}") from None
-    finally:
-        conn.close()
-    if resp.status >= 300:
-        try:
-            reason = json.loads(data)["fault_message"]
-        except (ValueError, KeyError, TypeError):
-            reason = data.decode(errors="replace")[:500]
-        raise StellarError(f"{method} {path}: {resp.status}: {reason}")
+def _migrate(args: argparse.Namespace) -> int:
+    d = call(args.api_sock, "PUT", "/stellar/migrate", {"to": args.to,
+                                                        "timeout_s": args.timeout})
+    emit(args, d, lambda d: f"migrated to {args.to}: sent {d['sent_bytes'] >> 20} MiB for "
+                            f"{d['memory_bytes'] >> 20} MiB of memory ({d['chunks_sent']} of "
+                            f"{d['chunks_offered']} chunks offered)")
+    return 0
 
 
 def _create(args: argparse.Namespace) -> int:
-    _call(args.api_sock, "PATCH", "/vm", {"state": "Paused"})
+    call(args.api_sock, "PATCH", "/vm", {"state": "Paused"})
     try:
-        _call(args.api_sock, "PUT", "/snapshot/create",
+        call(args.api_sock, "PUT", "/snapshot/create",
               {"snapshot_path": args.name, "snapshot_type": "Diff" if args.diff else "Full"})
     finally:
         if not args.keep_paused:
-            _call(args.api_sock, "PATCH", "/vm", {"state": "Resumed"})
+            call(args.api_sock, "PATCH", "/vm", {"state": "Resumed"})
     from volt.snapshot import catalog
 
     d = catalog.load(_host(args), args.name).summary()

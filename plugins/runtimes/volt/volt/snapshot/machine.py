@@ -12,7 +12,7 @@ CPU model, another device set, a missing or corrupt chunk) is an error then.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -46,42 +46,62 @@ def capture(machine: Machine, host: Host, name: str, cfg: VmConfig, *, kind: str
         raise VoltError("a Diff snapshot needs an earlier snapshot of this VM (take a Full "
                         "one first, or restore from one)")
     catalog.check_name(name)
+    made: dict[str, str] = {}
+
+    def volumes() -> dict[str, str]:
+        made.update(_snapshot_volumes(host, name, cfg))
+        return made
+
+    def fill(batch: Batch) -> tuple[Manifest, list[pages.Piece]]:
+        kept: list[pages.Piece] = []
+        diff = parent if kind == "Diff" else None
+        m = describe(machine, cfg, lambda data: batch.put(data, mappable=True),
+                     volumes=volumes, kept=kept,
+                     parent=(diff.manifest.pieces, diff.digest) if diff else None)
+        return m, kept
+
     machine.devices.quiesce(QUIESCE_S)
     try:
-        snap = _capture(machine, host, name, cfg, kind, parent)
+        snap = catalog.save(host, name, fill)
+    except BaseException:
+        drop_volumes(host, made.values())
+        raise
     finally:
         machine.devices.resume()
-    machine.log_dirty_pages()
-    dirty.reset()
+    track_writes(machine)
     return snap
 
 
-def _capture(machine: Machine, host: Host, name: str, cfg: VmConfig, kind: str,
-             parent: Snapshot | None) -> Snapshot:
-    devices = machine.devices.save()
+def track_writes(machine: Machine) -> None:
+    """Count guest RAM writes from now: what the next Diff re-reads."""
+    machine.log_dirty_pages()
+    dirty.reset()
+
+
+def describe(machine: Machine, cfg: VmConfig, put: Callable[[memoryview], bytes], *,
+             volumes: Callable[[], dict[str, str]] = dict,
+             parent: tuple[Sequence[pages.Piece], bytes] | None = None,
+             kept: list[pages.Piece] | None = None) -> Manifest:
+    """The paused, quiesced ``machine`` as a manifest, its RAM's pieces given to ``put``.
+
+    ``volumes()`` snapshots the volumes once the devices flushed them. With ``parent``
+    (pieces, and the manifest digest they come from, or b"" for none) only cells written
+    since :func:`track_writes` are read again, the others' pieces go to ``kept``; with a
+    digest it is a Diff of that snapshot."""
+    devices = machine.devices.save()        # devices flush here: volumes come after
     assert machine.serial is not None and machine.i8042 is not None
     legacy = {"serial": machine.serial.save(), "i8042": machine.i8042.save()}
     msrs = persist.msr_indices(machine.kvm)
     vcpus = tuple(persist.save_vcpu(v.fd, msrs) for v in machine.vcpus)
     vm = persist.save_vm(machine.vm)
-    changed = dirty.cells(machine.mem, machine.dirty_pages()) if kind == "Diff" else None
-    volumes = _snapshot_volumes(host, name, cfg)
-
-    def fill(batch: Batch) -> tuple[Manifest, list[pages.Piece]]:
-        kept: list[pages.Piece] = []
-        base = parent.manifest.pieces if parent is not None and kind == "Diff" else ()
-        pieces = pages.save(machine.mem, batch, parent=base, dirty=changed, kept=kept)
-        m = Manifest(kind, _config(cfg), persist.cpu_signature(vcpus[0]["cpuid"]),
-                     machine.mem.size, tuple(pieces), vm, vcpus, devices, legacy, volumes,
-                     parent.digest if kind == "Diff" and parent is not None else None)
-        return m, kept
-
-    try:
-        return catalog.save(host, name, fill)
-    except BaseException:
-        drop_volumes(host, volumes.values())
-        raise
-
+    vols = volumes()
+    changed = dirty.cells(machine.mem, machine.dirty_pages()) if parent else None
+    pieces = pages.save(machine.mem, put, parent=parent[0] if parent else (), dirty=changed,
+                        kept=kept)
+    diff = parent[1] if parent else b""
+    return Manifest("Diff" if diff else "Full", _config(cfg),
+                    persist.cpu_signature(vcpus[0]["cpuid"]), machine.mem.size, tuple(pieces),
+                    vm, vcpus, devices, legacy, vols, diff or None)
 
 
 def _config(cfg: VmConfig) -> dict[str, Any]:
@@ -181,7 +201,6 @@ def restore(machine_for: Callable[[Any], Machine], snap: Snapshot, host: Host) -
         machine.devices.restore(m.devices)
     except StateError as exc:
         raise VoltError(f"snapshot {snap.name!r}: {exc}", exitcodes.SNAPSHOT) from None
-    machine.log_dirty_pages()          # a Diff of this VM has the snapshot as its parent
-    dirty.reset()
+    track_writes(machine)              # a Diff of this VM has the snapshot as its parent
     machine.boot_mode = "snapshot"
     return machine

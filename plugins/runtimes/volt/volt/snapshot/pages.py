@@ -24,12 +24,8 @@ import mmap
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from stellarium_core.virtio.memory import MemoryRegion, RegionMemory
-
-if TYPE_CHECKING:
-    from stellarium_core.nebula.batch import Batch
 
 PAGE = mmap.PAGESIZE
 CELL = 64 << 10
@@ -88,13 +84,13 @@ def _runs(view: memoryview, lo: int, hi: int) -> Iterator[tuple[int, int]]:
         yield start, hi
 
 
-def save(mem: RegionMemory, batch: Batch, *, parent: Sequence[Piece] = (),
-         dirty: Callable[[int], bool] | None = None,
+def save(mem: RegionMemory, put: Callable[[memoryview], bytes], *,
+         parent: Sequence[Piece] = (), dirty: Callable[[int], bool] | None = None,
          kept: list[Piece] | None = None) -> list[Piece]:
-    """Store ``mem`` as mappable chunks through ``batch`` (one reference each); its
-    pieces, sorted by offset. With ``dirty`` (a flat cell offset -> re-read it?), cells
-    it declines keep their pieces from ``parent``; those are not stored again, but
-    added to ``kept`` (the caller references them)."""
+    """``mem`` as pieces, sorted by offset, each piece's bytes given to ``put`` (which
+    returns its digest: a batch's mappable put, or a migration's hash-and-offer). With
+    ``dirty`` (a flat cell offset -> re-read it?), cells it declines keep their pieces
+    from ``parent``; those are not put again, but added to ``kept``."""
     old: dict[int, list[Piece]] = {}
     for p in parent:
         old.setdefault(p.offset - p.offset % CELL, []).append(p)
@@ -117,7 +113,7 @@ def save(mem: RegionMemory, batch: Batch, *, parent: Sequence[Piece] = (),
                 continue
             for a, b in spans.get(cell, ()):
                 for s, e in _runs(view, a - flat, b - flat):
-                    out.append(Piece(flat + s, e - s, batch.put(view[s:e], mappable=True)))
+                    out.append(Piece(flat + s, e - s, put(view[s:e])))
     return sorted(out, key=lambda p: p.offset)
 
 

@@ -176,6 +176,8 @@ SNAPSHOT_LOAD = {"snapshot_path": Field(str, doc="the snapshot's name in the sto
                  "resume_vm": Field(bool, False),
                  "mem_file_path": Field(str, None, lambda v: _MEMORY_IN_STORE),
                  "mem_backend": Field(dict, None, lambda v: _MEMORY_IN_STORE)}
+MIGRATE = {"to": Field(str, doc="HOST:PORT where `volt run --incoming` waits"),
+           "timeout_s": Field(int, 30, _at_least(1))}
 VM_STATE = {"state": Field(str, check=one_of("Paused", "Resumed"))}
 ACTION = {"action_type": Field(str, check=one_of("FlushMetrics", "InstanceStart",
                                                  "SendCtrlAltDel"))}

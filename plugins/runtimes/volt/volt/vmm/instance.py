@@ -44,6 +44,8 @@ NOT_STARTED, RUNNING, PAUSED = "Not started", "Running", "Paused"
 CLEAN_ENDS = ("guest reset", "guest powered off")
 #: How long a snapshot may keep the I/O thread (reading and storing all of RAM).
 SNAPSHOT_S = 600.0
+#: How long one step of a live migration may wait for the other side.
+MIGRATION_TIMEOUT_S = 30.0
 AFTER_START = "The requested operation is not supported after starting the microVM."
 BEFORE_START = "The requested operation is not supported before starting the microVM."
 
@@ -119,24 +121,100 @@ class Instance:
         cloned. It stays paused unless ``resume``."""
         self._preboot()
         from volt.snapshot import catalog
-        from volt.snapshot.machine import drop_volumes, restored_config
-        from volt.vmm.builder import build_restored
 
         try:
             snap = catalog.load(self.host, name)
         except StellarError as exc:
             raise VoltError(str(exc), exitcodes.SNAPSHOT) from None
+        self._restore(snap, resume=resume)
+
+    def _restore(self, snap: Snapshot, *, resume: bool,
+                 handover: Callable[[], None] | None = None) -> None:
+        from volt.snapshot.machine import drop_volumes, restored_config
+        from volt.vmm.builder import build_restored
+
         cfg = replace(restored_config(self.host, snap, self.id), serial=self.config.serial)
         old, self.config = self.config, cfg
         try:
             self._launch(lambda console: build_restored(snap, cfg, self.host, console=console),
-                         paused=not resume)
+                         paused=not resume, handover=handover)
         except BaseException:
             self.config = old
             drop_volumes(self.host, [str(d.params["volume"]) for d in cfg.devices
                                      if d.id in snap.manifest.volumes])
             raise
         self.snapshot = snap
+
+    def incoming(self, address: str, timeout: float = MIGRATION_TIMEOUT_S) -> None:
+        """Become the VM a source migrates here (``volt run --incoming HOST:PORT``): take
+        its chunks and state, restore it, and run it once the source lets go. On failure
+        nothing is kept (no snapshot record, no VM)."""
+        self._preboot()
+        from volt.snapshot import catalog, migrate, wire
+
+        try:
+            conn = migrate.listen(address, timeout)
+        except StellarError as exc:
+            raise VoltError(str(exc), exitcodes.SNAPSHOT) from None
+        name = f"migrated.{self.id}"
+        try:
+            snap, w = migrate.receive(self.host, conn, name)
+
+            def handover() -> None:   # built and paused, not yet confined: GO runs it
+                w.send(wire.READY)
+                w.recv(wire.GO)
+
+            try:
+                self._restore(snap, resume=True, handover=handover)
+            except BaseException as exc:
+                w.fail(str(exc))
+                catalog.remove(self.host, name)
+                raise
+            # confined now: a plain write (no sendto); the source ends its VM on it
+            os.write(conn.fileno(), wire.HEAD.pack(wire.RUNNING, 0))
+        except StellarError as exc:
+            raise VoltError(f"incoming migration at {address}: {exc}",
+                            exitcodes.SNAPSHOT) from None
+        finally:
+            conn.close()
+
+    def migrate(self, to: str, timeout: float = MIGRATION_TIMEOUT_S) -> dict[str, Any]:
+        """Move the running VM to the Volt process waiting at ``to`` (``volt run
+        --incoming``), sending only the chunks it lacks; this VM ends when the target
+        runs it. What was sent, against the VM's memory size."""
+        machine, runner = self._running()
+        self._unconfined("migrates")
+        from volt.snapshot import migrate
+
+        try:
+            sock = migrate.connect(to, timeout)
+        except StellarError as exc:
+            raise VoltError(str(exc)) from None
+        was_paused = runner.paused
+        try:
+            src = migrate.Source(machine, self.config, self.host, sock)
+            src.precopy()
+            runner.pause()
+            try:
+                machine.loop.call(src.finish, timeout=SNAPSHOT_S)
+            except BaseException:
+                if not was_paused:
+                    runner.resume()
+                raise
+        except (StellarError, TimeoutError, RuntimeError) as exc:
+            sock.close()
+            raise VoltError(f"migration to {to} failed: {exc}; the VM "
+                            f"{'stays paused' if was_paused else 'runs on'} here") from None
+        try:
+            src.hand_over()
+        except StellarError as exc:
+            raise VoltError(f"migration to {to}: {exc} after the handover; the target may "
+                            "run the VM, so it stays paused here (resume it if the target "
+                            "does not)") from None
+        finally:
+            sock.close()
+        machine.stop(exitcodes.OK, f"migrated to {to}")
+        return src.outcome.summary()
 
     def create_snapshot(self, name: str, kind: str = "Full") -> Snapshot:
         """Snapshot the paused VM as ``name`` in the store (PUT /snapshot/create). A Diff
@@ -145,13 +223,7 @@ class Instance:
         if not runner.paused:
             raise VoltError("a snapshot needs a paused VM (PATCH /vm {\"state\": \"Paused\"} "
                             "first)")
-        c = self.confinement
-        if c is not None and (c.landlock, c.seccomp) != ("off", "off"):
-            # the store is out of a confined VMM's reach (Landlock), and the syscalls
-            # that write it would end the VM (seccomp): refuse, and lose nothing
-            raise VoltError("snapshots are written by the VMM itself, which cannot reach "
-                            "the store once confined: run this VM with --landlock off "
-                            "--seccomp off to snapshot it (a restore may be confined)")
+        self._unconfined("snapshots")
         from volt.snapshot.machine import capture
 
         cfg, parent = self.config, self.snapshot
@@ -165,9 +237,19 @@ class Instance:
         self.snapshot = snap
         return snap
 
+    def _unconfined(self, what: str) -> None:
+        """Refuse (losing nothing) what a confined VMM cannot do: reach the store or the
+        network (Landlock), or make the syscalls for it (seccomp would end the VM)."""
+        c = self.confinement
+        if c is not None and (c.landlock, c.seccomp) != ("off", "off"):
+            raise VoltError(f"the VMM itself {what}, which it cannot do once confined: run "
+                            "this VM with --landlock off --seccomp off for it (a restore, "
+                            "and the target of a migration, may be confined)")
+
     def _launch(self, build: Callable[[Callable[[bytes], None]], Machine],
-                paused: bool = False) -> None:
-        """The start's common part: build (with the console sink), confine, run."""
+                paused: bool = False, handover: Callable[[], None] | None = None) -> None:
+        """The start's common part: build (with the console sink), confine, run.
+        ``handover`` runs between the build and the confinement."""
         from volt.vmm import footprint
         from volt.vmm.devices.console import feed_console, open_sink
         from volt.vmm.runner import Runner
@@ -187,6 +269,8 @@ class Instance:
         footprint.trim()
         self.metrics.mark("built")
         try:
+            if handover is not None:
+                handover()
             if self.confinement is not None:
                 from volt.jail.confine import apply
 

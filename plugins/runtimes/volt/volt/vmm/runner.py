@@ -141,9 +141,10 @@ class Runner:
 
 def launch(cfg: VmConfig, host: Host, *, timing: bool = False,
            confinement: Confinement | None = None, telemetry: Telemetry = Telemetry(),
-           snapshot: str | None = None) -> int:
-    """Build and run the VM ``cfg`` describes (or restore the one of ``snapshot``); returns
-    its exit code (``volt run`` without an API socket, and the ``volt`` runtime plugin).
+           snapshot: str | None = None, incoming: str | None = None) -> int:
+    """Build and run the VM ``cfg`` describes (or restore the one of ``snapshot``, or
+    take the one migrated to ``incoming``); returns its exit code (``volt run`` without
+    an API socket, and the ``volt`` runtime plugin).
 
     ``confinement`` is applied after the build and before any thread starts, so it
     holds from the guest's first instruction. The console reads stdin when output
@@ -157,6 +158,8 @@ def launch(cfg: VmConfig, host: Host, *, timing: bool = False,
     instance = Instance(host, cfg, confinement=confinement, telemetry=telemetry)
     if snapshot:
         instance.load_snapshot(snapshot, resume=True)
+    elif incoming:
+        instance.incoming(incoming)
     else:
         instance.start()
     return instance.finish(timing=timing)

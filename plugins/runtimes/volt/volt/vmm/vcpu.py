@@ -78,7 +78,10 @@ class Vcpu:
 
     def kick(self) -> None:
         """Make KVM_RUN return now (or right away next time it is entered)."""
-        self.fd.run_struct.immediate_exit = 1
+        run = getattr(self.fd, "run_struct", None)
+        if run is None:
+            return            # closed (a SIGTERM while the VM shuts down): nothing runs
+        run.immediate_exit = 1
         t = self.thread
         if t is not None and t.ident is not None and t.is_alive():
             try:
