@@ -315,3 +315,98 @@ def _wait_len(proc, n: int) -> bool:  # noqa: ANN001
     while len(proc.output()) < n and time.monotonic() < deadline:
         time.sleep(0.05)
     return len(proc.output()) >= n
+
+
+def _api_source(tmp_path: Path, cfg: Path, *args: str):  # noqa: ANN202
+    """A counting VM (unconfined, so it may snapshot) behind its API, and its kernel."""
+    from apiclient import VoltProcess
+    from tinyguest import make_elf
+
+    kernel = tmp_path / "count.elf"
+    kernel.write_bytes(make_elf(body=COUNT_FOREVER_32, pvh=0x1000000))
+    src = VoltProcess(tmp_path / "a.sock", "--landlock", "off", "--seccomp", "off", *args,
+                      console=tmp_path / "a.out", volt_args=["--config", str(cfg)])
+    for path, body in [("/machine-config", {"vcpu_count": 1, "mem_size_mib": 32}),
+                       ("/boot-source", {"kernel_image_path": str(kernel)})]:
+        assert src.api.call("PUT", path, body) == (204, None), path
+    return src
+
+
+@needs_kvm
+def test_volumes_are_snapshotted_with_the_vm_and_each_restore_writes_its_own_clone(
+        host: Host, tmp_path: Path) -> None:
+    from apiclient import VoltProcess
+
+    from stellarium_core.volumes.volume import VolumeStore
+
+    vols = VolumeStore.for_host(host)
+    with vols.create("data", 1 << 20) as v:
+        v.write(0, b"before the snapshot")
+    cfg = host.config.source
+    src = _api_source(tmp_path, cfg)
+    try:
+        a = src.api
+        assert a.call("PUT", "/stellar/devices/disk", {
+            "plugin": "virtio-stellar", "params": {"volume": "data"}}) == (204, None)
+        assert a.call("PUT", "/actions", {"action_type": "InstanceStart"}) == (204, None)
+        assert _wait_len(src, 5)
+        assert a.call("PATCH", "/vm", {"state": "Paused"}) == (204, None)
+        assert a.call("PUT", "/snapshot/create", {"snapshot_path": "withdisk"}) == (204, None)
+    finally:
+        src.stop()
+    snap = catalog.load(host, "withdisk")
+    frozen = snap.manifest.volumes["disk"]
+    with vols.open(frozen, readonly=True) as v:
+        assert v.read(0, 19) == b"before the snapshot"
+    with vols.open("data") as v:          # the original goes on changing
+        v.write(0, b"after the snapshot!")
+    clones = []
+    for i in range(2):
+        vm = VoltProcess(tmp_path / f"c{i}.sock", console=tmp_path / f"c{i}.out",
+                         volt_args=["--config", str(cfg)])
+        try:
+            assert vm.api.call("PUT", "/snapshot/load", {"snapshot_path": "withdisk",
+                                                         "resume_vm": True}) == (204, None)
+            assert _wait_len(vm, 3)
+            clones.append(f"{frozen}.volt-{vm.proc.pid}")
+        finally:
+            vm.stop()
+    for name in clones:                    # each restore got a writable clone of the frozen
+        with vols.open(name) as v:         # volume, not the changed original
+            assert v.read(0, 19) == b"before the snapshot"
+    catalog.remove(host, "withdisk")
+    assert not vols.exists(frozen)
+
+
+@needs_kvm
+def test_a_snapshot_with_a_corrupt_chunk_is_refused_before_any_vcpu_runs(
+        host: Host, tmp_path: Path) -> None:
+    from apiclient import VoltProcess
+
+    cfg = host.config.source
+    src = _api_source(tmp_path, cfg)
+    try:
+        assert src.api.call("PUT", "/actions", {"action_type": "InstanceStart"}) == (204, None)
+        assert _wait_len(src, 5)
+        assert src.api.call("PATCH", "/vm", {"state": "Paused"}) == (204, None)
+        assert src.api.call("PUT", "/snapshot/create", {"snapshot_path": "bad"}) == (204, None)
+    finally:
+        src.stop()
+    piece = catalog.load(host, "bad").manifest.pieces[0]
+    e = host.store.entry(piece.digest)
+    with open(host.store.pack_path(e.pack), "r+b") as f:
+        f.seek(e.offset)
+        byte = f.read(1)
+        f.seek(e.offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    vm = VoltProcess(tmp_path / "r.sock", console=tmp_path / "r.out",
+                     volt_args=["--config", str(cfg)])
+    try:
+        status, fault = vm.api.call("PUT", "/snapshot/load", {"snapshot_path": "bad",
+                                                              "resume_vm": True})
+        assert status == 400 and "its memory" in fault["fault_message"], fault
+        assert piece.digest.hex()[:16] in fault["fault_message"], fault
+        assert vm.api.call("GET", "/")[1]["state"] == "Not started"
+        assert vm.output() == b""
+    finally:
+        vm.stop()
