@@ -42,7 +42,7 @@ from stellarium_core.virtio.queue import (
     Virtqueue,
     VirtqueueError,
 )
-from stellarium_core.virtio.state import StateError, unpack_state
+from stellarium_core.virtio.state import StateError, load_state, unpack_state
 from stellarium_core.virtio.timer import Timer
 
 __all__ = [
@@ -54,5 +54,5 @@ __all__ = [
     "LinkedDevice",
     "MemoryRegion", "QueueDevice", "QueueEventfds", "QuiescingDevice", "Reader",
     "RegionMemory", "StateError", "StatefulDevice", "Timer", "VirtioDevice", "Writer",
-    "Virtqueue", "VirtqueueError", "unpack_state",
+    "Virtqueue", "VirtqueueError", "load_state", "unpack_state",
 ]

@@ -8,6 +8,7 @@ field is wrong and why.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 #: What a field may hold: an inclusive (low, high) range of ints (bools refused), a
@@ -17,6 +18,15 @@ FieldSpec = tuple[int, int] | frozenset[Any] | type | tuple[type, ...]
 
 class StateError(ValueError):
     """Saved state that is malformed or corrupt, or was made for another device."""
+
+
+def load_state(data: bytes, what: str, spec: dict[str, FieldSpec]) -> dict[str, Any]:
+    """A device's ``save_state`` JSON, parsed and checked against ``spec``."""
+    try:
+        state = json.loads(data)
+    except (ValueError, RecursionError):
+        raise StateError(f"{what}: state is not JSON") from None
+    return unpack_state(state, what, spec)
 
 
 def unpack_state(state: object, what: str, spec: dict[str, FieldSpec]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from stellarium_core.virtio import (
     Timer,
     Virtqueue,
     VirtqueueError,
-    unpack_state,
+    load_state,
 )
 
 DEVICE_ID = 5
@@ -214,12 +214,8 @@ class VirtioBalloon(QueueDevice):
     def restore_state(self, data: bytes) -> None:
         """After activation: the saved sizes, interval and held stats buffer (a head that
         must be a descriptor of an activated stats queue)."""
-        try:
-            state = json.loads(data)
-        except ValueError:
-            raise StateError("virtio-balloon: state is not JSON") from None
         u32 = (0, 0xFFFFFFFF)
-        s = unpack_state(state, "virtio-balloon", {
+        s = load_state(data, "virtio-balloon", {
             "target_pages": (0, MAX_MIB * PAGES_PER_MIB), "actual_pages": u32,
             "stats_interval": u32, "stats_head": (int, type(None))})
         head = s["stats_head"]

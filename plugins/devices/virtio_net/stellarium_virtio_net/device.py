@@ -43,7 +43,7 @@ from stellarium_core.virtio import (
     StateError,
     Virtqueue,
     VirtqueueError,
-    unpack_state,
+    load_state,
 )
 from stellarium_virtio_net.tap import (
     TUN_F_CSUM,
@@ -141,11 +141,7 @@ class VirtioNet(QueueDevice):
 
     def restore_state(self, data: bytes) -> None:
         """The guest's MAC (its driver read it from config space before the snapshot)."""
-        try:
-            state = json.loads(data)
-        except ValueError:
-            raise StateError("virtio-net: state is not JSON") from None
-        mac = unpack_state(state, "virtio-net", {"mac": str})["mac"]
+        mac = load_state(data, "virtio-net", {"mac": str})["mac"]
         try:
             raw = bytes.fromhex(mac)
         except ValueError:

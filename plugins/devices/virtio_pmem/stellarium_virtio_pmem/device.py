@@ -26,7 +26,7 @@ from stellarium_core.virtio import (
     QueueDevice,
     StateError,
     VirtqueueError,
-    unpack_state,
+    load_state,
 )
 
 DEVICE_ID = 27
@@ -73,11 +73,7 @@ class VirtioPmem(QueueDevice):
 
     def restore_state(self, data: bytes) -> None:
         """Check the window is where, and as large as, the guest knew it."""
-        try:
-            state = json.loads(data)
-        except ValueError:
-            raise StateError("virtio-pmem: state is not JSON") from None
-        s = unpack_state(state, "virtio-pmem", {"start": (int, type(None)), "size": int})
+        s = load_state(data, "virtio-pmem", {"start": (int, type(None)), "size": int})
         if (s["start"], s["size"]) != (self.start, self.window.size):
             raise StateError(f"virtio-pmem: the guest knew the window at {s['start']} with "
                              f"{s['size']} bytes; here it is at {self.start} with "

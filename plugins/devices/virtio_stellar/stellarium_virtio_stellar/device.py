@@ -37,7 +37,7 @@ from stellarium_core.virtio import (
     Virtqueue,
     VirtqueueError,
     Writer,
-    unpack_state,
+    load_state,
 )
 from stellarium_core.volumes.blockdev import SECTOR
 from stellarium_virtio_stellar import native
@@ -176,11 +176,7 @@ class VirtioStellar:
 
     def restore_state(self, data: bytes) -> None:
         """Given up or not; the disk must have the size the guest knew."""
-        try:
-            state = json.loads(data)
-        except ValueError:
-            raise StateError("virtio-blk: state is not JSON") from None
-        s = unpack_state(state, "virtio-blk", {"broken": bool, "sectors": int})
+        s = load_state(data, "virtio-blk", {"broken": bool, "sectors": int})
         if s["sectors"] != self.disk.sectors:
             raise StateError(f"virtio-blk: the guest knew a disk of {s['sectors']} sectors, "
                              f"this one has {self.disk.sectors}")

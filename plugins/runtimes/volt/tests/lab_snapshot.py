@@ -6,36 +6,18 @@ Prints one JSON object with what it observed (times from L1's clock).
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from volt.cli.apicall import call
+
 TICK = re.compile(rb"tick (\d+)")
-
-
-class Unix(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=300)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.path)
-
-
-def api(sock: str, method: str, path: str, body: dict) -> int:
-    c = Unix(sock)
-    c.request(method, path, json.dumps(body), {"Content-Type": "application/json"})
-    status = c.getresponse().status
-    c.close()
-    return status
 
 
 def ticks_until(proc: subprocess.Popen, buf: bytearray, count: int, timeout: float) -> list[int]:
@@ -66,7 +48,7 @@ def main() -> int:
     if src.poll() is not None:
         print(json.dumps({"source_failed": src.stderr.read().decode(errors="replace")}))
         return 1
-    out["start"] = api(sock, "PUT", "/actions", {"action_type": "InstanceStart"})
+    call(sock, "PUT", "/actions", {"action_type": "InstanceStart"})
     buf = bytearray()
     before = ticks_until(src, buf, 3, 300)
     t0 = time.monotonic()

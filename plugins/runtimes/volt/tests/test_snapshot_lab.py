@@ -33,7 +33,7 @@ def test_a_ticking_guest_ticks_on_in_two_clones_of_its_snapshot(lab, guest_kerne
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     print(json.dumps(got, indent=1))
-    assert got["start"] == 204 and got["create_rc"] == 0, got
+    assert got["create_rc"] == 0, got
     snap = got["snapshot"]
     assert snap["memory_mib"] == 128 and snap["kind"] == "Full", snap
     assert snap["stored_mib"] < 128, snap                    # zero pages are not stored
