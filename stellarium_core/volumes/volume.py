@@ -440,27 +440,61 @@ class VolumeStore:
         check_name(name)
         if self.exists(name):
             raise VolumeError(f"volume {name!r} already exists")
+        digest = self._install_base(data)
+        try:
+            return self.create(name, base=digest)
+        except BaseException:
+            self._drop_base_if_unused(digest)
+            raise
+
+    def _install_base(self, data: bytes) -> bytes:
+        """Install a ShareVol manifest (unless this store has it); its digest."""
         m = tinyvol.decode(data)
         if m.base != NO_BASE or not m.readonly:
             raise ManifestError("a ShareVol base must be flat and read-only")
         digest = self.hasher.digest(data)
         p = self._base_path(digest)
         if not p.exists():
-            missing = [d for d in set(_listed(m)) if not self.store.contains(d)]
-            if missing:
-                raise VolumeError(f"base {digest.hex()} lists {len(missing)} chunks that are "
-                                  f"not in the store (first: {missing[0].hex()})")
+            self._check_present(m, f"base {digest.hex()}")
             _refs(self.store, _listed(m))
             try:
                 write_atomic(p, data)
             except BaseException:
                 _refs(self.store, _listed(m), release=True)
                 raise
+        return digest
+
+    def _check_present(self, m: TinyVol, what: str) -> None:
+        missing = [d for d in set(_listed(m)) if not self.store.contains(d)]
+        if missing:
+            raise VolumeError(f"{what} lists {len(missing)} chunks that are not in the store "
+                              f"(first: {missing[0].hex()})")
+
+    def import_volume(self, name: str, data: bytes, base: bytes = b"") -> None:
+        """A new read-only volume ``name`` from a TinyVol manifest made elsewhere (a
+        migrated VM's disk), over the ShareVol manifest ``base`` it names (installed if
+        this store lacks it). Every chunk either lists must be in the store already."""
+        check_name(name)
+        m = tinyvol.decode(data)          # version 1 only: an image's disk is not a volume
+        if (m.base != NO_BASE) != bool(base) or (base and self.hasher.digest(base) != m.base):
+            raise ManifestError(f"volume {name}: the base given is not the one it names")
+        if base:
+            self._install_base(base)
+        self._check_present(m, f"volume {name}")
+        _refs(self.store, _listed(m))
+        m.readonly = True
         try:
-            return self.create(name, base=digest)
+            self._write_manifest(name, m, new=True)
         except BaseException:
-            self._drop_base_if_unused(digest)
+            _refs(self.store, _listed(m), release=True)
+            self._drop_base_if_unused(m.base)
             raise
+
+    def manifest_bytes(self, name: str) -> tuple[bytes, bytes]:
+        """(the volume's flushed manifest, its base's manifest or b""): what moves it."""
+        data = self.path(name).read_bytes()
+        m = tinyvol.decode(data)
+        return data, (self._base_path(m.base).read_bytes() if m.base != NO_BASE else b"")
 
     def import_raw(self, name: str, src: str | os.PathLike[str] | BinaryIO,
                    *, shift: int = tinyvol.DEFAULT_SHIFT, mappable: bool = False) -> Volume:

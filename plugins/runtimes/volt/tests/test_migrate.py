@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from volt.snapshot import catalog, wire
 
+from stellarium_core.errors import StellarError
 from stellarium_core.host import Host
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -42,15 +43,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _source(tmp: Path, cfg: Path, prefix: tuple[str, ...] = ()) -> VoltProcess:
+def _source(tmp: Path, cfg: Path, prefix: tuple[str, ...] = (), disk: str = "") -> VoltProcess:
     kernel = tmp / "count.elf"
     kernel.write_bytes(make_elf(body=COUNT_FOREVER_32, pvh=0x1000000))
     name = uuid.uuid4().hex[:6]
     src = VoltProcess(tmp / f"{name}.sock", "--landlock", "off", "--seccomp", "off",
                       console=tmp / f"{name}.out", volt_args=["--config", str(cfg)],
                       prefix=prefix)
+    disks = [("/stellar/devices/disk", {"plugin": "virtio-stellar",
+                                        "params": {"volume": disk}})] if disk else []
     for path, body in [("/machine-config", {"vcpu_count": 1, "mem_size_mib": 32}),
-                       ("/boot-source", {"kernel_image_path": str(kernel)}),
+                       ("/boot-source", {"kernel_image_path": str(kernel)}), *disks,
                        ("/actions", {"action_type": "InstanceStart"})]:
         assert src.api.call("PUT", path, body) == (204, None), path
     assert _grows(src.output, 20)
@@ -121,6 +124,7 @@ def test_a_counting_guest_migrates_between_namespaces_and_counts_on(tmp_path, ne
     try:
         status, sent = src.api.call("PUT", "/stellar/migrate", {"to": "10.77.0.2:7000"})
         assert status == 200, sent
+        print("migration:", sent)
         last = src.output()[-1]
         code, err = src.stop()
         assert code == 0 and "migrated to 10.77.0.2:7000" in err, err
@@ -148,6 +152,7 @@ def test_a_target_that_holds_the_snapshot_already_is_sent_only_what_changed(tmp_
         tgt = _target(cfg, address, tmp_path / "t.out")     # the same store: it has "base"
         status, sent = a.call("PUT", "/stellar/migrate", {"to": address})
         assert status == 200, sent
+        print("migration:", sent)
         base = catalog.load(Host.from_config(cfg), "base").manifest
         assert sent["chunks_sent"] < len(base.pieces), sent     # only the changed cells
         assert _grows((tmp_path / "t.out").read_bytes, 5)
@@ -227,3 +232,90 @@ def test_a_cut_link_leaves_the_source_running_and_the_target_clean(tmp_path, cut
         src.stop()
         if tgt.poll() is None:
             tgt.kill()
+
+
+def test_a_disk_moves_with_the_vm_and_only_what_the_target_lacks_is_sent(tmp_path):
+    """The source's volume is a 4 MiB ShareVol base (which the target holds already)
+    and a 64 KiB delta: the disk costs the migration the delta, and the target's VM
+    reads the source's disk."""
+    from stellarium_core.volumes import tinyvol
+    from stellarium_core.volumes.volume import VolumeStore
+
+    src_cfg, tgt_cfg = _host(tmp_path, "a"), _host(tmp_path, "b")
+    a, b = Host.from_config(src_cfg), Host.from_config(tgt_cfg)
+    va, vb = VolumeStore.for_host(a), VolumeStore.for_host(b)
+    with va.create("data", 4 << 20) as v:
+        for i in range(64):
+            v.write(i << 16, bytes([i + 1]) * (1 << 16))
+    base = va.commit("data")
+    with va.open("data") as v:
+        v.write(0, b"written after the base" * 100)
+    shared = va.load_base(base)
+    for r in shared.manifest.refs.values():       # the target holds the base already
+        b.store.put(a.store.get(r.digest))
+    vb.import_base("seed", va._base_path(base).read_bytes())
+    src = _source(tmp_path, src_cfg, disk="data")
+    address = f"127.0.0.1:{_free_port()}"
+    tgt = _target(tgt_cfg, address, tmp_path / "t.out")
+    try:
+        status, sent = src.api.call("PUT", "/stellar/migrate", {"to": address})
+        assert status == 200, sent
+        print("migration:", sent)
+        assert sent["disk_bytes"] == 4 << 20
+        assert sent["sent_bytes"] < (1 << 20), sent     # not the 4 MiB disk: its delta
+        assert _grows((tmp_path / "t.out").read_bytes, 5)
+        clone = f"migrated.volt-{tgt.pid}.disk.volt-{tgt.pid}"
+        assert vb.exists(clone)
+        with vb.open(f"migrated.volt-{tgt.pid}.disk", readonly=True) as v, \
+                va.open("data", readonly=True) as w:
+            assert v.read(0, 4 << 20) == w.read(0, 4 << 20)
+        assert tinyvol.decode(vb.path(clone).read_bytes()).base == base
+    finally:
+        src.stop()
+        tgt.terminate()
+        tgt.wait(60)
+
+
+def _hostile(frames) -> bytes:  # noqa: ANN001
+    return b"".join(wire.HEAD.pack(k, len(p)) + p for k, p in frames)
+
+
+PAGE_OF_ONES = b"\x01" * 4096
+OFFER_7 = (wire.OFFER, wire.offer(wire.RAM, [b"\x07" * 32]))
+
+
+@pytest.mark.parametrize("frames, says", [
+    ([OFFER_7, (wire.CHUNK, b"\x07" * 32 + PAGE_OF_ONES)], "does not match its digest"),
+    ([OFFER_7, (wire.CHUNK, b"\x08" * 32 + PAGE_OF_ONES)], "not asked for"),
+    ([(99, b"")], "unknown type 99"),
+    ([(wire.MANIFEST, b"{")], "not JSON"),
+    ([(wire.OFFER, b"\x01" + b"\x00" * 31)], "whole 32-byte digests"),
+    ([(wire.VOLUME, b"[]")], "VOLUME must be"),
+], ids=["corrupt-chunk", "unasked-chunk", "unknown-frame", "bad-manifest", "torn-offer",
+        "bad-volume"])
+def test_a_hostile_source_is_refused_and_the_target_keeps_nothing(tmp_path, frames, says):
+    from volt.snapshot.migrate import receive
+
+    host = Host.from_config(_host(tmp_path, "b"))
+    ours, theirs = socket.socketpair()
+    ours.settimeout(10)
+    theirs.sendall(_hostile(frames))
+    theirs.shutdown(socket.SHUT_WR)
+    with pytest.raises(StellarError, match=says):     # a MigrationError or SnapshotError
+        receive(host, ours, "evil")
+    assert catalog.names(host) == []
+    assert all(host.store.refs(d) == 0 for d in host.store.digests())
+    theirs.settimeout(5)
+    answers = theirs.recv(1 << 16)            # what the target told the source
+    assert wire.HEAD.pack(wire.FAIL, 0)[:1] in answers
+
+
+def test_a_frame_larger_than_its_type_allows_is_refused_before_it_is_read(tmp_path):
+    from volt.snapshot.migrate import receive
+
+    host = Host.from_config(_host(tmp_path, "b"))
+    ours, theirs = socket.socketpair()
+    ours.settimeout(10)
+    theirs.sendall(wire.HEAD.pack(wire.MANIFEST, 1 << 31))
+    with pytest.raises(wire.MigrationError, match="MANIFEST of 2147483648 bytes"):
+        receive(host, ours, "evil")

@@ -15,16 +15,19 @@ from array import array
 
 from stellarium_core.errors import StellarError
 from volt.snapshot.manifest import MAX_BYTES
-from volt.snapshot.pages import CELL
 
 HEAD = struct.Struct("<BI")
 DIGEST = 32
-OFFER, WANT, CHUNK, DONE, MANIFEST, READY, GO, RUNNING, FAIL = range(1, 10)
+OFFER, WANT, CHUNK, DONE, MANIFEST, READY, GO, RUNNING, FAIL, VOLUME = range(1, 11)
 NAMES = {OFFER: "OFFER", WANT: "WANT", CHUNK: "CHUNK", DONE: "DONE", MANIFEST: "MANIFEST",
-         READY: "READY", GO: "GO", RUNNING: "RUNNING", FAIL: "FAIL"}
+         READY: "READY", GO: "GO", RUNNING: "RUNNING", FAIL: "FAIL", VOLUME: "VOLUME"}
 MAX_OFFER = 1 << 21            # digests: 128 GiB of RAM in 64 KiB cells
-LIMITS = {OFFER: MAX_OFFER * DIGEST, WANT: MAX_OFFER * 4, CHUNK: DIGEST + CELL, DONE: 0,
-          MANIFEST: MAX_BYTES, READY: 0, GO: 0, RUNNING: 0, FAIL: 4096}
+#: An OFFER's first byte: the chunks are guest RAM (stored mappable) or a disk's.
+RAM, DISK = 1, 0
+MAX_CHUNK = 1 << 20            # a disk chunk (FastCDC's largest is 256 KiB)
+LIMITS = {OFFER: 1 + MAX_OFFER * DIGEST, WANT: MAX_OFFER * 4, CHUNK: DIGEST + MAX_CHUNK,
+          DONE: 0, MANIFEST: MAX_BYTES, READY: 0, GO: 0, RUNNING: 0, FAIL: 4096,
+          VOLUME: MAX_BYTES}
 
 
 class MigrationError(StellarError):
@@ -88,10 +91,15 @@ def _why(exc: OSError) -> str:
     return "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
 
 
-def digests(payload: bytes) -> list[bytes]:
-    if len(payload) % DIGEST:
-        raise MigrationError("an OFFER must be whole 32-byte digests")
-    return [payload[i:i + DIGEST] for i in range(0, len(payload), DIGEST)]
+def offer(kind: int, digests: list[bytes]) -> bytes:
+    return bytes([kind]) + b"".join(digests)
+
+
+def offered(payload: bytes) -> tuple[int, list[bytes]]:
+    """(RAM or DISK, the digests) of an OFFER."""
+    if not payload or payload[0] not in (RAM, DISK) or (len(payload) - 1) % DIGEST:
+        raise MigrationError("an OFFER must be a kind byte and whole 32-byte digests")
+    return payload[0], [payload[i:i + DIGEST] for i in range(1, len(payload), DIGEST)]
 
 
 def indices(payload: bytes, offered: int) -> list[int]:
