@@ -1,4 +1,5 @@
-"""Run inside the lab by test_snapshot_lab.py: snapshot a ticking Linux guest, restore it twice.
+"""Run inside the lab by test_snapshot_lab.py: snapshot a ticking Linux guest (Full, then
+a Diff two ticks later), restore the Full one twice and the Diff once, all at once.
 
 Usage: python lab_snapshot.py VOLT HOST_CONFIG KERNEL TICKER_INITRD
 Prints one JSON object with what it observed (times from L1's clock).
@@ -17,7 +18,7 @@ import time
 
 from volt.cli.apicall import call
 
-TICK = re.compile(rb"tick (\d+)")
+TICK = re.compile(rb"tick (\d+)\r?\n")     # whole lines: a read may end mid-line
 
 
 def ticks_until(proc: subprocess.Popen, buf: bytearray, count: int, timeout: float) -> list[int]:
@@ -50,15 +51,19 @@ def main() -> int:
         return 1
     call(sock, "PUT", "/actions", {"action_type": "InstanceStart"})
     buf = bytearray()
-    before = ticks_until(src, buf, 3, 300)
-    t0 = time.monotonic()
-    r = subprocess.run([volt, "--config", cfg, "snapshot", "create", "snap", "--api-sock", sock,
-                        "--keep-paused", "--json"], capture_output=True, text=True, timeout=600)
-    out["create_s"] = round(time.monotonic() - t0, 3)
-    out["create_rc"], out["create_err"] = r.returncode, r.stderr[-1500:]
-    out["snapshot"] = json.loads(r.stdout) if r.returncode == 0 else None
-    before = ticks_until(src, buf, 1 << 30, 3)    # all that came before the pause
-    out["ticks_before"] = before
+    ticks_until(src, buf, 3, 300)
+    for name, diff in (("snap", False), ("snap2", True)):
+        # the second: a Diff, after the guest ran on for two ticks
+        t0 = time.monotonic()
+        r = subprocess.run([volt, "--config", cfg, "snapshot", "create", name, "--api-sock",
+                            sock, "--keep-paused", "--json", *(["--diff"] if diff else [])],
+                           capture_output=True, text=True, timeout=600)
+        out[f"{name}_create_s"] = round(time.monotonic() - t0, 3)
+        out[f"{name}_create_rc"], out[f"{name}_create_err"] = r.returncode, r.stderr[-1500:]
+        out[name] = json.loads(r.stdout) if r.returncode == 0 else None
+        out[f"{name}_ticks_before"] = ticks_until(src, buf, 1 << 30, 3)   # all before the pause
+        call(sock, "PATCH", "/vm", {"state": "Resumed"})
+        ticks_until(src, buf, len(TICK.findall(buf)) + 2, 120)
     src.send_signal(signal.SIGTERM)
     try:
         src.wait(60)
@@ -66,8 +71,8 @@ def main() -> int:
         src.kill()
     clones = []
     t0 = time.monotonic()
-    for _ in range(2):
-        clones.append(subprocess.Popen([*base, "--snapshot", "snap"], stdout=subprocess.PIPE,
+    for name in ("snap", "snap", "snap2"):       # two clones of the Full one, one of the Diff
+        clones.append(subprocess.Popen([*base, "--snapshot", name], stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL))
     results = []
     for p in clones:

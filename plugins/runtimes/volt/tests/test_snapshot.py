@@ -410,3 +410,37 @@ def test_a_snapshot_with_a_corrupt_chunk_is_refused_before_any_vcpu_runs(
         assert vm.output() == b""
     finally:
         vm.stop()
+
+
+@needs_kvm
+def test_a_snapshot_whose_chunks_are_stored_compressed_restores_from_mappable_copies(
+        host: Host, tmp_path: Path) -> None:
+    """As a snapshot copied chunk by chunk into another store would be (compressed, not
+    mappable): the restore makes each chunk mappable once, then maps it."""
+    m = _counting_machine(lambda b: None)
+    m.mem.write(0x100000, b"\x5a" * (3 * PAGE))
+    snap = capture(m, host, "orig", VmConfig(memory_mib=8))
+    m.close()
+    other_cfg = tmp_path / "other.toml"
+    other_cfg.write_text('[store]\npath = "other-store"\n')
+    from stellarium_core.cli import main as stellar
+
+    assert stellar(["--config", str(other_cfg), "host", "init"]) == 0
+    other = Host.from_config(other_cfg)
+    for p in snap.manifest.pieces:
+        other.store.put(host.store.get(p.digest))            # compressed, not mappable
+    assert not other.store.indexed(snap.manifest.pieces[0].digest, mappable=True)
+    copied = catalog.save(other, "copied", lambda batch: (snap.manifest,
+                                                          list(snap.manifest.pieces)))
+
+    def machine_for(memory: GuestMemory) -> Machine:
+        n = Machine(8 << 20, memory=memory)
+        n.add_legacy_devices(lambda b: None)
+        return n
+
+    n = restore(machine_for, catalog.load(other, copied.name), other)
+    try:
+        assert n.mem.read(0x100000, 3 * PAGE) == b"\x5a" * (3 * PAGE)
+        assert all(other.store.indexed(p.digest, mappable=True) for p in snap.manifest.pieces)
+    finally:
+        n.close()

@@ -20,7 +20,7 @@ from stellarium_core.errors import StellarError
 from stellarium_core.virtio import StateError
 from volt.snapshot import catalog, dirty, pages
 from volt.snapshot.catalog import Snapshot
-from volt.snapshot.manifest import Manifest
+from volt.snapshot.manifest import KINDS, Manifest
 from volt.vmm import exitcodes, persist
 from volt.vmm.config import ConfigError, DeviceSpec, VmConfig
 from volt.vmm.exitcodes import VoltError
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 #: How long devices may take to finish the requests in flight.
 QUIESCE_S = 10.0
-KINDS = ("Full", "Diff")
 
 
 def capture(machine: Machine, host: Host, name: str, cfg: VmConfig, *, kind: str = "Full",
@@ -109,7 +108,8 @@ def _config(cfg: VmConfig) -> dict[str, Any]:
 
 
 def _snapshot_volumes(host: Host, name: str, cfg: VmConfig) -> dict[str, str]:
-    """A read-only TinyVol snapshot of each writable volume (flushed by the quiesce)."""
+    """A read-only TinyVol snapshot of each writable volume (flushed when its device
+    was saved)."""
     from stellarium_core.volumes.volume import VolumeStore
 
     out: dict[str, str] = {}
@@ -176,11 +176,14 @@ def restored_config(host: Host, snap: Snapshot, instance: str) -> VmConfig:
 def restore(machine_for: Callable[[Any], Machine], snap: Snapshot, host: Host) -> Machine:
     """A machine built by ``machine_for(memory)`` over ``snap``'s RAM (its chunks mapped
     copy-on-write), then given every piece of its saved state. Nothing runs yet."""
-    from stellarium_core.nebula.compose import compose
+    from stellarium_core.nebula.compose import compose, materialise
     from volt.vmm.memory import GuestMemory
 
     m = snap.manifest
     try:
+        # a chunk stored in another form (compressed, e.g. pulled) gets a mappable copy
+        # once per store, so no restore has to copy memory itself
+        materialise(host.store, (p.digest for p in m.pieces))
         comp = compose(host.store, [(p.offset, p.digest) for p in m.pieces], m.memory_size,
                        private=True)
     except StellarError as exc:

@@ -588,8 +588,8 @@ class VcpuFd:
                     raise
                 n *= 2          # KVM does not say how many it has on E2BIG
                 continue
-            # Linux before 6.3 leaves nent at the buffer's size on success; the tail it
-            # did not fill stays zero, and no real entry is all zero: drop it
+            # Linux 6.1 (the lab's) leaves nent at the buffer's size on success; the
+            # tail it did not fill stays zero, and no real entry is all zero: drop it
             empty = bytes(ctypes.sizeof(CpuidEntry2))
             return [CpuidEntry2.from_buffer_copy(entries[i]) for i in range(head.nent)
                     if bytes(entries[i]) != empty]
