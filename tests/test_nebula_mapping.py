@@ -103,7 +103,7 @@ def test_a_packed_chunk_asked_for_mappable_gets_a_mappable_copy(store) -> None:
     assert store.get(d) == TEXT and store.fsck().ok
 
 
-def test_a_chunk_is_verified_the_first_time_this_process_maps_it(tmp_path: Path) -> None:
+def test_a_chunk_is_verified_the_first_time_the_store_maps_it(tmp_path: Path) -> None:
     root = tmp_path / "nebula"
     data = random.Random(3).randbytes(9000)
     with ChunkStore.open(root, HASHER, create=True) as s:
@@ -125,8 +125,13 @@ def test_a_chunk_is_verified_the_first_time_this_process_maps_it(tmp_path: Path)
         s.mapping(d).release()                     # checked now
         flip(e.offset + 10)                        # damaged after the check:
         s.mapping(d).release()                     # trusted in this process
+    flip(e.offset + 10)
     flip(e.offset + e.raw + 5)                     # garbage after it in its last page
-    with ChunkStore.open(root, HASHER) as s:       # a new process checks again
+    with ChunkStore.open(root, HASHER) as s:       # another process trusts the store's
+        s.mapping(d).release()                     # check; damage at rest is fsck's
+        assert d.hex() in {p.chunk for p in s.fsck().errors}
+    (root / "verified").unlink()                   # without that record: checked again
+    with ChunkStore.open(root, HASHER) as s:
         with pytest.raises(CorruptChunkError):
             s.mapping(d)
 

@@ -43,6 +43,7 @@ from stellarium_core.nebula.mapping import ChunkMapping, Leases, NotMappableErro
 from stellarium_core.nebula.packs import PACK_MAX, Packs
 from stellarium_core.nebula.pending import PENDING, RefJournal
 from stellarium_core.nebula.table import PAGE, UNIT, Entry
+from stellarium_core.nebula.verified import VerifiedLog
 
 #: Fold the log into a snapshot once it grows past this (a snapshot loads ~30x faster),
 #: or past the snapshot's own size once over ``COMPACT_LOG_FLOOR``: reference records
@@ -73,7 +74,7 @@ class ChunkStore:
         self.packs = Packs(root, pack_max)
         self.index = Index(root)
         self._leases = Leases(self.packs.lease)
-        self._verified: set[bytes] = set()   # mapped chunks this process checked
+        self._verified = VerifiedLog(root)    # mapped chunks some process checked
         # Every open holds this shared; a recount of references needs it exclusive
         # (see :meth:`exclusive`), so it never races an operation in another process.
         self._users_fd = os.open(root / "users", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -325,7 +326,8 @@ class ChunkStore:
 
         MissingChunkError if absent, NotMappableError if it was not written with
         ``mappable=True``, CorruptChunkError if its pack no longer covers it or
-        (checked once per process) its bytes do not hash to its digest.
+        (checked once per store: :mod:`~stellarium_core.nebula.verified`) its bytes do
+        not hash to its digest.
         """
         index, leases = self.index, self._leases
         for _ in range(3):
@@ -364,7 +366,8 @@ class ChunkStore:
             raise CorruptChunkError(f"chunk {digest.hex()} cannot be mapped: "
                                     f"{self.pack_path(e.pack)} is truncated to {size} bytes, "
                                     f"the chunk's pages end at {end}")
-        if digest in self._verified:
+        key = (e.pack, e.offset, digest)
+        if key in self._verified:
             return
         data = os.pread(fd, end - e.offset, e.offset)
         if (len(data) != end - e.offset or self._digest(memoryview(data)[:e.raw]) != digest
@@ -372,7 +375,7 @@ class ChunkStore:
             raise CorruptChunkError(f"chunk {digest.hex()} is corrupt: its bytes in "
                                     f"{self.pack_path(e.pack)} at offset {e.offset} no longer "
                                     "hash to its digest (or its last page holds more)")
-        self._verified.add(digest)
+        self._verified.add(key)
 
     def _ref_deltas(self, deltas: Mapping[bytes, int]) -> None:
         """Apply reference changes in one durable append: all of them or, if any chunk

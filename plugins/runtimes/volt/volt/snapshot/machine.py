@@ -139,8 +139,6 @@ def drop_volumes(host: Host, names: Iterable[str]) -> None:
 def restored_config(host: Host, snap: Snapshot, instance: str) -> VmConfig:
     """The VM of ``snap``: its devices, each volume a fresh writable clone of the volume's
     snapshot (``<snapshot volume>.<instance>``), so clones keep their writes apart."""
-    from stellarium_core.volumes.volume import VolumeStore
-
     m = snap.manifest
     try:
         cfg = VmConfig(**m.config)
@@ -153,6 +151,10 @@ def restored_config(host: Host, snap: Snapshot, instance: str) -> VmConfig:
     if cfg.memory_mib << 20 != m.memory_size:
         raise VoltError(f"snapshot {snap.name!r}: {m.memory_size} bytes of memory for a "
                         f"{cfg.memory_mib} MiB VM", exitcodes.SNAPSHOT)
+    if not m.volumes:
+        return cfg
+    from stellarium_core.volumes.volume import VolumeStore
+
     vols = VolumeStore.for_host(host)
     devices, clones = [], []
     try:
