@@ -71,9 +71,14 @@ class Packs:
         self._maps: dict[int, mmap.mmap] = {}
         self._fds: dict[int, int] = {}     # for appends
         self._rfds: dict[int, int] = {}    # for maps
+        self._paths: dict[int, Path] = {}
 
     def path(self, n: int) -> Path:
-        return self.dir / pack_name(n)
+        """Pack ``n``'s file (made once per pack: a restore asks for it per chunk)."""
+        p = self._paths.get(n)
+        if p is None:
+            p = self._paths[n] = self.dir / pack_name(n)
+        return p
 
     def numbers(self) -> list[int]:
         try:

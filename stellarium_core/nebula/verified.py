@@ -36,8 +36,10 @@ class VerifiedLog:
         return key in self._seen
 
     def _catch_up(self) -> None:
-        """Read what other processes appended since the last look."""
+        """Read what other processes appended since the last look (a stat when nothing)."""
         try:
+            if os.stat(self.path).st_size - self._read < RECORD.size:
+                return
             with open(self.path, "rb") as f:
                 f.seek(self._read)
                 data = f.read()
