@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("ingest", "volumes", "unify", "pull", "photon", "boot", "blk", "net", "density")
+ORDER = ("ingest", "volumes", "unify", "pull", "photon", "boot", "blk", "net", "density",
+         "snapshot")
 
 
 def main() -> int:

@@ -19,6 +19,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 
 from stellarium_core.fsutil import fsync_dir, write_atomic
@@ -77,8 +78,9 @@ class Index:
         with self.mu:
             self.catch_up()
 
-    @property
+    @cached_property
     def log_path(self) -> Path:
+        """(Made once: every mapping of a chunk checks the log's inode.)"""
         return self.root / "index.log"
 
     @property

@@ -179,15 +179,19 @@ def restore(machine_for: Callable[[Any], Machine], snap: Snapshot, host: Host) -
     """A machine built by ``machine_for(memory)`` over ``snap``'s RAM (its chunks mapped
     copy-on-write), then given every piece of its saved state. Nothing runs yet."""
     from stellarium_core.nebula.compose import compose, materialise
+    from stellarium_core.nebula.mapping import NotMappableError
     from volt.vmm.memory import GuestMemory
 
     m = snap.manifest
+    chunks = [(p.offset, p.digest) for p in m.pieces]
     try:
-        # a chunk stored in another form (compressed, e.g. pulled) gets a mappable copy
-        # once per store, so no restore has to copy memory itself
-        materialise(host.store, (p.digest for p in m.pieces))
-        comp = compose(host.store, [(p.offset, p.digest) for p in m.pieces], m.memory_size,
-                       private=True)
+        try:
+            comp = compose(host.store, chunks, m.memory_size, private=True)
+        except NotMappableError:
+            # stored in another form (compressed, e.g. pulled): a mappable copy, once per
+            # store, so no restore has to copy memory itself
+            materialise(host.store, (d for _, d in chunks))
+            comp = compose(host.store, chunks, m.memory_size, private=True)
     except StellarError as exc:
         raise VoltError(f"snapshot {snap.name!r}: its memory: {exc}",
                         exitcodes.SNAPSHOT) from None
