@@ -136,6 +136,8 @@ def test_a_counting_guest_migrates_between_namespaces_and_counts_on(tmp_path, ne
         host = Host.from_config(target_cfg)
         assert catalog.names(host) == [f"migrated.volt-{tgt.pid}"]
     finally:
+        if src.proc.poll() is None:       # a failed migration leaves it running
+            src.stop()
         tgt.terminate()
         tgt.wait(60)
 
@@ -143,6 +145,7 @@ def test_a_counting_guest_migrates_between_namespaces_and_counts_on(tmp_path, ne
 def test_a_target_that_holds_the_snapshot_already_is_sent_only_what_changed(tmp_path):
     cfg = _host(tmp_path, "a")
     src = _source(tmp_path, cfg)
+    tgt = None
     try:
         a = src.api
         assert a.call("PATCH", "/vm", {"state": "Paused"}) == (204, None)
@@ -156,10 +159,11 @@ def test_a_target_that_holds_the_snapshot_already_is_sent_only_what_changed(tmp_
         base = catalog.load(Host.from_config(cfg), "base").manifest
         assert sent["chunks_sent"] < len(base.pieces), sent     # only the changed cells
         assert _grows((tmp_path / "t.out").read_bytes, 5)
-        tgt.terminate()
-        tgt.wait(60)
     finally:
         src.stop()
+        if tgt is not None:
+            tgt.terminate()
+            tgt.wait(60)
 
 
 class CuttingRelay:
