@@ -5,6 +5,7 @@ the target with nothing (no VM, no snapshot record, no chunk references)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from stellarium_core.host import Host
 
 sys.path.insert(0, str(Path(__file__).parent))
 from apiclient import VOLT, VoltProcess  # noqa: E402
-from test_snapshot import COUNT_FOREVER_32, needs_kvm  # noqa: E402
+from test_snapshot import COUNT_FOREVER_32, _manifest, needs_kvm  # noqa: E402
 from tinyguest import make_elf  # noqa: E402
 
 pytestmark = needs_kvm
@@ -323,3 +324,23 @@ def test_a_frame_larger_than_its_type_allows_is_refused_before_it_is_read(tmp_pa
     theirs.sendall(wire.HEAD.pack(wire.MANIFEST, 1 << 31))
     with pytest.raises(wire.MigrationError, match="MANIFEST of 2147483648 bytes"):
         receive(host, ours, "evil")
+
+
+def test_a_volume_frame_naming_a_path_outside_the_store_is_refused(tmp_path):
+    from volt.snapshot.migrate import receive
+
+    from stellarium_core.volumes import tinyvol
+
+    host = Host.from_config(_host(tmp_path, "b"))
+    vol = tinyvol.encode(tinyvol.TinyVol(size=1 << 20)).hex()
+    frame = json.dumps({"device": "../../../tmp/evil", "volume": vol, "base": ""}).encode()
+    manifest = _manifest(config={"devices": [{"id": "../../../tmp/evil",
+                                              "params": {"volume": "x"}}]}).encode()
+    ours, theirs = socket.socketpair()
+    ours.settimeout(10)
+    theirs.sendall(_hostile([(wire.VOLUME, frame), (wire.MANIFEST, manifest)]))
+    theirs.shutdown(socket.SHUT_WR)
+    with pytest.raises(StellarError, match="bad volume name"):
+        receive(host, ours, "evil")
+    assert not (tmp_path / "evil.tinyvol").exists() and not Path("/tmp/evil.tinyvol").exists()
+    assert catalog.names(host) == []

@@ -444,3 +444,18 @@ def test_a_snapshot_whose_chunks_are_stored_compressed_restores_from_mappable_co
         assert all(other.store.indexed(p.digest, mappable=True) for p in snap.manifest.pieces)
     finally:
         n.close()
+
+
+@pytest.mark.parametrize("volume", ["../../etc/passwd", "/etc/passwd", "a/../../b"])
+def test_a_manifest_naming_a_volume_outside_the_store_is_refused(host: Host,
+                                                                 volume: str) -> None:
+    from volt.snapshot.machine import restored_config
+
+    m = _manifest(config={"memory_mib": 8, "devices": [
+        {"plugin": "virtio-stellar", "id": "disk", "params": {"volume": "x"}}]},
+        memory_size=8 << 20, volumes={"disk": volume})
+    snap = catalog.save(host, "escape", lambda batch: (m, []))
+    with pytest.raises(VoltError) as err:
+        restored_config(host, catalog.load(host, snap.name), "volt-1")
+    assert err.value.exit_code == exitcodes.SNAPSHOT and "bad volume name" in str(err.value)
+    assert not Path("/etc/passwd.volt-1").exists()
