@@ -228,10 +228,8 @@ class Instance:
 
         cfg, parent = self.config, self.snapshot
         try:
-            snap = machine.loop.call(lambda: capture(machine, self.host, name, cfg, kind=kind,
-                                                     parent=parent), timeout=SNAPSHOT_S)
-        except (TimeoutError, RuntimeError) as exc:
-            raise VoltError(f"the VM's I/O thread: {exc}") from None
+            snap = self.in_io(lambda: capture(machine, self.host, name, cfg, kind=kind,
+                                              parent=parent), timeout=SNAPSHOT_S)
         except StellarError as exc:
             raise VoltError(f"snapshot {name!r}: {exc}") from None
         self.snapshot = snap
@@ -311,11 +309,11 @@ class Instance:
     def resume(self) -> None:
         self._running()[1].resume()
 
-    def in_io(self, fn: Callable[[], T]) -> T:
+    def in_io(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
         """``fn()`` run in the I/O thread (device state lives there)."""
         machine = self._running()[0]
         try:
-            return machine.loop.call(fn)
+            return machine.loop.call(fn, timeout)
         except (TimeoutError, RuntimeError) as exc:
             raise VoltError(f"the VM's I/O thread: {exc}") from None
 
