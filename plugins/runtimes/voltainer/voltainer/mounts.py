@@ -141,18 +141,29 @@ def unmount(mountpoint: str) -> None:
         subprocess.run(["umount", "-l", mountpoint], capture_output=True, text=True)
 
 
-def stop(proc: Proc | None, sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
-    """Signal ``proc`` if it is still the process we started; SIGKILL after ``grace``."""
-    if proc is None or not proc.alive():
+def _exited(proc: Proc, wait: float) -> bool:
+    """Whether ``proc`` is gone within ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while proc.alive():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def stop(proc: Proc | None, sig: int = signal.SIGTERM, grace: float = 5.0,
+         patience: float = 0.0) -> None:
+    """Signal ``proc`` if it is still the process we started; SIGKILL after ``grace``.
+
+    A process that is about to exit by itself gets ``patience`` seconds to do so first.
+    """
+    if proc is None or _exited(proc, patience):
         return
     try:
         os.kill(proc.pid, sig)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + grace
-    while proc.alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if proc.alive():
+    if not _exited(proc, grace):
         try:
             os.kill(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -167,8 +178,8 @@ def cleanup(d: Path, state: State | None) -> None:
             kill_cgroup(state.cgroup)
     for mp in mounts_under(d):
         unmount(mp)
-    if state is not None:
-        stop(state.fuse)
+    if state is not None:  # unmounted, it saves its counters and exits by itself
+        stop(state.fuse, patience=5.0)
     for mp in mounts_under(d):  # a FUSE server that was slow to let go
         unmount(mp)
     shutil.rmtree(d, ignore_errors=True)

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         images = ImageStore.for_host(host)
         tree = tree_from_manifest(images.flatten(args.digest))
         serve(tree, host.photon.view, host.hasher, args.mountpoint)
-        host.photon.stats.save()  # now: the runner's SIGTERM may follow the unmount
+        host.photon.stats.save()  # the runner waits for this before it signals
     except StellarError as exc:
         print(f"voltainer-serve: error: {exc}", file=sys.stderr)
         return 1
