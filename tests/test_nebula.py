@@ -103,6 +103,21 @@ def test_missing_and_bad_arguments(store: ChunkStore, tmp_path: Path) -> None:
         ChunkStore.open(tmp_path / "absent", HASHER)
 
 
+def test_missing_names_the_absent_digests_in_order_as_other_writers_left_them(
+        store: ChunkStore, tmp_path: Path) -> None:
+    a = store.put(b"alpha")
+    absent = [HASHER.digest(b"x"), HASHER.digest(b"y")]
+    assert store.missing([absent[1], a, absent[0]]) == [absent[1], absent[0]]
+    with ChunkStore.open(tmp_path / "nebula", HASHER) as other:   # another process's view
+        assert other.missing(iter([a, *absent])) == absent
+        store.put(b"y")
+        store.release(a)
+        assert other.missing([a, *absent]) == [absent[0]]     # unreferenced, not gone
+        store.gc()
+        assert other.missing([a, *absent]) == [a, absent[0]]
+    assert store.missing([]) == []
+
+
 def test_ref_many_and_release_many_are_one_append_all_or_nothing(store: ChunkStore) -> None:
     a, b = store.put(b"alpha"), store.put(b"beta")
     log = store.log_path.stat().st_size

@@ -17,6 +17,7 @@ from stellarium_core.hashing import Blake3Hasher
 from stellarium_core.nebula import (
     ChunkStore,
     CorruptChunkError,
+    MissingChunkError,
     NotMappableError,
 )
 from stellarium_core.nebula.format import parse_record
@@ -148,8 +149,9 @@ with ChunkStore.open(root, Blake3Hasher({})) as s:
     assert s.get(second)                        # the store's own map of the pack exists too
     e = s.entry(second)
     os.truncate(s.pack_path(e.pack), e.offset + 100)   # an attack: cut the pack mid-chunk
-    for what, call in (("mapping", lambda: s.mapping(second)), ("get", lambda: s.get(second)),
-                       ("view", lambda: s.view(second))):
+    for what, call in (("mapping", lambda: s.mapping(second)),
+                       ("mappings", lambda: s.mappings([first, second])),
+                       ("get", lambda: s.get(second)), ("view", lambda: s.view(second))):
         try:
             call()
             print(what, "returned")
@@ -171,8 +173,37 @@ def test_a_pack_truncated_under_a_mapping_is_an_error_on_the_next_map(tmp_path: 
     assert proc.returncode == 0, (proc.returncode, proc.stderr)
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("mapping CorruptChunkError: chunk ") and "truncated" in lines[0]
-    assert all("CorruptChunkError" in x and "truncated" in x for x in lines[1:3])
-    assert lines[3] == "first still True"
+    assert all("CorruptChunkError" in x and "truncated" in x for x in lines[1:4])
+    assert lines[4] == "first still True"
+
+
+def test_mappings_are_what_mapping_hands_out_and_an_error_leaves_nothing_leased(store) -> None:
+    rnd = random.Random(15)
+    blobs = [rnd.randbytes(n) for n in (5000, PAGE, 70_000)]
+    ds = [store.put(b, mappable=True) for b in blobs]
+    packed = store.put(TEXT)
+    garbage = store.put(rnd.randbytes(30_000))
+    store.release(garbage)
+    order = [ds[2], ds[0], ds[2], ds[1]]
+    got = store.mappings(order)
+    for d, m in zip(order, got, strict=True):
+        with store.mapping(d) as one:
+            assert (m.digest, m.path, m.fd, m.offset, m.length) == \
+                (d, one.path, one.fd, one.offset, one.length)
+        mm = m.map()
+        assert mm[:m.length] == blobs[ds.index(d)]
+        mm.close()
+    assert store.gc()["unreferenced_but_mapped"] == 1      # each mapping holds the lease
+    for m in got[:-1]:
+        m.release()
+    assert store.gc()["unreferenced_but_mapped"] == 1      # ... until the last one goes
+    got[-1].release()
+    for bad, error in (([ds[0], packed], NotMappableError),
+                       ([ds[1], bytes(32)], MissingChunkError)):
+        with pytest.raises(error):
+            store.mappings(bad)
+    assert store.mappings([]) == []
+    assert store.gc()["chunks_removed"] == 1 and not store.contains(garbage)   # none leased
 
 
 def test_gc_leaves_a_leased_pack_alone_until_the_mapping_is_released(store) -> None:

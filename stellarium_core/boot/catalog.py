@@ -74,7 +74,7 @@ def _locked(host: Host) -> AbstractContextManager[Path]:
 def check(host: Host, m: BootManifest) -> None:
     """Refuse, before any boot, a manifest whose chunks or root the store lacks."""
     store = host.store
-    missing = [d for d in m.chunks() if not store.contains(d)]
+    missing = store.missing(m.chunks())
     if missing:
         raise BootManifestError(f"boot manifest names {len(missing)} chunk(s) the store does "
                                 f"not hold (first: {missing[0].hex()}); record it again")

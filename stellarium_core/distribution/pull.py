@@ -177,7 +177,7 @@ class Puller:
                 sizes.update(e.chunks)
         store = self.images.store
         held = self._journal(digest)
-        missing = [d for d in refs if d not in held and not store.contains(d)]
+        missing = store.missing(d for d in refs if d not in held)
         resumed = sum(1 for d in refs if d in held)
         fetched = self._fetch_all(digest, missing, sizes, held)
 

@@ -112,14 +112,15 @@ def compose(store: ChunkStore, chunks: Sequence[tuple[int, bytes]], size: int, *
         done.maps += 1
 
     try:
+        maps = store.mappings([digest for _, digest in chunks])
+        for m in maps:
+            done._hold(m)
         end = 0
-        for offset, digest in chunks:
+        for (offset, digest), m in zip(chunks, maps, strict=True):
             if offset % PAGE or offset < end:
                 raise ChunkError(f"chunk {digest.hex()} at {offset}: offsets must be "
                                  f"page-aligned, sorted and not overlap (the last ended "
                                  f"at {end})")
-            m = store.mapping(digest)
-            done._hold(m)
             end = offset + m.size
             if end > size:
                 raise ChunkError(f"chunk {digest.hex()} at {offset} ({m.length} bytes) "

@@ -224,26 +224,28 @@ class Index:
             if shared:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def catch_up(self) -> None:
+    def catch_up(self) -> bool:
         """Apply records other processes appended (or reload after a compaction);
-        the caller holds :attr:`mu`."""
+        whether the table may have changed. The caller holds :attr:`mu`."""
         try:
             ino = os.stat(self.log_path).st_ino
         except FileNotFoundError:
             ino = 0
         except OSError as exc:
             raise ChunkError(f"{self.log_path}: cannot read the index: {exc.strerror}") from None
-        if ino != self._log_ino:
+        reloaded = ino != self._log_ino
+        if reloaded:
             self._reload()
         if self.damage and not self._marked:
             self._mark_damaged()
         if self._log_stale:
-            return
+            return reloaded
         size = os.fstat(self._log_fd).st_size
         if size <= self._log_pos:
-            return
+            return reloaded
         data = os.pread(self._log_fd, size - self._log_pos, self._log_pos)
         self._log_pos += self._apply(data, self._log_pos)
+        return True
 
     def replay(self) -> None:
         """Load snapshot and log again from scratch, seeing every damaged record

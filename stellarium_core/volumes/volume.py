@@ -465,7 +465,7 @@ class VolumeStore:
         return digest
 
     def _check_present(self, m: TinyVol, what: str) -> None:
-        missing = [d for d in set(_listed(m)) if not self.store.contains(d)]
+        missing = self.store.missing(set(_listed(m)))
         if missing:
             raise VolumeError(f"{what} lists {len(missing)} chunks that are not in the store "
                               f"(first: {missing[0].hex()})")

@@ -132,7 +132,7 @@ def load(host: Host, name: str) -> Snapshot:
         raise SnapshotError(f"snapshot {name!r}: damaged record (bad manifest digest)") from None
     except StellarError as exc:
         raise SnapshotError(f"snapshot {name!r}: {exc}") from None
-    missing = [p.digest for p in m.pieces if not host.store.contains(p.digest)]
+    missing = host.store.missing(p.digest for p in m.pieces)
     if missing:
         raise SnapshotError(f"snapshot {name!r}: {len(missing)} memory chunk(s) are missing "
                             f"from the store (first: {missing[0].hex()})")
