@@ -369,3 +369,53 @@ def test_metrics_carry_a_stellar_drives_shared_chunks_read_by_the_confined_io_th
     disk = line["devices"]["vm0"]
     assert disk["chunks"] == disk["shared_chunks"] > 0, disk
     assert line["volumes"] == {"chunks": disk["chunks"], "shared_chunks": disk["chunks"]}
+
+
+def test_idle_work_runs_once_after_the_requests_already_waiting(tmp_path: Path) -> None:
+    """What a pre-started VMM does while nobody asks anything (Instance.prepare) never
+    delays a request that was already waiting, and runs once."""
+    from volt.api.http import Response
+    from volt.api.server import ApiServer, bind
+
+    events: list[str] = []
+    path = str(tmp_path / "api.sock")
+    listener = bind(path)
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(path)
+        client.sendall(req("GET", "/machine-config", b""))
+        server = ApiServer(listener, lambda r: events.append(r.path) or Response(200, {}))
+        try:
+            server.serve(until=lambda: events.count("idle") > 0, every=0.05,
+                         idle=lambda: events.append("idle"))
+            client.sendall(req("GET", "/", b""))
+            server.serve(until=lambda: len(events) == 3, every=0.05)
+        finally:
+            server.close()
+        assert events == ["/machine-config", "idle", "/"]
+        assert client.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+def test_prepare_opens_an_initialised_store_and_leaves_anything_else_alone(
+        tmp_path: Path) -> None:
+    from volt.vmm.config import VmConfig
+    from volt.vmm.instance import Instance
+
+    from stellarium_core import config as config_mod
+    from stellarium_core.host import Host, init_store
+
+    cfg = tmp_path / "host.toml"
+    cfg.write_text('[store]\npath = "store"\n')
+    absent = Host(config_mod.load(cfg))
+    Instance(absent, VmConfig()).prepare()
+    assert "store" not in vars(absent) and not (tmp_path / "store").exists()  # none made
+    init_store(Host(config_mod.load(cfg)))
+    meta = tmp_path / "store/nebula/nebula.json"
+    good = meta.read_bytes()
+    meta.write_bytes(b"not a store's description")
+    damaged = Host(config_mod.load(cfg))
+    Instance(damaged, VmConfig()).prepare()      # the request that needs it will say
+    assert "store" not in vars(damaged)
+    meta.write_bytes(good)
+    ready = Host(config_mod.load(cfg))
+    Instance(ready, VmConfig()).prepare()
+    assert "store" in vars(ready)

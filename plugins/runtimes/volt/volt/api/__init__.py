@@ -162,7 +162,7 @@ def serve(cfg: VmConfig, host: Host, listener: socket.socket, *, boot: bool,
         elif boot:
             instance.start()
         else:
-            server.serve(until=lambda: instance.state != NOT_STARTED)
+            server.serve(until=lambda: instance.state != NOT_STARTED, idle=instance.prepare)
     except BaseException:
         server.close()
         raise

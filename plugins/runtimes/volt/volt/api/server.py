@@ -68,11 +68,18 @@ class ApiServer:
         self._stopping = False
         self.thread: threading.Thread | None = None
 
-    def serve(self, until: Callable[[], bool], every: float = 1.0) -> None:
+    def serve(self, until: Callable[[], bool], every: float = 1.0,
+              idle: Callable[[], None] | None = None) -> None:
         """Answer requests until ``until()`` is true (checked after each event batch and
-        at least every ``every`` seconds)."""
+        at least every ``every`` seconds). ``idle`` runs once, the first time no request
+        is waiting: work done ahead of the requests that would otherwise wait for it."""
         while not until() and not self._stopping:
-            for key, events in self._sel.select(every):
+            ready = self._sel.select(0 if idle else every)
+            if not ready and idle:
+                idle, run = None, idle
+                run()
+                continue
+            for key, events in ready:
                 if key.data is None:
                     self._accept()
                 elif key.data is _WAKE:

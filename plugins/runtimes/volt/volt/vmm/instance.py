@@ -11,6 +11,7 @@ thread, the devices' own, through :meth:`Instance.in_io`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -83,6 +84,14 @@ class Instance:
     def telemetry(self) -> Telemetry:
         return Telemetry(self.logger, {"metrics_path": self.metrics.path}
                          if self.metrics.configured else None)
+
+    def prepare(self) -> None:
+        """Open the host's store while nothing is asked of this VMM: a pre-started VMM
+        then spends none of a snapshot load (or a boot from the store) reading its index.
+        A store that cannot be opened is left for the request that needs it to report."""
+        if (self.host.store_path / "nebula").is_dir():
+            with contextlib.suppress(StellarError):
+                _ = self.host.store     # opened now; the Host keeps it
 
     def _preboot(self) -> None:
         if self.runner is not None:
