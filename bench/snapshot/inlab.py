@@ -17,7 +17,9 @@ One "ping TOKEN" line is written to the VMM's stdin (its serial console) and
   ``ready_s`` is process start to READY.
 - ``volt-restore``: ``volt run --snapshot NAME`` (default confinement), process start
   to the pong; the ping is written to its stdin right after the spawn.
-- ``volt-restore-api``: a ``volt run --api-sock`` process started (and idle) beforehand;
+- ``volt-restore-api``: a ``volt run --api-sock`` process started beforehand and left
+  until it used no CPU for 0.5 s (``settle``: while idle it imports what a VM needs and
+  opens the store);
   clock starts when ``PUT /snapshot/load {"resume_vm": true}`` is sent (the ping is
   already in its stdin); ``restore_to_running_s`` ends when the API answers 204
   (the VM is running then), ``first_response_s`` when the pong arrives.
@@ -44,8 +46,8 @@ One "ping TOKEN" line is written to the VMM's stdin (its serial console) and
   run, is how long the same interpreter takes to start, import those modules and exit.
   The ping is written to the client's stdin (the VM's stdin) right after the spawn.
 - ``qemu-restore-deferred``: QEMU's pre-started counterpart of ``volt-restore-api``:
-  ``qemu-system-x86_64 ... -incoming defer`` started (and idle, QMP connected)
-  beforehand; the clock starts when QMP ``migrate-incoming {"uri": "exec:cat FILE"}``
+  ``qemu-system-x86_64 ... -incoming defer`` started beforehand, QMP connected, and
+  settled as Volt's; the clock starts when QMP ``migrate-incoming {"uri": "exec:cat FILE"}``
   is sent; then as ``qemu-restore``: ``query-status`` polled every 10 ms until it
   leaves ``inmigrate`` (``loaded_s``), ``cont``, ``restore_to_running_s`` when it says
   ``running``, ``first_response_s`` at the pong. The ping is written once QMP says
@@ -247,6 +249,28 @@ def wait_socket(path: str, proc: subprocess.Popen, timeout: float = TIMEOUT) -> 
             time.sleep(0.01)
 
 
+def settle(pid: int, quiet: float = 0.5, timeout: float = TIMEOUT) -> float:
+    """Wait until process ``pid`` has used no CPU for ``quiet`` seconds (at least that
+    long): a pre-started VMM that has done its start-up work and now only waits (an idle
+    ``volt run --api-sock`` imports and opens its store meanwhile; QEMU has nothing left
+    to do once QMP answers). The seconds waited."""
+    def cpu() -> int:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])      # utime + stime, in clock ticks
+
+    t0 = time.monotonic()
+    last, since = cpu(), t0
+    while time.monotonic() - since < quiet:
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"process {pid} did not settle in {timeout:.0f} s")
+        time.sleep(0.05)
+        now = cpu()
+        if now != last:
+            last, since = now, time.monotonic()
+    return time.monotonic() - t0
+
+
 class Qmp:
     def __init__(self, path: str, proc: subprocess.Popen) -> None:
         self.sock = wait_socket(path, proc)
@@ -402,7 +426,7 @@ class Lab:
             wait_socket(sock, c.proc).close()
             conn = _Unix(sock)
             conn.connect()
-            time.sleep(1)                 # an idle, pre-started VMM
+            settle(c.proc.pid)            # an idle, pre-started VMM
             ping = f"ping {token}\n".encode()
             c.send(ping)
             c.t0 = t0 = time.monotonic()
@@ -425,7 +449,7 @@ class Lab:
         subprocess.run([CLIENT_PYTHON, "-S", "-E", "-c",
                         "import json, os, signal, socket, sys"], check=True, timeout=TIMEOUT)
         client_start = time.monotonic() - t
-        time.sleep(1)                     # the server idle again
+        settle(self.server.server.pid)    # the server idle again
         c = Console(self.client_argv("--snapshot", "snap"))
         try:
             ping = f"ping {token}\n".encode()
@@ -445,7 +469,7 @@ class Lab:
             q = Qmp(qsock, c.proc)
             if (status := q.call("query-status").get("status")) != "inmigrate":
                 raise RuntimeError(f"QEMU -incoming defer is {status!r}, not inmigrate")
-            time.sleep(1)                 # an idle, pre-started VMM
+            settle(c.proc.pid)            # an idle, pre-started VMM
             ping = f"ping {token}\n".encode()
             pong = f"pong {token}".encode()
             c.t0 = time.monotonic()

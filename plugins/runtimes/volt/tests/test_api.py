@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -419,3 +420,25 @@ def test_prepare_opens_an_initialised_store_and_leaves_anything_else_alone(
     ready = Host(config_mod.load(cfg))
     Instance(ready, VmConfig()).prepare()
     assert "store" in vars(ready)
+
+
+PREPARED = """
+import sys
+from volt.vmm import preload
+from volt.vmm.config import VmConfig
+from volt.vmm.instance import Instance
+from stellarium_core.host import Host
+ahead = [m for m in preload.MODULES if m not in sys.modules]
+Instance(Host.from_config(sys.argv[1]), VmConfig()).prepare()
+print(len(ahead), [m for m in ahead if m not in sys.modules])
+"""
+
+
+def test_prepare_imports_what_a_vm_start_would(tmp_path: Path) -> None:
+    cfg = tmp_path / "host.toml"
+    cfg.write_text('[store]\npath = "store"\n')
+    r = subprocess.run([sys.executable, "-c", PREPARED, str(cfg)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    count, left = r.stdout.split(maxsplit=1)
+    assert int(count) > 5 and left.strip() == "[]"    # were not loaded, then were

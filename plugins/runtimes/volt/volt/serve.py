@@ -34,14 +34,6 @@ MAX_REQUEST = 64 * 1024
 #: Seconds a client has to send its request once connected: requests are taken one at a
 #: time, so a client that connects and says nothing must not hold up the others.
 REQUEST_TIMEOUT = 5.0
-#: What a VM imports on its way to the first KVM_RUN, booted or restored, loaded once by
-#: the server.
-PRELOAD = ("volt.vmm.__main__", "volt.vmm.builder", "volt.vmm.runner", "volt.vmm.vm",
-           "volt.vmm.devices.console", "volt.vmm.loader.kernel", "volt.jail.confine",
-           "volt.jail.landlock", "volt.jail.caps", "stellarium_core.host",
-           "stellarium_core.nebula", "stellarium_core.hashing", "stellarium_core.photon.shm",
-           # a restore's (volt spawn SOCKET -- --snapshot NAME)
-           "volt.snapshot.machine", "stellarium_core.nebula.compose")
 
 
 class ServeError(StellarError):
@@ -52,12 +44,10 @@ def preload() -> None:
     """Import the VMM, the confinement libraries and every installed device plugin; build
     the VMM's argument parser."""
     from stellarium_core import plugins
-    from volt.jail import confine, seccomp
+    from volt.vmm import preload as ahead
 
-    for name in (*PRELOAD, *confine.PRELOAD):
-        importlib.import_module(name)
+    ahead.modules()
     importlib.import_module("volt.vmm.__main__").parser()
-    seccomp._pyseccomp()
     for info in plugins.installed("device"):
         try:
             plugins._load_target(info.target)

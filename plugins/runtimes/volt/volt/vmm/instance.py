@@ -86,9 +86,14 @@ class Instance:
                          if self.metrics.configured else None)
 
     def prepare(self) -> None:
-        """Open the host's store while nothing is asked of this VMM: a pre-started VMM
-        then spends none of a snapshot load (or a boot from the store) reading its index.
-        A store that cannot be opened is left for the request that needs it to report."""
+        """What a pre-started VMM does while nothing is asked of it: import what its VM
+        will need (:mod:`volt.vmm.preload`) and open the host's store, so a start or a
+        PUT /snapshot/load spends nothing on either. What fails here (a missing
+        libseccomp, a damaged store) is left for the request that needs it to report."""
+        from volt.vmm import preload
+
+        with contextlib.suppress(ImportError, OSError):
+            preload.modules()
         if (self.host.store_path / "nebula").is_dir():
             with contextlib.suppress(StellarError):
                 _ = self.host.store     # opened now; the Host keeps it
